@@ -1,0 +1,298 @@
+"""Sans-IO codec for the cs.packetstream wire format: BSUInt integers and request/response packets.
+
+Wire format (see shared/protocols/packetstream.md):
+
+    packet = BSUInt(len(body)) body
+    body   = BSUInt(tag) BSUInt(flagword) [BSUInt(channel)] [BSUInt(rq_type + 1)] payload
+    flagword = (flags << 2) | (2 if request) | (1 if channel != 0)
+
+A response carries `(user_flags << 1) | ok` as its flags. Wire rq_type 0 is reserved for the two
+control packets EOF (tag 0) and ERQ (tag 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from daqd.errors import ProtocolError
+
+__all__ = [
+    "DEFAULT_MAX_PACKET_BYTES",
+    "EOF",
+    "ERQ",
+    "MAX_BSUINT_BYTES",
+    "EndOfFile",
+    "EndOfRequests",
+    "Message",
+    "PacketDecoder",
+    "Request",
+    "Response",
+    "decode_bsuint",
+    "encode",
+    "encode_bsuint",
+    "encode_header",
+]
+
+DEFAULT_MAX_PACKET_BYTES = 64 << 20
+# 10 bytes carry 70 bits: far more than any tag or length a real peer sends.
+MAX_BSUINT_BYTES = 10
+
+_ONE_BYTE = [bytes((i,)) for i in range(128)]
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A request for `rq_type`, answered by the Response with the same (channel, tag)."""
+
+    tag: int
+    rq_type: int
+    flags: int = 0
+    channel: int = 0
+    payload: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """The answer to a request: `ok` with user flags and payload, or a failure with a reason."""
+
+    tag: int
+    ok: bool
+    flags: int = 0
+    channel: int = 0
+    payload: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class EndOfFile:
+    """The sender will send nothing more on this connection."""
+
+
+@dataclass(frozen=True, slots=True)
+class EndOfRequests:
+    """The sender will send no more requests (responses may still follow)."""
+
+
+EOF = EndOfFile()
+ERQ = EndOfRequests()
+
+Message = Request | Response | EndOfFile | EndOfRequests
+
+_EOF_BYTES = b"\x03\x00\x02\x00"
+_ERQ_BYTES = b"\x03\x01\x02\x00"
+
+
+def encode_bsuint(value: int) -> bytes:
+    """Encode a non-negative int as BSUInt: big-endian base 128, 0x80 on all but the last byte."""
+    if value < 0x80:
+        if value < 0:
+            raise ValueError(f"BSUInt cannot encode a negative number ({value})")
+        return _ONE_BYTE[value]
+    groups = [value & 0x7F]
+    value >>= 7
+    while value:
+        groups.append((value & 0x7F) | 0x80)
+        value >>= 7
+    groups.reverse()
+    return bytes(groups)
+
+
+def decode_bsuint(data: bytes | bytearray, pos: int = 0, end: int | None = None) -> tuple[int, int]:
+    """Decode one BSUInt from `data[pos:end]`; return (value, position after it).
+
+    Raises ProtocolError if it runs past `end` or is longer than MAX_BSUINT_BYTES.
+    """
+    if end is None:
+        end = len(data)
+    try:
+        value, after = _read_bsuint(data, pos, end)
+    except ProtocolError as exc:
+        raise ProtocolError(f"at offset {pos}: {exc}") from None
+    if after < 0:
+        raise ProtocolError(f"at offset {pos}: BSUInt is truncated")
+    return value, after
+
+
+def _read_bsuint(data: bytes | bytearray, pos: int, end: int) -> tuple[int, int]:
+    """Return (value, position after), or (0, -1) when `end` comes before the last byte."""
+    value = 0
+    limit = min(end, pos + MAX_BSUINT_BYTES)
+    p = pos
+    while p < limit:
+        b = data[p]
+        p += 1
+        value = (value << 7) | (b & 0x7F)
+        if b < 0x80:
+            return value, p
+    if limit - pos >= MAX_BSUINT_BYTES:
+        raise ProtocolError(f"BSUInt longer than {MAX_BSUINT_BYTES} bytes")
+    return 0, -1
+
+
+def encode_header(message: Message) -> bytes:
+    """Everything of the packet before the payload; send it followed by `message.payload`."""
+    if type(message) is Request:
+        if message.rq_type < 0:
+            raise ValueError(f"rq_type must be >= 0, not {message.rq_type}")
+        channel = message.channel
+        flags = message.flags
+        if flags < 0:
+            raise ValueError(f"request flags must be >= 0, not {flags}")
+        fields = (
+            encode_bsuint(message.tag)
+            + encode_bsuint((flags << 2) | (3 if channel else 2))
+            + (encode_bsuint(channel) if channel else b"")
+            + encode_bsuint(message.rq_type + 1)
+        )
+    elif type(message) is Response:
+        channel = message.channel
+        flags = message.flags
+        if flags < 0:
+            raise ValueError(f"response flags must be >= 0, not {flags}")
+        wire_flags = (flags << 1) | (1 if message.ok else 0)
+        fields = (
+            encode_bsuint(message.tag)
+            + encode_bsuint((wire_flags << 2) | (1 if channel else 0))
+            + (encode_bsuint(channel) if channel else b"")
+        )
+    elif type(message) is EndOfFile:
+        return _EOF_BYTES
+    elif type(message) is EndOfRequests:
+        return _ERQ_BYTES
+    else:
+        raise TypeError(f"not a packet stream message: {message!r}")
+    return encode_bsuint(len(fields) + len(message.payload)) + fields
+
+
+def encode(message: Message) -> bytes:
+    """The whole packet for `message` as one bytes object."""
+    header = encode_header(message)
+    if type(message) is Request or type(message) is Response:
+        return header + message.payload
+    return header
+
+
+class PacketDecoder:
+    """Stream decoder: feed bytes as they arrive, get the complete messages back.
+
+    Every length is checked against `max_packet_bytes` before bytes are kept for it. After a
+    ProtocolError the stream position is lost, so the decoder refuses further input.
+    """
+
+    def __init__(self, max_packet_bytes: int = DEFAULT_MAX_PACKET_BYTES) -> None:
+        if max_packet_bytes < 1:
+            raise ValueError("max_packet_bytes must be >= 1")
+        self.max_packet_bytes = max_packet_bytes
+        self._buf = bytearray()
+        # bytes the incomplete packet at the front of _buf needs before parsing is worth trying
+        self._need = 0
+        self._offset = 0  # stream offset of _buf[0], for error messages
+        self._error: ProtocolError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held for an incomplete packet."""
+        return len(self._buf)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Message]:
+        """Add received bytes; return every message they complete, in order."""
+        if self._error is not None:
+            raise ProtocolError(f"decoder stopped after an earlier error: {self._error}")
+        buf = self._buf
+        if buf:
+            buf += data
+            if len(buf) < self._need:
+                return []
+            src = bytes(buf)
+            buf.clear()
+        else:
+            src = data if type(data) is bytes else bytes(data)
+        try:
+            return self._parse(src)
+        except ProtocolError as exc:
+            self._error = exc
+            raise
+
+    def feed_eof(self) -> None:
+        """The stream ended: raise ProtocolError if a packet was cut off."""
+        if self._error is not None:
+            raise ProtocolError(f"decoder stopped after an earlier error: {self._error}")
+        if self._buf:
+            self._error = ProtocolError(
+                f"stream ended inside a packet at offset {self._offset} "
+                f"({len(self._buf)} bytes of it received)"
+            )
+            raise self._error
+
+    def _parse(self, src: bytes) -> list[Message]:
+        out: list[Message] = []
+        n = len(src)
+        pos = 0
+        max_len = self.max_packet_bytes
+        base = self._offset
+        while pos < n:
+            b = src[pos]
+            if b < 0x80:
+                length = b
+                body = pos + 1
+            else:
+                try:
+                    length, body = _read_bsuint(src, pos, n)
+                except ProtocolError as exc:
+                    raise ProtocolError(f"packet length at offset {base + pos}: {exc}") from None
+                if body < 0:
+                    self._need = n - pos + 1
+                    break
+            if length > max_len:
+                raise ProtocolError(
+                    f"packet at offset {base + pos} declares {length} bytes, "
+                    f"more than max_packet_bytes={max_len}"
+                )
+            end = body + length
+            if end > n:
+                self._need = end - pos
+                break
+            out.append(_parse_body(src, body, end, base + pos))
+            pos = end
+        else:
+            self._need = 0
+        if pos < n:
+            self._buf += memoryview(src)[pos:]
+        self._offset = base + pos
+        return out
+
+
+def _field(src: bytes, pos: int, end: int, what: str, where: int) -> tuple[int, int]:
+    b = src[pos] if pos < end else 0x80
+    if b < 0x80:
+        return b, pos + 1
+    try:
+        value, after = _read_bsuint(src, pos, end)
+    except ProtocolError as exc:
+        raise ProtocolError(f"packet at offset {where}: {what}: {exc}") from None
+    if after < 0:
+        raise ProtocolError(f"packet at offset {where}: {what} runs past the end of the packet")
+    return value, after
+
+
+def _parse_body(src: bytes, pos: int, end: int, where: int) -> Message:
+    tag, pos = _field(src, pos, end, "tag", where)
+    flagword, pos = _field(src, pos, end, "flags", where)
+    channel = 0
+    if flagword & 1:
+        channel, pos = _field(src, pos, end, "channel", where)
+    if flagword & 2:
+        wire_rq_type, pos = _field(src, pos, end, "rq_type", where)
+        payload = src[pos:end]
+        if wire_rq_type:
+            return Request(tag, wire_rq_type - 1, flagword >> 2, channel, payload)
+        if channel == 0 and flagword >> 2 == 0 and not payload:
+            if tag == 0:
+                return EOF
+            if tag == 1:
+                return ERQ
+        raise ProtocolError(
+            f"packet at offset {where}: malformed control packet (rq_type 0 with tag {tag}, "
+            f"channel {channel}, flags {flagword >> 2}, {len(payload)} payload bytes)"
+        )
+    wire_flags = flagword >> 2
+    return Response(tag, bool(wire_flags & 1), wire_flags >> 1, channel, src[pos:end])
