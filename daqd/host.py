@@ -1,0 +1,408 @@
+"""The host: builds receivers and publishers from settings, routes records, runs the run state."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import Any
+
+import msgpack
+import zmq
+import zmq.asyncio
+
+from daqd.config import Config, parse_config, publisher_class, receiver_class
+from daqd.errors import ConfigError, ControlError
+from daqd.publisher import Publisher, PublisherQueue, PublisherSettings
+from daqd.receiver import ReceiverServer, ReceiverSettings
+from daqd.record import Record
+from daqd.runstate import RunCondition, RunInfo, State, StateMachine, TransitionRefused
+from daqd.runstate import default_run_id as _default_run_id
+
+log = logging.getLogger("daqd.host")
+
+_hosts: dict[asyncio.AbstractEventLoop, Host] = {}
+
+
+def current_host() -> Host:
+    """The Host running in this event loop (for handler code: `daqd.http.grab`, DHS operations)."""
+    try:
+        return _hosts[asyncio.get_running_loop()]
+    except (KeyError, RuntimeError):
+        raise RuntimeError("no daqd host is running in this event loop") from None
+
+
+class Host:
+    """One daemon's receivers, publishers, routes, run state and live tap."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.name = config.daemon.name
+        self.machine = StateMachine()
+        self.zmq_context = zmq.asyncio.Context()
+        self.receivers: dict[str, ReceiverServer] = {}
+        self.publishers: dict[str, Publisher] = {}
+        self.queues: dict[str, PublisherQueue] = {}
+        self.run: RunInfo | None = None
+        self.last_run: RunInfo | None = None
+        self.started_ns = time.time_ns()
+        self.taps_active = False
+        self._tap: zmq.asyncio.Socket | None = None
+        self._tap_topics: set[str] = set()
+        self._tap_task: asyncio.Task[None] | None = None
+        self._sampler: asyncio.Task[None] | None = None
+        self._run_base: dict[str, Any] = {}
+        self.stopped = asyncio.Event()
+        self.stop_requested = asyncio.Event()
+        self.stop_reason = RunCondition.INTERRUPTED
+
+    @property
+    def state(self) -> State:
+        return self.machine.state
+
+    # ----- building --------------------------------------------------------------------------
+    def _make_publisher(self, settings: PublisherSettings) -> Publisher:
+        return publisher_class(settings.type)(settings, self)
+
+    def _make_receiver(self, settings: ReceiverSettings) -> ReceiverServer:
+        if settings.process:
+            from daqd.worker import WorkerReceiver  # a receiver run in its own process
+
+            return WorkerReceiver(settings, self)
+        return receiver_class(settings.type)(settings, self)
+
+    def _link(self, receiver: ReceiverServer) -> None:
+        receiver.queues = [self.queues[p] for p in receiver.settings.publish_to]
+
+    # ----- life cycle ------------------------------------------------------------------------
+    async def start(self) -> None:
+        """NEW → initialize → INIT → launch → ORBIT: publishers first, then receivers."""
+        _hosts[asyncio.get_running_loop()] = self
+        self.machine.begin("initialize")
+        self.machine.finish()
+        self.machine.begin("launch")
+        try:
+            for ps in self.config.publishers:
+                await self._start_publisher(ps)
+            for rs in self.config.receivers:
+                await self._start_receiver(rs)
+        except Exception as exc:
+            self.machine.fail(f"launch: {exc}")
+            await self._shutdown_components(RunCondition.ABORTED)
+            raise
+        self.machine.finish()
+        self._sampler = asyncio.create_task(self._sample_forever(), name="sampler")
+
+    async def _start_publisher(self, settings: PublisherSettings) -> None:
+        pub = self._make_publisher(settings)
+        try:
+            await pub.start()
+        except Exception as exc:
+            raise ConfigError(f"publisher {settings.name!r} cannot start: {exc}") from exc
+        self.publishers[pub.name] = pub
+        queue = PublisherQueue(pub)
+        self.queues[pub.name] = queue
+        queue.start()
+        log.info("publisher %s (%s) started %s", pub.name, settings.type, pub.addresses or "")
+
+    async def _start_receiver(self, settings: ReceiverSettings) -> None:
+        rec = self._make_receiver(settings)
+        self._link(rec)
+        try:
+            await rec.start()
+        except Exception as exc:
+            await rec.stop_receiving()
+            raise ConfigError(f"receiver {settings.name!r} cannot start: {exc}") from exc
+        self.receivers[rec.name] = rec
+        log.info("receiver %s (%s) started %s", rec.name, settings.type, rec.addresses or "")
+
+    async def _sample_forever(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            for rec in self.receivers.values():
+                rec.sample()
+            for pub in self.publishers.values():
+                pub.counters.sample()
+
+    async def stop(self, condition: RunCondition = RunCondition.INTERRUPTED) -> None:
+        """Stop receiving, end the run with `condition` (OR'd with what happened), drain, close."""
+        if self.stopped.is_set():
+            return
+        log.info(
+            "stopping: no more input; draining within %.1f s", self.config.daemon.drain_timeout_s
+        )
+        await self._shutdown_components(condition)
+        if self._sampler is not None:
+            self._sampler.cancel()
+        if self._tap_task is not None:
+            self._tap_task.cancel()
+        if self._tap is not None:
+            self._tap.close(linger=0)
+        self.zmq_context.destroy(linger=0)
+        _hosts.pop(asyncio.get_running_loop(), None)
+        self.stopped.set()
+        log.info("stopped")
+
+    async def _shutdown_components(self, condition: RunCondition) -> None:
+        await asyncio.gather(*(r.stop_receiving() for r in self.receivers.values()))
+        if self.run is not None:
+            await self._end_run(condition)
+        timeout = self.config.daemon.drain_timeout_s
+        await asyncio.gather(*(q.close(timeout) for q in self.queues.values()))
+
+    def request_stop(self, condition: RunCondition = RunCondition.INTERRUPTED) -> None:
+        """Ask the daemon's main loop to stop (signal handlers, `daqctl shutdown`)."""
+        self.stop_reason = condition
+        self.stop_requested.set()
+
+    # ----- runs ------------------------------------------------------------------------------
+    async def begin_run(self, run_id: str | None = None) -> RunInfo:
+        self.machine.begin("start")
+        run = RunInfo(run_id or _default_run_id(), time.time_ns())
+        self._run_base = {
+            "seq": {n: dict(r._seq) for n, r in self.receivers.items()},
+            "drops": self._total_drops(),
+        }
+        self.run = run
+        for rec in self.receivers.values():
+            await rec.begin_run(run)
+        for queue in self.queues.values():
+            queue.put_marker("begin", run)
+        self.machine.finish()
+        log.info("run %s started", run.run_id)
+        return run
+
+    async def end_run(self, condition: RunCondition = RunCondition.GOOD) -> RunInfo:
+        self.machine.begin("stop")
+        run = await self._end_run(condition)
+        self.machine.finish()
+        return run
+
+    async def _end_run(self, condition: RunCondition) -> RunInfo:
+        run = self.run
+        assert run is not None
+        for rec in self.receivers.values():
+            try:
+                await rec.end_run(run)
+            except Exception as exc:
+                condition |= RunCondition.TAINTED
+                log.error("receiver %s: end_run failed: %r", rec.name, exc)
+        for rec in self.receivers.values():
+            rec.sample()
+            if rec.state == "failed":
+                condition |= RunCondition.DEGRADED
+        if self._total_drops() > self._run_base.get("drops", 0):
+            condition |= RunCondition.INCOMPLETE
+        run.end_ns = time.time_ns()
+        run.condition = condition
+        base = self._run_base.get("seq", {})
+        for name, rec in self.receivers.items():
+            before = base.get(name, {})
+            for source, seq in rec._seq.items():
+                if seq - before.get(source, 0):
+                    run.records[source] = seq - before.get(source, 0)
+        for queue in self.queues.values():
+            queue.put_marker("end", run)
+        self.run = None
+        self.last_run = run
+        log.info(
+            "run %s ended: %s, %d records",
+            run.run_id,
+            run.condition.describe(),
+            sum(run.records.values()),
+        )
+        return run
+
+    def _total_drops(self) -> int:
+        total = 0
+        for rec in self.receivers.values():
+            total += sum(rec.counters.drops.values())
+        for pub in self.publishers.values():
+            total += sum(pub.counters.drops.values())
+        return total
+
+    async def transition(self, name: str, args: dict[str, Any]) -> State:
+        """Drive a state transition by name (the CTRL request)."""
+        if name == "start":
+            await self.begin_run(args.get("run_id"))
+        elif name == "stop":
+            await self.end_run(RunCondition.GOOD)
+        elif name == "interrupt":
+            self.machine.begin("interrupt")
+            if self.run is not None:
+                await self._end_run(RunCondition.INTERRUPTED)
+            await asyncio.gather(*(r.stop_receiving() for r in self.receivers.values()))
+            self.machine.finish()
+        elif name == "land":
+            self.machine.begin("land")
+            await asyncio.gather(*(r.stop_receiving() for r in self.receivers.values()))
+            self.machine.finish()
+        elif name in ("launch",):
+            self.machine.begin("launch")
+            for rec in self.receivers.values():
+                await rec.start()
+            self.machine.finish()
+        elif name in ("initialize", "recover", "reset"):
+            self.machine.begin(name)
+            await asyncio.gather(*(r.stop_receiving() for r in self.receivers.values()))
+            self.machine.finish()
+        elif name == "shutdown":
+            self.request_stop(RunCondition.INTERRUPTED)
+        else:
+            self.machine.begin(name)  # refuses unknown names with the list of known ones
+        return self.state
+
+    # ----- reconfiguration -------------------------------------------------------------------
+    async def reconfigure(self, text: str, path: str | None = None) -> list[str]:
+        """Apply a new configuration; validated first, and on any error nothing changes.
+
+        Receivers and publishers whose settings did not change keep running untouched.
+        """
+        new = parse_config(text, path or self.config.path)
+        if new.daemon.name != self.config.daemon.name:
+            raise ConfigError(
+                f'{new.path}: [daemon]: key "name": cannot change from {self.name!r} on a '
+                "running daemon; restart it"
+            )
+        old_r = {r.name: r for r in self.config.receivers}
+        old_p = {p.name: p for p in self.config.publishers}
+        new_r = {r.name: r for r in new.receivers}
+        new_p = {p.name: p for p in new.publishers}
+        changed: list[str] = []
+        retired: list[PublisherQueue] = []
+        # publishers first, so that changed receivers find their new queues
+        for name, pset in old_p.items():
+            if new_p.get(name) != pset:
+                self.publishers.pop(name)
+                retired.append(self.queues.pop(name))  # closed once nothing routes to it
+                changed.append(f"publisher {name}")
+        for name, pset in new_p.items():
+            if old_p.get(name) != pset:
+                await self._start_publisher(pset)
+                if f"publisher {name}" not in changed:
+                    changed.append(f"publisher {name}")
+        for name, rset in old_r.items():
+            if new_r.get(name) != rset:
+                await self.receivers.pop(name).stop_receiving()
+                changed.append(f"receiver {name}")
+        for rec in self.receivers.values():
+            self._link(rec)
+        for queue in retired:
+            await queue.close(self.config.daemon.drain_timeout_s)
+        for name, rset in new_r.items():
+            if old_r.get(name) != rset:
+                await self._start_receiver(rset)
+                if f"receiver {name}" not in changed:
+                    changed.append(f"receiver {name}")
+        self.config = new
+        log.info("reconfigured: %s", ", ".join(changed) or "nothing changed")
+        return changed
+
+    # ----- control requests ------------------------------------------------------------------
+    async def handle_request(self, code: str, args: dict[str, Any]) -> Any:
+        """Serve one ICCP REQUEST; refusals raise ControlError with a one-line message."""
+        try:
+            if code == "STAT":
+                return self.status()
+            if code == "CTRL":
+                transition = args.get("transition")
+                if not isinstance(transition, str):
+                    raise ControlError('CTRL needs {"transition": <name>}')
+                state = await self.transition(transition, args.get("args") or {})
+                return {"state": state.name}
+            if code == "CMD ":
+                return await self._command(args)
+            if code == "CONF":
+                text = args.get("config")
+                if not isinstance(text, str):
+                    raise ControlError('CONF needs {"config": <TOML text>}')
+                return {"changed": await self.reconfigure(text, args.get("path"))}
+            if code == "TAPS":
+                return {
+                    "tap": self.tap_endpoint,
+                    "names": sorted([*self.receivers, *self.publishers]),
+                }
+        except TransitionRefused as exc:
+            raise ControlError(str(exc)) from None
+        except ConfigError as exc:
+            raise ControlError(str(exc)) from None
+        raise ControlError(f"unknown request code {code!r}; known: STAT, CTRL, CMD , CONF, TAPS")
+
+    async def _command(self, args: dict[str, Any]) -> Any:
+        target = args.get("target")
+        rec = self.receivers.get(target) if isinstance(target, str) else None
+        if rec is None:
+            known = ", ".join(sorted(self.receivers)) or "none"
+            raise ControlError(f"no receiver named {target!r}; receivers: {known}")
+        try:
+            return await rec.call_command(
+                str(args.get("name")), list(args.get("args") or []), dict(args.get("kwargs") or {})
+            )
+        except KeyError as exc:
+            raise ControlError(str(exc.args[0])) from None
+        except TypeError as exc:
+            raise ControlError(f"{rec.name}.{args.get('name')}: {exc}") from None
+
+    # ----- live tap --------------------------------------------------------------------------
+    tap_endpoint: str | None = None
+
+    def open_tap(self, endpoint: str) -> None:
+        """Bind an XPUB where `daqctl tap NAME` subscribes to one receiver's or publisher's records."""
+        sock = self.zmq_context.socket(zmq.XPUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 10000)
+        sock.bind(endpoint)
+        if endpoint.startswith("ipc://"):
+            os.chmod(endpoint[6:], 0o600)
+        self._tap = sock
+        self.tap_endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._tap_task = asyncio.create_task(self._tap_subscriptions(sock), name="tap")
+
+    async def _tap_subscriptions(self, sock: zmq.asyncio.Socket) -> None:
+        counts: dict[str, int] = {}
+        while True:
+            msg = await sock.recv()
+            if not msg:
+                continue
+            topic = msg[1:].decode("utf-8", "replace")
+            counts[topic] = counts.get(topic, 0) + (1 if msg[0] == 1 else -1)
+            self._tap_topics = {t for t, n in counts.items() if n > 0}
+            self.taps_active = bool(self._tap_topics)
+
+    def tap(self, name: str, record: Record) -> None:
+        if name not in self._tap_topics or self._tap is None:
+            return
+        header = msgpack.packb(record.header(), use_bin_type=True)
+        try:
+            self._tap.send_multipart(
+                [name.encode(), header, *record.payload], flags=zmq.NOBLOCK, copy=False
+            )
+        except zmq.Again:
+            pass  # a tap is for looking: a slow `daqctl tap` must never slow the data path
+
+    # ----- status ----------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        now = time.time_ns()
+        return {
+            "name": self.name,
+            "pid": os.getpid(),
+            "state": self.state.name,
+            "state_since_ns": self.machine.since_ns,
+            "allowed": self.machine.allowed(),
+            "uptime_s": round((now - self.started_ns) / 1e9, 3),
+            "config": self.config.path,
+            "run": self._run_status(self.run),
+            "last_run": self.last_run.metadata() if self.last_run else None,
+            "receivers": {n: r.status() for n, r in self.receivers.items()},
+            "publishers": {n: q.status() for n, q in self.queues.items()},
+        }
+
+    def _run_status(self, run: RunInfo | None) -> dict[str, Any] | None:
+        if run is None:
+            return None
+        return {"run_id": run.run_id, "time_start": run.start_ns}
+
+
+def default_run_id() -> str:
+    return _default_run_id()

@@ -1,0 +1,212 @@
+"""The Publisher base class, and the bounded queue through which the host feeds each publisher."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from daqd.monitor import Counters
+from daqd.record import Record
+from daqd.runstate import RunInfo
+
+if TYPE_CHECKING:
+    from daqd.host import Host
+
+MAX_BATCH = 1024  # records handed to one send() call
+
+
+class PublisherSettings(BaseModel):
+    """Settings every publisher has; a type subclasses this with its own keys."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: str
+    name: str = Field(min_length=1)
+    queue_size: int = Field(10000, ge=1)
+    policy: Literal["block", "drop"] = "block"
+
+
+class Publisher:
+    """Base of every publisher: hands batches of records on, and marks run boundaries."""
+
+    Settings: ClassVar[type[PublisherSettings]] = PublisherSettings
+
+    def __init__(self, settings: PublisherSettings, host: Host) -> None:
+        self.settings = settings
+        self.host = host
+        self.name = settings.name
+        self.log = logging.getLogger(f"daqd.publisher.{self.name}")
+        self.counters = Counters()
+        self.addresses: dict[str, str] = {}
+
+    async def start(self) -> None:
+        """Open sockets or files."""
+
+    async def send(self, records: list[Record]) -> None:
+        """Send a batch, in order. Raising counts the batch as dropped ("send_error")."""
+        raise NotImplementedError
+
+    async def begin_run(self, run: RunInfo) -> None:
+        """A run begins; arrives in order with the records."""
+
+    async def end_run(self, run: RunInfo) -> None:
+        """A run ended (run.end_ns and run.condition are set); arrives after its last record."""
+
+    async def close(self) -> None:
+        """Release everything; the queue has been drained."""
+
+
+class _Marker:
+    __slots__ = ("kind", "run")
+
+    def __init__(self, kind: Literal["begin", "end"], run: RunInfo) -> None:
+        self.kind = kind
+        self.run = run
+
+
+class PublisherQueue:
+    """A publisher's bounded queue and the task that drains it into `send()` batches.
+
+    Run markers travel through the same queue, so a run file holds exactly the records that came
+    before its end marker. Markers never count against the size and are never dropped.
+    """
+
+    def __init__(self, publisher: Publisher) -> None:
+        self.publisher = publisher
+        self.size = publisher.settings.queue_size
+        self.block = publisher.settings.policy == "block"
+        self.counters = publisher.counters
+        self._items: deque[Record | _Marker] = deque()
+        self._records = 0
+        self._nonempty = asyncio.Event()
+        self._space = asyncio.Event()
+        self._space.set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    @property
+    def depth(self) -> int:
+        return self._records
+
+    def put_nowait(self, record: Record) -> bool:
+        if self._closing:
+            self.counters.drop("shutdown")
+            return False
+        if self._records >= self.size:
+            self.counters.drop("queue_full")
+            return False
+        self._append(record)
+        return True
+
+    async def put(self, record: Record) -> bool:
+        if not self.block:
+            return self.put_nowait(record)
+        while self._records >= self.size and not self._closing:
+            self._space.clear()
+            await self._space.wait()
+        return self.put_nowait(record)
+
+    def put_marker(self, kind: Literal["begin", "end"], run: RunInfo) -> None:
+        self._items.append(_Marker(kind, run))
+        self._idle.clear()
+        self._nonempty.set()
+
+    def _append(self, record: Record) -> None:
+        self._items.append(record)
+        self._records += 1
+        if not self._nonempty.is_set():
+            self._idle.clear()
+            self._nonempty.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._drain_forever(), name=f"queue-{self.publisher.name}")
+
+    async def _drain_forever(self) -> None:
+        items = self._items
+        pub = self.publisher
+        while True:
+            if not items:
+                self._nonempty.clear()
+                self._idle.set()
+                await self._nonempty.wait()
+                continue
+            head = items[0]
+            if isinstance(head, _Marker):
+                items.popleft()
+                await self._run_marker(head)
+                continue
+            batch: list[Record] = []
+            while items and len(batch) < MAX_BATCH and not isinstance(items[0], _Marker):
+                batch.append(items.popleft())  # type: ignore[arg-type]
+            self._records -= len(batch)
+            if not self._space.is_set():
+                self._space.set()
+            try:
+                await pub.send(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.counters.error("send")
+                self.counters.drop("send_error", len(batch))
+                pub.log.error("%s: send of %d records failed: %r", pub.name, len(batch), exc)
+                continue
+            self.counters.count(sum(r.nbytes for r in batch), len(batch))
+
+    async def _run_marker(self, marker: _Marker) -> None:
+        pub = self.publisher
+        try:
+            if marker.kind == "begin":
+                await pub.begin_run(marker.run)
+            else:
+                await pub.end_run(marker.run)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.counters.error(f"{marker.kind}_run")
+            pub.log.error("%s: %s_run failed: %r", pub.name, marker.kind, exc)
+
+    async def drained(self) -> None:
+        """Wait until everything queued so far has been handed to the publisher."""
+        while self._items or not self._idle.is_set():
+            await self._idle.wait()
+            await asyncio.sleep(0)
+
+    async def close(self, timeout_s: float) -> None:
+        """Drain within timeout_s (what is left is counted as dropped "shutdown"), then close."""
+        self._closing = True
+        self._space.set()
+        try:
+            await asyncio.wait_for(self.drained(), timeout_s)
+        except TimeoutError:
+            left = self._records
+            self.counters.drop("shutdown", left)
+            self.publisher.log.error(
+                "%s: %d records not sent within drain_timeout_s=%s; counted as dropped",
+                self.publisher.name,
+                left,
+                timeout_s,
+            )
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        try:
+            await self.publisher.close()
+        except Exception as exc:
+            self.publisher.log.error("%s: close failed: %r", self.publisher.name, exc)
+
+    def status(self) -> dict[str, Any]:
+        pub = self.publisher
+        return {
+            "type": pub.settings.type,
+            "policy": pub.settings.policy,
+            "queue": self._records,
+            "queue_size": self.size,
+            "addresses": dict(pub.addresses),
+            **self.counters.snapshot(),
+        }

@@ -1,0 +1,445 @@
+"""The ReceiverServer base class: sockets, ct_ tasks, cmd_ commands, publishing, supervision."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import socket
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import zmq
+import zmq.asyncio
+from pydantic import BaseModel, ConfigDict, Field
+
+from daqd.logs import LimitedLogger
+from daqd.monitor import Counters
+from daqd.record import Block, Record
+from daqd.runstate import RunInfo
+
+if TYPE_CHECKING:
+    from daqd.host import Host
+    from daqd.publisher import PublisherQueue
+
+StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+RESTART_FIRST_S = 0.5
+RESTART_MAX_S = 30.0
+RESTART_LIMIT = 5  # failures within RESTART_WINDOW_S after which a receiver is marked failed
+RESTART_WINDOW_S = 60.0
+
+
+def parse_hostport(value: str) -> tuple[str, int]:
+    """'host:port' (or '[v6]:port') -> (host, port); raises ValueError with the offending text."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected 'host:port' with a port 0-65535, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def format_hostport(addr: tuple[Any, ...]) -> str:
+    return f"{addr[0]}:{addr[1]}"
+
+
+class ReceiverSettings(BaseModel):
+    """Settings every receiver has; a type subclasses this with its own keys."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: str
+    name: str = Field(min_length=1)
+    publish_to: list[str] = Field(default_factory=list)
+    process: bool = False
+
+
+def kernel_udp_drops(sock: socket.socket) -> int | None:
+    """The kernel's drop count for this UDP socket (/proc/net/udp 'drops' column), if Linux says."""
+    try:
+        inode = str(__import__("os").fstat(sock.fileno()).st_ino)
+        family = "udp6" if sock.family == socket.AF_INET6 else "udp"
+        with open(f"/proc/net/{family}") as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 13 and fields[9] == inode:
+                    return int(fields[-1])
+    except (OSError, ValueError, StopIteration):
+        return None
+    return None
+
+
+class _DatagramProtocol(asyncio.DatagramProtocol):
+    __slots__ = ("callback", "receiver")
+
+    def __init__(
+        self, receiver: ReceiverServer, callback: Callable[[bytes, tuple[str, int]], None]
+    ) -> None:
+        self.receiver = receiver
+        self.callback = callback
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        try:
+            self.callback(data, addr)
+        except Exception as exc:  # one bad datagram must never take the receiver down
+            self.receiver.counters.error("datagram_handler")
+            self.receiver.limited.warning(
+                "datagram", "%s: datagram from %s failed: %r", self.receiver.name, addr, exc
+            )
+
+    def error_received(self, exc: Exception) -> None:
+        self.receiver.counters.error("socket")
+        self.receiver.limited.warning("socket", "%s: socket error: %s", self.receiver.name, exc)
+
+
+class ReceiverServer:
+    """Base of every receiver: owns its sockets, runs its ct_* tasks, serves its cmd_* commands.
+
+    Subclasses override `setup()` to open sockets with the setup_* helpers and call `publish()`.
+    """
+
+    Settings: ClassVar[type[ReceiverSettings]] = ReceiverSettings
+
+    def __init__(self, settings: ReceiverSettings, host: Host) -> None:
+        self.settings = settings
+        self.host = host
+        self.name = settings.name
+        self.log = logging.getLogger(f"daqd.receiver.{self.name}")
+        self.limited = LimitedLogger(self.log)
+        self.counters = Counters()
+        self.addresses: dict[str, str] = {}
+        self.state = "new"  # new, running, restarting, failed, stopped
+        self.last_error = ""
+        self.queues: list[PublisherQueue] = []  # set by the host from publish_to
+        self._seq: dict[str, int] = {}
+        self._transports: list[asyncio.BaseTransport] = []
+        self._udp_socks: list[socket.socket] = []
+        self._servers: list[asyncio.Server] = []
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._client_tasks: set[asyncio.Task[None]] = set()
+        self._zmq: list[zmq.asyncio.Socket] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._supervisor: asyncio.Task[None] | None = None
+        self._failures: deque[float] = deque()
+
+    # ----- what subclasses override ------------------------------------------------------------
+    async def setup(self) -> None:
+        """Open sockets (setup_udp / setup_stream / setup_zmq). Called at start and on restart."""
+
+    async def begin_run(self, run: RunInfo) -> None:
+        """A run begins (before publishers see it)."""
+
+    async def end_run(self, run: RunInfo) -> None:
+        """A run ends: publish what is held (publishers see end_run after this returns)."""
+
+    async def close(self) -> None:
+        """Release the subclass's own resources; sockets from setup_* are closed by the base."""
+
+    # ----- records ---------------------------------------------------------------------------
+    def new_record(
+        self,
+        payload: Sequence[Block] = (),
+        tags: dict[str, Any] | None = None,
+        *,
+        source: str | None = None,
+        time_ns: int | None = None,
+    ) -> Record:
+        """A record with the next gap-free seq of its source (default: this receiver's name)."""
+        src = self.name if source is None else source
+        seq = self._seq.get(src, 0) + 1
+        self._seq[src] = seq
+        return Record(src, seq, time.time_ns() if time_ns is None else time_ns, tags or {}, payload)
+
+    def publish_nowait(self, record: Record) -> bool:
+        """Hand a record to every publisher in publish_to without waiting (UDP callbacks).
+
+        Returns False if any publisher had to drop it (its queue was full); that drop is counted there.
+        """
+        self.counters.count(record.nbytes)
+        ok = True
+        for q in self.queues:
+            ok = q.put_nowait(record) and ok
+        if self.host.taps_active:
+            self.host.tap(self.name, record)
+        return ok
+
+    async def publish(self, record: Record) -> bool:
+        """Hand a record on, waiting while a `block`-policy queue is full (backpressure)."""
+        self.counters.count(record.nbytes)
+        ok = True
+        for q in self.queues:
+            ok = await q.put(record) and ok
+        if self.host.taps_active:
+            self.host.tap(self.name, record)
+        return ok
+
+    # ----- sockets ---------------------------------------------------------------------------
+    async def setup_udp(
+        self,
+        listen: str,
+        on_datagram: Callable[[bytes, tuple[str, int]], None],
+        *,
+        rcvbuf_bytes: int = 8 << 20,
+        key: str = "listen",
+    ) -> asyncio.DatagramTransport:
+        """Bind a UDP socket with a large SO_RCVBUF; each datagram calls on_datagram(data, addr)."""
+        host, port = parse_hostport(listen)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf_bytes)
+            sock.bind((host, port))
+        except OSError:
+            sock.close()
+            raise
+        sock.setblocking(False)
+        granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        # Linux reports twice the usable size and caps the request at net.core.rmem_max.
+        level = logging.INFO if granted >= rcvbuf_bytes else logging.WARNING
+        self.log.log(
+            level,
+            "UDP %s: SO_RCVBUF asked %d bytes, kernel granted %d%s",
+            format_hostport(sock.getsockname()),
+            rcvbuf_bytes,
+            granted,
+            "" if granted >= rcvbuf_bytes else " (raise net.core.rmem_max for more headroom)",
+        )
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: _DatagramProtocol(self, on_datagram), sock=sock
+        )
+        self._transports.append(transport)
+        self._udp_socks.append(sock)
+        self.addresses[key] = format_hostport(sock.getsockname())
+        self.counters.extra["rcvbuf_bytes"] = granted
+        return transport
+
+    async def setup_stream(
+        self,
+        handler: StreamHandler,
+        *,
+        listen: str | None = None,
+        connect: str | None = None,
+        key: str | None = None,
+    ) -> None:
+        """A TCP server (`listen`: handler per client) or one client connection (`connect`).
+
+        A handler that raises is counted and logged and closes only its own connection.
+        """
+        if (listen is None) == (connect is None):
+            raise ValueError("setup_stream needs exactly one of listen= or connect=")
+        if listen is not None:
+            host, port = parse_hostport(listen)
+            server = await asyncio.start_server(
+                lambda r, w: self._run_client(handler, r, w), host, port
+            )
+            self._servers.append(server)
+            self.addresses[key or "listen"] = format_hostport(server.sockets[0].getsockname())
+        else:
+            assert connect is not None
+            reader, writer = await self.connect_stream(connect, key=key or "connect")
+            task = asyncio.create_task(self._run_client(handler, reader, writer))
+            self._client_tasks.add(task)
+            task.add_done_callback(self._client_tasks.discard)
+
+    async def connect_stream(
+        self, connect: str, *, key: str = "connect"
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Dial `host:port` with TCP keepalive on; the writer is closed with the receiver."""
+        host, port = parse_hostport(connect)
+        reader, writer = await asyncio.open_connection(host, port)
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        self._writers.add(writer)
+        self.addresses[key] = connect
+        return reader, writer
+
+    async def _run_client(
+        self, handler: StreamHandler, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self._writers.add(writer)
+        task = asyncio.current_task()
+        if task is not None:
+            self._client_tasks.add(task)
+        peer = writer.get_extra_info("peername")
+        try:
+            await handler(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError) as exc:
+            self.log.info("connection %s ended: %s", peer, exc or type(exc).__name__)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.counters.error("connection")
+            self.limited.warning("conn", "%s: connection %s failed: %r", self.name, peer, exc)
+        finally:
+            self._writers.discard(writer)
+            if task is not None:
+                self._client_tasks.discard(task)
+            writer.close()
+
+    def setup_zmq(
+        self, socket_type: int, endpoint: str, *, bind: bool, key: str = "endpoint"
+    ) -> zmq.asyncio.Socket:
+        """A ZeroMQ socket bound or connected on `endpoint` (port 0 binds a free port)."""
+        sock = self.host.zmq_context.socket(socket_type)
+        sock.setsockopt(zmq.LINGER, 0)
+        if bind:
+            sock.bind(endpoint.replace(":0", ":*") if endpoint.endswith(":0") else endpoint)
+            self.addresses[key] = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        else:
+            sock.connect(endpoint)
+            self.addresses[key] = endpoint
+        self._zmq.append(sock)
+        return sock
+
+    # ----- commands --------------------------------------------------------------------------
+    def commands(self) -> dict[str, Callable[..., Any]]:
+        """name -> bound method, for every cmd_<name> method."""
+        return {
+            n[4:]: getattr(self, n)
+            for n in dir(type(self))
+            if n.startswith("cmd_") and callable(getattr(self, n))
+        }
+
+    async def call_command(self, name: str, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+        cmds = self.commands()
+        if name not in cmds:
+            known = ", ".join(sorted(cmds)) or "none"
+            raise KeyError(f"receiver {self.name!r} has no command {name!r}; known: {known}")
+        result = cmds[name](*args, **kwargs)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+    # ----- life cycle (driven by the host) ---------------------------------------------------
+    def sample(self) -> None:
+        """Once a second: refresh rates and the kernel's drop counts."""
+        self.counters.sample()
+        drops = 0
+        seen = False
+        for sock in self._udp_socks:
+            n = kernel_udp_drops(sock)
+            if n is not None:
+                drops += n
+                seen = True
+        if seen:
+            self.counters.drops["kernel"] = self._kernel_base + drops
+
+    _kernel_base = (
+        0  # kernel drops of sockets closed by restarts, kept so the counter never goes back
+    )
+
+    async def start(self) -> None:
+        """Set up (errors propagate: a daemon that cannot bind must say so) and run the ct_ tasks."""
+        await self.setup()
+        self._start_tasks()
+        self.state = "running"
+        self._supervisor = asyncio.create_task(self._supervise(), name=f"supervise-{self.name}")
+
+    def _start_tasks(self) -> None:
+        self._tasks = [
+            asyncio.create_task(getattr(self, n)(), name=f"{self.name}.{n}")
+            for n in dir(type(self))
+            if n.startswith("ct_") and inspect.iscoroutinefunction(getattr(self, n))
+        ]
+
+    async def _supervise(self) -> None:
+        backoff = RESTART_FIRST_S
+        while True:
+            failed = await self._wait_failure()
+            if failed is None:
+                return
+            self.counters.error("crash")
+            self.last_error = repr(failed)
+            now = time.monotonic()
+            self._failures.append(now)
+            while self._failures and now - self._failures[0] > RESTART_WINDOW_S:
+                self._failures.popleft()
+            await self._teardown()
+            if len(self._failures) >= RESTART_LIMIT:
+                self.state = "failed"
+                self.log.error(
+                    "%s failed %d times in %.0f s, last: %r; marked failed (daqctl status shows it)",
+                    self.name,
+                    len(self._failures),
+                    RESTART_WINDOW_S,
+                    failed,
+                )
+                return
+            self.state = "restarting"
+            self.log.error("%s crashed: %r; restarting in %.1f s", self.name, failed, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, RESTART_MAX_S)
+            try:
+                await self.setup()
+            except Exception as exc:
+                self._tasks = [asyncio.create_task(_raise(exc))]
+                continue
+            self._start_tasks()
+            self.state = "running"
+
+    async def _wait_failure(self) -> BaseException | None:
+        """Wait until a ct_ task raises; None if they all end cleanly (or there are none)."""
+        pending = set(self._tasks)
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    return task.exception()
+        return None
+
+    async def stop_receiving(self) -> None:
+        """Close every socket and stop every task: nothing more comes in."""
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            await asyncio.gather(self._supervisor, return_exceptions=True)
+            self._supervisor = None
+        await self._teardown()
+        if self.state != "failed":
+            self.state = "stopped"
+
+    async def _teardown(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        for server in self._servers:
+            server.close()
+        for sock in self._udp_socks:
+            n = kernel_udp_drops(sock)
+            self._kernel_base += n or 0
+        for transport in self._transports:
+            transport.close()
+        for writer in list(self._writers):
+            writer.close()
+        for task in list(self._client_tasks):
+            task.cancel()
+        await asyncio.gather(*self._client_tasks, return_exceptions=True)
+        for server in self._servers:
+            await server.wait_closed()
+        for zsock in self._zmq:
+            zsock.close(linger=0)
+        self._servers, self._transports, self._udp_socks, self._zmq = [], [], [], []
+        self._writers.clear()
+        self._client_tasks.clear()
+        try:
+            await self.close()
+        except Exception as exc:
+            self.log.warning("%s: close failed: %r", self.name, exc)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "type": self.settings.type,
+            "state": self.state,
+            "addresses": dict(self.addresses),
+            "publish_to": list(self.settings.publish_to),
+            **({"last_error": self.last_error} if self.last_error else {}),
+            **self.counters.snapshot(),
+        }
+
+
+async def _raise(exc: BaseException) -> None:
+    raise exc

@@ -1,0 +1,140 @@
+"""The run state machine (Constellation's satellite states) and what a run carries."""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("daqd.runstate")
+
+
+class RunCondition(enum.IntFlag):
+    """How a run ended, as CDTP's condition flags."""
+
+    GOOD = 0x00
+    TAINTED = 0x01
+    INCOMPLETE = 0x02
+    INTERRUPTED = 0x04
+    ABORTED = 0x08
+    DEGRADED = 0x10
+
+    def describe(self) -> str:
+        """Flag names joined by '|', or GOOD: the `condition` string of a CDTP EOR."""
+        if self == RunCondition.GOOD:
+            return "GOOD"
+        return "|".join(f.name for f in RunCondition if f.value and f.value & self.value and f.name)
+
+
+class State(enum.Enum):
+    NEW = 0x10
+    initializing = 0x12
+    INIT = 0x20
+    launching = 0x23
+    ORBIT = 0x30
+    landing = 0x32
+    reconfiguring = 0x33
+    starting = 0x34
+    RUN = 0x40
+    stopping = 0x43
+    interrupting = 0x0E
+    SAFE = 0xE0
+    ERROR = 0xF0
+
+
+# transition -> (states it starts from, transitional state, target state)
+TRANSITIONS: dict[str, tuple[frozenset[State], State, State]] = {
+    "initialize": (
+        frozenset({State.NEW, State.INIT, State.SAFE, State.ERROR}),
+        State.initializing,
+        State.INIT,
+    ),
+    "launch": (frozenset({State.INIT}), State.launching, State.ORBIT),
+    "land": (frozenset({State.ORBIT}), State.landing, State.INIT),
+    "start": (frozenset({State.ORBIT}), State.starting, State.RUN),
+    "stop": (frozenset({State.RUN}), State.stopping, State.ORBIT),
+    "reconfigure": (frozenset({State.ORBIT, State.RUN}), State.reconfiguring, State.ORBIT),
+    "interrupt": (frozenset({State.ORBIT, State.RUN}), State.interrupting, State.SAFE),
+    "recover": (frozenset({State.SAFE}), State.initializing, State.INIT),
+    "reset": (frozenset({State.ERROR}), State.initializing, State.INIT),
+}
+
+
+class TransitionRefused(Exception):
+    """A transition that does not apply in the current state; the message names both."""
+
+
+@dataclass
+class RunInfo:
+    """One run: its id, start and end, how it ended, and how many records each source gave."""
+
+    run_id: str
+    start_ns: int
+    end_ns: int | None = None
+    condition: RunCondition = RunCondition.GOOD
+    records: dict[str, int] = field(default_factory=dict)
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "time_start": self.start_ns,
+            "time_end": self.end_ns,
+            "condition_code": int(self.condition),
+            "condition": self.condition.describe(),
+            "records": dict(self.records),
+        }
+
+
+def default_run_id() -> str:
+    """A run id from the local time, sortable and safe in file names."""
+    return time.strftime("%Y%m%dT%H%M%S")
+
+
+class StateMachine:
+    """Holds the state; every change is checked, logged and timed. The host does the work."""
+
+    def __init__(self) -> None:
+        self.state = State.NEW
+        self.since_ns = time.time_ns()
+        self._began = 0.0
+        self._target: State | None = None
+
+    def allowed(self) -> list[str]:
+        return [name for name, (sources, _, _) in TRANSITIONS.items() if self.state in sources]
+
+    def begin(self, transition: str) -> None:
+        """Enter the transitional state of `transition`, or refuse with a clear message."""
+        if transition not in TRANSITIONS:
+            raise TransitionRefused(
+                f"unknown transition {transition!r}; known: {', '.join(TRANSITIONS)}"
+            )
+        sources, via, target = TRANSITIONS[transition]
+        if self.state not in sources:
+            allowed = ", ".join(self.allowed()) or "none"
+            raise TransitionRefused(
+                f"cannot {transition} in state {self.state.name}; allowed here: {allowed}"
+            )
+        log.info("transition %s: %s -> %s", transition, self.state.name, via.name)
+        self._set(via)
+        self._target = target
+        self._began = time.monotonic()
+
+    def finish(self) -> State:
+        """The transition's work is done: move to its target state."""
+        assert self._target is not None, "finish() without begin()"
+        target, self._target = self._target, None
+        log.info("reached %s (%.1f ms)", target.name, (time.monotonic() - self._began) * 1000.0)
+        self._set(target)
+        return target
+
+    def fail(self, reason: str) -> None:
+        """Any failure goes to ERROR, logged with its reason."""
+        log.error("failure in %s: %s -> ERROR", self.state.name, reason)
+        self._target = None
+        self._set(State.ERROR)
+
+    def _set(self, state: State) -> None:
+        self.state = state
+        self.since_ns = time.time_ns()
