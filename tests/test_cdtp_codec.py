@@ -1,0 +1,299 @@
+"""CDTP2 codec: the exact bytes Constellation writes, every int and timestamp width, bad input."""
+
+from __future__ import annotations
+
+import datetime as dt
+import struct
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from daqd.errors import ProtocolError
+from daqd.protocols import cdtp
+
+HEADER = bytes.fromhex("a5 43 44 54 50 02")
+
+# The example from the spec: DATA from Sender.s1, seq 1 ({"t": 7}, blocks aabb and cc), seq 2.
+SPEC_EXAMPLE = (
+    HEADER
+    + b"\xa9Sender.s1"
+    + bytes.fromhex(
+        "00 92 93 01 81 a1 74 07 92 c4 02 aa bb c4 01 cc 93 02 80 91 c4 03 01 01 01".replace(
+            " ", ""
+        )
+    )
+)
+
+
+def constellation_frame(sender: str, kind: int, records: list) -> bytes:
+    """A frame built the way constellationdaq builds it: concatenated msgpack objects."""
+    packer = msgpack.Packer(datetime=True)
+    out = packer.pack("CDTP\x02") + packer.pack(sender) + packer.pack(kind)
+    out += packer.pack_array_header(len(records))
+    for seq, tags, blocks in records:
+        out += packer.pack_array_header(3) + packer.pack(seq) + packer.pack(tags)
+        out += packer.pack_array_header(len(blocks))
+        for block in blocks:
+            out += packer.pack(block)
+    return out
+
+
+def test_spec_example_decodes_and_encodes_to_the_same_bytes() -> None:
+    message = cdtp.decode([SPEC_EXAMPLE])
+    assert isinstance(message, cdtp.Data)
+    assert message.sender == "Sender.s1"
+    assert [r.seq for r in message.records] == [1, 2]
+    assert message.records[0].tags == {"t": 7}
+    assert [bytes(b) for b in message.records[0].blocks] == [b"\xaa\xbb", b"\xcc"]
+    assert [bytes(b) for b in message.records[1].blocks] == [b"\x01\x01\x01"]
+    assert cdtp.encode(message) == [SPEC_EXAMPLE]
+
+
+def test_blocks_are_views_of_the_received_frame() -> None:
+    frame = bytearray(constellation_frame("A.b", 0, [(1, {}, [b"x" * 1000, b"y" * 70000])]))
+    message = cdtp.decode_frame(frame)
+    assert isinstance(message, cdtp.Data)
+    first, second = message.records[0].blocks
+    assert isinstance(first, memoryview) and first.obj is frame
+    assert isinstance(second, memoryview) and second.obj is frame
+    frame[-1] = ord("z")  # the view sees the frame's own memory
+    assert bytes(second[-1:]) == b"z"
+    assert message.records[0].nbytes == 71000
+
+
+def test_64_kib_block_needs_bin32() -> None:
+    [frame] = cdtp.encode(cdtp.Data("S.s", [cdtp.DataRecord(1, {}, [bytes(65536)])]))
+    assert bytes.fromhex("c6 00 01 00 00".replace(" ", "")) in frame
+    assert frame == constellation_frame("S.s", 0, [(1, {}, [bytes(65536)])])
+
+
+@pytest.mark.parametrize(
+    ("encoded", "value"),
+    [
+        (b"\x05", 5),
+        (b"\xcc\xff", 255),
+        (b"\xcd\x01\x00", 256),
+        (b"\xce\x00\x01\x00\x00", 65536),
+        (b"\xcf" + struct.pack(">Q", 7), 7),  # C++ always writes uint64
+        (b"\xcf" + struct.pack(">Q", 2**64 - 1), 2**64 - 1),
+        (b"\xd0\x05", 5),
+        (b"\xd1\x00\x05", 5),
+        (b"\xd2\x00\x00\x00\x05", 5),
+        (b"\xd3" + struct.pack(">q", 2**40), 2**40),
+        (b"\xff", -1),
+    ],
+)
+def test_sequence_numbers_in_every_int_width(encoded: bytes, value: int) -> None:
+    frame = HEADER + b"\xa3A.b" + b"\x00\x91\x93" + encoded + b"\x80\x90"
+    message = cdtp.decode_frame(frame)
+    assert isinstance(message, cdtp.Data)
+    assert message.records[0].seq == value
+    # message type in a wide encoding too
+    frame = (
+        HEADER + b"\xa3A.b" + b"\xcf" + struct.pack(">Q", 0) + b"\x91\x93" + encoded + b"\x80\x90"
+    )
+    assert cdtp.decode_frame(frame) == message
+
+
+@pytest.mark.parametrize(
+    ("encoded", "seconds", "nanoseconds"),
+    [
+        (b"\xd6\xff" + struct.pack(">I", 1_700_000_000), 1_700_000_000, 0),
+        (
+            b"\xd7\xff" + struct.pack(">Q", (123_456_789 << 34) | 1_700_000_001),
+            1_700_000_001,
+            123_456_789,
+        ),
+        (b"\xc7\x0c\xff" + struct.pack(">Iq", 5, -62_000_000_000), -62_000_000_000, 5),
+    ],
+)
+def test_timestamps_in_all_three_widths(encoded: bytes, seconds: int, nanoseconds: int) -> None:
+    eor = (
+        HEADER + b"\xa3A.b\x02\x92" + b"\x93\x00\x80\x90" + b"\x93\x01\x81\xaatime_start" + encoded
+    )
+    message = cdtp.decode_frame(eor + b"\x90")
+    assert isinstance(message, cdtp.EndOfRun)
+    stamp = message.run_metadata["time_start"]
+    assert stamp == msgpack.Timestamp(seconds, nanoseconds)
+    # and it packs back to a timestamp ext the peer understands
+    again = cdtp.decode(cdtp.encode(message))
+    assert again == message
+
+
+def test_bor_and_eor_round_trip_like_constellation() -> None:
+    config = {"block_size": 16, "_data": {"bor_timeout": 10, "license": "CC0-1.0"}}
+    bor = cdtp.BeginOfRun("Sat.one", {"user": "x"}, config)
+    [frame] = cdtp.encode(bor)
+    assert frame == constellation_frame("Sat.one", 1, [(0, {"user": "x"}, []), (1, config, [])])
+    assert cdtp.decode_frame(frame) == bor
+    start = dt.datetime(2026, 1, 2, 3, 4, 5, 678900, tzinfo=dt.UTC)
+    eor = cdtp.EndOfRun("Sat.one", {}, {"condition_code": 3, "time_start": start})
+    decoded = cdtp.decode(cdtp.encode(eor))
+    assert isinstance(decoded, cdtp.EndOfRun)
+    assert decoded.run_metadata["time_start"].to_datetime() == start
+
+
+@pytest.mark.parametrize(
+    ("frame", "what"),
+    [
+        (b"", "malformed"),
+        (HEADER, "malformed"),
+        (b"\xc4\x05CDTP\x02\xa3A.b\x00\x91\x93\x01\x80\x90", "does not start"),  # bin, not str
+        (b"\xa5CDTP\x01\xa3A.b\x00\x91\x93\x01\x80\x90", "does not start"),
+        (HEADER + b"\xc4\x03A.b\x00\x91\x93\x01\x80\x90", "sender must be a str"),
+        (HEADER + b"\xa3A.b\x03\x91\x93\x01\x80\x90", "unknown message type"),
+        (HEADER + b"\xa3A.b\xc3\x91\x93\x01\x80\x90", "unknown message type"),
+        (HEADER + b"\xa3A.b\x00\x90", "no records"),
+        (HEADER + b"\xa3A.b\x01\x91\x93\x00\x80\x90", "exactly 2"),
+        (HEADER + b"\xa3A.b\x02\x93" + b"\x93\x00\x80\x90" * 3, "exactly 2"),
+        (HEADER + b"\xa3A.b\x00\x91\x92\x01\x80\x90", "array of 3"),
+        (HEADER + b"\xa3A.b\x00\x91\x93\xc3\x80\x90", "not an int"),
+        (HEADER + b"\xa3A.b\x00\x91\x93\x01\x90\x90", "not a map"),
+        (HEADER + b"\xa3A.b\x00\x91\x93\x01\x81\x01\x02\x90", "malformed"),  # int key
+        (HEADER + b"\xa3A.b\x00\x91\x93\x01\x81\xc4\x01k\x02\x90", "is not a str"),  # bin key
+        (HEADER + b"\xa3A.b\x00\x91\x93\x01\x80\x91\xa2ab", "not msgpack bin"),
+        (HEADER + b"\xa3A.b\x00\x91\x93\x01\x80\x80", "not an array"),
+        (HEADER + b"\xa3A.b\x00\x91\x93\x01\x80\x91\xc6\xff\xff\xff\xff", "overruns"),
+        (HEADER + b"\xa3A.b\x00\x91\x93\x01\x80\x91\xc5\x00", "truncated"),
+        (HEADER + b"\xa3A.b\x00\xdd\xff\xff\xff\xff\x93\x01\x80\x90", "cannot fit"),
+        (HEADER + b"\xa3A.b\x00\x91\x93\x01\x80\xdd\xff\xff\xff\xff", "cannot fit"),
+        (HEADER + b"\xa3A.b\x00\x91\x93\x01\x80\x90\x00", "trailing"),
+        (
+            HEADER + b"\xa3A.b\x02\x92\x93\x00\x80\x90\x93\x01\x81\xa1t\xd5\xff\x00\x00\x90",
+            "malformed",
+        ),
+    ],
+)
+def test_bad_frames_raise_protocol_error_saying_what(frame: bytes, what: str) -> None:
+    with pytest.raises(ProtocolError, match=what):
+        cdtp.decode_frame(frame)
+
+
+def test_frame_count_and_size_limit() -> None:
+    with pytest.raises(ProtocolError, match="expected 1 frame, got 2"):
+        cdtp.decode([SPEC_EXAMPLE, b""])
+    with pytest.raises(ProtocolError, match="exceeds the limit of 40"):
+        cdtp.decode([SPEC_EXAMPLE], max_message_bytes=40)
+
+
+def test_any_str_encoding_of_the_protocol_and_array_widths() -> None:
+    frame = (
+        b"\xd9\x05CDTP\x02"
+        + b"\xd9\x03A.b\x00"
+        + b"\xdc\x00\x01"
+        + b"\xdc\x00\x03\x01\x80\xdc\x00\x00"
+    )
+    message = cdtp.decode_frame(frame)
+    assert message == cdtp.Data("A.b", [cdtp.DataRecord(1, {}, [])])
+
+
+def test_encoder_refuses_what_the_wire_cannot_carry() -> None:
+    encoder = cdtp.Encoder("A.b")
+    with pytest.raises(ProtocolError, match="at least one record"):
+        encoder.data_message(0, [])
+    with pytest.raises(ProtocolError, match="str keys"):
+        encoder.record_parts(1, {1: 2}, (), [])  # type: ignore[dict-item]
+    with pytest.raises(ProtocolError, match="cannot encode"):
+        encoder.record_parts(1, {"naive": dt.datetime(2026, 1, 1)}, (), [])
+    with pytest.raises(ProtocolError, match="cannot encode"):
+        encoder.record_parts(1, {"x": object()}, (), [])
+    # the encoder still works after a failed pack
+    parts: list = []
+    size = encoder.record_parts(1, {"ok": 1}, [b"ab"], parts)
+    assert size == sum(len(p) for p in parts)
+    assert cdtp.decode_frame(encoder.data_message(1, parts)) == cdtp.Data(
+        "A.b", [cdtp.DataRecord(1, {"ok": 1}, [b"ab"])]
+    )
+
+
+# --- property tests ----------------------------------------------------------------------------
+
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=20)
+    | st.binary(max_size=20)
+    | st.builds(
+        msgpack.Timestamp,
+        st.integers(min_value=-(2**63), max_value=2**63 - 1),
+        st.integers(min_value=0, max_value=999_999_999),
+    )
+)
+values = st.recursive(
+    scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+tag_maps = st.dictionaries(st.text(max_size=12), values, max_size=5)
+blocks = st.lists(
+    st.binary(max_size=300) | st.sampled_from([bytes(70000), bytes(256), bytes(65535)]), max_size=3
+)
+records = st.builds(
+    cdtp.DataRecord, st.integers(min_value=-(2**63), max_value=2**64 - 1), tag_maps, blocks
+)
+messages = (
+    st.builds(cdtp.Data, st.text(max_size=30), st.lists(records, min_size=1, max_size=5))
+    | st.builds(cdtp.BeginOfRun, st.text(max_size=30), tag_maps, tag_maps)
+    | st.builds(cdtp.EndOfRun, st.text(max_size=30), tag_maps, tag_maps)
+)
+
+
+@given(messages)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_round_trip(message: cdtp.Message) -> None:
+    frames = cdtp.encode(message)
+    assert len(frames) == 1
+    assert cdtp.decode(frames) == message
+
+
+@given(messages)
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_our_frames_equal_constellations(message: cdtp.Message) -> None:
+    if isinstance(message, cdtp.Data):
+        recs = [(r.seq, r.tags, list(r.blocks)) for r in message.records]
+        expected = constellation_frame(message.sender, 0, recs)
+    else:
+        second = (
+            message.configuration if isinstance(message, cdtp.BeginOfRun) else message.run_metadata
+        )
+        kind = 1 if isinstance(message, cdtp.BeginOfRun) else 2
+        expected = constellation_frame(
+            message.sender, kind, [(0, message.user_tags, []), (1, second, [])]
+        )
+    assert cdtp.encode(message) == [expected]
+
+
+@given(st.binary(max_size=400))
+@example(HEADER + b"\xa3A.b\x00\xdd\x7f\xff\xff\xff")
+@example(HEADER + b"\xa3A.b\x00\x91\x93\x01\xdf\x7f\xff\xff\xff")
+@settings(max_examples=500, deadline=None)
+def test_arbitrary_bytes_give_a_message_or_protocol_error(data: bytes) -> None:
+    try:
+        message = cdtp.decode_frame(data)
+    except ProtocolError:
+        return
+    assert isinstance(message, cdtp.Data | cdtp.BeginOfRun | cdtp.EndOfRun)
+
+
+@given(messages, st.data())
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_corrupted_frames_give_a_message_or_protocol_error(
+    message: cdtp.Message, data: st.DataObject
+) -> None:
+    [frame] = cdtp.encode(message)
+    buf = bytearray(frame)
+    for _ in range(data.draw(st.integers(min_value=1, max_value=4))):
+        at = data.draw(st.integers(min_value=0, max_value=len(buf) - 1))
+        buf[at] = data.draw(st.integers(min_value=0, max_value=255))
+    cut = data.draw(st.integers(min_value=0, max_value=len(buf)))
+    try:
+        decoded = cdtp.decode_frame(bytes(buf[:cut]))
+    except ProtocolError:
+        return
+    assert isinstance(decoded, cdtp.Data | cdtp.BeginOfRun | cdtp.EndOfRun)
