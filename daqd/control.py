@@ -1,0 +1,495 @@
+"""The control socket: the daemon's ICCP server (ZeroMQ ROUTER) and the client `daqctl` uses.
+
+Kept light on purpose: `daqctl` imports this module, so nothing here may pull in pydantic, numpy or
+the host. The server runs on asyncio; the client is plain blocking ZeroMQ with a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import grp
+import logging
+import os
+import socket
+import stat
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from daqd.errors import ControlError, ProtocolError
+from daqd.protocols import iccp
+
+log = logging.getLogger("daqd.control")
+
+Handler = Callable[[str, dict[str, Any]], Awaitable[Any]]
+# Called on STOP: ends the daemon's work and returns (outcome, details) for the FINISHED reply.
+StopHandler = Callable[[], Awaitable[tuple[iccp.Outcome, Sequence[str]]]]
+
+DEFAULT_TIMEOUT_S = 5.0
+# ZeroMQ drops a connection whose frame exceeds this factor of the limit; bodies between the limit
+# and the cut-off are read and answered with ERROR, so a client learns why it was refused.
+_TRANSPORT_FACTOR = 2
+
+
+def runtime_dir() -> Path:
+    """Where control sockets live: systemd's RuntimeDirectory, else XDG's, else /tmp/daqd-<uid>."""
+    systemd_dirs = os.environ.get("RUNTIME_DIRECTORY", "")
+    if systemd_dirs:
+        # systemd joins several RuntimeDirectory= entries with ':'; ours is the first.
+        return Path(systemd_dirs.split(":")[0])
+    xdg = os.environ.get("XDG_RUNTIME_DIR", "")
+    if xdg:
+        return Path(xdg) / "daqd"
+    return Path(f"/tmp/daqd-{os.getuid()}")
+
+
+def control_endpoint(name: str) -> str:
+    """The ipc:// address of the control socket of daemon `name`."""
+    return f"ipc://{runtime_dir() / name}.ctl"
+
+
+def tap_endpoint(name: str) -> str:
+    """The ipc:// address of the live data tap of daemon `name`."""
+    return f"ipc://{runtime_dir() / name}.tap"
+
+
+def ipc_path(endpoint: str) -> Path | None:
+    """The file behind an ipc:// endpoint, or None for other transports and abstract sockets."""
+    if not endpoint.startswith("ipc://"):
+        return None
+    path = endpoint[len("ipc://") :]
+    if path.startswith("@"):
+        return None
+    return Path(path)
+
+
+def probe_ipc(path: Path) -> None:
+    """Raise ControlError saying why nobody answers at `path`; return if something listens there."""
+    if not path.exists():
+        raise ControlError(f"no daemon running: control socket {path} does not exist")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except PermissionError:
+        raise ControlError(
+            f"permission denied on {path}: run as the daemon's user or a member of its group"
+        ) from None
+    except ConnectionRefusedError:
+        raise ControlError(f"no daemon running: {path} is a stale socket (daemon exited)") from None
+    except OSError as exc:
+        raise ControlError(f"cannot reach {path}: {exc.strerror}") from None
+    finally:
+        probe.close()
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split()) or "error"
+
+
+def _ensure_private_dir(path: Path, gid: int) -> None:
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ControlError(f"cannot create runtime directory {path}: {exc.strerror}") from None
+    info = path.stat()
+    if info.st_uid != os.getuid():
+        if not os.environ.get("RUNTIME_DIRECTORY"):
+            raise ControlError(
+                f"runtime directory {path} belongs to another user; refusing to use it"
+            )
+    elif gid >= 0:
+        # Members of the control group must be able to reach the socket inside.
+        os.chown(path, -1, gid)
+        os.chmod(path, stat.S_IMODE(info.st_mode) | 0o010)
+
+
+class ControlServer:
+    """Serves ICCP REQUEST and STOP on a ROUTER bound to an ipc path and, with CURVE, on TCP.
+
+    Each request runs in its own task, so a slow one (a reconfigure, a run stop that drains) does
+    not hold up `daqctl status` from another client. Anything malformed gets an ERROR reply and is
+    counted in `counters`; the server keeps serving.
+    """
+
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        name: str | None = None,
+        endpoint: str | None = None,
+        group: str | None = None,
+        tcp: str | None = None,
+        curve_secret_key_file: str | os.PathLike[str] | None = None,
+        curve_clients_dir: str | os.PathLike[str] | None = None,
+        max_request_bytes: int = iccp.DEFAULT_MAX_BODY_BYTES,
+        codes: Sequence[str] = iccp.REQUEST_CODES,
+        on_stop: StopHandler | None = None,
+        max_inflight: int = 64,
+    ) -> None:
+        if endpoint is None:
+            if name is None:
+                raise ControlError("ControlServer needs a daemon name or an endpoint")
+            endpoint = control_endpoint(name)
+        if tcp and not (curve_secret_key_file and curve_clients_dir):
+            raise ControlError(
+                f"control TCP endpoint {tcp} needs CURVE keys: set curve_secret_key_file "
+                "(the daemon's secret certificate) and curve_clients_dir (authorised client "
+                "public certificates); refusing to listen on TCP without them"
+            )
+        self.handler = handler
+        self.endpoint = endpoint
+        self.group = group
+        self.tcp = tcp
+        self.curve_secret_key_file = curve_secret_key_file
+        self.curve_clients_dir = curve_clients_dir
+        self.codes = tuple(codes)
+        self.on_stop = on_stop
+        self.max_inflight = max_inflight
+        self.codec = iccp.IccpCodec(max_request_bytes)
+        self.max_request_bytes = max_request_bytes
+        self.endpoints: list[str] = []
+        self.counters: dict[str, int] = {
+            "requests": 0,
+            "ok": 0,
+            "refused": 0,
+            "internal_errors": 0,
+            "bad_messages": 0,
+            "oversize": 0,
+            "unknown_codes": 0,
+            "busy": 0,
+        }
+        self._ctx: zmq.asyncio.Context | None = None
+        self._sockets: list[zmq.asyncio.Socket] = []
+        self._readers: list[asyncio.Task[None]] = []
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._auth: Any = None
+        self._ipc_file: Path | None = None
+
+    async def start(self) -> None:
+        self._ctx = zmq.asyncio.Context()
+        try:
+            self._bind_ipc_or_other()
+            if self.tcp:
+                self._bind_tcp()
+        except BaseException:
+            await self.close()
+            raise
+        for sock in self._sockets:
+            self._readers.append(asyncio.create_task(self._serve(sock), name="control-server"))
+        log.info("control socket listening on %s", ", ".join(self.endpoints))
+
+    def _new_router(self) -> zmq.asyncio.Socket:
+        assert self._ctx is not None
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 1000)
+        limit = max(self.max_request_bytes * _TRANSPORT_FACTOR, self.max_request_bytes + 4096)
+        sock.setsockopt(zmq.MAXMSGSIZE, limit)
+        self._sockets.append(sock)
+        return sock
+
+    def _bind_ipc_or_other(self) -> None:
+        path = ipc_path(self.endpoint)
+        gid = -1
+        if self.group is not None:
+            try:
+                gid = grp.getgrnam(self.group).gr_gid
+            except KeyError:
+                raise ControlError(f"control socket group {self.group!r} does not exist") from None
+        if path is not None:
+            _ensure_private_dir(path.parent, gid)
+            if path.exists() or path.is_symlink():
+                try:
+                    probe_ipc(path)
+                except ControlError:
+                    path.unlink(missing_ok=True)  # stale: its daemon is gone
+                else:
+                    raise ControlError(
+                        f"a daemon already answers on {path}; stop it or choose another name"
+                    )
+        sock = self._new_router()
+        # The umask makes the file private from the moment it exists; chmod below states it again.
+        old = os.umask(0o117 if gid >= 0 else 0o177)
+        try:
+            sock.bind(self.endpoint)
+        except zmq.ZMQError as exc:
+            raise ControlError(f"cannot bind control socket {self.endpoint}: {exc}") from None
+        finally:
+            os.umask(old)
+        if path is not None:
+            self._ipc_file = path
+            if gid >= 0:
+                os.chown(path, -1, gid)
+                os.chmod(path, 0o660)
+            else:
+                os.chmod(path, 0o600)
+        self.endpoints.append(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+
+    def _bind_tcp(self) -> None:
+        import zmq.auth
+        from zmq.auth.asyncio import AsyncioAuthenticator
+
+        assert self._ctx is not None and self.tcp is not None
+        secret_file = Path(str(self.curve_secret_key_file))
+        clients = Path(str(self.curve_clients_dir))
+        try:
+            public, secret = zmq.auth.load_certificate(secret_file)
+        except (OSError, ValueError) as exc:
+            raise ControlError(f"cannot read CURVE certificate {secret_file}: {exc}") from None
+        if not secret:
+            raise ControlError(f"CURVE certificate {secret_file} holds no secret key")
+        if not clients.is_dir():
+            raise ControlError(f"curve_clients_dir {clients} is not a directory")
+        self._auth = AsyncioAuthenticator(self._ctx)
+        self._auth.start()
+        self._auth.configure_curve(domain="*", location=str(clients))
+        sock = self._new_router()
+        sock.curve_server = True
+        sock.curve_publickey = public
+        sock.curve_secretkey = secret
+        try:
+            sock.bind(self.tcp)
+        except zmq.ZMQError as exc:
+            raise ControlError(f"cannot bind control TCP endpoint {self.tcp}: {exc}") from None
+        self.endpoints.append(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+
+    async def close(self) -> None:
+        """Stop serving; replies already being prepared get up to a second to go out."""
+        for reader in self._readers:
+            reader.cancel()
+        if self._inflight:
+            await asyncio.wait(set(self._inflight), timeout=1.0)
+        for task in list(self._inflight):
+            task.cancel()
+        for task in [*self._readers, *self._inflight]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._readers.clear()
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+        for sock in self._sockets:
+            sock.close()
+        self._sockets.clear()
+        if self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None
+        if self._ipc_file is not None:
+            self._ipc_file.unlink(missing_ok=True)
+            self._ipc_file = None
+
+    async def _serve(self, sock: zmq.asyncio.Socket) -> None:
+        while True:
+            frames = await sock.recv_multipart()
+            try:
+                self._dispatch(sock, frames)
+            except Exception:  # a bug here must not end the control socket
+                log.exception("control: failed to dispatch a message")
+                self.counters["internal_errors"] += 1
+
+    def _dispatch(self, sock: zmq.asyncio.Socket, frames: list[bytes]) -> None:
+        envelope, body = frames[:1], frames[1:]
+        if body and body[0] == b"":  # a REQ client puts an empty delimiter before the message
+            envelope, body = frames[:2], frames[2:]
+        try:
+            message = self.codec.decode(body)
+        except ProtocolError as exc:
+            key = "oversize" if "over the limit" in str(exc) else "bad_messages"
+            self.counters[key] += 1
+            log.warning("control: %s", exc)
+            self._reply(sock, envelope, iccp.Error(_one_line(str(exc)), "protocol"))
+            return
+        if isinstance(message, iccp.Request):
+            self.counters["requests"] += 1
+            if message.code not in self.codes:
+                self.counters["unknown_codes"] += 1
+                known = ", ".join(repr(c) for c in self.codes)
+                text = f"unknown request code {message.code!r}; known codes: {known}"
+                self._reply(sock, envelope, iccp.Error(text, "protocol"))
+                return
+            self._spawn(sock, envelope, self._run_request(message))
+        elif isinstance(message, iccp.Stop):
+            self.counters["requests"] += 1
+            if self.on_stop is None:
+                self.counters["refused"] += 1
+                self._reply(sock, envelope, iccp.Error("this component cannot be stopped remotely"))
+                return
+            self._spawn(sock, envelope, self._run_stop())
+        else:
+            self.counters["bad_messages"] += 1
+            name = type(message).__name__.upper()
+            text = f"unexpected {name} on a control socket: send REQUEST or STOP"
+            self._reply(sock, envelope, iccp.Error(text, "protocol"))
+
+    def _spawn(
+        self,
+        sock: zmq.asyncio.Socket,
+        envelope: list[bytes],
+        work: Awaitable[iccp.Message],
+    ) -> None:
+        if len(self._inflight) >= self.max_inflight:
+            self.counters["busy"] += 1
+            if asyncio.iscoroutine(work):
+                work.close()
+            text = f"busy: {self.max_inflight} requests in progress, try again"
+            self._reply(sock, envelope, iccp.Error(text, "busy"))
+            return
+
+        async def answer() -> None:
+            self._reply(sock, envelope, await work)
+
+        task = asyncio.create_task(answer(), name="control-request")
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
+    async def _run_request(self, request: iccp.Request) -> iccp.Message:
+        try:
+            result = await self.handler(request.code, dict(request.args))
+        except ControlError as exc:
+            self.counters["refused"] += 1
+            log.info("control: %s refused: %s", request.code.strip(), exc)
+            return iccp.Error(_one_line(str(exc)), "refused")
+        except Exception as exc:
+            self.counters["internal_errors"] += 1
+            log.exception("control: %s failed", request.code.strip())
+            return iccp.Error(_one_line(f"internal error: {type(exc).__name__}: {exc}"), "internal")
+        self.counters["ok"] += 1
+        return iccp.Ok(result)
+
+    async def _run_stop(self) -> iccp.Message:
+        assert self.on_stop is not None
+        try:
+            outcome, details = await self.on_stop()
+        except Exception as exc:
+            log.exception("control: stop failed")
+            return iccp.Finished(iccp.Outcome.ERROR, (f"{type(exc).__name__}: {exc}",))
+        self.counters["ok"] += 1
+        return iccp.Finished(outcome, tuple(details))
+
+    def _reply(
+        self, sock: zmq.asyncio.Socket, envelope: list[bytes], message: iccp.Message
+    ) -> None:
+        try:
+            frames = self.codec.encode(message)
+        except ProtocolError as exc:
+            self.counters["internal_errors"] += 1
+            frames = self.codec.encode(iccp.Error(_one_line(f"reply not sendable: {exc}")))
+        try:
+            # ROUTER never blocks: a reply to a client that has gone away is dropped by ZeroMQ.
+            sock.send_multipart([*envelope, *frames], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            if exc.errno != errno.EAGAIN:
+                log.warning("control: reply not sent: %s", exc)
+
+
+class ControlClient:
+    """A blocking ICCP controller: one DEALER, one request at a time, each with a timeout."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        server_public_key_file: str | os.PathLike[str] | None = None,
+        client_key_file: str | os.PathLike[str] | None = None,
+        max_reply_bytes: int = 256 << 20,
+    ) -> None:
+        self.endpoint = endpoint
+        self.timeout_s = timeout_s
+        path = ipc_path(endpoint)
+        if path is not None:
+            probe_ipc(path)
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        if endpoint.startswith("tcp://"):
+            self._set_curve(server_public_key_file, client_key_file)
+        self.codec = iccp.IccpCodec(max_reply_bytes)
+        try:
+            self._sock.connect(endpoint)
+        except zmq.ZMQError as exc:
+            self.close()
+            raise ControlError(f"cannot connect to {endpoint}: {exc}") from None
+
+    def _set_curve(
+        self,
+        server_public_key_file: str | os.PathLike[str] | None,
+        client_key_file: str | os.PathLike[str] | None,
+    ) -> None:
+        if not (server_public_key_file and client_key_file):
+            self.close()
+            raise ControlError(
+                f"{self.endpoint} needs CURVE: give the daemon's public certificate and your "
+                "client certificate (with secret key)"
+            )
+        import zmq.auth
+
+        try:
+            server_public, _ = zmq.auth.load_certificate(server_public_key_file)
+            public, secret = zmq.auth.load_certificate(client_key_file)
+        except (OSError, ValueError) as exc:
+            self.close()
+            raise ControlError(f"cannot read CURVE certificate: {exc}") from None
+        if not secret:
+            self.close()
+            raise ControlError(f"CURVE certificate {client_key_file} holds no secret key")
+        self._sock.curve_serverkey = server_public
+        self._sock.curve_publickey = public
+        self._sock.curve_secretkey = secret
+
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._sock.close(linger=0)
+        self._ctx.term()
+
+    def _exchange(self, message: iccp.Message, timeout_s: float | None) -> iccp.Message:
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        self._sock.send_multipart(self.codec.encode(message))
+        if not self._sock.poll(int(timeout * 1000), zmq.POLLIN):
+            raise ControlError(f"no reply from {self.endpoint} within {timeout:g} s")
+        try:
+            return self.codec.decode(self._sock.recv_multipart())
+        except ProtocolError as exc:
+            raise ControlError(f"bad reply from {self.endpoint}: {exc}") from None
+
+    def request(
+        self, code: str, args: dict[str, Any] | None = None, *, timeout_s: float | None = None
+    ) -> Any:
+        """Send REQUEST `code`; return the OK result, raise ControlError with the ERROR text."""
+        reply = self._exchange(iccp.Request(code, args or {}), timeout_s)
+        if isinstance(reply, iccp.Ok):
+            return reply.result
+        if isinstance(reply, iccp.Error):
+            raise ControlError(reply.message)
+        raise ControlError(f"unexpected {type(reply).__name__.upper()} reply to {code.strip()}")
+
+    def stop(self, *, timeout_s: float | None = None) -> iccp.Finished:
+        """Send STOP and wait for FINISHED."""
+        reply = self._exchange(iccp.Stop(), timeout_s)
+        if isinstance(reply, iccp.Finished):
+            return reply
+        if isinstance(reply, iccp.Error):
+            raise ControlError(reply.message)
+        raise ControlError(f"unexpected {type(reply).__name__.upper()} reply to STOP")
+
+
+def socket_mode(path: Path) -> int:
+    """Permission bits of a socket file (for status and tests)."""
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def iter_daemons() -> Iterator[str]:
+    """Names of daemons with a control socket in the runtime directory."""
+    base = runtime_dir()
+    if base.is_dir():
+        for entry in sorted(base.glob("*.ctl")):
+            yield entry.stem
