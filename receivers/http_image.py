@@ -1,0 +1,240 @@
+"""HTTP image receiver: instruments POST JPEG/PNG images to it; each image becomes one record."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http import HttpVersion11
+from pydantic import Field, field_validator
+
+from daqd.http import GrabError, NextRecord
+from daqd.receiver import ReceiverServer, ReceiverSettings, format_hostport, parse_hostport
+from daqd.record import Record
+
+# Headers that become tags: pydhsfw's JPEG receiver routes on DHS-Request-Type-Id, and instruments
+# put their own metadata in X- headers.
+TAG_HEADER_PREFIXES = ("x-", "dhs-")
+REQUEST_TYPE_HEADER = "DHS-Request-Type-Id"
+
+
+class HttpImageSettings(ReceiverSettings):
+    listen: str
+    allowed_types: list[str] = Field(default_factory=lambda: ["image/jpeg", "image/png"])
+    max_body_bytes: int = Field(default=32 << 20, gt=0)
+    # A client silent this long (mid-body, mid-headers, or idle between requests) is dropped.
+    read_timeout_s: float = Field(default=30.0, gt=0)
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str) -> str:
+        parse_hostport(value)
+        return value
+
+    @field_validator("allowed_types")
+    @classmethod
+    def _lower_types(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("allowed_types must name at least one content type")
+        return [v.strip().lower() for v in value]
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class HttpImageReceiver(ReceiverServer):
+    """An HTTP/1.1 server: `POST <any path>` with an image body → one record → 200 {source, seq}."""
+
+    Settings = HttpImageSettings
+    settings: HttpImageSettings
+
+    def __init__(self, settings: HttpImageSettings, host: Any) -> None:
+        super().__init__(settings, host)
+        self._runner: web.AppRunner | None = None
+        self._next = NextRecord()
+        self._allowed = frozenset(settings.allowed_types)
+
+    # ----- life cycle ------------------------------------------------------------------------
+    async def setup(self) -> None:
+        s = self.settings
+        app = web.Application()
+        app.router.add_route("POST", "/{path:.*}", self._on_post, expect_handler=self._on_expect)
+        runner = web.AppRunner(
+            app,
+            handle_signals=False,
+            access_log=None,
+            keepalive_timeout=s.read_timeout_s,
+            # Bytes of a rejected body are read and discarded for this long so that the client
+            # sees the answer instead of a reset.
+            lingering_time=min(5.0, s.read_timeout_s),
+            shutdown_timeout=1.0,
+        )
+        await runner.setup()
+        host, port = parse_hostport(s.listen)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            site = web.SockSite(runner, sock)
+            await site.start()
+        except BaseException:
+            sock.close()
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self.addresses["listen"] = format_hostport(sock.getsockname())
+        self.log.info(
+            "%s: accepting %s images up to %d bytes on http://%s/",
+            self.name,
+            "/".join(s.allowed_types),
+            s.max_body_bytes,
+            self.addresses["listen"],
+        )
+
+    async def close(self) -> None:
+        self._next.fail(GrabError(f"receiver {self.name!r} closed while waiting for an image"))
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+
+    def status(self) -> dict[str, Any]:
+        server = self._runner.server if self._runner is not None else None
+        self.counters.extra["connections"] = len(server.connections) if server else 0
+        return super().status()
+
+    # ----- for daqd.http.grab ----------------------------------------------------------------
+    @property
+    def grabs_waiting(self) -> int:
+        """How many callers wait in next_image() for the next POST."""
+        return len(self._next)
+
+    async def next_image(self) -> Record:
+        """The next image POSTed to this receiver."""
+        return await self._next.wait()
+
+    # ----- HTTP ------------------------------------------------------------------------------
+    def _refusal(self, request: web.BaseRequest) -> tuple[int, str, str] | None:
+        """(status, counter, message) if the headers alone show the request cannot be accepted."""
+        ctype = request.content_type
+        if ctype not in self._allowed:
+            allowed = ", ".join(sorted(self._allowed))
+            return 415, "unsupported_type", f"content type {ctype!r} is not one of: {allowed}"
+        length = request.content_length
+        if length is not None and length > self.settings.max_body_bytes:
+            return (
+                413,
+                "too_large",
+                f"body of {length} bytes exceeds max_body_bytes={self.settings.max_body_bytes}",
+            )
+        return None
+
+    def _reject(
+        self, request: web.BaseRequest, status: int, counter: str, message: str
+    ) -> web.Response:
+        self.counters.error(counter)
+        self.limited.warning(
+            counter,
+            "%s: %s %s from %s refused: %s",
+            self.name,
+            request.method,
+            request.path,
+            request.remote,
+            message,
+        )
+        resp = web.json_response({"error": message, "status": status}, status=status)
+        resp.force_close()
+        return resp
+
+    async def _on_expect(self, request: web.Request) -> web.StreamResponse | None:
+        refusal = self._refusal(request)
+        if refusal is not None:
+            # Answered before the client sends a single byte of the body.
+            return self._reject(request, *refusal)
+        expect = request.headers.get("Expect", "")
+        if request.version != HttpVersion11 or expect.lower() != "100-continue":
+            return self._reject(request, 417, "bad_request", f"cannot meet Expect: {expect!r}")
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the interim line is not part of the response's size
+        return None
+
+    async def _on_post(self, request: web.Request) -> web.StreamResponse:
+        refusal = self._refusal(request)
+        if refusal is not None:
+            return self._reject(request, *refusal)
+        try:
+            body = await self._read_body(request)
+        except _TooLarge:
+            return self._reject(
+                request,
+                413,
+                "too_large",
+                f"body exceeds max_body_bytes={self.settings.max_body_bytes}",
+            )
+        except TimeoutError:
+            return await self._drop_stalled(request)
+        except ConnectionError as exc:
+            self.counters.error("disconnected")
+            self.log.info("%s: client %s went away mid-body: %s", self.name, request.remote, exc)
+            return web.Response(status=400)
+        except Exception as exc:  # the parser's errors: bad chunking, short body, ...
+            return self._reject(request, 400, "bad_body", f"body could not be read: {exc}")
+
+        tags: dict[str, Any] = {
+            "content_type": request.content_type,
+            "length": len(body),
+            "path": request.path,
+            "remote": request.remote or "",
+        }
+        request_type = request.headers.get(REQUEST_TYPE_HEADER)
+        if request_type is not None:
+            tags["request_type_id"] = request_type
+        extra = {
+            k.lower(): v
+            for k, v in request.headers.items()
+            if k.lower().startswith(TAG_HEADER_PREFIXES)
+        }
+        if extra:
+            tags["headers"] = extra
+        record = self.new_record([body], tags)
+        delivered = await self.publish(record)
+        self._next.feed(record)
+        return web.json_response(
+            {"source": record.source, "seq": record.seq, "bytes": len(body), "delivered": delivered}
+        )
+
+    async def _read_body(self, request: web.Request) -> bytearray:
+        """The whole body, failing with _TooLarge past the limit or TimeoutError on a stall."""
+        limit = self.settings.max_body_bytes
+        stall_s = self.settings.read_timeout_s
+        content = request.content
+        loop = asyncio.get_running_loop()
+        body = bytearray()
+        async with asyncio.timeout_at(loop.time() + stall_s) as deadline:
+            while True:
+                chunk = await content.readany()
+                if not chunk:
+                    return body
+                body += chunk
+                if len(body) > limit:
+                    raise _TooLarge
+                deadline.reschedule(loop.time() + stall_s)
+
+    async def _drop_stalled(self, request: web.Request) -> web.StreamResponse:
+        """Answer 408 and close at once: a stalled client is not worth lingering for."""
+        resp = self._reject(
+            request,
+            408,
+            "read_timeout",
+            f"no body bytes for read_timeout_s={self.settings.read_timeout_s:g}",
+        )
+        try:
+            await resp.prepare(request)
+            await resp.write_eof()
+        except ConnectionError:
+            pass
+        request.protocol.force_close()
+        return resp
