@@ -1,0 +1,345 @@
+"""The slow-signal receiver through real UDP from the TARGET-module simulator, in-process Host."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+import zmq.asyncio
+
+from daqd.config import parse_config
+from daqd.errors import ConfigError
+from daqd.host import Host
+from daqd.sim.slowsignal import Faults, SendStats, TargetModules
+
+P = 10  # blocks per packet
+
+
+def toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return f'"{v}"'
+    if isinstance(v, dict):
+        return "{" + ", ".join(f'"{k}" = {toml_value(x)}' for k, x in v.items()) + "}"
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    return str(v)
+
+
+def config_text(tmp_path: Path, publisher: str = "file", **receiver: Any) -> str:
+    settings = {"modules": 4, "flush_after_s": 30.0, **receiver}
+    lines = [
+        "[daemon]",
+        'name = "sstest"',
+        "drain_timeout_s = 10",
+        "[[receiver]]",
+        'type = "slowsignal"',
+        'name = "ss"',
+        'listen = "127.0.0.1:0"',
+        'publish_to = ["out"]',
+        *(f"{k} = {toml_value(v)}" for k, v in settings.items()),
+        "[[publisher]]",
+        'name = "out"',
+    ]
+    if publisher == "file":
+        lines += ['type = "file"', f'directory = "{tmp_path}"', 'fsync = "never"']
+    else:
+        lines += [
+            'type = "zmq"',
+            'endpoint = "tcp://127.0.0.1:0"',
+            'framing = "payload"',
+            'policy = "block"',
+        ]
+    return "\n".join(lines) + "\n"
+
+
+class Rig:
+    def __init__(self, host: Host, tmp_path: Path) -> None:
+        self.host = host
+        self.rec: Any = host.receivers["ss"]
+        self.tmp_path = tmp_path
+        h, port = self.rec.addresses["listen"].rsplit(":", 1)
+        self.target = (h, int(port))
+
+    def sim(self, modules: int = 4, **kw: Any) -> TargetModules:
+        return TargetModules(self.target, modules, P, **kw)
+
+    async def wait(self, what: str, cond: Callable[[], bool], timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not cond():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}: {self.rec.cmd_stats()}")
+            await asyncio.sleep(0.01)
+
+    async def send(self, sim: TargetModules, count: int, faults: Faults | None = None) -> SendStats:
+        """Send in a thread at a modest rate, so the receiving loop keeps up in real time."""
+        return await asyncio.to_thread(sim.run, count, 2000.0, faults)
+
+    def records(self, kind: str = "run") -> list[list[Any]]:
+        """Records of the newest run/live file, read with msgpack (not daqd's reader)."""
+        files = sorted(self.tmp_path.glob(f"{kind}-*.daqd"))
+        assert files, f"no {kind} file in {self.tmp_path}"
+        with open(files[-1], "rb") as f:
+            items = list(msgpack.Unpacker(f, raw=False, strict_map_key=False))
+        assert items[0]["kind"] == kind and "end" in items[-1]
+        return [i for i in items[1:-1] if i[0] == "ss"]
+
+
+@pytest.fixture
+async def rig_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    hosts: list[Host] = []
+
+    async def make(publisher: str = "file", **receiver: Any) -> Rig:
+        host = Host(parse_config(config_text(tmp_path, publisher, **receiver), path="<test>"))
+        await host.start()
+        hosts.append(host)
+        return Rig(host, tmp_path)
+
+    yield make
+    for host in hosts:
+        await host.stop()
+
+
+def counts_of(payload: bytes) -> np.ndarray:
+    return np.frombuffer(payload, dtype="<u2").reshape(32, 64)
+
+
+async def test_complete_readouts_are_bit_exact_and_the_run_file_holds_them_all(
+    rig_factory: Callable[..., Any],
+) -> None:
+    rig = await rig_factory()
+    await rig.host.begin_run("r1")
+    t_start = time.time_ns()
+    with rig.sim() as sim:
+        await rig.send(sim, 4 * 6)  # 6 rounds x 4 modules = 60 readouts
+        await rig.wait("60 complete readouts", lambda: rig.rec.complete == 60)
+        await rig.host.end_run()
+        await rig.host.stop()
+        records = rig.records()
+        assert len(records) == 60
+        for n, (_source, seq, time_ns, tags, payload) in enumerate(records, 1):
+            k = n - 1
+            assert seq == n and tags["readout"] == n
+            assert tags["tack"] == sim.tack(k)
+            assert tags["modules_present"] == 0b1111 and tags["complete"] is True
+            assert t_start - 1_000_000_000 <= tags["cpu_time_ns"] <= time.time_ns()
+            assert time_ns == tags["cpu_time_ns"]
+            assert all(s >= t_start for s in tags["second_ns"][:4])
+            assert tags["second_ns"][4:] == [0] * 28
+            got = counts_of(payload[0])
+            np.testing.assert_array_equal(got[:4], sim.counts(k)[0])
+            assert not got[4:].any()
+    stats = rig.rec.cmd_stats()
+    assert stats["readouts_incomplete"] == 0
+    assert stats["modules"]["3"]["datagrams"] == 6 and stats["modules"]["3"]["blocks"] == 60
+    assert rig.rec.counters.drops.get("kernel", 0) == 0
+
+
+async def test_faults_are_counted_and_assembly_goes_on(rig_factory: Callable[..., Any]) -> None:
+    rig = await rig_factory()
+    with rig.sim() as sim:
+        faults = Faults(duplicate=2, empty=1, short=1, unequal=True)
+        sent = await rig.send(sim, 4 * 5, faults)
+        assert sent.injected == {"duplicate": 2, "empty": 1, "short": 1}
+        await rig.wait("50 complete readouts", lambda: rig.rec.complete == 50)
+        # a sender that maps to no module (.150 -> 50) is counted per address and dropped
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as stray:
+            stray.bind(("127.0.0.150", 0))
+            stray.sendto(sim.round_datagrams(0)[0], rig.target)
+            await rig.wait("unknown module", lambda: "unknown_module" in rig.rec.counters.drops)
+        # the receiver still assembles after every fault
+        for r in range(5, 8):
+            sim.send_round(r)
+        await rig.wait("80 complete readouts", lambda: rig.rec.complete == 80)
+    c = rig.rec.counters
+    assert c.drops["empty"] == 1 and c.drops["bad_size"] == 1 and c.drops["unknown_module"] == 1
+    assert c.errors["duplicate"] == 2 * P
+    assert sum(rig.rec.per_module["duplicates"]) == 2 * P
+    assert rig.rec.unknown_sources == {"127.0.0.150": 1}
+    assert rig.rec.incomplete == 0 and rig.rec.state == "running"
+    # odd modules sent every round as two datagrams (3 + 7 blocks); then 3 more rounds
+    datagrams = rig.rec.per_module["datagrams"]
+    assert sum(datagrams) == sent.datagrams - 2 + 3 * 4
+    assert datagrams[1] >= 2 * 5 + 3 and datagrams[3] >= 2 * 5 + 3
+    status = rig.host.status()["receivers"]["ss"]
+    assert status["extra"]["readouts_complete"] == 80
+    assert status["drops"]["empty"] == 1
+
+
+async def test_relaxed_module_range_maps_out_of_range_senders(
+    rig_factory: Callable[..., Any],
+) -> None:
+    rig = await rig_factory(modules=[0, 18], relaxed_module_range=True)
+    with rig.sim(modules=1) as sim, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as far:
+        far.bind(("127.0.0.150", 0))  # 150 % 100 = 50, 50 % 32 = 18
+        far.sendto(sim.round_datagrams(0)[0], rig.target)
+        sim.send_round(0)
+        await rig.wait("10 complete readouts", lambda: rig.rec.complete == P)
+    assert rig.rec.per_module["blocks"][18] == P
+
+
+async def test_module_table_maps_addresses(rig_factory: Callable[..., Any]) -> None:
+    rig = await rig_factory(modules=[7], module_from="table", module_table={"127.0.0.100": 7})
+    with rig.sim(modules=2) as sim:
+        sim.send_round(0)  # .100 is module 7; .101 is not in the table
+        await rig.wait("complete readouts", lambda: rig.rec.complete == P)
+        await rig.wait("unknown", lambda: rig.rec.counters.drops.get("unknown_module") == 1)
+    assert rig.rec.unknown_sources == {"127.0.0.101": 1}
+
+
+async def test_tail_of_a_stream_is_published_by_the_timeout(
+    rig_factory: Callable[..., Any],
+) -> None:
+    rig = await rig_factory(flush_after_s=0.3)
+    with rig.sim() as sim:
+        await rig.send(sim, 4 * 2 + 3)  # the last round lacks module 3
+        await rig.wait("20 complete", lambda: rig.rec.complete == 2 * P)
+        await rig.wait("tail flushed", lambda: rig.rec.incomplete == P)
+        await rig.host.stop()
+    records = rig.records("live")
+    assert len(records) == 3 * P
+    tail = records[-P:]
+    for i, (_s, _q, _t, tags, payload) in enumerate(tail):
+        k = 2 * P + i
+        assert tags["complete"] is False and tags["modules_present"] == 0b0111
+        got = counts_of(payload[0])
+        np.testing.assert_array_equal(got[:3], sim.counts(k)[0, :3])
+        assert not got[3].any()
+    assert rig.rec.per_module["missing"][:4] == [0, 0, 0, P]
+
+
+async def test_late_blocks_after_a_timeout_flush(rig_factory: Callable[..., Any]) -> None:
+    rig = await rig_factory(flush_after_s=0.3)
+    with rig.sim() as sim:
+        withheld = sim.round_datagrams(0)[3]
+        sim.send_round(0, skip=frozenset({(0, 3)}))
+        await rig.wait("incomplete round 0", lambda: rig.rec.incomplete == P)
+        sim.send(3, withheld)
+        await rig.wait("late blocks", lambda: rig.rec.counters.drops.get("late") == P)
+        sim.send_round(1)
+        await rig.wait("round 1 complete", lambda: rig.rec.complete == P)
+    assert rig.rec.per_module["late"][3] == P and not rig.rec.pending
+
+
+async def test_tack_progress_flushes_and_later_blocks_are_late(
+    rig_factory: Callable[..., Any],
+) -> None:
+    # TACKs are 0.1 s apart: a 1.05 s buffer holds about one round of ten readouts
+    rig = await rig_factory(buffer_ns=1_050_000_000, flush_after_s=60.0)
+    with rig.sim() as sim:
+        withheld = sim.round_datagrams(0)[1]
+        sim.send_round(0, skip=frozenset({(0, 1)}))
+        sim.send_round(1)
+        sim.send_round(2)
+        await rig.wait("round 0 flushed", lambda: rig.rec.incomplete == P)
+        await rig.wait("rounds 1-2 complete", lambda: rig.rec.complete == 2 * P)
+        sim.send(1, withheld)
+        await rig.wait("late", lambda: rig.rec.counters.drops.get("late") == P)
+        sim.send(1, sim.round_datagrams(2)[1])  # a repeat of a published complete readout
+        await rig.wait("duplicates", lambda: rig.rec.counters.errors.get("duplicate") == P)
+
+
+async def test_ssdaq_frames_read_back_by_an_independent_decoder(
+    rig_factory: Callable[..., Any],
+) -> None:
+    rig = await rig_factory(publisher="zmq", format="ssdaq", flush_after_s=0.5)
+    ctx = zmq.asyncio.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(rig.host.publishers["out"].addresses["endpoint"])
+    try:
+        with rig.sim(tack_start_ns=5_000_000_000) as primer:
+            # a PUB drops what it sends before the subscription arrives: prime until one arrives
+            r = 0
+            while not await sub.poll(100):
+                primer.send_round(r)
+                r += 1
+                assert r < 300, "subscription never arrived"
+        while await sub.poll(500):
+            await sub.recv()
+        await rig.rec.call_command("reset_readout_count", [], {})
+        before = time.time_ns()
+        with rig.sim(tack_start_ns=10**15) as sim:
+            sim.send_round(0)
+            sim.send_round(1, skip=frozenset({(1, 2)}))  # module 2 missing: NaN, by timeout
+            frames = [await asyncio.wait_for(sub.recv(), 30) for _ in range(2 * P)]
+        after = time.time_ns()
+    finally:
+        sub.close(0)
+        ctx.term()
+    for i, frame in enumerate(frames):
+        assert len(frame) == 16416
+        number, tack, cpu_s, cpu_ns = struct.unpack_from("<4Q", frame)
+        mv = np.frombuffer(frame, dtype="<f8", offset=32).reshape(32, 64)
+        assert number == i + 1
+        assert tack == sim.tack(i)
+        assert before - 2_000_000_000 <= cpu_s * 1_000_000_000 + cpu_ns <= after
+        assert cpu_ns < 1_000_000_000
+        sent = sim.counts(i)[0].astype(np.float64) * 0.03815 * 2.0
+        present = [0, 1, 3] if i >= P else [0, 1, 2, 3]
+        np.testing.assert_array_equal(mv[present], sent[present])
+        assert np.isnan(mv[[m for m in range(32) if m not in present]]).all()
+
+
+async def test_commands_pause_resume_reset_and_stats(rig_factory: Callable[..., Any]) -> None:
+    rig = await rig_factory()
+    rec = rig.rec
+    with rig.sim() as sim:
+        assert await rec.call_command("pause", [], {}) == {"paused": True}
+        sim.send_round(0)
+        await rig.wait("paused readouts counted", lambda: rec.counters.drops.get("paused") == P)
+        assert rec.counters.records == 0
+        assert await rec.call_command("resume", [], {}) == {"paused": False}
+        sim.send_round(1)
+        await rig.wait("published", lambda: rec.counters.records == P)
+        assert await rec.call_command("reset_readout_count", [], {}) == {"next_readout": 1}
+        sim.send_round(2)
+        await rig.wait("published again", lambda: rec.counters.records == 2 * P)
+        stats = await rec.call_command("stats", [], {})
+        await rig.host.stop()
+    assert stats["readouts_complete"] == 3 * P and stats["drops"]["paused"] == P
+    assert stats["modules"]["0"] == {
+        "datagrams": 3,
+        "blocks": 3 * P,
+        "missing": 0,
+        "duplicates": 0,
+        "late": 0,
+    }
+    numbers = [tags["readout"] for *_, tags, _p in rig.records("live")]
+    assert numbers == [*range(1, P + 1), *range(1, P + 1)]
+
+
+async def test_shutdown_publishes_what_is_pending(rig_factory: Callable[..., Any]) -> None:
+    rig = await rig_factory()
+    with rig.sim() as sim:
+        sim.send_round(0, skip=frozenset({(0, 0)}))
+        await rig.wait("blocks in", lambda: sum(rig.rec.per_module["blocks"]) == 3 * P)
+    assert rig.rec.incomplete == 0
+    await rig.host.begin_run("r2")
+    await rig.host.stop()
+    records = rig.records("live")  # pending before the run began: published before it
+    assert [tags["modules_present"] for *_, tags, _p in records] == [0b1110] * P
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "words"),
+    [
+        ("modules", 40, "modules"),
+        ("modules", [1, 1], "distinct"),
+        ("module_from", "table", "module_table"),
+        ("format", "hdf5", "format"),
+    ],
+)
+def test_bad_settings_name_the_key(tmp_path: Path, key: str, value: Any, words: str) -> None:
+    with pytest.raises(ConfigError, match=words):
+        parse_config(config_text(tmp_path, **{key: value}), path="<test>")
