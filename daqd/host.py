@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import time
 from typing import Any
 
@@ -158,8 +159,13 @@ class Host:
 
     # ----- runs ------------------------------------------------------------------------------
     async def begin_run(self, run_id: str | None = None) -> RunInfo:
+        run_id = run_id or _default_run_id()
+        if not re.fullmatch(r"[\w.-]{1,80}", run_id):
+            raise TransitionRefused(
+                f"run id {run_id!r} is not usable: letters, digits, '_', '.', '-' (at most 80)"
+            )
         self.machine.begin("start")
-        run = RunInfo(run_id or _default_run_id(), time.time_ns())
+        run = RunInfo(run_id, time.time_ns())
         self._run_base = {
             "seq": {n: dict(r._seq) for n, r in self.receivers.items()},
             "drops": self._total_drops(),

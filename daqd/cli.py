@@ -1,0 +1,182 @@
+"""`daqd`: serve, check, dump, demo, sim — usage and config errors print one line, never a traceback."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import sys
+from collections.abc import Coroutine
+from typing import Any, NoReturn
+
+import click
+
+from daqd.errors import DaqdError
+
+# `daqd sim NAME` loads NAME's module only when it is asked for; each exposes a click `command`.
+SIM_COMMANDS = {
+    "slowsignal": "daqd.sim.slowsignal",
+    "cdtp": "daqd.sim.cdtp",
+    "dcss": "daqd.sim.dcss",
+}
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    click.echo(f"daqd: {message}", err=True)
+    sys.exit(code)
+
+
+def run_loop(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run a coroutine on uvloop."""
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="daqd")
+def main() -> None:
+    """daqd: receive from instruments and peers, publish to monitors, files and nodes."""
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR (default: config).")
+def serve(config: str, log_level: str | None) -> None:
+    """Run the daemon described by CONFIG until SIGTERM, SIGINT or `daqctl shutdown`."""
+    from daqd.config import load_config
+    from daqd.daemon import serve as serve_daemon
+    from daqd.logs import setup_logging
+
+    try:
+        cfg = load_config(config)
+    except DaqdError as exc:
+        fail(str(exc))
+    setup_logging(log_level or cfg.daemon.log_level)
+    try:
+        sys.exit(run_loop(serve_daemon(cfg)))
+    except DaqdError as exc:
+        fail(str(exc), 1)
+    except OSError as exc:
+        fail(f"{config}: {exc}", 1)
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+def check(config: str) -> None:
+    """Validate CONFIG and print what it would run."""
+    from daqd.config import load_config
+    from daqd.control import control_endpoint
+
+    try:
+        cfg = load_config(config)
+    except DaqdError as exc:
+        fail(str(exc))
+    d = cfg.daemon
+    click.echo(f"{config}: OK")
+    click.echo(f"daemon {d.name}: control {control_endpoint(d.name)}, drain {d.drain_timeout_s} s")
+    for r in cfg.receivers:
+        where = _where(r.model_dump())
+        to = ", ".join(r.publish_to) or "(nowhere)"
+        proc = " [own process]" if r.process else ""
+        click.echo(f"  receiver  {r.name:<16} {r.type:<12} {where:<28} -> {to}{proc}")
+    for p in cfg.publishers:
+        where = _where(p.model_dump())
+        click.echo(
+            f"  publisher {p.name:<16} {p.type:<12} {where:<28} "
+            f"queue {p.queue_size}, policy {p.policy}"
+        )
+
+
+def _where(fields: dict[str, Any]) -> str:
+    for key in ("listen", "connect", "endpoint", "directory", "url", "senders"):
+        if fields.get(key):
+            return f"{key} {fields[key]}"
+    return ""
+
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--verify", is_flag=True, help="Check the whole file; report gaps in seq per source.")
+@click.option("--limit", type=int, default=0, help="Print at most this many records.")
+@click.option("--payload", is_flag=True, help="Also print the first bytes of each payload (hex).")
+def dump(file: str, verify: bool, limit: int, payload: bool) -> None:
+    """Print the records of a run file, or verify it."""
+    from daqd.runfile import read_items
+    from daqd.runfile import verify as verify_file
+
+    if verify:
+        s = verify_file(file)
+        kind = (s.header or {}).get("kind", "?")
+        click.echo(f"{file}: {kind} file, {sum(s.records.values())} records")
+        for src, n in sorted(s.records.items()):
+            gaps = s.gaps.get(src, [])
+            missing = sum(b - a - 1 for a, b in gaps if b > a)
+            click.echo(
+                f"  {src}: {n} records, seq {s.first_seq[src]}..{s.first_seq[src] + n + missing - 1}"
+                f", {len(gaps)} gaps ({missing} missing)"
+            )
+            for a, b in gaps[:10]:
+                click.echo(f"    gap: after {a} comes {b}")
+        if s.end is not None:
+            click.echo(f"  end: {s.end.get('condition', 'live file')}")
+        for p in s.problems:
+            click.echo(f"  problem: {p}")
+        sys.exit(1 if s.problems or s.gaps else 0)
+    shown = 0
+    try:
+        for item in read_items(file):
+            if isinstance(item, dict):
+                click.echo(f"# {item}")
+                continue
+            line = f"{item.source} {item.seq} {item.time_ns} {item.tags} {item.nbytes}B"
+            if payload and item.payload:
+                line += " " + bytes(item.payload[0][:32]).hex()
+            click.echo(line)
+            shown += 1
+            if limit and shown >= limit:
+                break
+    except (ValueError, EOFError) as exc:
+        fail(str(exc), 1)
+
+
+@main.command()
+@click.option("--seconds", default=10.0, show_default=True, help="How long to run.")
+@click.option("--rate", default=20000, show_default=True, help="Datagrams per second to send.")
+@click.option(
+    "--directory", default="daqd-demo-data", show_default=True, help="Where run files go."
+)
+def demo(seconds: float, rate: int, directory: str) -> None:
+    """Run a bundled config with a built-in UDP traffic source and show the rates."""
+    from daqd.demo import run_demo
+    from daqd.logs import setup_logging
+
+    setup_logging("WARNING")
+    try:
+        run_loop(run_demo(seconds, rate, directory))
+    except DaqdError as exc:
+        fail(str(exc), 1)
+
+
+class _SimGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(SIM_COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        module = SIM_COMMANDS.get(cmd_name)
+        if module is None:
+            return None
+        try:
+            command: click.Command = importlib.import_module(module).command
+        except ImportError as exc:
+            fail(f"simulator {cmd_name!r} is not available: {exc}")
+        return command
+
+
+@main.group(cls=_SimGroup)
+def sim() -> None:
+    """Real peers for demos and tests: a TARGET-module source, a DCSS server, a CDTP sender."""
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""`daqd serve`: the host, its control socket, its live tap, signals and systemd, in one loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from daqd.config import Config, load_config
+from daqd.control import ControlServer, tap_endpoint
+from daqd.errors import ConfigError
+from daqd.host import Host
+from daqd.runstate import RunCondition, State
+from daqd.systemd import Notifier
+
+log = logging.getLogger("daqd.daemon")
+
+
+async def serve(config: Config) -> int:
+    """Run until SIGTERM/SIGINT or `daqctl shutdown`; return the process exit code."""
+    d = config.daemon
+    host = Host(config)
+    await host.start()
+    server = ControlServer(
+        host.handle_request,
+        name=d.name,
+        group=d.control_group,
+        tcp=d.control_tcp,
+        curve_secret_key_file=d.curve_server_key_file,
+        curve_clients_dir=d.curve_authorized_keys_dir,
+        max_request_bytes=d.max_request_bytes,
+    )
+    try:
+        await server.start()
+        host.open_tap(tap_endpoint(d.name))
+    except Exception:
+        await host.stop(RunCondition.ABORTED)
+        raise
+    loop = asyncio.get_running_loop()
+    reloads: set[asyncio.Task[None]] = set()
+
+    def reload() -> None:
+        task = asyncio.create_task(_reload(host))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGTERM, host.request_stop, RunCondition.INTERRUPTED)
+    loop.add_signal_handler(signal.SIGINT, host.request_stop, RunCondition.INTERRUPTED)
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    notifier = Notifier()
+    watchdog = asyncio.create_task(notifier.run_watchdog(lambda: host.state != State.ERROR))
+    status_task = asyncio.create_task(_status_forever(host, notifier))
+    notifier.ready(_summary(host))
+    log.info("daemon %s ready in state %s; control %s", d.name, host.state.name, server.endpoints)
+    try:
+        await host.stop_requested.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        notifier.stopping("draining")
+        watchdog.cancel()
+        status_task.cancel()
+        await host.stop(host.stop_reason)
+        await server.close()
+        notifier.close()
+    return 0
+
+
+async def _reload(host: Host) -> None:
+    """SIGHUP: reconfigure from the same file; a bad file changes nothing and is logged."""
+    path = host.config.path
+    try:
+        text = load_config(path).text
+        changed = await host.reconfigure(text, path)
+        log.info("SIGHUP: reloaded %s: %s", path, ", ".join(changed) or "nothing changed")
+    except ConfigError as exc:
+        log.error("SIGHUP: %s; keeping the running configuration", exc)
+
+
+def _summary(host: Host) -> str:
+    run = f"run {host.run.run_id}" if host.run else "no run"
+    records = sum(r.counters.records for r in host.receivers.values())
+    return f"{host.state.name}, {run}, {records} records received"
+
+
+async def _status_forever(host: Host, notifier: Notifier) -> None:
+    """Keep systemctl status's STATUS= line current."""
+    if not notifier.enabled:
+        return
+    while True:
+        await asyncio.sleep(5.0)
+        notifier.status(_summary(host))

@@ -1,0 +1,112 @@
+"""`daqd demo`: the bundled config, a built-in UDP traffic source, a rate table, a run file."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import time
+from importlib import resources
+
+import click
+import zmq
+import zmq.asyncio
+
+from daqd.config import parse_config
+from daqd.host import Host
+from daqd.runstate import RunCondition
+
+
+def demo_config(directory: str) -> str:
+    text = resources.files("daqd").joinpath("demo.toml").read_text()
+    return text.replace('directory = "daqd-demo-data"', f"directory = {directory!r}")
+
+
+async def _send_traffic(addr: tuple[str, int], rate: int, stop: asyncio.Event) -> int:
+    """Send numbered 1400-byte datagrams at `rate`/s in 10 ms bursts; return how many were sent."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    body = bytes(1392)
+    sent = 0
+    start = time.monotonic()
+    try:
+        while not stop.is_set():
+            due = int((time.monotonic() - start) * rate)
+            while sent < due:
+                sock.sendto(struct.pack(">Q", sent) + body, addr)
+                sent += 1
+            await asyncio.sleep(0.01)
+    finally:
+        sock.close()
+    return sent
+
+
+async def _count_live(endpoint: str, ctx: zmq.asyncio.Context, counts: list[int]) -> None:
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(endpoint)
+    try:
+        while True:
+            await sub.recv_multipart()
+            counts[0] += 1
+    finally:
+        sub.close()
+
+
+def _table(host: Host, live: int) -> str:
+    st = host.status()
+    rows = [f"state {st['state']}  run {(st['run'] or {}).get('run_id', '-')}  live SUB got {live}"]
+    rows.append(f"  {'name':<10} {'kind':<10} {'records':>10} {'rate/s':>10} {'drops':>8}")
+    for kind in ("receivers", "publishers"):
+        for name, s in st[kind].items():
+            rows.append(
+                f"  {name:<10} {s['type']:<10} {s['records']:>10} {s['rate_hz']:>10.0f} "
+                f"{sum(s['drops'].values()):>8}"
+            )
+    return "\n".join(rows)
+
+
+async def run_demo(seconds: float, rate: int, directory: str) -> None:
+    host = Host(parse_config(demo_config(directory), "daqd/demo.toml"))
+    await host.start()
+    ctx = zmq.asyncio.Context()
+    live = [0]
+    counter = asyncio.create_task(
+        _count_live(host.publishers["live"].addresses["endpoint"], ctx, live)
+    )
+    run = await host.begin_run(f"demo-{time.strftime('%Y%m%dT%H%M%S')}")
+    host_addr, port = host.receivers["camera"].addresses["listen"].rsplit(":", 1)
+    stop = asyncio.Event()
+    sender = asyncio.create_task(_send_traffic((host_addr, int(port)), rate, stop))
+    click.echo(
+        f"demo: sending {rate} datagrams/s to {host_addr}:{port} for {seconds:.0f} s (Ctrl-C ends it)"
+    )
+    condition = RunCondition.GOOD
+    try:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            await asyncio.sleep(1.0)
+            click.echo(_table(host, live[0]))
+    except asyncio.CancelledError:
+        condition = RunCondition.INTERRUPTED
+        click.echo("\ndemo: interrupted, ending the run")
+    finally:
+        stop.set()
+        sent = await sender
+        await asyncio.sleep(0.2)  # let the last datagrams of the socket buffer arrive
+        await host.end_run(condition)
+        files = list(host.publishers["disk"].counters.extra.get("files", []))
+        await host.stop(condition)
+        counter.cancel()
+        await asyncio.gather(counter, return_exceptions=True)
+        ctx.destroy(linger=0)
+    rec = host.receivers["camera"].counters
+    run_files = [f for f in files if "/run-" in f]
+    click.echo(
+        f"demo: sent {sent} datagrams, received {rec.records}, "
+        f"kernel drops {rec.drops.get('kernel', 0)}; run {run.run_id} ended {run.condition.describe()}"
+    )
+    for f in run_files:
+        click.echo(
+            f"run file: {f}\n  read it with: daqd dump {f} --limit 5\n  check it with: daqd dump {f} --verify"
+        )

@@ -1,0 +1,98 @@
+"""The `zmq` publisher: a PUB socket in SSDAQ's modes, records or bare payload frames."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Literal
+
+import msgpack
+import zmq
+import zmq.asyncio
+from pydantic import Field, model_validator
+
+from daqd.publisher import Publisher, PublisherSettings
+from daqd.record import Record
+
+
+def _endpoint_host(endpoint: str) -> str:
+    rest = endpoint.split("://", 1)[-1]
+    return rest.rpartition(":")[0].strip("[]") if ":" in rest else rest
+
+
+class ZmqSettings(PublisherSettings):
+    endpoint: str
+    mode: Literal["local", "outbound", "remote"] = "local"
+    framing: Literal["record", "payload"] = "record"
+    policy: Literal["block", "drop"] = "drop"  # a slow live monitor must not stall the data path
+    sndhwm: int = Field(10000, ge=0)
+
+    @model_validator(mode="after")
+    def _check_mode(self) -> ZmqSettings:
+        scheme = self.endpoint.split("://", 1)[0]
+        if scheme not in ("tcp", "ipc", "inproc"):
+            raise ValueError(f"endpoint {self.endpoint!r}: expected tcp://, ipc:// or inproc://")
+        if self.mode == "local" and scheme == "tcp":
+            host = _endpoint_host(self.endpoint)
+            try:
+                loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+            except ValueError:
+                loopback = False
+            if not loopback:
+                raise ValueError(
+                    f"mode 'local' binds a loopback address (127.x), not {host!r}; "
+                    "use mode 'outbound' to bind an interface address"
+                )
+        return self
+
+
+class ZmqPublisher(Publisher):
+    """PUB socket. `local`/`outbound` bind `endpoint`; `remote` connects to a SUB that binds.
+
+    framing "record": [topic = source, msgpack {seq, time_ns, tags}, *payload blocks];
+    framing "payload": the record's payload as one bare frame (SSDAQ-compatible consumers).
+    Messages a full socket cannot take are never dropped silently: with policy "drop" they are
+    counted as drops "hwm", with "block" the publisher waits (and its queue fills behind it).
+    """
+
+    Settings = ZmqSettings
+    settings: ZmqSettings
+
+    async def start(self) -> None:
+        s = self.settings
+        self.sock = self.host.zmq_context.socket(zmq.PUB)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDHWM, s.sndhwm)
+        # without NODROP a PUB silently discards at its high-water mark; with it, send says EAGAIN
+        self.sock.setsockopt(zmq.XPUB_NODROP, 1)
+        if s.mode == "remote":
+            self.sock.connect(s.endpoint)
+            self.addresses["endpoint"] = s.endpoint
+        else:
+            ep = s.endpoint[:-2] + ":*" if s.endpoint.endswith(":0") else s.endpoint
+            self.sock.bind(ep)
+            self.addresses["endpoint"] = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._sync: zmq.Socket[bytes] = zmq.Socket.shadow(self.sock.underlying)
+        self._packer = msgpack.Packer(use_bin_type=True)
+
+    def _frames(self, r: Record) -> list[bytes | bytearray | memoryview]:
+        if self.settings.framing == "payload":
+            blocks = r.payload
+            return [blocks[0] if len(blocks) == 1 else b"".join(blocks)]
+        header = self._packer.pack({"seq": r.seq, "time_ns": r.time_ns, "tags": r.tags})
+        return [r.source.encode(), header, *r.payload]
+
+    async def send(self, records: list[Record]) -> None:
+        sync = self._sync
+        block = self.settings.policy == "block"
+        for r in records:
+            frames = self._frames(r)
+            try:
+                sync.send_multipart(frames, flags=zmq.NOBLOCK, copy=r.nbytes < 65536)
+            except zmq.Again:
+                if block:
+                    await self.sock.send_multipart(frames, copy=r.nbytes < 65536)
+                else:
+                    self.counters.drop("hwm")
+
+    async def close(self) -> None:
+        self.sock.close(linger=0)

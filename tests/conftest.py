@@ -1,0 +1,142 @@
+"""Shared fixtures: a real `daqd serve` subprocess with its own runtime directory, and helpers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daqd.control import ControlClient
+from daqd.errors import ControlError
+
+BIN = Path(sys.executable).parent
+DAQD = str(BIN / "daqd")
+DAQCTL = str(BIN / "daqctl")
+
+
+def wait_until(
+    predicate: Callable[[], Any], timeout_s: float = 30.0, what: str = "condition"
+) -> Any:
+    """Poll `predicate` until it returns something truthy; fail the test after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.05)
+
+
+class Daemon:
+    """A `daqd serve CONFIG` subprocess, reached through its control socket."""
+
+    def __init__(self, workdir: Path, runtime: Path, config: str, name: str) -> None:
+        self.workdir = workdir
+        self.runtime = runtime
+        self.name = name
+        self.config_path = workdir / f"{name}.toml"
+        self.config_path.write_text(config)
+        self.log_path = workdir / f"{name}.log"
+        self.env = {**os.environ, "RUNTIME_DIRECTORY": str(runtime)}
+        self.env.pop("NOTIFY_SOCKET", None)
+        self.endpoint = f"ipc://{runtime}/{name}.ctl"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float = 30.0) -> Daemon:
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(
+            [DAQD, "serve", str(self.config_path)],
+            cwd=self.workdir,
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+        def ready() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daqd exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                return self.request("STAT", timeout_s=1.0)["state"] == "ORBIT"
+            except ControlError:
+                return False
+
+        wait_until(ready, timeout_s, "the daemon to answer on its control socket")
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def request(
+        self, code: str, args: dict[str, Any] | None = None, timeout_s: float = 10.0
+    ) -> Any:
+        with ControlClient(self.endpoint, timeout_s=timeout_s) as c:
+            return c.request(code, args or {})
+
+    def status(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("STAT")
+        return result
+
+    def ctl(self, *args: str, timeout_s: float = 30.0) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [DAQCTL, "--name", self.name, *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout_s: float = 30.0) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"daqd did not stop within {timeout_s} s:\n{self.log()}") from None
+        self._log.close()
+        return code
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """A short temporary directory (ipc socket paths must stay under ~100 characters)."""
+    path = Path(tempfile.mkdtemp(prefix="daqd-t"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def daemon(workdir: Path) -> Iterator[Callable[..., Daemon]]:
+    """daemon(config_text, name="t") -> a started Daemon; stopped at the end of the test."""
+    started: list[Daemon] = []
+    runtime = workdir / "run"
+    runtime.mkdir(mode=0o700)
+
+    def make(config: str, name: str = "t", start: bool = True) -> Daemon:
+        d = Daemon(workdir, runtime, config, name)
+        started.append(d)
+        return d.start() if start else d
+
+    yield make
+    for d in started:
+        if d.proc is not None and d.proc.poll() is None:
+            d.stop()
