@@ -106,6 +106,7 @@ class HttpPollReceiver(ReceiverServer):
     def __init__(self, settings: HttpPollSettings, host: Any) -> None:
         super().__init__(settings, host)
         self._session: aiohttp.ClientSession | None = None
+        self._headers: dict[str, str] = {}  # never logged: may hold the Authorization header
         self._lock = asyncio.Lock()  # one GET at a time: a camera serves one frame per request
         self._next = NextRecord()
         self.failures_in_a_row = 0
@@ -115,7 +116,7 @@ class HttpPollReceiver(ReceiverServer):
     # ----- life cycle ------------------------------------------------------------------------
     async def setup(self) -> None:
         s = self.settings
-        auth: aiohttp.BasicAuth | None = None
+        self._headers = {}
         middlewares: tuple[aiohttp.DigestAuthMiddleware, ...] = ()
         if s.auth != "none":
             if s.credentials_file is not None:
@@ -124,11 +125,10 @@ class HttpPollReceiver(ReceiverServer):
                 assert s.username is not None and s.password is not None
                 user, password = s.username, s.password.get_secret_value()
             if s.auth == "basic":
-                auth = aiohttp.BasicAuth(user, password)
+                self._headers["Authorization"] = aiohttp.encode_basic_auth(user, password)
             else:
                 middlewares = (aiohttp.DigestAuthMiddleware(user, password),)
         self._session = aiohttp.ClientSession(
-            auth=auth,
             middlewares=middlewares,
             connector=aiohttp.TCPConnector(limit=1),
             timeout=aiohttp.ClientTimeout(total=None),  # each fetch sets its own deadline
@@ -154,7 +154,7 @@ class HttpPollReceiver(ReceiverServer):
             try:
                 await self.fetch()
             except FetchError:
-                await asyncio.sleep(backoff)
+                await self._back_off(backoff)
                 backoff = min(backoff * 2, s.backoff_max_s)
                 next_at = loop.time()
                 continue
@@ -162,6 +162,10 @@ class HttpPollReceiver(ReceiverServer):
             # A fixed rate, not a fixed gap: a slow camera does not stretch the period.
             next_at = max(next_at + s.interval_s, loop.time())
             await asyncio.sleep(next_at - loop.time())
+
+    async def _back_off(self, delay_s: float) -> None:
+        self.counters.extra["retry_in_s"] = delay_s  # status shows how long the next try waits
+        await asyncio.sleep(delay_s)
 
     # ----- fetching --------------------------------------------------------------------------
     async def fetch(self) -> Record:
@@ -180,7 +184,7 @@ class HttpPollReceiver(ReceiverServer):
                 self.failures_in_a_row,
             )
         self.failures_in_a_row = 0
-        self.counters.extra.update(failures_in_a_row=0, last_ok_ns=record.time_ns)
+        self.counters.extra.update(failures_in_a_row=0, last_ok_ns=record.time_ns, retry_in_s=0)
         await self.publish(record)
         self._next.feed(record)
         return record
@@ -207,7 +211,7 @@ class HttpPollReceiver(ReceiverServer):
         t0 = time.monotonic()
         try:
             async with asyncio.timeout(s.timeout_s):
-                async with session.get(s.url) as resp:
+                async with session.get(s.url, headers=self._headers) as resp:
                     if resp.status != 200:
                         raise FetchError(
                             "http_status", f"HTTP {resp.status} {resp.reason or ''}".rstrip()
@@ -254,7 +258,7 @@ class HttpPollReceiver(ReceiverServer):
             try:
                 return await self.fetch()
             except FetchError:
-                await asyncio.sleep(backoff)
+                await self._back_off(backoff)
                 backoff = min(backoff * 2, self.settings.backoff_max_s)
 
     async def cmd_grab(self) -> dict[str, Any]:
