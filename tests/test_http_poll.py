@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import json
 import logging
 import os
 import re
 import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -315,3 +317,25 @@ async def test_credential_settings_are_checked(tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match=str(path)) as err3:
             await host.start()
         assert PASSWORD not in str(err3.value)
+
+
+async def test_daqctl_grab_against_a_running_daemon(
+    camera: FakeCamera, daemon: Callable[..., Any]
+) -> None:
+    config = poll_config(camera.url(), interval_s=0)
+    # The daemon is a subprocess; blocking calls go to a thread so that this loop serves the camera.
+    d = await asyncio.to_thread(daemon, config)
+    done = await asyncio.to_thread(d.ctl, "cmd", "cam", "grab", "--json")
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert answer["seq"] == 1 and answer["status"] == 200
+    assert answer["length"] == len(camera.image(1))
+    camera.default = "fail"
+    failed = await asyncio.to_thread(d.ctl, "cmd", "cam", "grab")
+    assert failed.returncode != 0
+    assert "HTTP 503" in failed.stdout + failed.stderr
+    status = await asyncio.to_thread(d.status)
+    cam = status["receivers"]["cam"]
+    assert cam["state"] == "running"
+    assert cam["records"] == 1 and cam["errors"] == {"http_status": 1}
+    assert cam["extra"]["failures_in_a_row"] == 1
