@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from daqd.logs import LimitedLogger
 from daqd.monitor import Counters
 from daqd.record import Record
 from daqd.runstate import RunInfo
@@ -80,6 +81,7 @@ class PublisherQueue:
         self.size = publisher.settings.queue_size
         self.block = publisher.settings.policy == "block"
         self.counters = publisher.counters
+        self.limited = LimitedLogger(publisher.log)
         self._items: deque[Record | _Marker] = deque()
         self._records = 0
         self._nonempty = asyncio.Event()
@@ -154,7 +156,9 @@ class PublisherQueue:
             except Exception as exc:
                 self.counters.error("send")
                 self.counters.drop("send_error", len(batch))
-                pub.log.error("%s: send of %d records failed: %r", pub.name, len(batch), exc)
+                self.limited.warning(
+                    "send", "%s: send of %d records failed: %r", pub.name, len(batch), exc
+                )
                 continue
             self.counters.count(sum(r.nbytes for r in batch), len(batch))
 

@@ -101,6 +101,7 @@ class ReceiverServer:
     """
 
     Settings: ClassVar[type[ReceiverSettings]] = ReceiverSettings
+    restart_first_s: ClassVar[float] = RESTART_FIRST_S
 
     def __init__(self, settings: ReceiverSettings, host: Host) -> None:
         self.settings = settings
@@ -347,7 +348,7 @@ class ReceiverServer:
         ]
 
     async def _supervise(self) -> None:
-        backoff = RESTART_FIRST_S
+        backoff = self.restart_first_s
         while True:
             failed = await self._wait_failure()
             if failed is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from typing import Literal
 
@@ -86,13 +87,27 @@ class ZmqPublisher(Publisher):
         block = self.settings.policy == "block"
         for r in records:
             frames = self._frames(r)
+            copy = r.nbytes < 65536
             try:
-                sync.send_multipart(frames, flags=zmq.NOBLOCK, copy=r.nbytes < 65536)
+                sync.send_multipart(frames, flags=zmq.NOBLOCK, copy=copy)
             except zmq.Again:
                 if block:
-                    await self.sock.send_multipart(frames, copy=r.nbytes < 65536)
+                    await self._send_when_room(frames, copy)
                 else:
                     self.counters.drop("hwm")
+
+    async def _send_when_room(
+        self, frames: list[bytes | bytearray | memoryview], copy: bool
+    ) -> None:
+        """Wait for a subscriber to make room. A PUB always polls writable, so retry with backoff."""
+        delay = 0.0005
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                self._sync.send_multipart(frames, flags=zmq.NOBLOCK, copy=copy)
+                return
+            except zmq.Again:
+                delay = min(delay * 2, 0.05)
 
     async def close(self) -> None:
         self.sock.close(linger=0)
