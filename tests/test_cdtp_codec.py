@@ -201,10 +201,11 @@ def test_encoder_refuses_what_the_wire_cannot_carry() -> None:
         encoder.record_parts(1, {"x": object()}, (), [])
     # the encoder still works after a failed pack
     parts: list = []
-    size = encoder.record_parts(1, {"ok": 1}, [b"ab"], parts)
+    size, payload = encoder.record_parts(1, {"ok": 1}, [b"ab", b"cde"], parts)
     assert size == sum(len(p) for p in parts)
+    assert payload == 5
     assert cdtp.decode_frame(encoder.data_message(1, parts)) == cdtp.Data(
-        "A.b", [cdtp.DataRecord(1, {"ok": 1}, [b"ab"])]
+        "A.b", [cdtp.DataRecord(1, {"ok": 1}, [b"ab", b"cde"])]
     )
 
 

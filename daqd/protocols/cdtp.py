@@ -294,8 +294,12 @@ class Encoder:
 
     def record_parts(
         self, seq: int, tags: dict[str, Any] | None, blocks: Sequence[Block], parts: list[Block]
-    ) -> int:
-        """Append the pieces of one encoded record to `parts`; return their total size."""
+    ) -> tuple[int, int]:
+        """Append the pieces of one encoded record to `parts`.
+
+        Returns (encoded size, payload size): the bytes added to the message, and the block bytes
+        alone (what Constellation's payload threshold counts).
+        """
         if tags is None or (type(tags) is dict and not tags):
             packed_tags = b"\x80"
         elif isinstance(tags, dict) and all(type(k) is str for k in tags):
@@ -305,24 +309,25 @@ class Encoder:
         if type(seq) is not int:
             raise ProtocolError(f"CDTP2: sequence number must be an int, got {seq!r:.40}")
         head = b"\x93" + (_U8.pack(seq) if 0 <= seq < 0x80 else self._pack(seq)) + packed_tags
-        head += _array_header(len(blocks))
         if not blocks:
+            head += b"\x90"
             parts.append(head)
-            return len(head)
-        size = 0
+            return len(head), 0
+        head += _array_header(len(blocks))
+        payload = 0
         for i, block in enumerate(blocks):
             length = block.nbytes if isinstance(block, memoryview) else len(block)
             if i == 0:
                 head += _bin_header(length)
                 parts.append(head)
-                size += len(head)
+                size = len(head)
             else:
                 bin_head = _bin_header(length)
                 parts.append(bin_head)
                 size += len(bin_head)
             parts.append(block)
-            size += length
-        return size
+            payload += length
+        return size + payload, payload
 
     def data_message(self, count: int, parts: Iterable[Block], sender: str | None = None) -> bytes:
         """One DATA frame from `count` records' pieces (as collected by `record_parts`)."""

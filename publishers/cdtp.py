@@ -1,0 +1,352 @@
+"""The `cdtp` publisher: a Constellation-compatible data transmitter (PUSH; BOR, DATA, EOR).
+
+Any Constellation receiver (a C++ or Python receiver satellite, or daqd's `cdtp` receiver)
+connects a PULL socket to `endpoint`. A daqd run is one CDTP run: `begin_run` sends BOR, records
+go out batched into DATA messages, `end_run` sends EOR with the run's metadata and condition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import msgpack
+import zmq
+import zmq.asyncio
+from pydantic import Field, field_validator
+from zmq.utils.monitor import parse_monitor_message
+
+from daqd import __version__
+from daqd.errors import ProtocolError
+from daqd.protocols import cdtp
+from daqd.publisher import Publisher, PublisherSettings
+from daqd.record import Block, Record
+from daqd.runstate import RunCondition, RunInfo
+
+# Constellation's receiver refuses (and dies on) messages over msgpack's 100 MiB buffer.
+CONSTELLATION_LIMIT_BYTES = 100 << 20
+
+
+class CdtpSettings(PublisherSettings):
+    endpoint: str  # bound: e.g. "tcp://*:23999" or "tcp://127.0.0.1:0" (port 0: a free port)
+    sender_name: str | None = None  # canonical "Type.Name" receivers key on; default "daqd.<name>"
+    payload_threshold_kib: int = Field(128, ge=0)  # block payload per DATA message (0: each record)
+    flush_interval_s: float = Field(0.1, gt=0)  # a partial batch, or tag-only records, leave after
+    bor_timeout_s: float = Field(10.0, gt=0)  # wait this long for a receiver to take the BOR
+    data_timeout_s: float = Field(10.0, gt=0)  # a stalled socket this long aborts the run
+    eor_timeout_s: float = Field(10.0, gt=0)
+    max_message_bytes: int = Field(cdtp.MAX_MESSAGE_BYTES, ge=4096, le=CONSTELLATION_LIMIT_BYTES)
+    sndhwm: int = Field(1000, ge=0)  # messages the socket holds (Constellation's default)
+    license: str = "ODC-By-1.0"
+    bor_tags: dict[str, Any] = Field(default_factory=dict)  # user tags of the BOR
+    eor_tags: dict[str, Any] = Field(default_factory=dict)  # user tags of the EOR
+    configuration: dict[str, Any] = Field(default_factory=dict)  # sent in the BOR with `_data`
+    source_tags: bool = False  # add daqd_source / daqd_seq / daqd_time_ns to every record's tags
+
+    @field_validator("endpoint")
+    @classmethod
+    def _tcp_endpoint(cls, value: str) -> str:
+        if not value.startswith("tcp://") or ":" not in value[6:]:
+            raise ValueError(f"expected tcp://HOST:PORT to bind, got {value!r}")
+        return value
+
+    @field_validator("bor_tags", "eor_tags", "configuration")
+    @classmethod
+    def _packable(cls, value: dict[str, Any]) -> dict[str, Any]:
+        try:
+            msgpack.packb(value, datetime=True)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"must be msgpack-able: {exc}") from None
+        return value
+
+
+class CdtpPublisher(Publisher):
+    """PUSH bound on `endpoint`; batches records into DATA messages by `payload_threshold_kib`.
+
+    One receiver per transmitter: ZeroMQ's PUSH would split a run between two receivers, so a
+    second connected receiver is reported loudly (log, errors["second_receiver"], status).
+    Records that arrive outside a run are counted as drops "outside_run" (CDTP needs a BOR first).
+    """
+
+    Settings = CdtpSettings
+    settings: CdtpSettings
+
+    async def start(self) -> None:
+        s = self.settings
+        self.sender_name = s.sender_name or f"daqd.{self.name}"
+        self.encoder = cdtp.Encoder(self.sender_name)
+        sock = self.host.zmq_context.socket(zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, s.sndhwm)
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        endpoint = s.endpoint[:-2] + ":*" if s.endpoint.endswith(":0") else s.endpoint
+        try:
+            sock.bind(endpoint)
+        except zmq.ZMQError:
+            sock.close(linger=0)
+            raise
+        self.sock: zmq.asyncio.Socket = sock
+        self._sync: zmq.Socket[bytes] = zmq.Socket.shadow(sock.underlying)
+        self.addresses["endpoint"] = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        self._monitor_task = asyncio.create_task(self._watch_peers(), name=f"{self.name}.peers")
+        self._peers = 0
+        self._lock = asyncio.Lock()
+        self._run: RunInfo | None = None
+        self._state = "idle"  # idle, running, no_receiver, aborted
+        self._flags = RunCondition.GOOD
+        self._seq = 0
+        self._parts: list[Block] = []
+        self._count = 0
+        self._payload = 0
+        self._size = 0
+        self._last_flush = time.monotonic()
+        self._flusher: asyncio.Task[None] | None = None
+        self._threshold = s.payload_threshold_kib * 1024
+        # room for the header: protocol, sender name, type and the records' array header
+        self._room = (
+            s.max_message_bytes - len(self.encoder.header_bytes(cdtp.MessageType.DATA, 0)) - 5
+        )
+        self.counters.extra.update(
+            sender_name=self.sender_name, state="idle", receivers_connected=0, messages=0
+        )
+
+    # ----- peers -----------------------------------------------------------------------------
+    async def _watch_peers(self) -> None:
+        while True:
+            try:
+                event = parse_monitor_message(await self._monitor.recv_multipart())
+            except zmq.ZMQError:
+                return
+            if event["event"] == zmq.EVENT_ACCEPTED:
+                self._peers += 1
+                if self._peers > 1:
+                    self.counters.error("second_receiver")
+                    self.log.error(
+                        "%s: %d CDTP receivers are connected to %s; PUSH splits every run between "
+                        "them, so each sees an incomplete run. Connect exactly one receiver.",
+                        self.name,
+                        self._peers,
+                        self.addresses["endpoint"],
+                    )
+            elif event["event"] == zmq.EVENT_DISCONNECTED:
+                self._peers = max(0, self._peers - 1)
+            self.counters.extra["receivers_connected"] = self._peers
+
+    # ----- runs ------------------------------------------------------------------------------
+    def _configuration(self) -> dict[str, Any]:
+        s = self.settings
+        data = {
+            "bor_timeout": s.bor_timeout_s,
+            "data_timeout": s.data_timeout_s,
+            "eor_timeout": s.eor_timeout_s,
+            "payload_threshold": s.payload_threshold_kib,
+            "queue_size": s.queue_size,
+            "license": s.license,
+            "disable_transmission": False,
+        }
+        return {**s.configuration, "_data": {**data, **s.configuration.get("_data", {})}}
+
+    async def begin_run(self, run: RunInfo) -> None:
+        if self._run is not None:  # a begin without an end: close the old run first
+            await self.end_run(self._run)
+        self._run = run
+        self._seq = 0
+        self._flags = RunCondition.GOOD
+        self._discard()
+        [frame] = self.encoder.encode(
+            cdtp.BeginOfRun(self.sender_name, dict(self.settings.bor_tags), self._configuration())
+        )
+        if await self._send_frame(frame, self.settings.bor_timeout_s):
+            self._set_state("running")
+            self._last_flush = time.monotonic()
+            self._flusher = asyncio.create_task(self._flush_timer(), name=f"{self.name}.flush")
+            self.log.info("%s: run %s: BOR sent on %s", self.name, run.run_id, self.addresses)
+        else:
+            self._set_state("no_receiver")
+            self.counters.error("bor_timeout")
+            self.log.error(
+                "%s: run %s: no CDTP receiver took the BOR on %s within bor_timeout_s=%s; "
+                "this run's records are dropped (counted as drops 'no_receiver')",
+                self.name,
+                run.run_id,
+                self.addresses["endpoint"],
+                self.settings.bor_timeout_s,
+            )
+
+    async def end_run(self, run: RunInfo) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            await asyncio.gather(self._flusher, return_exceptions=True)
+            self._flusher = None
+        state = self._state
+        if state == "running":
+            await self._flush()
+            state = self._state
+        self._run = None
+        if state in ("running", "aborted"):
+            condition = RunCondition(int(run.condition)) | self._flags
+            metadata: dict[str, Any] = {
+                "version": f"daqd {__version__}",
+                "run_id": run.run_id,
+                "time_start": msgpack.Timestamp.from_unix_nano(run.start_ns),
+                "time_end": msgpack.Timestamp.from_unix_nano(run.end_ns or time.time_ns()),
+                "license": self.settings.license,
+                "condition_code": int(condition),
+                "condition": condition.describe(),
+                "data_records": self._seq,
+                "records": dict(run.records),
+            }
+            [frame] = self.encoder.encode(
+                cdtp.EndOfRun(self.sender_name, dict(self.settings.eor_tags), metadata)
+            )
+            if await self._send_frame(frame, self.settings.eor_timeout_s):
+                self.log.info(
+                    "%s: run %s: EOR sent, %d records, %s",
+                    self.name,
+                    run.run_id,
+                    self._seq,
+                    condition.describe(),
+                )
+            else:
+                self.counters.error("eor_timeout")
+                self.log.error(
+                    "%s: run %s: the EOR could not be sent within eor_timeout_s=%s",
+                    self.name,
+                    run.run_id,
+                    self.settings.eor_timeout_s,
+                )
+        self._set_state("idle")
+
+    def _set_state(self, state: str) -> None:
+        self._state = state
+        self.counters.extra["state"] = state
+        self.counters.extra["seq"] = self._seq
+
+    # ----- records ---------------------------------------------------------------------------
+    async def send(self, records: list[Record]) -> None:
+        if self._state != "running":
+            reason = "outside_run" if self._state == "idle" else self._state
+            self.counters.drop(reason, len(records))
+            return
+        encode = self.encoder.record_parts
+        parts = self._parts
+        threshold = self._threshold
+        source_tags = self.settings.source_tags
+        for record in records:
+            self._seq += 1
+            tags = record.tags
+            if source_tags:
+                tags = {
+                    **tags,
+                    "daqd_source": record.source,
+                    "daqd_seq": record.seq,
+                    "daqd_time_ns": record.time_ns,
+                }
+            mark = len(parts)
+            try:
+                size, payload = encode(self._seq, tags, record.payload, parts)
+            except ProtocolError as exc:
+                del parts[mark:]
+                self._refuse(record, f"its tags cannot be encoded: {exc}")
+                continue
+            if size > self._room:
+                del parts[mark:]
+                self._refuse(
+                    record,
+                    f"it needs {size} bytes, over max_message_bytes="
+                    f"{self.settings.max_message_bytes} with the header",
+                )
+                continue
+            if self._size + size > self._room:
+                # this record does not fit: send what came before it on its own
+                tail = parts[mark:]
+                del parts[mark:]
+                await self._flush()
+                if self._state != "running":
+                    self.counters.drop(self._state, 1)
+                    continue
+                parts = self._parts
+                parts.extend(tail)
+            self._count += 1
+            self._size += size
+            self._payload += payload
+            if self._payload >= threshold:
+                await self._flush()
+                if self._state != "running":
+                    return
+                parts = self._parts
+
+    def _refuse(self, record: Record, why: str) -> None:
+        self.counters.drop("refused")
+        self.counters.error("refused")
+        self._flags |= RunCondition.INCOMPLETE
+        self.log.error(
+            "%s: record %s#%d (CDTP seq %d) refused: %s",
+            self.name,
+            record.source,
+            record.seq,
+            self._seq,
+            why,
+        )
+
+    def _discard(self) -> None:
+        self._parts = []
+        self._count = self._payload = self._size = 0
+
+    async def _flush(self) -> None:
+        """Send the pending records as one DATA message (never an empty one)."""
+        async with self._lock:
+            if not self._count or self._state != "running":
+                return
+            count = self._count
+            frame = self.encoder.data_message(count, self._parts)
+            self._discard()
+            self._last_flush = time.monotonic()
+            if await self._send_frame(frame, self.settings.data_timeout_s):
+                self.counters.extra["messages"] += 1
+                self.counters.extra["seq"] = self._seq
+                return
+            self._flags |= RunCondition.ABORTED | RunCondition.TAINTED
+            self._set_state("aborted")
+            self.counters.error("data_timeout")
+            self.counters.drop("aborted", count)
+            run_id = self._run.run_id if self._run else "?"
+            self.log.error(
+                "%s: run %s ABORTED: the CDTP receiver took nothing for data_timeout_s=%s; "
+                "%d pending records and the rest of the run are dropped (drops 'aborted')",
+                self.name,
+                run_id,
+                self.settings.data_timeout_s,
+                count,
+            )
+
+    async def _flush_timer(self) -> None:
+        interval = self.settings.flush_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            if self._count and time.monotonic() - self._last_flush >= interval:
+                await self._flush()
+
+    async def _send_frame(self, frame: bytes, timeout_s: float) -> bool:
+        """Send without waiting if the socket has room; else wait up to timeout_s. False: timed out."""
+        try:
+            self._sync.send(frame, zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.Again:
+            pass
+        try:
+            await asyncio.wait_for(self.sock.send(frame, copy=False), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    async def close(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+        self._monitor_task.cancel()
+        await asyncio.gather(self._monitor_task, return_exceptions=True)
+        self.sock.disable_monitor()
+        self._monitor.close(linger=0)
+        self.sock.close(linger=0)

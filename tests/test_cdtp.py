@@ -1,0 +1,411 @@
+"""CDTP receiver and transmitter, daqd to daqd: `daqd sim cdtp` → receiver → publisher → receiver.
+
+Everything runs through real ZeroMQ sockets on 127.0.0.1 with the in-process Host; the simulator
+is a separate process. Records are checked in the run files the file publisher writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from daqd.config import parse_config
+from daqd.host import Host
+from daqd.protocols import cdtp
+from daqd.record import Record
+from daqd.runfile import read_items
+from daqd.runstate import RunCondition
+from daqd.sim.cdtp import record_blocks
+from receivers.cdtp import CdtpReceiver, SenderState
+
+DAQD = str(Path(sys.executable).parent / "daqd")
+
+
+async def until(predicate: Callable[[], Any], timeout_s: float = 30.0, what: str = "") -> Any:
+    """Wait for `predicate()` to be truthy, polling; fail after a generous timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what or predicate}")
+        await asyncio.sleep(0.02)
+
+
+class Proc:
+    """A subprocess that talks JSON lines: the simulator or the Constellation peer."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+
+    @classmethod
+    async def start(cls, *argv: str, stdin_json: dict[str, Any] | None = None) -> Proc:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+        )
+        self = cls(proc)
+        if stdin_json is not None:
+            await self.say(json.dumps(stdin_json))
+        return self
+
+    async def say(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line.encode() + b"\n")
+        await self.proc.stdin.drain()
+
+    async def line(self, timeout_s: float = 60.0) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        raw = await asyncio.wait_for(self.proc.stdout.readline(), timeout_s)
+        if not raw:
+            raise AssertionError(
+                f"{self.proc.pid} ended without output (rc {self.proc.returncode})"
+            )
+        result: dict[str, Any] = json.loads(raw)
+        return result
+
+    async def end(self, timeout_s: float = 60.0) -> int:
+        return await asyncio.wait_for(self.proc.wait(), timeout_s)
+
+    async def stop(self) -> None:
+        """Kill it if it still runs, and reap it."""
+        if self.proc.returncode is None:
+            self.proc.kill()
+        await self.proc.wait()
+
+
+async def start_sim(*args: str) -> tuple[Proc, str]:
+    sim = await Proc.start(DAQD, "sim", "cdtp", "--bind", "tcp://127.0.0.1:0", "--wait", *args)
+    return sim, (await sim.line())["endpoint"]
+
+
+async def start_host(body: str, name: str = "t") -> Host:
+    host = Host(parse_config(f'[daemon]\nname = "{name}"\ndrain_timeout_s = 10\n{body}', "<test>"))
+    await host.start()
+    return host
+
+
+def receiver_toml(name: str, senders: list[str], publish_to: list[str], extra: str = "") -> str:
+    return (
+        f'[[receiver]]\ntype = "cdtp"\nname = "{name}"\nsenders = {json.dumps(senders)}\n'
+        f"publish_to = {json.dumps(publish_to)}\n{extra}\n"
+    )
+
+
+def file_toml(name: str, directory: Path) -> str:
+    return f'[[publisher]]\ntype = "file"\nname = "{name}"\ndirectory = "{directory}"\n'
+
+
+def tx_toml(name: str = "tx", extra: str = "") -> str:
+    return (
+        f'[[publisher]]\ntype = "cdtp"\nname = "{name}"\nendpoint = "tcp://127.0.0.1:0"\n'
+        f"flush_interval_s = 0.05\n{extra}\n"
+    )
+
+
+def run_file(directory: Path, run_id: str) -> tuple[dict[str, Any], list[Record], dict[str, Any]]:
+    [path] = directory.glob(f"run-{run_id}.daqd")
+    items = list(read_items(path))
+    header, *records, end = items
+    assert isinstance(header, dict) and isinstance(end, dict)
+    assert all(isinstance(r, Record) for r in records)
+    return header, records, end["end"]  # type: ignore[return-value]
+
+
+def ended(rx: CdtpReceiver, sender: str) -> bool:
+    state = rx.senders.get(sender)
+    return state is not None and state.state is SenderState.EOR_RECEIVED
+
+
+async def test_sim_to_receiver_keeps_every_record_and_reports_a_gap(tmp_path: Path) -> None:
+    sim, endpoint = await start_sim(
+        "--name", "Sim.a", "--records", "300", "--blocks", "2", "--skip", "7", "--skip", "8"
+    )
+    host = await start_host(
+        receiver_toml("rx", [endpoint], ["disk"], "eor_timeout_s = 5") + file_toml("disk", tmp_path)
+    )
+    try:
+        rx = host.receivers["rx"]
+        assert isinstance(rx, CdtpReceiver)
+        await host.begin_run("gap")
+        await sim.say("go")
+        assert (await sim.line())["runs"][0]["records"] == 298
+        await until(lambda: ended(rx, "Sim.a"), what="the EOR")
+        run = await host.end_run()
+        await host.queues["disk"].drained()
+    finally:
+        await host.stop()
+        await sim.stop()
+    sender = rx.senders["Sim.a"]
+    assert (sender.seq, sender.missed, sender.records) == (300, 2, 298)
+    assert sender.condition == RunCondition.INCOMPLETE
+    assert rx.counters.drops == {"missed": 2}
+    assert run.condition & RunCondition.INCOMPLETE  # the daqd run knows records were lost
+    assert run.records == {"Sim.a": 298}
+    _, records, end = run_file(tmp_path, "gap")
+    expected = [k for k in range(1, 301) if k not in (7, 8)]
+    assert [r.tags["cdtp_seq"] for r in records] == expected
+    assert [r.tags["k"] for r in records] == expected
+    assert [r.seq for r in records] == list(range(1, 299))  # daqd's own seq stays gap-free
+    assert all(r.source == "Sim.a" for r in records)
+    for r in records:
+        assert [bytes(b) for b in r.payload] == record_blocks(r.tags["k"], 1024, 2)
+    assert end["condition_code"] & RunCondition.INCOMPLETE
+    status = host.status()["receivers"]["rx"]["extra"]["senders"]["Sim.a"]
+    assert status["condition"] == "INCOMPLETE" and status["missed"] == 2
+
+
+async def test_a_sender_that_vanishes_mid_run_ends_aborted(tmp_path: Path) -> None:
+    sim, endpoint = await start_sim("--name", "Sim.v", "--records", "5000", "--vanish-after", "100")
+    host = await start_host(receiver_toml("rx", [endpoint], [], "eor_timeout_s = 0.5"))
+    try:
+        rx = host.receivers["rx"]
+        assert isinstance(rx, CdtpReceiver)
+        await sim.say("go")
+        assert await sim.end() == 0
+        await until(lambda: ended(rx, "Sim.v"), what="the substitute EOR")
+        sender = rx.senders["Sim.v"]
+        assert sender.records == 100 and sender.seq == 100
+        assert sender.condition == RunCondition.ABORTED
+        assert sender.run_metadata["substitute"] is True
+        assert rx.counters.errors["eor_missing"] == 1
+        assert rx.state == "running"
+    finally:
+        await host.stop()
+
+
+async def test_end_of_run_waits_for_eors_then_aborts_the_silent(tmp_path: Path) -> None:
+    sim, endpoint = await start_sim("--name", "Sim.slow", "--records", "100000", "--rate", "100")
+    host = await start_host(receiver_toml("rx", [endpoint], [], "eor_timeout_s = 0.5"))
+    try:
+        rx = host.receivers["rx"]
+        assert isinstance(rx, CdtpReceiver)
+        await host.begin_run("slow")
+        await sim.say("go")
+        await until(lambda: rx.counters.records >= 5, what="some records")
+        started = time.monotonic()
+        await host.end_run()
+        assert time.monotonic() - started >= 0.45  # it waited eor_timeout_s for the EOR
+        sender = rx.senders["Sim.slow"]
+        assert sender.state is SenderState.EOR_RECEIVED
+        assert sender.condition is not None and sender.condition & RunCondition.ABORTED
+    finally:
+        await sim.stop()
+        await host.stop()
+
+
+async def test_bad_messages_are_counted_and_other_senders_carry_on(tmp_path: Path) -> None:
+    ctx = zmq.asyncio.Context()
+    bad = ctx.socket(zmq.PUSH)
+    bad.setsockopt(zmq.LINGER, 0)
+    port = bad.bind_to_random_port("tcp://127.0.0.1")
+    sim, endpoint = await start_sim("--name", "Sim.good", "--records", "2000", "--size", "256")
+    host = await start_host(
+        receiver_toml("rx", [f"127.0.0.1:{port}", endpoint], ["disk"]) + file_toml("disk", tmp_path)
+    )
+    enc = cdtp.Encoder("Bad.one")
+    try:
+        rx = host.receivers["rx"]
+        assert isinstance(rx, CdtpReceiver)
+        await host.begin_run("mixed")
+        await sim.say("go")
+        await bad.send(b"not cdtp at all")
+        await bad.send_multipart([b"two", b"frames"])
+        await bad.send(b"\xa5CDTP\x02\xa7Bad.one\x00\x90")  # DATA with no records
+        parts: list[cdtp.Block] = []
+        enc.record_parts(1, {}, [b"x"], parts)
+        await bad.send(enc.data_message(1, parts))  # DATA before BOR
+        await bad.send(enc.encode(cdtp.BeginOfRun("Bad.one"))[0])
+        for seq in (1, 2, 2, 3):  # a duplicate
+            parts = []
+            enc.record_parts(seq, {}, [b"y"], parts)
+            await bad.send(enc.data_message(1, parts))
+        await bad.send(enc.encode(cdtp.EndOfRun("Bad.one", {}, {"data_records": 3}))[0])
+        await until(lambda: ended(rx, "Bad.one") and ended(rx, "Sim.good"), what="both EORs")
+        await host.end_run()
+        await host.queues["disk"].drained()
+    finally:
+        await host.stop()
+        await sim.stop()
+        bad.close()
+        ctx.term()
+    assert rx.counters.errors["protocol"] == 4
+    assert rx.counters.errors["sequence"] == 1
+    assert rx.counters.drops["no_bor"] == 1
+    assert rx.senders["Bad.one"].condition == RunCondition.TAINTED
+    assert rx.senders["Sim.good"].condition == RunCondition.GOOD
+    _, records, _ = run_file(tmp_path, "mixed")
+    good = [r.tags["k"] for r in records if r.source == "Sim.good"]
+    assert good == list(range(1, 2001))
+    assert [r.tags["cdtp_seq"] for r in records if r.source == "Bad.one"] == [1, 2, 2, 3]
+
+
+async def test_receive_from_refuses_other_senders(tmp_path: Path) -> None:
+    sim, endpoint = await start_sim("--name", "Sim.other", "--records", "10")
+    host = await start_host(receiver_toml("rx", [endpoint], [], 'receive_from = ["Sim.wanted"]'))
+    try:
+        rx = host.receivers["rx"]
+        assert isinstance(rx, CdtpReceiver)
+        await sim.say("go")
+        await sim.line()
+        await until(lambda: rx.counters.errors.get("protocol", 0) >= 2, what="refusals")
+        assert rx.counters.records == 0
+        assert set(rx.senders) == {"Sim.wanted"}
+        assert rx.cmd_senders()["Sim.wanted"]["state"] == "NOT_CONNECTED"
+    finally:
+        await host.stop()
+        await sim.stop()
+
+
+async def bridge(
+    tmp_path: Path, sim_args: list[str], tx_extra: str = ""
+) -> tuple[Host, Host, Proc]:
+    """sim → [host A: rx1 → tx] → [host B: rx2 → file]: both hosts in a run, sim waiting."""
+    sim, endpoint = await start_sim(*sim_args)
+    a = await start_host(receiver_toml("rx1", [endpoint], ["tx"]) + tx_toml("tx", tx_extra), "a")
+    tx_endpoint = a.publishers["tx"].addresses["endpoint"]
+    b = await start_host(
+        receiver_toml("rx2", [tx_endpoint], ["disk"], "eor_timeout_s = 5")
+        + file_toml("disk", tmp_path),
+        "b",
+    )
+    await b.begin_run("bridged")
+    await a.begin_run("upstream")
+    return a, b, sim
+
+
+async def test_transmitter_to_receiver_64k_batches_and_run_metadata(tmp_path: Path) -> None:
+    a, b, sim = await bridge(
+        tmp_path, ["--name", "Sim.big", "--records", "20", "--size", "65536"], "bor_tags = {u = 1}"
+    )
+    try:
+        rx1, rx2 = a.receivers["rx1"], b.receivers["rx2"]
+        assert isinstance(rx1, CdtpReceiver) and isinstance(rx2, CdtpReceiver)
+        await until(lambda: "daqd.tx" in rx2.senders, what="the BOR")
+        assert rx2.senders["daqd.tx"].user_tags == {"u": 1}
+        assert rx2.senders["daqd.tx"].configuration["_data"]["payload_threshold"] == 128
+        await sim.say("go")
+        await until(lambda: ended(rx1, "Sim.big"), what="upstream EOR")
+        await a.end_run(RunCondition.TAINTED)
+        await until(lambda: ended(rx2, "daqd.tx"), what="EOR from our transmitter")
+        await b.end_run()
+        await b.queues["disk"].drained()
+    finally:
+        await a.stop()
+        await b.stop()
+        await sim.stop()
+    tx = a.publishers["tx"]
+    assert tx.counters.extra["messages"] == 10  # 64 KiB records go two per 128 KiB message
+    sender = rx2.senders["daqd.tx"]
+    assert sender.condition == RunCondition.TAINTED
+    meta = sender.run_metadata
+    assert meta["run_id"] == "upstream" and meta["data_records"] == 20
+    assert meta["records"] == {"Sim.big": 20}
+    assert meta["time_end"].to_unix_nano() >= meta["time_start"].to_unix_nano() > 0
+    _, records, _ = run_file(tmp_path, "bridged")
+    assert [r.tags["k"] for r in records] == list(range(1, 21))
+    assert [r.tags["cdtp_seq"] for r in records] == list(range(1, 21))
+    for r in records:
+        assert r.source == "daqd.tx"
+        assert [bytes(x) for x in r.payload] == record_blocks(r.tags["k"], 65536, 1)
+
+
+async def test_tag_only_records_leave_on_the_flush_timer(tmp_path: Path) -> None:
+    a, b, sim = await bridge(tmp_path, ["--name", "Sim.tags", "--records", "5", "--blocks", "0"])
+    try:
+        rx2 = b.receivers["rx2"]
+        await sim.say("go")
+        # no end of run yet: only the flush timer can have sent them
+        await until(lambda: rx2.counters.records == 5, what="5 tag-only records")
+        assert a.run is not None
+    finally:
+        await a.stop()
+        await b.stop()
+        await sim.stop()
+    _, records, _ = run_file(tmp_path, "bridged")
+    assert [(r.tags["k"], list(r.payload)) for r in records] == [(k, []) for k in range(1, 6)]
+
+
+async def test_a_record_too_big_for_a_message_is_refused_and_shows_as_a_gap(
+    tmp_path: Path,
+) -> None:
+    a, b, sim = await bridge(
+        tmp_path,
+        ["--name", "Sim.huge", "--records", "3", "--size", "9000"],
+        "max_message_bytes = 8192",
+    )
+    try:
+        rx1, rx2 = a.receivers["rx1"], b.receivers["rx2"]
+        assert isinstance(rx1, CdtpReceiver) and isinstance(rx2, CdtpReceiver)
+        await sim.say("go")
+        await until(lambda: ended(rx1, "Sim.huge"), what="upstream EOR")
+        await a.end_run()
+        await until(lambda: ended(rx2, "daqd.tx"), what="our EOR")
+    finally:
+        await a.stop()
+        await b.stop()
+        await sim.stop()
+    tx = a.publishers["tx"]
+    assert tx.counters.drops["refused"] == 3
+    assert rx2.senders["daqd.tx"].records == 0
+    assert rx2.senders["daqd.tx"].condition == RunCondition.INCOMPLETE
+
+
+async def test_transmitter_timeouts_outside_run_and_second_receiver(tmp_path: Path) -> None:
+    sim, endpoint = await start_sim(
+        "--name", "Sim.t", "--records", "1000", "--size", "65536", "--runs", "2"
+    )
+    a = await start_host(
+        receiver_toml("rx1", [endpoint], ["tx"])
+        + tx_toml(
+            "tx", "bor_timeout_s = 0.3\ndata_timeout_s = 0.5\neor_timeout_s = 0.3\nsndhwm = 1"
+        ),
+        "a",
+    )
+    tx = a.publishers["tx"]
+    ctx = zmq.asyncio.Context()
+    pulls: list[zmq.asyncio.Socket] = []
+    try:
+        # no receiver: the BOR times out, the run's records are dropped and counted
+        await a.begin_run("nobody")
+        await until(lambda: tx.counters.errors.get("bor_timeout"), what="BOR timeout")
+        assert tx.counters.extra["state"] == "no_receiver"
+        await a.end_run()
+        # records outside a run are dropped and counted, never sent without a BOR
+        await sim.say("go")
+        await until(lambda: tx.counters.drops.get("outside_run", 0) >= 1, what="outside_run")
+        # a receiver that takes the BOR and then stalls: the run ends ABORTED
+        for _ in range(2):
+            pull = ctx.socket(zmq.PULL)
+            pull.setsockopt(zmq.RCVHWM, 1)
+            pull.setsockopt(zmq.RCVBUF, 65536)
+            pull.setsockopt(zmq.LINGER, 0)
+            pull.connect(tx.addresses["endpoint"])
+            pulls.append(pull)
+        await until(lambda: tx.counters.errors.get("second_receiver"), what="second receiver")
+        assert tx.counters.extra["receivers_connected"] == 2
+        pulls.pop().close()
+        await until(lambda: tx.counters.extra["receivers_connected"] == 1, what="disconnect")
+        await a.begin_run("stalled")
+        bor = cdtp.decode([await asyncio.wait_for(pulls[0].recv(), 10)])
+        assert isinstance(bor, cdtp.BeginOfRun) and bor.sender == "daqd.tx"
+        await sim.say("go")  # a second run of the simulator: 1000 x 64 KiB into a stalled socket
+        await until(lambda: tx.counters.errors.get("data_timeout"), what="data timeout")
+        assert tx.counters.extra["state"] == "aborted"
+        await a.end_run()
+        await until(lambda: tx.counters.errors.get("eor_timeout"), what="EOR timeout")
+        assert tx.counters.drops["aborted"] >= 1
+    finally:
+        for pull in pulls:
+            pull.close()
+        await sim.stop()
+        await a.stop()
+        ctx.term()
