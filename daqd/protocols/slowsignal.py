@@ -67,8 +67,8 @@ class SsdaqFrame:
     mv: np.ndarray  # (32, 64) float64, NaN for a missing module
 
 
-def check_datagram_size(nbytes: int) -> None:
-    """Raise DatagramError unless `nbytes` is a whole, non-zero, legal number of blocks."""
+def check_datagram_size(nbytes: int, max_blocks: int = MAX_BLOCKS) -> None:
+    """Raise DatagramError unless `nbytes` is a whole, non-zero number of at most max_blocks."""
     if nbytes == 0:
         raise DatagramError("empty", "empty datagram (0 bytes)")
     if nbytes % BLOCK_BYTES:
@@ -76,13 +76,17 @@ def check_datagram_size(nbytes: int) -> None:
             "bad_size",
             f"datagram of {nbytes} bytes is not a multiple of the {BLOCK_BYTES}-byte block",
         )
-    if nbytes > MAX_BLOCKS * BLOCK_BYTES:
-        raise DatagramError("bad_size", f"datagram of {nbytes} bytes exceeds {MAX_BLOCKS} blocks")
+    if nbytes > max_blocks * BLOCK_BYTES:
+        raise DatagramError("bad_size", f"{nbytes} bytes exceed {max_blocks} blocks")
 
 
-def decode_datagram(data: bytes | bytearray | memoryview) -> Blocks:
-    """Decode a whole datagram at once into TACKs, second timestamps and counts."""
-    check_datagram_size(len(data))
+def decode_datagram(data: bytes | bytearray | memoryview, max_blocks: int = MAX_BLOCKS) -> Blocks:
+    """Decode a whole datagram at once into TACKs, second timestamps and counts.
+
+    Datagrams received together may be decoded as one: pass their concatenation and a
+    `max_blocks` that allows for all of them.
+    """
+    check_datagram_size(len(data), max_blocks)
     wire = np.frombuffer(data, dtype=BLOCK_DTYPE)
     counts = np.empty((wire.shape[0], N_PIXELS), dtype=np.uint16)
     counts[:, :32] = wire["lo"]
