@@ -31,6 +31,8 @@ __all__ = [
     "encode",
     "encode_bsuint",
     "encode_header",
+    "encode_request_header",
+    "encode_response_header",
 ]
 
 DEFAULT_MAX_PACKET_BYTES = 64 << 20
@@ -128,39 +130,58 @@ def _read_bsuint(data: bytes | bytearray, pos: int, end: int) -> tuple[int, int]
     return 0, -1
 
 
+def encode_request_header(tag: int, rq_type: int, flags: int, channel: int, size: int) -> bytes:
+    """The bytes before the payload of a request carrying `size` payload bytes."""
+    if rq_type < 0 or flags < 0 or tag < 0 or channel < 0:
+        raise ValueError(
+            f"request fields must be >= 0 (tag {tag}, rq_type {rq_type}, flags {flags}, "
+            f"channel {channel})"
+        )
+    if tag < 0x80 and rq_type < 0x7F and flags < 0x20 and not channel:
+        # the common case: every field fits one byte
+        body = 3 + size
+        return encode_bsuint(body) + bytes((tag, (flags << 2) | 2, rq_type + 1))
+    fields = (
+        encode_bsuint(tag)
+        + encode_bsuint((flags << 2) | (3 if channel else 2))
+        + (encode_bsuint(channel) if channel else b"")
+        + encode_bsuint(rq_type + 1)
+    )
+    return encode_bsuint(len(fields) + size) + fields
+
+
+def encode_response_header(tag: int, ok: bool, flags: int, channel: int, size: int) -> bytes:
+    """The bytes before the payload of a response carrying `size` payload bytes."""
+    if flags < 0 or tag < 0 or channel < 0:
+        raise ValueError(
+            f"response fields must be >= 0 (tag {tag}, flags {flags}, channel {channel})"
+        )
+    flagword = ((flags << 1) | (1 if ok else 0)) << 2
+    if tag < 0x80 and flagword < 0x80 and not channel:
+        return encode_bsuint(2 + size) + bytes((tag, flagword))
+    fields = (
+        encode_bsuint(tag)
+        + encode_bsuint(flagword | (1 if channel else 0))
+        + (encode_bsuint(channel) if channel else b"")
+    )
+    return encode_bsuint(len(fields) + size) + fields
+
+
 def encode_header(message: Message) -> bytes:
     """Everything of the packet before the payload; send it followed by `message.payload`."""
     if type(message) is Request:
-        if message.rq_type < 0:
-            raise ValueError(f"rq_type must be >= 0, not {message.rq_type}")
-        channel = message.channel
-        flags = message.flags
-        if flags < 0:
-            raise ValueError(f"request flags must be >= 0, not {flags}")
-        fields = (
-            encode_bsuint(message.tag)
-            + encode_bsuint((flags << 2) | (3 if channel else 2))
-            + (encode_bsuint(channel) if channel else b"")
-            + encode_bsuint(message.rq_type + 1)
+        return encode_request_header(
+            message.tag, message.rq_type, message.flags, message.channel, len(message.payload)
         )
-    elif type(message) is Response:
-        channel = message.channel
-        flags = message.flags
-        if flags < 0:
-            raise ValueError(f"response flags must be >= 0, not {flags}")
-        wire_flags = (flags << 1) | (1 if message.ok else 0)
-        fields = (
-            encode_bsuint(message.tag)
-            + encode_bsuint((wire_flags << 2) | (1 if channel else 0))
-            + (encode_bsuint(channel) if channel else b"")
+    if type(message) is Response:
+        return encode_response_header(
+            message.tag, message.ok, message.flags, message.channel, len(message.payload)
         )
-    elif type(message) is EndOfFile:
+    if type(message) is EndOfFile:
         return _EOF_BYTES
-    elif type(message) is EndOfRequests:
+    if type(message) is EndOfRequests:
         return _ERQ_BYTES
-    else:
-        raise TypeError(f"not a packet stream message: {message!r}")
-    return encode_bsuint(len(fields) + len(message.payload)) + fields
+    raise TypeError(f"not a packet stream message: {message!r}")
 
 
 def encode(message: Message) -> bytes:

@@ -1,0 +1,642 @@
+"""PacketConnection: cs.packetstream-compatible requests and responses over any asyncio stream.
+
+Either end of a connection may send requests and answer the other's. Packets produced during one
+turn of the event loop leave in one write as soon as the loop is idle: no grace sleep. Only
+in-flight state is kept, so memory stays flat on a long connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any, BinaryIO
+
+import click
+
+from daqd.errors import ProtocolError
+from daqd.protocols.packetstream import (
+    DEFAULT_MAX_PACKET_BYTES,
+    EOF,
+    ERQ,
+    EndOfRequests,
+    PacketDecoder,
+    Request,
+    Response,
+    encode,
+    encode_request_header,
+    encode_response_header,
+)
+
+__all__ = [
+    "HandlerResult",
+    "PacketConnection",
+    "RequestHandler",
+    "connect",
+    "response_from_result",
+    "send_packets_command",
+]
+
+log = logging.getLogger("daqd.packetstream")
+
+HandlerResult = None | int | bytes | bytearray | memoryview | str | tuple[int, Any]
+RequestHandler = Callable[[Request], "HandlerResult | Awaitable[HandlerResult]"]
+
+# Channel 0 tags 0 and 1 name the EOF and ERQ packets, so requests there start at 2.
+_FIRST_TAG = {0: 2}
+_READ_CHUNK_BYTES = 256 << 10
+# Above this, queued output is written as separate buffers instead of being joined first.
+_JOIN_LIMIT_BYTES = 64 << 10
+# Requesters wait for the transport to drain once this much is queued for it.
+_HIGH_WATER_BYTES = 1 << 20
+_MAX_REASON_CHARS = 200
+_EOF_PACKET = encode(EOF)
+_ERQ_PACKET = encode(ERQ)
+
+
+def _short_reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    reason = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    if len(reason) > _MAX_REASON_CHARS:
+        reason = reason[: _MAX_REASON_CHARS - 3] + "..."
+    return reason
+
+
+def response_from_result(result: object) -> tuple[bool, int, bytes]:
+    """Turn a handler's return value into (ok, flags, payload) as cs.packetstream does.
+
+    None → (0, b""); int → (int, b""); bytes/str → (0, payload); (int, bytes|str) → both.
+    Anything else, or negative flags, is a failure with a reason saying what was returned.
+    """
+    if result is None:
+        return True, 0, b""
+    if isinstance(result, int):
+        if result < 0:
+            return False, 0, f"handler returned negative flags {result}".encode()
+        return True, int(result), b""
+    if isinstance(result, bytes):
+        return True, 0, result
+    if isinstance(result, bytearray | memoryview):
+        return True, 0, bytes(result)
+    if isinstance(result, str):
+        return True, 0, result.encode("utf-8", "xmlcharrefreplace")
+    if isinstance(result, tuple) and len(result) == 2:
+        flags, payload = result
+        if isinstance(flags, int) and flags >= 0:
+            if isinstance(payload, bytes):
+                return True, int(flags), payload
+            if isinstance(payload, bytearray | memoryview):
+                return True, int(flags), bytes(payload)
+            if isinstance(payload, str):
+                return True, int(flags), payload.encode("utf-8", "xmlcharrefreplace")
+    return (
+        False,
+        0,
+        f"handler returned {type(result).__name__}, expected None, int, bytes, str or "
+        "(int, bytes)".encode(),
+    )
+
+
+class PacketConnection:
+    """One packet stream connection over a (StreamReader, StreamWriter) pair.
+
+    `handler(request)` answers the peer's requests; it may be a plain function or return an
+    awaitable (async handlers run as tasks, at most `max_handlers` at once — further requests
+    wait unread, so the peer feels backpressure). Without a handler, requests get a failure.
+    """
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        handler: RequestHandler | None = None,
+        *,
+        name: str | None = None,
+        max_handlers: int = 64,
+        max_packet_bytes: int = DEFAULT_MAX_PACKET_BYTES,
+        close_timeout_s: float = 10.0,
+        on_error: Callable[[str], None] | None = None,
+    ) -> None:
+        if max_handlers < 1:
+            raise ValueError("max_handlers must be >= 1")
+        self._reader = reader
+        self._writer = writer
+        self.handler = handler
+        if name is None:
+            peer = writer.get_extra_info("peername")
+            name = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "?"
+        self.name = name
+        self.max_handlers = max_handlers
+        self.close_timeout_s = close_timeout_s
+        self._on_error = on_error
+        self._decoder = PacketDecoder(max_packet_bytes)
+        self._loop = asyncio.get_running_loop()
+        # our requests awaiting a response: (channel, tag) -> future
+        self._pending: dict[tuple[int, int], asyncio.Future[Response]] = {}
+        self._next_tag: dict[int, int] = {}
+        # the peer's requests we are answering
+        self._serving: set[tuple[int, int]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._slot_free = asyncio.Event()
+        self._slot_free.set()
+        self._out: list[bytes | bytearray | memoryview] = []
+        self._out_bytes = 0
+        self._flush_scheduled = False
+        self._read_task: asyncio.Task[None] | None = None
+        self._closed = asyncio.Event()
+        self._end_reason: str | None = None  # why the connection can no longer carry requests
+        self._sent_erq = False
+        self._sent_eof = False
+        self._peer_erq = False
+        self._closing = False
+        self.requests_sent = 0
+        self.responses_received = 0
+        self.requests_served = 0
+        self.failures_sent = 0
+        self.errors: dict[str, int] = {}
+
+    # ---- life cycle ----
+
+    def start(self) -> None:
+        """Start reading; idempotent. `request()` starts the connection by itself."""
+        if self._read_task is None:
+            self._read_task = self._loop.create_task(self._read_loop(), name=f"ps-{self.name}")
+
+    async def serve(self) -> None:
+        """Run until the connection has ended (the server side's whole job)."""
+        self.start()
+        await self._closed.wait()
+
+    async def __aenter__(self) -> PacketConnection:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    @property
+    def in_flight(self) -> tuple[int, int]:
+        """(our requests awaiting responses, peer requests being handled)."""
+        return len(self._pending), len(self._serving)
+
+    async def close(self) -> None:
+        """Close handshake: send ERQ, finish local handlers, flush, send EOF, await the peer's end.
+
+        Requests still unanswered when the peer ends (or after `close_timeout_s`) fail with
+        ConnectionError.
+        """
+        self.start()
+        if self._closing or self._closed.is_set():
+            await self._closed.wait()
+            return
+        self._closing = True
+        self._send_control_erq()
+        await self._finish_handlers()
+        self._send_eof()
+        assert self._read_task is not None
+        try:
+            await asyncio.wait_for(asyncio.shield(self._read_task), self.close_timeout_s)
+        except TimeoutError:
+            self._count_error("close_timeout")
+            log.warning(
+                "%s: peer did not end the connection within %.1f s of our EOF; closing",
+                self.name,
+                self.close_timeout_s,
+            )
+            self._read_task.cancel()
+            self._end("connection closed (peer did not answer our EOF in time)", abort=True)
+        await self._closed.wait()
+
+    # ---- requests ----
+
+    async def request(
+        self,
+        rq_type: int,
+        payload: bytes | bytearray | memoryview = b"",
+        flags: int = 0,
+        channel: int = 0,
+    ) -> Response:
+        """Send a request and wait for its response (ok or failure, with flags and payload).
+
+        Raises ConnectionError if the connection ends before the response arrives.
+        """
+        if self._end_reason is not None:
+            raise ConnectionError(f"{self.name}: {self._end_reason}")
+        if self._closing:
+            raise ConnectionError(f"{self.name}: connection is closing, no new requests")
+        if self._read_task is None:
+            self.start()
+        tag = self._next_tag.get(channel)
+        if tag is None:
+            tag = _FIRST_TAG.get(channel, 0)
+        self._next_tag[channel] = tag + 1
+        header = encode_request_header(tag, rq_type, flags, channel, len(payload))
+        key = (channel, tag)
+        fut: asyncio.Future[Response] = self._loop.create_future()
+        self._pending[key] = fut
+        if payload:
+            self._queue2(header, payload)
+        else:
+            self._queue(header)
+        self.requests_sent += 1
+        try:
+            if self._out_bytes > _HIGH_WATER_BYTES:
+                self._flush()
+                await self._writer.drain()
+            return await fut
+        finally:
+            self._pending.pop(key, None)
+
+    # ---- output ----
+
+    def _queue(self, data: bytes) -> None:
+        self._out.append(data)
+        self._out_bytes += len(data)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _queue2(self, header: bytes, payload: bytes | bytearray | memoryview) -> None:
+        out = self._out
+        out.append(header)
+        out.append(payload)
+        self._out_bytes += len(header) + len(payload)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Hand everything queued to the transport in one write: runs when the loop is idle."""
+        self._flush_scheduled = False
+        out = self._out
+        if not out:
+            return
+        self._out = []
+        size = self._out_bytes
+        self._out_bytes = 0
+        if self._writer.is_closing():
+            self._count_error("unsent_after_close", len(out))
+            return
+        try:
+            if len(out) == 1:
+                self._writer.write(out[0])
+            elif size <= _JOIN_LIMIT_BYTES:
+                self._writer.write(b"".join(out))
+            else:
+                self._writer.writelines(out)
+        except (ConnectionError, OSError, RuntimeError) as exc:
+            self._count_error("write_failed")
+            self._end(f"write failed: {exc}", abort=True)
+
+    def _send_control_erq(self) -> None:
+        if not self._sent_erq and not self._sent_eof and self._end_reason is None:
+            self._sent_erq = True
+            self._queue(_ERQ_PACKET)
+
+    def _send_eof(self) -> None:
+        """Send EOF, flush, and half-close where the stream allows it: we send nothing more."""
+        if self._sent_eof:
+            return
+        self._sent_eof = True
+        if self._writer.is_closing():
+            return
+        self._queue(_EOF_PACKET)
+        self._flush()
+        if self._writer.can_write_eof():
+            with contextlib.suppress(OSError, RuntimeError):
+                self._writer.write_eof()
+
+    def _respond(self, channel: int, tag: int, ok: bool, flags: int, payload: bytes) -> None:
+        self._serving.discard((channel, tag))
+        if self._sent_eof:
+            # the connection is past the point where we can answer
+            self._count_error("response_after_eof")
+            return
+        header = encode_response_header(tag, ok, flags, channel, len(payload))
+        if payload:
+            self._queue2(header, payload)
+        else:
+            self._queue(header)
+        if ok:
+            self.requests_served += 1
+        else:
+            self.failures_sent += 1
+
+    def _reject(self, channel: int, tag: int, reason: str, counter: str) -> None:
+        self._count_error(counter)
+        log.info("%s: rejecting request %d on channel %d: %s", self.name, tag, channel, reason)
+        if not self._sent_eof:
+            self.failures_sent += 1
+            payload = reason.encode()
+            self._queue2(encode_response_header(tag, False, 0, channel, len(payload)), payload)
+
+    # ---- input ----
+
+    async def _read_loop(self) -> None:
+        reader = self._reader
+        decoder = self._decoder
+        try:
+            while True:
+                data = await reader.read(_READ_CHUNK_BYTES)
+                if not data:
+                    decoder.feed_eof()
+                    break
+                peer_eof = False
+                for msg in decoder.feed(data):
+                    kind = type(msg)
+                    if kind is Response:
+                        self._on_response(msg)  # type: ignore[arg-type]
+                    elif kind is Request:
+                        if self._tasks and len(self._tasks) >= self.max_handlers:
+                            await self._slot_free.wait()
+                        self._on_request(msg)  # type: ignore[arg-type]
+                    elif kind is EndOfRequests:
+                        self._peer_erq = True
+                    else:
+                        peer_eof = True
+                        break
+                if peer_eof:
+                    break
+                if self._out_bytes > _HIGH_WATER_BYTES:
+                    self._flush()
+                    await self._writer.drain()
+        except ProtocolError as exc:
+            self._count_error("protocol")
+            log.warning("%s: protocol error, closing the connection: %s", self.name, exc)
+            self._end(f"protocol error from peer: {exc}", abort=False)
+            return
+        except (ConnectionError, OSError) as exc:
+            self._count_error("connection")
+            log.info("%s: connection lost: %s", self.name, exc)
+            self._end(f"connection lost: {exc}", abort=True)
+            return
+        except asyncio.CancelledError:
+            self._end("connection closed", abort=True)
+            raise
+        # The peer sends nothing more: our requests can never be answered.
+        self._fail_pending("peer ended the connection before responding")
+        await self._finish_handlers()
+        self._send_eof()
+        self._end("connection ended by peer", abort=False)
+
+    def _on_response(self, rsp: Response) -> None:
+        fut = self._pending.pop((rsp.channel, rsp.tag), None)
+        if fut is None:
+            self._count_error("unknown_response")
+            log.warning(
+                "%s: response to unknown request %d on channel %d", self.name, rsp.tag, rsp.channel
+            )
+            return
+        self.responses_received += 1
+        if not fut.done():
+            fut.set_result(rsp)
+
+    def _on_request(self, rq: Request) -> None:
+        channel = rq.channel
+        tag = rq.tag
+        if self._sent_eof:
+            self._count_error("request_after_eof")
+            return
+        key = (channel, tag)
+        if key in self._serving:
+            self._reject(
+                channel, tag, f"channel {channel}: tag {tag} already in flight", "duplicate_tag"
+            )
+            return
+        if self._peer_erq:
+            self._reject(channel, tag, "requests no longer allowed (peer sent ERQ)", "after_erq")
+            return
+        handler = self.handler
+        if handler is None:
+            self._reject(channel, tag, "no request handler", "no_handler")
+            return
+        try:
+            result = handler(rq)
+        except Exception as exc:
+            self._handler_failed(rq, exc)
+            return
+        if inspect.isawaitable(result):
+            self._serving.add(key)
+            task = self._loop.create_task(self._run_handler(rq, result))
+            self._tasks.add(task)
+            if len(self._tasks) >= self.max_handlers:
+                self._slot_free.clear()
+            task.add_done_callback(self._handler_done)
+            return
+        ok, flags, payload = response_from_result(result)
+        if not ok:
+            self._count_error("handler_result")
+        self._respond(channel, tag, ok, flags, payload)
+
+    async def _run_handler(self, rq: Request, awaitable: Awaitable[HandlerResult]) -> None:
+        try:
+            result = await awaitable
+        except Exception as exc:
+            self._handler_failed(rq, exc)
+            return
+        ok, flags, payload = response_from_result(result)
+        if not ok:
+            self._count_error("handler_result")
+        self._respond(rq.channel, rq.tag, ok, flags, payload)
+
+    def _handler_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if len(self._tasks) < self.max_handlers:
+            self._slot_free.set()
+
+    def _handler_failed(self, rq: Request, exc: Exception) -> None:
+        self._count_error("handler")
+        reason = _short_reason(exc)
+        log.warning(
+            "%s: handler for rq_type %d (tag %d) failed: %s", self.name, rq.rq_type, rq.tag, reason
+        )
+        log.debug("handler traceback", exc_info=exc)
+        self._respond(rq.channel, rq.tag, False, 0, reason.encode())
+
+    async def _finish_handlers(self) -> None:
+        """Let running handlers answer, unless no answer can be sent or they take too long."""
+        deadline = self._loop.time() + self.close_timeout_s
+        while self._tasks:
+            remaining = deadline - self._loop.time()
+            if self._writer.is_closing() or remaining <= 0:
+                if not self._writer.is_closing():
+                    self._count_error("close_timeout")
+                    log.warning(
+                        "%s: %d handlers still running after %.1f s; cancelling them",
+                        self.name,
+                        len(self._tasks),
+                        self.close_timeout_s,
+                    )
+                for task in list(self._tasks):
+                    task.cancel()
+                await asyncio.wait(list(self._tasks))
+                return
+            await asyncio.wait(list(self._tasks), timeout=min(remaining, 0.5))
+
+    # ---- ending ----
+
+    def _fail_pending(self, reason: str) -> None:
+        if not self._pending:
+            return
+        pending = list(self._pending.values())
+        self._pending.clear()
+        for fut in pending:
+            if not fut.done():
+                fut.set_exception(ConnectionError(f"{self.name}: {reason}"))
+
+    def _end(self, reason: str, *, abort: bool) -> None:
+        """The connection is over: fail what waits on it, stop handlers, release the stream."""
+        if self._closed.is_set():
+            return
+        if self._end_reason is None:
+            self._end_reason = reason
+        self._fail_pending(reason)
+        for task in list(self._tasks):
+            task.cancel()
+        self._serving.clear()
+        if abort:
+            self._out.clear()
+            self._out_bytes = 0
+            transport = self._writer.transport
+            if not transport.is_closing():
+                transport.abort()
+        else:
+            self._flush()
+            self._writer.close()
+        self._closed.set()
+
+    def _count_error(self, reason: str, n: int = 1) -> None:
+        self.errors[reason] = self.errors.get(reason, 0) + n
+        if self._on_error is not None:
+            self._on_error(reason)
+
+
+async def connect(
+    host: str,
+    port: int,
+    handler: RequestHandler | None = None,
+    **kwargs: Any,
+) -> PacketConnection:
+    """Open a TCP connection and return a started PacketConnection over it."""
+    reader, writer = await asyncio.open_connection(host, port, limit=_READ_CHUNK_BYTES)
+    conn = PacketConnection(reader, writer, handler, **kwargs)
+    conn.start()
+    return conn
+
+
+# ---- `daqd send-packets` ----
+
+
+def _split_input(data: bytes, split: str, chunk_bytes: int) -> list[bytes]:
+    if split == "lines":
+        return [line for line in data.splitlines() if line]
+    if split == "chunks":
+        return [data[i : i + chunk_bytes] for i in range(0, len(data), chunk_bytes)] or [b""]
+    return [data]
+
+
+def _show(payload: bytes) -> str:
+    text = payload.decode("utf-8", "backslashreplace")
+    return text.replace("\n", "\\n")
+
+
+async def _send_all(
+    host: str,
+    port: int,
+    payloads: list[bytes],
+    rq_type: int,
+    flags: int,
+    channel: int,
+    in_flight: int,
+    out: Any,
+) -> tuple[int, int]:
+    conn = await connect(host, port, name=f"{host}:{port}")
+    results: list[Response | None] = [None] * len(payloads)
+    printed = 0
+    failed = 0
+
+    def print_ready() -> None:
+        nonlocal printed, failed
+        while printed < len(results) and results[printed] is not None:
+            rsp = results[printed]
+            assert rsp is not None
+            if rsp.ok:
+                print(f"ok {rsp.flags} {_show(rsp.payload)}".rstrip(), file=out)
+            else:
+                failed += 1
+                print(f"failed {rsp.flags} {_show(rsp.payload)}".rstrip(), file=out)
+            printed += 1
+
+    next_index = iter(range(len(payloads)))
+
+    async def worker() -> None:
+        # each worker keeps one request in flight: `in_flight` workers form a sliding window
+        for i in next_index:
+            results[i] = await conn.request(rq_type, payloads[i], flags, channel)
+            print_ready()
+
+    try:
+        await asyncio.gather(*(worker() for _ in range(min(in_flight, len(payloads)))))
+    finally:
+        await conn.close()
+    return len(payloads), failed
+
+
+@click.command("send-packets")
+@click.argument("address")
+@click.argument("source", type=click.File("rb"), default="-")
+@click.option("--rq-type", type=click.IntRange(min=0), required=True, help="request type (>= 0)")
+@click.option("--flags", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--channel", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option(
+    "--split",
+    type=click.Choice(["none", "lines", "chunks"]),
+    default="none",
+    show_default=True,
+    help="none: the whole input is one request; lines: one request per non-empty line; "
+    "chunks: one request per --chunk-kib",
+)
+@click.option("--chunk-kib", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--in-flight", type=click.IntRange(min=1), default=64, show_default=True)
+def send_packets_command(
+    address: str,
+    source: BinaryIO,
+    rq_type: int,
+    flags: int,
+    channel: int,
+    split: str,
+    chunk_kib: int,
+    in_flight: int,
+) -> None:
+    """Send SOURCE (a file, or - for stdin) as packet stream requests to ADDRESS (HOST:PORT).
+
+    Prints one line per response, in request order: `ok FLAGS PAYLOAD` or `failed FLAGS REASON`.
+    Exits 0 if every request succeeded, 1 if any failed, 2 if the connection failed.
+    """
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise click.BadParameter(f"expected HOST:PORT, got {address!r}", param_hint="ADDRESS")
+    host = host.strip("[]") or "127.0.0.1"
+    payloads = _split_input(source.read(), split, chunk_kib << 10)
+    try:
+        total, failed = asyncio.run(
+            _send_all(
+                host, int(port_text), payloads, rq_type, flags, channel, in_flight, sys.stdout
+            )
+        )
+    except (ConnectionError, OSError) as exc:
+        click.echo(f"send-packets: {address}: {exc}", err=True)
+        sys.exit(2)
+    click.echo(f"send-packets: {total} requests, {failed} failed", err=True)
+    sys.exit(1 if failed else 0)
