@@ -1,0 +1,293 @@
+"""The `dcss` receiver: a DCSS hardware server (DHS) that runs operation and device handlers.
+
+It dials DCSS, answers the v1 handshake at once, then speaks the configured protocol level. It
+never stops reading (DCSS blocks all its hardware clients while one does not read), runs each
+operation as its own task, and reconnects after any error, EOF, reset or framing fault with a
+capped backoff. A new connection starts clean: the outgoing queue and every operation of the old
+connection are dropped (DCSS has already failed them). Every message received is published as a
+record (tags: command, device, handle; payload: the message text, then its binary part if any).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Literal
+
+from pydantic import Field
+
+from daqd.dhs import (
+    Dhs,
+    EncoderSettings,
+    IonChamberSettings,
+    MotorSettings,
+    ShutterSettings,
+    StringSettings,
+    collect_handlers,
+    load_handler_module,
+)
+from daqd.errors import ProtocolError
+from daqd.protocols import dcss as d
+from daqd.receiver import ReceiverServer, ReceiverSettings, parse_hostport
+
+# A connection that lasted this long after its handshake resets the reconnect backoff.
+STABLE_S = 10.0
+
+
+class DcssSettings(ReceiverSettings):
+    connect: str  # DCSS's hardware port, conventionally host:14242
+    dhs_name: str = Field(min_length=1, max_length=79, pattern=r"^\S+$")
+    protocol_level: Literal[1, 2] = 2  # as in the DHS's database entry (`localhost 2`)
+    handlers: list[str] = Field(default_factory=list)  # modules: "pkg.mod" or "path/file.py"
+    simulate_devices: bool = True  # built-in simulated devices for what no handler claims
+    motors: dict[str, MotorSettings] = Field(default_factory=dict)
+    shutters: dict[str, ShutterSettings] = Field(default_factory=dict)
+    ion_chambers: dict[str, IonChamberSettings] = Field(default_factory=dict)
+    encoders: dict[str, EncoderSettings] = Field(default_factory=dict)
+    strings: dict[str, StringSettings] = Field(default_factory=dict)
+    reconnect_first_s: float = Field(0.2, gt=0)
+    reconnect_max_s: float = Field(10.0, gt=0)
+    # DCSS closes a second connection of a known name after 3 s without a word: back off longer
+    # when a connection closes before DCSS sent anything after the handshake.
+    rejected_backoff_s: float = Field(5.0, ge=0)
+    handshake_timeout_s: float = Field(10.0, gt=0)  # wait for stoc_send_client_type
+    max_text_bytes: int = Field(d.DEFAULT_MAX_TEXT_BYTES, gt=0)
+    max_binary_bytes: int = Field(d.DEFAULT_MAX_BINARY_BYTES, ge=0)
+    max_pending_bytes: int = Field(16 << 20, gt=0)  # unsent output beyond this: reconnect
+    read_chunk_bytes: int = Field(256 << 10, gt=0)
+
+
+class DcssReceiver(ReceiverServer):
+    """A DHS for SSRL's DCSS. See daqd.dhs for the handler API."""
+
+    Settings = DcssSettings
+    settings: DcssSettings
+
+    def __init__(self, settings: DcssSettings, host: Any) -> None:
+        super().__init__(settings, host)
+        parse_hostport(settings.connect)
+        modules = [load_handler_module(spec) for spec in settings.handlers]
+        operations, device_classes = collect_handlers(modules)
+        device_settings: dict[str, dict[str, Any]] = {}
+        for table in (
+            settings.motors,
+            settings.shutters,
+            settings.ion_chambers,
+            settings.encoders,
+            settings.strings,
+        ):
+            for name, values in table.items():
+                device_settings[name] = values.model_dump(exclude_unset=True)
+        self.dhs = Dhs(
+            settings.dhs_name,
+            operations=operations,
+            device_classes=device_classes,
+            device_settings=device_settings,
+            simulate_devices=settings.simulate_devices,
+            log=self.log,
+        )
+        self.online = asyncio.Event()  # set while a handshake-complete connection is up
+        self.connections = 0  # handshakes completed
+        self.last_disconnect = ""
+        self.codec: d.DcssCodec | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
+        self._handshake_at: float | None = None
+        self._heard = False
+        self.counters.extra["dhs"] = self.dhs.stats
+        self.counters.extra["online"] = False
+
+    # ---- the connection loop
+    async def ct_connection(self) -> None:
+        s = self.settings
+        backoff = s.reconnect_first_s
+        while True:
+            try:
+                reader, writer = await self.connect_stream(s.connect)
+            except OSError as exc:
+                self.counters.error("connect")
+                self.limited.warning(
+                    "connect", "%s: cannot reach DCSS at %s: %s", self.name, s.connect, exc
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, s.reconnect_max_s)
+                continue
+            self._handshake_at = None
+            self._heard = False
+            try:
+                await self._converse(reader, writer)
+                reason = "DCSS closed the connection"
+            except ProtocolError as exc:
+                self.counters.error("protocol")
+                reason = f"protocol error: {exc}"
+            except (ConnectionError, OSError) as exc:
+                self.counters.error("connection")
+                reason = f"connection error: {exc!r}"
+            except TimeoutError:
+                self.counters.error("handshake_timeout")
+                reason = f"no stoc_send_client_type within {s.handshake_timeout_s} s"
+            finally:
+                self._disconnected(writer)
+            self.last_disconnect = reason
+            handshake_at = self._handshake_at
+            if handshake_at is not None and not self._heard:
+                # DCSS's way of refusing a name (unknown, wrong host, or already connected)
+                delay = max(backoff, s.rejected_backoff_s)
+                self.counters.error("rejected")
+                backoff = min(max(backoff * 2, s.rejected_backoff_s), s.reconnect_max_s)
+            elif handshake_at is not None and time.monotonic() - handshake_at >= STABLE_S:
+                delay = backoff = s.reconnect_first_s
+            else:
+                delay = backoff
+                backoff = min(backoff * 2, s.reconnect_max_s)
+            self.log.warning(
+                "%s: %s; reconnecting in %.2f s", self.name, d.mask_private(reason), delay
+            )
+            await asyncio.sleep(delay)
+
+    async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One connection: handshake, then read and dispatch until it ends (sets _handshake_at
+        once handshaken and _heard once anything arrived after the handshake)."""
+        s = self.settings
+        codec = d.DcssCodec(
+            s.protocol_level, max_text_bytes=s.max_text_bytes, max_binary_bytes=s.max_binary_bytes
+        )
+        self.codec = codec
+        pending: list[d.Message] = []
+        async with asyncio.timeout(s.handshake_timeout_s):
+            while not pending:
+                data = await reader.read(s.read_chunk_bytes)
+                if not data:
+                    return
+                pending = codec.feed(data)
+        first = pending.pop(0)
+        if not isinstance(first, d.StocSendClientType):
+            raise ProtocolError(f"expected stoc_send_client_type first, got {first.verb!r}")
+        self._publish(first)
+        # The handshake reply is the first thing sent on a connection, always v1, at once.
+        writer.write(codec.encode(d.HtosClientIsHardware(s.dhs_name)))
+        self._handshake_at = time.monotonic()
+        self._writer = writer
+        self.connections += 1
+        self.dhs.connected(self._send_text)
+        self.online.set()
+        self.counters.extra["online"] = True
+        self.log.info(
+            "%s: connected to DCSS %s as %s (protocol level %d)",
+            self.name,
+            s.connect,
+            s.dhs_name,
+            s.protocol_level,
+        )
+        self._heard = bool(pending)
+        self._dispatch(pending, codec)
+        read = reader.read
+        chunk = s.read_chunk_bytes
+        while True:
+            data = await read(chunk)
+            if not data:
+                return
+            self._heard = True
+            self._dispatch(codec.feed(data), codec)
+
+    def _dispatch(self, messages: list[d.Message], codec: d.DcssCodec) -> None:
+        if codec.bad_bytes:
+            self.counters.error("bad_bytes", codec.bad_bytes)
+            self.limited.warning(
+                "bad_bytes", "%s: %d bytes from DCSS were not UTF-8", self.name, codec.bad_bytes
+            )
+            codec.bad_bytes = 0
+        handle = self.dhs.handle
+        for m in messages:
+            self._publish(m)
+            if isinstance(m, d.Malformed):
+                self.counters.error("malformed")
+            try:
+                handle(m)
+            except Exception as exc:  # one message must never stop the reader
+                self.counters.error("dispatch")
+                self.limited.warning(
+                    "dispatch", "%s: handling %s failed: %r", self.name, m.verb, exc
+                )
+
+    def _publish(self, m: d.Message) -> None:
+        payload = [m.raw, m.binary] if m.binary else [m.raw]
+        tags = {"command": m.verb, "device": m.device, "handle": getattr(m, "handle", None)}
+        self.publish_nowait(self.new_record(payload, tags))
+
+    # ---- sending: coalesced into one write per event-loop turn
+    def _send_text(self, text: str) -> None:
+        codec = self.codec
+        if self._writer is None or codec is None:
+            self.counters.drop("not_connected")
+            return
+        try:
+            frame = codec.encode_text(text)
+        except ProtocolError as exc:
+            self.counters.error("encode")
+            self.limited.warning("encode", "%s: not sent: %s", self.name, exc)
+            return
+        self._out.append(frame)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush, self._writer)
+
+    def _flush(self, writer: asyncio.StreamWriter) -> None:
+        self._flush_scheduled = False
+        if writer is not self._writer or not self._out:
+            return
+        out = self._out
+        self._out = []
+        writer.write(out[0] if len(out) == 1 else b"".join(out))
+        if writer.transport.get_write_buffer_size() > self.settings.max_pending_bytes:
+            self.counters.error("write_stalled")
+            self.log.error(
+                "%s: DCSS is not reading (%d bytes unsent); dropping the connection",
+                self.name,
+                writer.transport.get_write_buffer_size(),
+            )
+            writer.transport.abort()
+
+    def _disconnected(self, writer: asyncio.StreamWriter) -> None:
+        if self._writer is writer:
+            self._writer = None
+        if self._out:
+            self.counters.drop("unsent_on_disconnect", len(self._out))
+            self._out = []
+        self.dhs.disconnected()
+        self.online.clear()
+        self.counters.extra["online"] = False
+        writer.close()
+        self._writers.discard(writer)
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._disconnected(self._writer)
+        self.dhs.disconnected()
+
+    # ---- commands (daqctl cmd NAME ...)
+    def cmd_operations(self) -> list[dict[str, Any]]:
+        """The active operations: name, handle, arguments (session ids masked)."""
+        return [
+            {"name": op.name, "handle": op.handle, "args": d.mask_private(op.args_raw)}
+            for op in self.dhs.operations.values()
+        ]
+
+    def cmd_devices(self) -> dict[str, dict[str, Any]]:
+        """Every device DCSS registered here, with its kind and state."""
+        out: dict[str, dict[str, Any]] = {}
+        for name, dev in self.dhs.devices.items():
+            info: dict[str, Any] = {"class": type(dev).__name__, "registered": dev.registered}
+            for key in ("position", "state", "contents", "moving"):
+                if hasattr(dev, key):
+                    info[key] = getattr(dev, key)
+            out[name] = info
+        return out
+
+    def cmd_reconnect(self) -> str:
+        """Drop the connection to DCSS now (it is made again with the usual backoff)."""
+        if self._writer is None:
+            return "not connected"
+        self._writer.transport.abort()
+        return "connection dropped"

@@ -1,0 +1,485 @@
+"""The dcss receiver (a DHS) against the DCSS simulator, through real TCP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import zmq
+import zmq.asyncio
+
+from daqd.config import parse_config
+from daqd.dhs import Operation, OperationError, operation
+from daqd.host import Host
+from daqd.protocols import dcss as d
+from daqd.sim.dcss import DcssSimulator, DhsLink, SimDevice
+
+ROOT = Path(__file__).resolve().parent.parent
+T = 20.0  # generous timeout for every wait: the test box is a loaded 2-core machine
+
+# ------------------------------------------------------------------ handlers under test
+
+GATES: dict[str, asyncio.Event] = {}
+
+
+@operation("echo")
+async def echo(op: Operation) -> None:
+    op.update(*op.args)
+    op.complete("normal", *op.args)
+
+
+@operation("hold")
+async def hold(op: Operation) -> None:
+    op.update("holding", op.args_raw)
+    await GATES["hold"].wait()
+    op.complete("normal", "released", op.args_raw)
+
+
+@operation("slow")
+async def slow(op: Operation) -> None:
+    op.update("started")
+    await asyncio.sleep(3600)
+
+
+@operation("polite")
+async def polite(op: Operation) -> None:
+    op.update("started")
+    try:
+        await asyncio.sleep(3600)
+    except asyncio.CancelledError:
+        op.complete("stopped_by_abort", "cleaned up")
+        raise
+
+
+@operation("fail")
+async def fail(op: Operation) -> None:
+    raise ValueError("the sample is missing")
+
+
+@operation("twice")
+async def twice(op: Operation) -> None:
+    op.complete("normal", 1)
+    try:
+        op.complete("normal", 2)
+    except OperationError:
+        op.data["refused"] = True
+        raise
+
+
+@operation("answer")
+async def answer(op: Operation) -> tuple[float, str]:
+    return 1.5, "two words"
+
+
+# ------------------------------------------------------------------ fixtures
+
+
+def devices() -> list[SimDevice]:
+    return [
+        SimDevice("real_motor", "sample_x", position=5.0, upper_limit=50.0, lower_limit=-50.0),
+        SimDevice("real_motor", "table_y"),
+        SimDevice("shutter", "shutter", state="closed"),
+        SimDevice("ion_chamber", "i0", hardware_name="counter1"),
+        SimDevice("encoder", "enc"),
+        SimDevice("string", "note"),
+        SimDevice("operation", "echo"),
+        SimDevice("operation", "orphan"),
+    ]
+
+
+def dhs_config(sim: DcssSimulator, level: int = 2, extra: str = "", dhs_name: str = "dhs") -> str:
+    return f"""
+[daemon]
+name = "t"
+
+[[receiver]]
+type = "dcss"
+name = "dhs"
+connect = "{sim.address}"
+dhs_name = "{dhs_name}"
+protocol_level = {level}
+handlers = ["tests.test_dcss"]
+reconnect_first_s = 0.05
+{extra}
+
+[receiver.motors.sample_x]
+speed_units_per_s = 40.0
+update_interval_s = 0.005
+
+[receiver.motors.table_y]
+owns_configuration = true
+position = 2.5
+upper_limit = 9.0
+lower_limit = -9.0
+
+[receiver.ion_chambers.i0]
+rate_hz = 1000.0
+"""
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[DcssSimulator]:
+    GATES["hold"] = asyncio.Event()
+    async with DcssSimulator({"dhs": 2, "dhs1": 1}, devices(), duplicate_close_s=0.2) as s:
+        yield s
+
+
+@pytest.fixture
+async def host(sim: DcssSimulator) -> AsyncIterator[Host]:
+    h = Host(parse_config(dhs_config(sim), "<test>"))
+    await h.start()
+    try:
+        yield h
+    finally:
+        await h.stop()
+
+
+async def online(sim: DcssSimulator, name: str = "dhs", after: int = 0) -> DhsLink:
+    link = await sim.wait_online(name, timeout=T, after=after)
+    # registrations are answered once the DHS is reading: wait for the configuration request
+    await link.wait_for(lambda m: isinstance(m, d.HtosSendConfiguration), T)
+    return link
+
+
+async def done(op: Any) -> str:
+    return str(await asyncio.wait_for(asyncio.shield(op.done), T))
+
+
+async def until(predicate: Any, what: str) -> None:
+    async with asyncio.timeout(T):
+        while not predicate():
+            await asyncio.sleep(0.005)
+
+
+# ------------------------------------------------------------------ handshake and levels
+
+
+@pytest.mark.parametrize("level", [1, 2])
+async def test_handshake_and_operation_at_each_protocol_level(level: int) -> None:
+    GATES["hold"] = asyncio.Event()
+    name = "dhs1" if level == 1 else "dhs"
+    devs = [SimDevice("real_motor", "sample_x", dhs=name)]
+    async with DcssSimulator({"dhs": 2, "dhs1": 1}, devs) as sim:
+        h = Host(parse_config(dhs_config(sim, level=level, dhs_name=name), "<test>"))
+        await h.start()
+        try:
+            link = await online(sim, name)
+            assert link.level == level
+            # the reply is one 200-byte v1 frame whatever the level, and the first thing sent
+            assert link.handshake_reply == d.encode_v1(f"htos_client_is_hardware {name}")
+            assert isinstance(link.received[0], d.HtosSendConfiguration)
+            op = link.start_operation("echo", "3 {two words} x")
+            assert await done(op) == "normal"
+            assert op.updates == ["3 {two words} x"]
+            assert op.completion is not None and op.completion.args == "3 {two words} x"
+            assert sim.protocol_errors == []
+        finally:
+            await h.stop()
+
+
+async def test_unknown_name_is_rejected_and_retried_with_backoff(sim: DcssSimulator) -> None:
+    h = Host(parse_config(dhs_config(sim, dhs_name="nobody"), "<test>"))
+    await h.start()
+    try:
+        rx = h.receivers["dhs"]
+        await until(lambda: sum(e == "unknown_name" for _, e in sim.events) >= 2, "two attempts")
+        assert rx.counters.errors.get("rejected", 0) >= 1
+        assert rx.state == "running"
+    finally:
+        await h.stop()
+
+
+async def test_duplicate_name_is_closed_after_a_delay_and_backed_off(
+    sim: DcssSimulator, host: Host
+) -> None:
+    await online(sim)
+    extra = "rejected_backoff_s = 0.1"
+    second = Host(
+        parse_config(dhs_config(sim, extra=extra).replace('name = "t"', 'name = "u"'), "<t>")
+    )
+    await second.start()
+    try:
+        await until(lambda: second.receivers["dhs"].counters.errors.get("rejected", 0) >= 1, "rej")
+        assert any(e == "duplicate" for _, e in sim.events)
+        assert sim.online["dhs"].id == 1  # the first DHS is untouched
+    finally:
+        await second.stop()
+
+
+# ------------------------------------------------------------------ operations
+
+
+async def test_fifty_operations_in_flight_with_updates_and_completions(
+    sim: DcssSimulator, host: Host
+) -> None:
+    link = await online(sim)
+    rx: Any = host.receivers["dhs"]
+    ops = [link.start_operation("hold", f"n{i}") for i in range(50)]
+    await until(lambda: all(op.updates for op in ops), "50 updates")
+    assert len(rx.dhs.operations) == 50
+    assert all(op.updates == [f"holding n{i}"] for i, op in enumerate(ops))
+    assert all(op.status is None for op in ops)
+    GATES["hold"].set()
+    statuses = await asyncio.gather(*(done(op) for op in ops))
+    assert statuses == ["normal"] * 50
+    for i, op in enumerate(ops):
+        assert op.completion is not None and op.completion.args == f"released n{i}"
+    await until(lambda: not rx.dhs.operations, "operation table empty")
+    assert sim.stray_completions == []
+
+
+async def test_slow_handlers_do_not_delay_abort_all(sim: DcssSimulator, host: Host) -> None:
+    link = await online(sim)
+    slow_ops = [link.start_operation("slow", str(i)) for i in range(5)]
+    polite_op = link.start_operation("polite")
+    await until(lambda: all(op.updates for op in [*slow_ops, polite_op]), "handlers running")
+    link.move_motor("sample_x", 45.0)  # 40 units at 40/s: a one-second move
+    await link.wait_for(lambda m: isinstance(m, d.HtosUpdateMotorPosition), T)
+    link.abort_all("soft")
+    assert await asyncio.gather(*(done(op) for op in slow_ops)) == ["aborted"] * 5
+    assert await done(polite_op) == "stopped_by_abort"
+    assert polite_op.completion is not None and polite_op.completion.args == "{cleaned up}"
+    moved = await link.wait_for(lambda m: isinstance(m, d.HtosMotorMoveCompleted), T)
+    assert isinstance(moved, d.HtosMotorMoveCompleted) and moved.status == "aborted"
+    assert 5.0 < moved.position < 45.0
+    # an operation started after the abort runs normally
+    assert await done(link.start_operation("echo", "after")) == "normal"
+
+
+async def test_every_operation_gets_exactly_one_completion(sim: DcssSimulator, host: Host) -> None:
+    link = await online(sim)
+    failing = link.start_operation("fail")
+    assert await done(failing) == "error"
+    assert failing.completion is not None
+    assert d.tcl_split(failing.completion.args) == ["ValueError: the sample is missing"]
+    doubled = link.start_operation("twice")
+    assert await done(doubled) == "normal"
+    unknown = link.start_operation("no_such_op", "x")
+    assert await done(unknown) == "error"
+    returned = link.start_operation("answer")
+    assert await done(returned) == "normal"
+    assert returned.completion is not None and returned.completion.args == "1.5 {two words}"
+    # nothing more arrives for those handles after a later round trip
+    assert await done(link.start_operation("echo")) == "normal"
+    handles = [op.handle for op in (failing, doubled, unknown, returned)]
+    completions = [
+        m for m in link.received if isinstance(m, d.HtosOperationCompleted) and m.handle in handles
+    ]
+    assert len(completions) == 4
+    stats = host.receivers["dhs"].dhs.stats  # type: ignore[attr-defined]
+    assert stats["unknown_operation"] == 1 and stats["operation_errors"] >= 2
+
+
+# ------------------------------------------------------------------ devices
+
+
+async def test_motor_configure_and_move_round_trips(sim: DcssSimulator, host: Host) -> None:
+    link = await online(sim)
+    dhs: Any = host.receivers["dhs"].dhs  # type: ignore[attr-defined]
+    # sample_x asked for its configuration and got DCSS's 16-field reply
+    await until(lambda: "sample_x" in dhs.devices and dhs.devices["sample_x"].configured, "cfg")
+    motor = dhs.devices["sample_x"]
+    assert (motor.position, motor.upper_limit, motor.lower_limit) == (5.0, 50.0, -50.0)
+    # table_y owns its configuration and pushed it
+    pushed = await link.wait_for(lambda m: isinstance(m, d.HtosConfigureRealMotor), T)
+    assert isinstance(pushed, d.HtosConfigureRealMotor)
+    assert (pushed.motor, pushed.position, pushed.upper_limit) == ("table_y", 2.5, 9.0)
+    assert sim.devices["table_y"].position == 2.5
+
+    mark = len(link.received)
+    link.move_motor("sample_x", 6.0)
+    end = await link.wait_for(lambda m: isinstance(m, d.HtosMotorMoveCompleted), T, mark)
+    assert end == d.HtosMotorMoveCompleted("sample_x", 6.0, "normal")
+    moves = [m for m in link.received[mark:] if m.device == "sample_x"]
+    assert moves[0] == d.HtosMotorMoveStarted("sample_x", 6.0)
+    assert all(5.0 <= m.position <= 6.0 for m in moves if isinstance(m, d.HtosUpdateMotorPosition))
+    assert sim.devices["sample_x"].position == 6.0 and not sim.devices["sample_x"].active
+
+    # a GUI configure reaches the motor; set position answers with a completion
+    link.configure_device("sample_x", position=-3.0, upper_limit=4.0)
+    await until(lambda: motor.position == -3.0 and motor.upper_limit == 4.0, "configure")
+    mark = len(link.received)
+    link.set_motor_position("sample_x", 1.25)
+    end = await link.wait_for(lambda m: isinstance(m, d.HtosMotorMoveCompleted), T, mark)
+    assert end == d.HtosMotorMoveCompleted("sample_x", 1.25, "normal")
+    # past the upper limit (on in DCSS's configuration): stops at the limit
+    mark = len(link.received)
+    link.move_motor("sample_x", 4.5)
+    end = await link.wait_for(lambda m: isinstance(m, d.HtosMotorMoveCompleted), T, mark)
+    assert end == d.HtosMotorMoveCompleted("sample_x", 4.0, "cw_hw_limit")
+
+
+async def test_shutter_ion_chamber_encoder_and_string(sim: DcssSimulator, host: Host) -> None:
+    link = await online(sim)
+    link.set_shutter("shutter", "open")
+    await link.wait_for(lambda m: m == d.HtosReportShutterState("shutter", "open"), T)
+    assert sim.devices["shutter"].state == "open"
+    link.read_ion_chambers(0.05, "i0")
+    report = await link.wait_for(lambda m: isinstance(m, d.HtosReportIonChambers), T)
+    assert report == d.HtosReportIonChambers(0.05, (("i0", 50.0),))
+    link.send_text("stoh_set_encoder enc 7.250000")
+    await link.wait_for(lambda m: m == d.HtosSetEncoderCompleted("enc", 7.25, "normal"), T)
+    link.send_text("stoh_get_encoder enc")
+    await link.wait_for(lambda m: m == d.HtosGetEncoderCompleted("enc", 7.25, "normal"), T)
+    link.send_text("stoh_set_string note sample 12 {loop 3}")
+    await link.wait_for(lambda m: isinstance(m, d.HtosSetStringCompleted), T)
+    assert sim.devices["note"].contents == "sample 12 {loop 3}"
+
+
+# ------------------------------------------------------------------ connection faults
+
+
+@pytest.mark.parametrize("how", ["fin", "rst"])
+async def test_reconnect_after_close_sends_nothing_stale(
+    sim: DcssSimulator, host: Host, how: str
+) -> None:
+    rx: Any = host.receivers["dhs"]
+    link = await online(sim)
+    stuck = [link.start_operation("slow", str(i)) for i in range(3)]
+    await until(lambda: all(op.updates for op in stuck), "operations running")
+    link.move_motor("sample_x", 45.0)
+    await link.wait_for(lambda m: isinstance(m, d.HtosUpdateMotorPosition), T)
+    link.drop(how)
+    # DCSS fails the lost DHS's operations itself
+    assert await asyncio.gather(*(done(op) for op in stuck)) == ["no_hw_host_dhs"] * 3
+    new = await online(sim, after=link.id)
+    assert new.handshake_reply == d.encode_v1("htos_client_is_hardware dhs")
+    fresh = new.start_operation("echo", "fresh")
+    assert await done(fresh) == "normal"
+    old_handles = {op.handle for op in stuck}
+    for m in new.received:
+        assert getattr(m, "handle", None) not in old_handles, m
+        assert not isinstance(m, (d.HtosMotorMoveCompleted, d.HtosUpdateMotorPosition)), m
+    assert sim.stray_completions == []
+    assert rx.dhs.stats["operations_dropped_on_disconnect"] == 3
+    assert rx.connections == 2 and rx.state == "running"
+
+
+async def test_non_ascii_bytes_are_replaced_counted_and_survived(
+    sim: DcssSimulator, host: Host
+) -> None:
+    rx: Any = host.receivers["dhs"]
+    link = await online(sim)
+    op = link.start_operation("echo", "café Å")
+    assert await done(op) == "normal"
+    assert op.updates == ["café Å"]
+    raw = link.start_operation("echo", b"x\xff\xfe y")
+    assert await done(raw) == "normal"
+    assert raw.updates == ["x\ufffd\ufffd y"]
+    assert rx.counters.errors["bad_bytes"] == 2
+    assert sim.online["dhs"] is link  # same connection throughout
+
+
+async def test_oversize_v2_header_drops_the_connection_and_reconnects(
+    sim: DcssSimulator, host: Host
+) -> None:
+    rx: Any = host.receivers["dhs"]
+    link = await online(sim)
+    link.send_raw(b"%12d %12d " % (10**11, 0))
+    new = await online(sim, after=link.id)
+    assert rx.counters.errors["protocol"] == 1
+    assert "exceeds the limit" in rx.last_disconnect
+    assert "crash" not in rx.counters.errors and rx.state == "running"
+    assert await done(new.start_operation("echo", "ok")) == "normal"
+
+
+async def test_malformed_and_unknown_messages_are_counted_not_fatal(
+    sim: DcssSimulator, host: Host
+) -> None:
+    rx: Any = host.receivers["dhs"]
+    link = await online(sim)
+    link.send_text("stoh_start_motor_move sample_x nowhere")
+    link.send_text("stoh_start_vector_move a b 1 2")
+    link.send_text("stoh_brand_new_thing 1 2 3")
+    assert await done(link.start_operation("echo", "still here")) == "normal"
+    assert rx.counters.errors["malformed"] == 1
+    assert rx.dhs.stats["unhandled"] == 2
+    assert sim.online["dhs"] is link
+
+
+# ------------------------------------------------------------------ records
+
+
+async def test_every_received_message_is_published_with_tags(sim: DcssSimulator) -> None:
+    extra = 'publish_to = ["live"]'
+    text = dhs_config(sim, extra=extra) + (
+        '\n[[publisher]]\ntype = "zmq"\nname = "live"\nendpoint = "tcp://127.0.0.1:0"\n'
+    )
+    h = Host(parse_config(text, "<test>"))
+    await h.start()
+    ctx = zmq.asyncio.Context()
+    sub = ctx.socket(zmq.SUB)
+    try:
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.subscribe(b"")
+        sub.connect(h.publishers["live"].addresses["endpoint"])
+        link = await online(sim)
+        poller = zmq.asyncio.Poller()
+        poller.register(sub, zmq.POLLIN)
+        # a SUB socket joins late: send operations until records flow, then check one
+        async with asyncio.timeout(T):
+            while not await poller.poll(50):
+                await done(link.start_operation("echo", "warmup"))
+        op = link.start_operation("echo", "{tagged word}")
+        await done(op)
+        async with asyncio.timeout(T):
+            while True:
+                source, header, *payload = await sub.recv_multipart()
+                meta = msgpack.unpackb(header)
+                if meta["tags"].get("handle") == op.handle:
+                    break
+        assert source == b"dhs"
+        assert meta["tags"] == {
+            "command": "stoh_start_operation",
+            "device": "echo",
+            "handle": op.handle,
+        }
+        assert payload == [f"stoh_start_operation echo {op.handle} {{tagged word}}".encode()]
+    finally:
+        sub.close()
+        ctx.term()
+        await h.stop()
+
+
+# ------------------------------------------------------------------ the shipped example
+
+
+async def test_example_config_runs_its_handlers() -> None:
+    devs = [
+        SimDevice("real_motor", "sample_x"),
+        SimDevice("real_motor", "detector_z"),
+        SimDevice("operation", "readTemperature"),
+        SimDevice("operation", "collectFrames"),
+    ]
+    async with DcssSimulator({"beamline_dhs": 2}, devs) as sim:
+        text = (ROOT / "examples" / "beamline-dhs.toml").read_text()
+        text = re.sub(r'connect = "[^"]*"', f'connect = "{sim.address}"', text, count=1)
+        text = text.replace("tcp://127.0.0.1:9010", "tcp://127.0.0.1:0")
+        handlers = ROOT / "examples" / "dhs_handlers.py"
+        text = text.replace('"examples/dhs_handlers.py"', f'"{handlers}"')
+        h = Host(parse_config(text, "beamline-dhs.toml"))
+        await h.start()
+        try:
+            link = await online(sim, "beamline_dhs")
+            pushed = await link.wait_for(
+                lambda m: isinstance(m, d.HtosConfigureRealMotor) and m.motor == "detector_z", T
+            )
+            assert isinstance(pushed, d.HtosConfigureRealMotor) and pushed.position == 300.0
+            temp = link.start_operation("readTemperature", "room")
+            assert await done(temp) == "normal"
+            assert temp.completion is not None and temp.completion.args == "295.4"
+            frames = link.start_operation("collectFrames", "3 0.01 {my sample}")
+            assert await done(frames) == "normal"
+            assert frames.updates[-1] == "frame 3 {my sample_0003.img}"
+            bad = link.start_operation("collectFrames", "three")
+            assert await done(bad) == "error"
+            link.move_motor("detector_z", 400.0)
+            end = await link.wait_for(lambda m: isinstance(m, d.HtosMotorMoveCompleted), T)
+            assert end == d.HtosMotorMoveCompleted("detector_z", 400.0, "normal")
+        finally:
+            await h.stop()
