@@ -178,5 +178,7 @@ def sim() -> None:
     """Real peers for demos and tests: a TARGET-module source, a DCSS server, a CDTP sender."""
 
 
+main.add_command(importlib.import_module("daqd.packetstream").send_packets_command)
+
 if __name__ == "__main__":
     main()

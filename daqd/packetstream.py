@@ -34,6 +34,7 @@ from daqd.protocols.packetstream import (
 __all__ = [
     "HandlerResult",
     "PacketConnection",
+    "RequestFailed",
     "RequestHandler",
     "connect",
     "response_from_result",
@@ -55,6 +56,14 @@ _HIGH_WATER_BYTES = 1 << 20
 _MAX_REASON_CHARS = 200
 _EOF_PACKET = encode(EOF)
 _ERQ_PACKET = encode(ERQ)
+
+
+class RequestFailed(Exception):
+    """Raise in a handler to answer with a failure whose payload is exactly `reason`."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 def _short_reason(exc: BaseException) -> str:
@@ -456,6 +465,9 @@ class PacketConnection:
             self._slot_free.set()
 
     def _handler_failed(self, rq: Request, exc: Exception) -> None:
+        if isinstance(exc, RequestFailed):
+            self._respond(rq.channel, rq.tag, False, 0, exc.reason.encode())
+            return
         self._count_error("handler")
         reason = _short_reason(exc)
         log.warning(
