@@ -27,7 +27,6 @@ class Counters:
     def count(self, nbytes: int, n: int = 1) -> None:
         self.records += n
         self.bytes += nbytes
-        self.last_seen_ns = time.time_ns()
 
     def drop(self, reason: str, n: int = 1) -> None:
         self.drops[reason] = self.drops.get(reason, 0) + n
@@ -38,6 +37,10 @@ class Counters:
     def sample(self) -> None:
         """Remember the current totals; the host calls this once a second so rates are fresh."""
         now = time.monotonic()
+        if not self._history or self._history[-1][1] != self.records:
+            self.last_seen_ns = (
+                time.time_ns()
+            )  # to the second: cheaper than a clock read per record
         self._history.append((now, self.records, self.bytes))
         while len(self._history) > 2 and now - self._history[1][0] > RATE_WINDOW_S:
             self._history.popleft()

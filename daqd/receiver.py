@@ -6,6 +6,7 @@ import asyncio
 import inspect
 import logging
 import socket
+import sys
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -25,6 +26,9 @@ if TYPE_CHECKING:
     from daqd.publisher import PublisherQueue
 
 StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+# Linux's SO_RCVBUFFORCE, which Python's socket module does not export
+_SO_RCVBUFFORCE = 33 if sys.platform.startswith("linux") else None
 
 RESTART_FIRST_S = 0.5
 RESTART_MAX_S = 30.0
@@ -190,7 +194,12 @@ class ReceiverServer:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf_bytes)
+            try:  # with CAP_NET_ADMIN Linux lets us past net.core.rmem_max; else we are capped
+                if _SO_RCVBUFFORCE is None:
+                    raise OSError
+                sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, rcvbuf_bytes)
+            except OSError:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf_bytes)
             sock.bind((host, port))
         except OSError:
             sock.close()

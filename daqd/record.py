@@ -26,7 +26,11 @@ class Record:
 
     @property
     def nbytes(self) -> int:
-        return sum(len(b) if not isinstance(b, memoryview) else b.nbytes for b in self.payload)
+        p = self.payload
+        if len(p) == 1:  # the common case, on the per-record path
+            b = p[0]
+            return b.nbytes if type(b) is memoryview else len(b)
+        return sum(b.nbytes if type(b) is memoryview else len(b) for b in p)
 
     def header(self) -> dict[str, Any]:
         """Everything but the payload, as a msgpack-able map."""
