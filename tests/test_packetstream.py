@@ -9,12 +9,17 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import sys
 import tracemalloc
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
+from daqd.config import parse_config
+from daqd.errors import ConfigError
+from daqd.host import Host
 from daqd.packetstream import PacketConnection, RequestHandler, connect
 from daqd.protocols.packetstream import (
     EOF,
@@ -26,6 +31,7 @@ from daqd.protocols.packetstream import (
     encode,
     encode_bsuint,
 )
+from daqd.record import Record
 
 WAIT_S = 20.0  # generous: the test box is a loaded 2-core machine
 
@@ -539,3 +545,250 @@ async def test_memory_flat_on_a_long_connection(tcp_server: Callable[..., Server
     assert not server_conn._tasks and not conn._pending
     assert server_conn.requests_served == 14000
     await conn.close()
+
+
+# ---- the packetstream receiver in a host ----
+
+RECEIVER_CONFIG = """
+[daemon]
+name = "ps"
+drain_timeout_s = 5
+
+[[receiver]]
+type = "packetstream"
+name = "ps"
+listen = "127.0.0.1:0"
+accept_timeout_s = {accept_timeout_s}
+{extra}
+publish_to = ["disk"]
+
+[[publisher]]
+type = "file"
+name = "disk"
+directory = "{directory}"
+queue_size = {queue_size}
+policy = "{policy}"
+"""
+
+
+def answer_handler(rq: Request) -> tuple[int, bytes]:
+    """Used by the receiver tests as a configured `handler`."""
+    return rq.rq_type * 10, b"took " + rq.payload
+
+
+@dataclass
+class PsHost:
+    host: Host
+    port: int
+    sent: list[Record]
+    gate: asyncio.Event
+
+
+async def ps_host(
+    tmp_path: Path,
+    *,
+    queue_size: int = 10000,
+    policy: str = "block",
+    accept_timeout_s: float = 5.0,
+    extra: str = "",
+) -> PsHost:
+    text = RECEIVER_CONFIG.format(
+        directory=tmp_path,
+        queue_size=queue_size,
+        policy=policy,
+        accept_timeout_s=accept_timeout_s,
+        extra=extra,
+    )
+    host = Host(parse_config(text, "ps.toml"))
+    await host.start()
+    sent: list[Record] = []
+    gate = asyncio.Event()
+    gate.set()
+    pub = host.publishers["disk"]
+    original = pub.send
+
+    async def gated_send(records: list[Record]) -> None:
+        await gate.wait()
+        sent.extend(records)
+        await original(records)
+
+    pub.send = gated_send  # type: ignore[method-assign]
+    port = int(host.receivers["ps"].addresses["listen"].rsplit(":", 1)[1])
+    return PsHost(host, port, sent, gate)
+
+
+async def test_receiver_requests_become_records_acknowledged(tmp_path: Path) -> None:
+    ps = await ps_host(tmp_path)
+    conn = await connect("127.0.0.1", ps.port)
+    client_port = conn._writer.get_extra_info("sockname")[1]
+    payloads = [b"event %d" % i for i in range(300)]
+    responses = await asyncio.wait_for(
+        asyncio.gather(
+            *(conn.request(4, p, flags=1, channel=i % 2) for i, p in enumerate(payloads))
+        ),
+        WAIT_S,
+    )
+    assert all(r.ok and r.flags == 0 and r.payload == b"" for r in responses)
+    await wait_for(lambda: len(ps.sent) == 300)
+    assert [bytes(r.payload[0]) for r in ps.sent] == payloads
+    assert [r.seq for r in ps.sent] == list(range(1, 301))
+    assert ps.sent[1].tags == {
+        "rq_type": 4,
+        "flags": 1,
+        "channel": 1,
+        "peer": f"127.0.0.1:{client_port}",
+    }
+    rec = ps.host.receivers["ps"]
+    assert rec.counters.records == 300
+    assert rec.counters.extra["clients"] == 1
+    await conn.close()
+    await wait_for(lambda: rec.counters.extra["clients"] == 0)
+    await ps.host.stop()
+
+
+async def test_receiver_configured_handler_answers(tmp_path: Path) -> None:
+    ps = await ps_host(tmp_path, extra='handler = "tests.test_packetstream:answer_handler"')
+    conn = await connect("127.0.0.1", ps.port)
+    rsp = await asyncio.wait_for(conn.request(3, b"this"), WAIT_S)
+    assert (rsp.ok, rsp.flags, rsp.payload) == (True, 30, b"took this")
+    await wait_for(lambda: len(ps.sent) == 1)
+    await conn.close()
+    await ps.host.stop()
+
+
+async def test_receiver_bad_handler_setting_is_a_config_error(tmp_path: Path) -> None:
+    text = RECEIVER_CONFIG.format(
+        directory=tmp_path,
+        queue_size=10,
+        policy="block",
+        accept_timeout_s=1,
+        extra='handler = "tests.test_packetstream:no_such_function"',
+    )
+    with pytest.raises(ConfigError, match="no_such_function"):
+        parse_config(text, "ps.toml")
+
+
+async def test_receiver_busy_when_block_publisher_stays_full(tmp_path: Path) -> None:
+    ps = await ps_host(tmp_path, queue_size=2, accept_timeout_s=0.3)
+    ps.gate.clear()  # the publisher stalls: its queue fills up
+    rec = ps.host.receivers["ps"]
+    conn = await connect("127.0.0.1", ps.port)
+    first = [await asyncio.wait_for(conn.request(0, b"r%d" % i), WAIT_S) for i in range(3)]
+    assert all(r.ok for r in first)  # one in the stalled batch, two in the queue
+    late = await asyncio.wait_for(
+        asyncio.gather(*(conn.request(0, b"late%d" % i) for i in range(5))), WAIT_S
+    )
+    assert [(r.ok, r.payload) for r in late] == [(False, b"busy")] * 5
+    assert rec.counters.drops["busy"] == 5
+    ps.gate.set()  # the publisher catches up: requests are accepted again
+    after = await asyncio.wait_for(
+        asyncio.gather(*(conn.request(0, b"after%d" % i) for i in range(10))), WAIT_S
+    )
+    assert all(r.ok for r in after)
+    await wait_for(lambda: len(ps.sent) == 13)
+    # refused requests left no record behind and no hole in seq
+    assert [r.seq for r in ps.sent] == list(range(1, 14))
+    assert [bytes(r.payload[0]) for r in ps.sent] == [b"r0", b"r1", b"r2"] + [
+        b"after%d" % i for i in range(10)
+    ]
+    await conn.close()
+    await ps.host.stop()
+
+
+async def test_receiver_waits_for_space_within_accept_timeout(tmp_path: Path) -> None:
+    ps = await ps_host(tmp_path, queue_size=1, accept_timeout_s=30)
+    ps.gate.clear()
+    conn = await connect("127.0.0.1", ps.port)
+    tasks = [asyncio.ensure_future(conn.request(0, b"%d" % i)) for i in range(6)]
+    await wait_for(lambda: sum(t.done() for t in tasks) == 2)  # one sending, one queued
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert sum(t.done() for t in tasks) == 2
+    ps.gate.set()
+    responses = await asyncio.wait_for(asyncio.gather(*tasks), WAIT_S)
+    assert all(r.ok for r in responses)
+    await wait_for(lambda: len(ps.sent) == 6)
+    assert [bytes(r.payload[0]) for r in ps.sent] == [b"%d" % i for i in range(6)]
+    await conn.close()
+    await ps.host.stop()
+
+
+async def test_receiver_drop_policy_full_is_answered(tmp_path: Path) -> None:
+    ps = await ps_host(tmp_path, queue_size=1, policy="drop")
+    ps.gate.clear()
+    conn = await connect("127.0.0.1", ps.port)
+    got = [await asyncio.wait_for(conn.request(0, b"%d" % i), WAIT_S) for i in range(4)]
+    assert [r.ok for r in got] == [True, True, False, False]
+    assert got[3].payload.startswith(b"dropped")
+    assert ps.host.publishers["disk"].counters.drops["queue_full"] == 2
+    ps.gate.set()
+    await conn.close()
+    await ps.host.stop()
+
+
+async def test_receiver_bad_client_counted_others_served(tmp_path: Path) -> None:
+    ps = await ps_host(tmp_path)
+    good = await connect("127.0.0.1", ps.port)
+    reader, writer = await asyncio.open_connection("127.0.0.1", ps.port)
+    writer.write(b"\x81" * 12)  # a BSUInt longer than 10 bytes
+    assert await asyncio.wait_for(reader.read(), WAIT_S) == b""
+    rec = ps.host.receivers["ps"]
+    assert rec.counters.errors["protocol"] == 1
+    assert (await asyncio.wait_for(good.request(1, b"still"), WAIT_S)).ok
+    assert rec.state == "running"
+    writer.close()
+    await good.close()
+    await ps.host.stop()
+
+
+async def test_receiver_stop_says_goodbye_to_clients(tmp_path: Path) -> None:
+    ps = await ps_host(tmp_path)
+    conn = await connect("127.0.0.1", ps.port)
+    assert (await asyncio.wait_for(conn.request(1, b"x"), WAIT_S)).ok
+    await asyncio.wait_for(ps.host.stop(), WAIT_S)
+    # the server sent ERQ and EOF: our side answered with EOF and closed
+    await asyncio.wait_for(conn.wait_closed(), WAIT_S)
+    with pytest.raises(ConnectionError):
+        await conn.request(1)
+    assert ps.host.receivers["ps"].counters.errors == {}
+
+
+async def test_send_packets_command(tmp_path: Path) -> None:
+    ps = await ps_host(tmp_path, extra='handler = "tests.test_packetstream:answer_handler"')
+    source = tmp_path / "lines.txt"
+    source.write_bytes(b"alpha\nbeta\n\ngamma\n")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "daqd.cli",
+        "send-packets",
+        f"127.0.0.1:{ps.port}",
+        str(source),
+        "--rq-type",
+        "2",
+        "--split",
+        "lines",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err
+    assert out.decode().splitlines() == ["ok 20 took alpha", "ok 20 took beta", "ok 20 took gamma"]
+    assert "3 requests, 0 failed" in err.decode()
+    await wait_for(lambda: len(ps.sent) == 3)
+    assert [r.tags["rq_type"] for r in ps.sent] == [2, 2, 2]
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "daqd.cli",
+        "send-packets",
+        "127.0.0.1:1",
+        "--rq-type",
+        "0",
+        stdin=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(b"x"), 60)
+    assert proc.returncode == 2 and b"127.0.0.1:1" in err
+    await ps.host.stop()
