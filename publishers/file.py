@@ -43,7 +43,13 @@ class FilePublisher(Publisher):
 
     def _open(self, kind: str, stem: str, meta: dict[str, Any]) -> None:
         self._path, self._file = create_exclusive(self.directory, stem)
-        self._header = {"daqd": "runfile", "version": 1, "kind": kind, "publisher": self.name, **meta}
+        self._header = {
+            "daqd": "runfile",
+            "version": 1,
+            "kind": kind,
+            "publisher": self.name,
+            **meta,
+        }
         self._file.write(self._packer.pack(self._header))
         files: list[str] = self.counters.extra["files"]
         files.append(str(self._path))
@@ -67,7 +73,9 @@ class FilePublisher(Publisher):
             if not self.settings.live:
                 self.counters.drop("outside_run", len(records))
                 return
-            self._open("live", f"live-{time.strftime('%Y%m%dT%H%M%S')}", {"time_start": time.time_ns()})
+            self._open(
+                "live", f"live-{time.strftime('%Y%m%dT%H%M%S')}", {"time_start": time.time_ns()}
+            )
         f = self._file
         assert f is not None
         pack = self._packer.pack
