@@ -32,6 +32,7 @@ from daqd.record import Record
 from daqd.runstate import RunInfo
 
 _ALL_MODULES = (1 << N_MODULES) - 1
+_BITS = np.arange(N_MODULES, dtype=np.int64)
 _MAX_DATAGRAM_BYTES = MAX_BLOCKS * BLOCK_BYTES
 _MAX_BATCH = 256  # datagrams assembled together at most
 _PUBLISHED = -1  # slot codes of blocks whose readout is not pending
@@ -83,23 +84,24 @@ class SlowSignalSettings(ReceiverSettings):
 
 
 class Readout:
-    """One TACK being assembled; its counts live in the receiver's store at `slot`."""
+    """One TACK being assembled: which modules are in; its counts live in the store at `slot`."""
 
-    __slots__ = ("cpu_ns", "created", "slot", "tack")
+    __slots__ = ("cpu_ns", "created", "mask", "slot", "tack")
 
     def __init__(self, tack: int, slot: int, created: float, cpu_ns: int) -> None:
         self.tack = tack
         self.slot = slot
         self.created = created
         self.cpu_ns = cpu_ns
+        self.mask = 0
 
 
 class SlowSignalReceiver(ReceiverServer):
     """UDP slow-signal datagrams from TARGET modules in, one record per camera readout out.
 
-    Datagrams received in one turn of the event loop are decoded and assembled together with
-    numpy: the Python work per datagram is a dict look-up and an append; the rest is per batch,
-    per distinct TACK, or per published readout.
+    The datagrams received in one turn of the event loop are decoded together with numpy, matched
+    block by block (a dict look-up and a bit test each), and copied into the readouts' store with
+    one fancy-indexed assignment.
     """
 
     Settings = SlowSignalSettings
@@ -108,9 +110,7 @@ class SlowSignalReceiver(ReceiverServer):
     def __init__(self, settings: SlowSignalSettings, host: Any) -> None:
         super().__init__(settings, host)
         s = settings
-        self.expected_idx = np.asarray(s.expected_modules(), dtype=np.int64)
-        self.expected_bool = np.zeros(N_MODULES, dtype=bool)
-        self.expected_bool[self.expected_idx] = True
+        self.expected = sum(1 << m for m in s.expected_modules())
         self.window = s.readout_window_ns
         self.pending: dict[int, Readout] = {}
         self.keys: list[int] = []  # TACKs of pending readouts, sorted
@@ -122,33 +122,29 @@ class SlowSignalReceiver(ReceiverServer):
         self.paused = False
         self.complete = 0
         self.incomplete = 0
-        # pending readouts' data: slot -> 32 x 64 counts, second timestamps, modules present
+        # pending readouts' data, by slot: 32 x 64 counts and 32 second timestamps
         self.store = np.zeros((0, N_MODULES, N_PIXELS), dtype=np.uint16)
         self.seconds = np.zeros((0, N_MODULES), dtype=np.uint64)
-        self.present = np.zeros((0, N_MODULES), dtype=bool)
-        self.by_slot: list[Readout | None] = []
         self.free: list[int] = []
         self._grow()
         self._batch: list[bytes] = []
         self._batch_modules: list[int] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._module_cache: dict[str, int] = {}
-        self.per_module: dict[str, np.ndarray] = {
-            k: np.zeros(N_MODULES, dtype=np.int64)
-            for k in ("datagrams", "blocks", "missing", "duplicates", "late")
+        self.per_module: dict[str, list[int]] = {
+            k: [0] * N_MODULES for k in ("datagrams", "blocks", "missing", "duplicates", "late")
         }
         self.unknown_sources: dict[str, int] = {}
         self._refresh_extra()
 
     def _grow(self) -> None:
-        old = len(self.by_slot)
+        old = self.store.shape[0]
         new = max(64, 2 * old)
-        for name in ("store", "seconds", "present"):
-            arr = getattr(self, name)
-            grown = np.zeros((new, *arr.shape[1:]), dtype=arr.dtype)
-            grown[:old] = arr
-            setattr(self, name, grown)
-        self.by_slot.extend([None] * (new - old))
+        store = np.zeros((new, N_MODULES, N_PIXELS), dtype=np.uint16)
+        store[:old] = self.store
+        seconds = np.zeros((new, N_MODULES), dtype=np.uint64)
+        seconds[:old] = self.seconds
+        self.store, self.seconds = store, seconds
         self.free.extend(range(new - 1, old - 1, -1))  # pop() hands out low slots first
 
     # ----- sockets and tasks -----------------------------------------------------------------
@@ -245,77 +241,58 @@ class SlowSignalReceiver(ReceiverServer):
     def _assemble(self, datagrams: list[bytes], module_list: list[int]) -> None:
         now_ns = time.time_ns()
         mono = time.monotonic()
-        nd = len(datagrams)
-        if nd == 1:
+        pm_datagrams = self.per_module["datagrams"]
+        pm_blocks = self.per_module["blocks"]
+        if len(datagrams) == 1:
             blocks = decode_datagram(datagrams[0])
-            sizes = [len(blocks)]
-            mods = np.full(sizes[0], module_list[0], dtype=np.int64)
+            m = module_list[0]
+            mods = [m] * len(blocks)
+            pm_datagrams[m] += 1
+            pm_blocks[m] += len(blocks)
         else:
-            blocks = decode_datagram(b"".join(datagrams), max_blocks=nd * MAX_BLOCKS)
-            sizes = [len(d) // BLOCK_BYTES for d in datagrams]
-            mods = np.repeat(np.asarray(module_list, dtype=np.int64), sizes)
-        pm = self.per_module
-        pm["datagrams"] += np.bincount(module_list, minlength=N_MODULES)
-        pm["blocks"] += np.bincount(mods, minlength=N_MODULES)
-        tacks = blocks.tack
-        # a datagram is sent after its last block: date each TACK back from its arrival by that
-        last = np.repeat(tacks[np.cumsum(sizes) - 1], sizes)
-        uniq, first, inverse = np.unique(tacks, return_index=True, return_inverse=True)
+            blocks = decode_datagram(b"".join(datagrams), max_blocks=len(datagrams) * MAX_BLOCKS)
+            mods = []
+            for m, d in zip(module_list, datagrams, strict=True):
+                n = len(d) // BLOCK_BYTES
+                mods += [m] * n
+                pm_datagrams[m] += 1
+                pm_blocks[m] += n
+        tacks: list[int] = blocks.tack.tolist()
         pending = self.pending
-        slot_u = np.empty(len(uniq), dtype=np.int64)
-        published: dict[int, int] = {}  # index into uniq -> mask of its published readout
+        expected = self.expected
+        kept: list[int] = []  # block index -> ...
+        slots: list[int] = []  # ... its readout's slot
+        done: list[Readout] = []
         newest_new = -1
-        for j, (tack, last_tack) in enumerate(
-            zip(uniq.tolist(), last[first].tolist(), strict=True)
-        ):
+        for i, tack in enumerate(tacks):
             ro = pending.get(tack)
-            if ro is None and self.window:
-                ro = self._match(tack, self.keys)
-            if ro is not None:
-                slot_u[j] = ro.slot
+            module = mods[i]
+            if ro is None:
+                ro = self._find(tack, module, i, tacks, mods, mono, now_ns)
+                if ro is None:
+                    continue
+                if ro.mask == 0 and tack > newest_new:
+                    newest_new = tack
+            bit = 1 << module
+            if ro.mask & bit:
+                self._duplicate(module)
                 continue
-            mask = self._published(tack)
-            if mask is not None:
-                slot_u[j] = _PUBLISHED
-                published[j] = mask
-            elif tack <= self.watermark:
-                slot_u[j] = _LATE
+            ro.mask |= bit
+            kept.append(i)
+            slots.append(ro.slot)
+            if bit & expected and ro.mask & expected == expected:
+                done.append(ro)
+        if kept:
+            mods_kept = [mods[i] for i in kept]
+            if len(kept) == len(tacks):
+                self.store[slots, mods_kept] = blocks.counts
+                self.seconds[slots, mods_kept] = blocks.second
             else:
-                backdate = min(max(last_tack - tack, 0), _MAX_CPU_BACKDATE_NS)
-                slot_u[j] = self._new_readout(tack, mono, now_ns - backdate).slot
-                newest_new = tack
-        slot_b = slot_u[inverse.reshape(-1)]
-        ok = slot_b >= 0
-        if ok.all():
-            idx = np.arange(len(slot_b))
-        else:
-            self._refused(~ok, slot_b, inverse.reshape(-1), mods, published, tacks)
-            idx = np.flatnonzero(ok)
-        s_ok = slot_b[idx]
-        m_ok = mods[idx]
-        again = self.present[s_ok, m_ok]
-        if nd > 1:  # the same module twice for one readout within this batch
-            key = s_ok * N_MODULES + m_ok
-            firsts = np.unique(key, return_index=True)[1]
-            if len(firsts) < len(key):
-                repeat = np.ones(len(key), dtype=bool)
-                repeat[firsts] = False
-                again |= repeat
-        if again.any():
-            self._duplicates(m_ok[again])
-            keep = ~again
-            idx, s_ok, m_ok = idx[keep], s_ok[keep], m_ok[keep]
-        self.store[s_ok, m_ok] = blocks.counts[idx]
-        self.seconds[s_ok, m_ok] = blocks.second[idx]
-        self.present[s_ok, m_ok] = True
-        touched = np.unique(slot_u[slot_u >= 0])
-        if touched.size:
-            full = self.present[touched][:, self.expected_idx].all(axis=1)
-            if full.any():
-                by_slot = self.by_slot
-                done = sorted(by_slot[s].tack for s in touched[full].tolist())
-                for tack in done:
-                    self._flush(tack, complete=True)
+                self.store[slots, mods_kept] = blocks.counts[kept]
+                self.seconds[slots, mods_kept] = blocks.second[kept]
+        # flushing frees slots, so it waits until every block of the batch is stored
+        for ro in sorted(done, key=lambda r: r.tack):
+            self._flush(ro.tack, complete=True)
         keys = self.keys
         if newest_new >= 0:
             horizon = newest_new - self.settings.buffer_ns
@@ -327,68 +304,54 @@ class SlowSignalReceiver(ReceiverServer):
             self.watermark = max(self.watermark, keys[0])
             self._flush(keys[0])
 
-    def _match(self, tack: int, keys: list[int]) -> Readout | None:
-        """The readout whose TACK is within readout_window_ns of `tack`, if any."""
-        i = bisect.bisect_left(keys, tack)
-        for j in (i - 1, i):
-            if 0 <= j < len(keys) and abs(keys[j] - tack) < self.window:
-                return self.pending[keys[j]]
-        return None
-
-    def _published(self, tack: int) -> int | None:
-        """Module mask of the recently published readout matching `tack`, if any."""
-        mask = self.recent.get(tack)
-        if mask is None and self.window and self.recent_keys:
-            rk = self.recent_keys
-            i = bisect.bisect_left(rk, tack)
-            for j in (i - 1, i):
-                if 0 <= j < len(rk) and abs(rk[j] - tack) < self.window:
-                    return self.recent[rk[j]]
-        return mask
-
-    def _refused(
+    def _find(
         self,
-        refused: np.ndarray,
-        slot_b: np.ndarray,
-        inverse: np.ndarray,
-        mods: np.ndarray,
-        published: dict[int, int],
-        tacks: np.ndarray,
-    ) -> None:
-        """Count blocks whose readout is already published: duplicates or late."""
-        late_mods: list[int] = []
-        dup_mods: list[int] = []
-        for i in np.flatnonzero(refused).tolist():
-            module = int(mods[i])
-            mask = published.get(int(inverse[i]))
-            if mask is not None and mask >> module & 1:
-                dup_mods.append(module)
-            else:
-                late_mods.append(module)
-        if dup_mods:
-            self._duplicates(np.asarray(dup_mods))
-        if late_mods:
-            self.per_module["late"] += np.bincount(late_mods, minlength=N_MODULES)
-            self.counters.drop("late", len(late_mods))
-            first = int(np.flatnonzero(refused)[0])
+        tack: int,
+        module: int,
+        i: int,
+        tacks: list[int],
+        mods: list[int],
+        mono: float,
+        now_ns: int,
+    ) -> Readout | None:
+        """The readout for block i: within the window, or new; None if refused (counted)."""
+        window = self.window
+        if window and self.keys:
+            keys = self.keys
+            j = bisect.bisect_left(keys, tack)
+            for k in (j - 1, j):
+                if 0 <= k < len(keys) and abs(keys[k] - tack) < window:
+                    return self.pending[keys[k]]
+        mask = self.recent.get(tack)
+        if mask is None and window and self.recent_keys:
+            rk = self.recent_keys
+            j = bisect.bisect_left(rk, tack)
+            for k in (j - 1, j):
+                if 0 <= k < len(rk) and abs(rk[k] - tack) < window:
+                    mask = self.recent[rk[k]]
+                    break
+        if mask is not None and mask >> module & 1:
+            self._duplicate(module)
+            return None
+        if mask is not None or tack <= self.watermark:
+            self.per_module["late"][module] += 1
+            self.counters.drop("late")
             self.limited.warning(
                 "late",
-                "%s: %d late blocks, e.g. module %d TACK %d: their readout was already published",
+                "%s: late block from module %d: readout of TACK %d was already published",
                 self.name,
-                len(late_mods),
-                late_mods[0],
-                int(tacks[first]),
+                module,
+                tack,
             )
-
-    def _duplicates(self, modules: np.ndarray) -> None:
-        self.per_module["duplicates"] += np.bincount(modules, minlength=N_MODULES)
-        self.counters.error("duplicate", len(modules))
-
-    def _new_readout(self, tack: int, created: float, cpu_ns: int) -> Readout:
+            return None
+        # a datagram is sent after its last block: date each TACK back from the arrival by that
+        last = i
+        while last + 1 < len(tacks) and mods[last + 1] == module and tacks[last + 1] > tacks[last]:
+            last += 1
+        backdate = min(tacks[last] - tack, _MAX_CPU_BACKDATE_NS)
         if not self.free:
             self._grow()
-        ro = Readout(tack, self.free.pop(), created, cpu_ns)
-        self.by_slot[ro.slot] = ro
+        ro = Readout(tack, self.free.pop(), mono, now_ns - backdate)
         self.pending[tack] = ro
         keys = self.keys
         if not keys or tack > keys[-1]:
@@ -397,30 +360,36 @@ class SlowSignalReceiver(ReceiverServer):
             bisect.insort(keys, tack)
         return ro
 
+    def _duplicate(self, module: int) -> None:
+        self.per_module["duplicates"][module] += 1
+        self.counters.error("duplicate")
+
     def _flush(self, tack: int, complete: bool = False) -> None:
         """Take the readout keyed `tack` out of the pending map, publish it, free its slot."""
         ro = self.pending.pop(tack)
         del self.keys[bisect.bisect_left(self.keys, tack)]
-        slot = ro.slot
-        present = self.present[slot]
-        mask = int(np.packbits(present, bitorder="little").view("<u4")[0])
+        mask = ro.mask
         self._remember(tack, mask)
+        absent = None
         if mask != _ALL_MODULES:  # slots are reused: clear what an earlier readout left there
-            absent = ~present
-            self.store[slot][absent] = 0
-            self.seconds[slot][absent] = 0
+            absent = (mask >> _BITS) & 1 == 0
+            self.store[ro.slot][absent] = 0
+            self.seconds[ro.slot][absent] = 0
         if complete:
             self.complete += 1
         else:
             self.incomplete += 1
-            self.per_module["missing"] += self.expected_bool & ~present
+            missing = self.per_module["missing"]
+            gone = self.expected & ~mask
+            while gone:
+                low = gone & -gone
+                missing[low.bit_length() - 1] += 1
+                gone ^= low
         if self.paused:
             self.counters.drop("paused")
         else:
-            self.publish_nowait(self._record(ro, mask, complete))
-        present[:] = False
-        self.by_slot[slot] = None
-        self.free.append(slot)
+            self.publish_nowait(self._record(ro, absent, complete))
+        self.free.append(ro.slot)
 
     def flush_all(self) -> None:
         """Assemble what was received, then publish every pending readout, oldest TACK first."""
@@ -440,31 +409,30 @@ class SlowSignalReceiver(ReceiverServer):
                 del self.recent[old]
             del rk[: self.recent_limit]
 
-    def _record(self, ro: Readout, mask: int, complete: bool) -> Record:
+    def _record(self, ro: Readout, absent: np.ndarray | None, complete: bool) -> Record:
         number = self.next_readout
         self.next_readout += 1
-        slot = ro.slot
-        counts = self.store[slot]
+        counts = self.store[ro.slot]
         tags: dict[str, Any] = {
             "tack": ro.tack,
             "readout": number,
-            "modules_present": mask,
+            "modules_present": ro.mask,
             "complete": complete,
             "cpu_time_ns": ro.cpu_ns,
-            "second_ns": self.seconds[slot].tolist(),
+            "second_ns": self.seconds[ro.slot].tolist(),
         }
         if self.settings.format == "ssdaq":
             mv = counts * MV_PER_COUNT
-            if mask != _ALL_MODULES:
-                mv[~self.present[slot]] = np.nan
+            if absent is not None:
+                mv[absent] = np.nan
             cpu_s, cpu_ns = divmod(ro.cpu_ns, 1_000_000_000)
             payload = encode_ssdaq_frame(number, ro.tack, cpu_s, cpu_ns, mv)
             tags["format"] = "ssdaq"
         elif self.settings.payload == "mv":
             mv32 = counts.astype(np.float32)
             mv32 *= np.float32(MV_PER_COUNT)
-            if mask != _ALL_MODULES:
-                mv32[~self.present[slot]] = np.nan
+            if absent is not None:
+                mv32[absent] = np.nan
             payload = mv32.astype("<f4", copy=False).tobytes()
             tags.update(dtype="<f4", unit="mV", shape=[N_MODULES, N_PIXELS])
         else:
@@ -480,7 +448,7 @@ class SlowSignalReceiver(ReceiverServer):
         extra["pending_readouts"] = len(self.pending)
         extra["next_readout"] = self.next_readout
         extra["paused"] = self.paused
-        extra["modules"] = {k: v.tolist() for k, v in self.per_module.items()}
+        extra["modules"] = {k: list(v) for k, v in self.per_module.items()}
         extra["unknown_sources"] = dict(self.unknown_sources)
 
     def sample(self) -> None:
@@ -512,7 +480,9 @@ class SlowSignalReceiver(ReceiverServer):
         """Readout counters, drops, and per-module datagrams, blocks, missing, duplicates, late."""
         self._refresh_extra()
         blocks = self.per_module["blocks"]
-        shown = sorted({m for m in range(N_MODULES) if blocks[m]} | set(self.expected_idx.tolist()))
+        shown = sorted(
+            {m for m in range(N_MODULES) if blocks[m]} | set(self.settings.expected_modules())
+        )
         return {
             "readouts_complete": self.complete,
             "readouts_incomplete": self.incomplete,
@@ -522,5 +492,5 @@ class SlowSignalReceiver(ReceiverServer):
             "drops": dict(self.counters.drops),
             "errors": dict(self.counters.errors),
             "unknown_sources": dict(self.unknown_sources),
-            "modules": {str(m): {k: int(v[m]) for k, v in self.per_module.items()} for m in shown},
+            "modules": {str(m): {k: v[m] for k, v in self.per_module.items()} for m in shown},
         }
