@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import struct
+import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -362,3 +364,55 @@ async def test_shutdown_publishes_what_is_pending(rig_factory: Callable[..., Any
 def test_bad_settings_name_the_key(tmp_path: Path, key: str, value: Any, words: str) -> None:
     with pytest.raises(ConfigError, match=words):
         parse_config(config_text(tmp_path, **{key: value}), path="<test>")
+
+
+def test_daemon_with_the_simulator_command_and_daqctl(
+    daemon: Callable[..., Any], workdir: Path
+) -> None:
+    from tests.conftest import DAQD, wait_until
+
+    d = daemon(
+        f"""
+[daemon]
+name = "sst"
+
+[[receiver]]
+type = "slowsignal"
+name = "chec"
+listen = "127.0.0.1:0"
+publish_to = ["disk"]
+
+[[publisher]]
+type = "file"
+name = "disk"
+directory = "{workdir}/data"
+""",
+        name="sst",
+    )
+    listen = d.status()["receivers"]["chec"]["addresses"]["listen"]
+    assert d.ctl("start", "r7").returncode == 0
+    sim = subprocess.run(
+        [DAQD, "sim", "slowsignal", "--target", listen, "--rate", "3000", "--modules", "32",
+         "--count", "320", "--duplicate", "1", "--empty", "1", "--short", "1"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert sim.returncode == 0, sim.stderr
+    assert "sent 323 datagrams (320 in stream" in sim.stderr
+    wait_until(
+        lambda: d.status()["receivers"]["chec"]["extra"]["readouts_complete"] == 100,
+        what="100 complete readouts",
+    )
+    out = d.ctl("cmd", "chec", "stats", "--json")
+    stats = json.loads(out.stdout)
+    assert stats["readouts_complete"] == 100 and stats["readouts_incomplete"] == 0
+    assert stats["drops"]["empty"] == 1 and stats["drops"]["bad_size"] == 1
+    assert stats["errors"]["duplicate"] == P
+    assert stats["modules"]["31"]["blocks"] == 10 * P
+    assert "true" in d.ctl("cmd", "chec", "pause").stdout
+    stopped = d.ctl("stop")
+    assert stopped.returncode == 0 and "100 records" in stopped.stdout, stopped.stdout
+    with open(workdir / "data" / "run-r7.daqd", "rb") as f:
+        items = list(msgpack.Unpacker(f, raw=False, strict_map_key=False))
+    numbers = [i[3]["readout"] for i in items[1:-1]]
+    assert numbers == list(range(1, 101))
+    assert items[-1]["end"]["run_id"] == "r7"
