@@ -416,3 +416,20 @@ directory = "{workdir}/data"
     numbers = [i[3]["readout"] for i in items[1:-1]]
     assert numbers == list(range(1, 101))
     assert items[-1]["end"]["run_id"] == "r7"
+
+
+def test_example_config_is_ssdaq_s_default_deployment() -> None:
+    path = Path(__file__).resolve().parent.parent / "examples" / "chec-slowsignal.toml"
+    config = parse_config(path.read_text(), path=str(path))
+    rec: Any = config.receivers[0]
+    assert (rec.type, rec.listen, rec.format, rec.modules) == (
+        "slowsignal",
+        "0.0.0.0:17000",
+        "ssdaq",
+        32,
+    )
+    pubs: dict[str, Any] = {p.name: p for p in config.publishers}
+    assert set(rec.publish_to) == set(pubs)
+    zmq_pub = next(p for p in pubs.values() if p.type == "zmq")
+    assert zmq_pub.endpoint == "tcp://127.0.0.101:9004" and zmq_pub.framing == "payload"
+    assert any(p.type == "file" for p in pubs.values())

@@ -255,7 +255,11 @@ def _print_progress(stats: SendStats, elapsed: float, final: bool) -> None:
         f"\rsent {stats.datagrams} datagrams ({stats.regular} in stream, {rate:,.0f}/s) "
         f"in {elapsed:.1f} s; injected: {injected}"
     )
-    sys.stderr.write(line + ("\n" if final else ""))
+    if not sys.stderr.isatty():  # a log, not a terminal: one line per report
+        line = line[1:] + "\n"
+    elif final:
+        line += "\n"
+    sys.stderr.write(line)
     sys.stderr.flush()
 
 
