@@ -29,8 +29,11 @@ def run_loop(coro: Coroutine[Any, Any, Any]) -> Any:
     """Run a coroutine on uvloop."""
     import uvloop
 
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(coro)
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(coro)
+    except KeyboardInterrupt:  # Ctrl-C before the daemon's own handlers were in place
+        sys.exit(130)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -142,7 +145,7 @@ def dump(file: str, verify: bool, limit: int, payload: bool) -> None:
 
 @main.command()
 @click.option("--seconds", default=10.0, show_default=True, help="How long to run.")
-@click.option("--rate", default=20000, show_default=True, help="Datagrams per second to send.")
+@click.option("--rate", default=5000, show_default=True, help="Datagrams per second to send.")
 @click.option(
     "--directory", default="daqd-demo-data", show_default=True, help="Where run files go."
 )

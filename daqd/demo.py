@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 import struct
 import time
@@ -82,15 +83,24 @@ async def run_demo(seconds: float, rate: int, directory: str) -> None:
         f"demo: sending {rate} datagrams/s to {host_addr}:{port} for {seconds:.0f} s (Ctrl-C ends it)"
     )
     condition = RunCondition.GOOD
+    interrupted = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, interrupted.set)
     try:
         end = time.monotonic() + seconds
         while time.monotonic() < end:
-            await asyncio.sleep(1.0)
-            click.echo(_table(host, live[0]))
-    except asyncio.CancelledError:
-        condition = RunCondition.INTERRUPTED
-        click.echo("\ndemo: interrupted, ending the run")
+            try:
+                await asyncio.wait_for(interrupted.wait(), 1.0)
+            except TimeoutError:
+                click.echo(_table(host, live[0]))
+                continue
+            condition = RunCondition.INTERRUPTED
+            click.echo("\ndemo: interrupted, ending the run")
+            break
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
         stop.set()
         sent = await sender
         await asyncio.sleep(0.2)  # let the last datagrams of the socket buffer arrive

@@ -120,7 +120,7 @@ class ReceiverServer:
         self.queues: list[PublisherQueue] = []  # set by the host from publish_to
         self._seq: dict[str, int] = {}
         self._transports: list[asyncio.BaseTransport] = []
-        self._udp_socks: list[socket.socket] = []
+        self._udp: list[tuple[socket.socket, Callable[[bytes, tuple[str, int]], None]]] = []
         self._servers: list[asyncio.Server] = []
         self._writers: set[asyncio.StreamWriter] = set()
         self._client_tasks: set[asyncio.Task[None]] = set()
@@ -221,7 +221,7 @@ class ReceiverServer:
             lambda: _DatagramProtocol(self, on_datagram), sock=sock
         )
         self._transports.append(transport)
-        self._udp_socks.append(sock)
+        self._udp.append((sock, on_datagram))
         self.addresses[key] = format_hostport(sock.getsockname())
         self.counters.extra["rcvbuf_bytes"] = granted
         return transport
@@ -328,19 +328,29 @@ class ReceiverServer:
     def sample(self) -> None:
         """Once a second: refresh rates and the kernel's drop counts."""
         self.counters.sample()
-        drops = 0
-        seen = False
-        for sock in self._udp_socks:
-            n = kernel_udp_drops(sock)
-            if n is not None:
-                drops += n
-                seen = True
-        if seen:
-            self.counters.drops["kernel"] = self._kernel_base + drops
+        if self._udp or self._kernel_base:
+            now = sum(kernel_udp_drops(sock) or 0 for sock, _ in self._udp)
+            self.counters.drops["kernel"] = self._kernel_base + now
 
-    _kernel_base = (
-        0  # kernel drops of sockets closed by restarts, kept so the counter never goes back
-    )
+    # kernel drops of UDP sockets already closed (restarts), so the counter never goes back
+    _kernel_base = 0
+
+    def _drain_udp(self) -> None:
+        """Deliver what is still in the kernel's buffers before a UDP socket closes: at shutdown
+        'stop receiving' means taking no new datagrams, not discarding the ones already here."""
+        for sock, on_datagram in self._udp:
+            for _ in range(1 << 20):
+                try:
+                    data, addr = sock.recvfrom(65536)
+                except OSError:  # BlockingIOError: empty
+                    break
+                try:
+                    on_datagram(data, addr)
+                except Exception:
+                    self.counters.error("datagram_handler")
+            self._kernel_base += kernel_udp_drops(sock) or 0
+        if self._udp:
+            self.counters.drops["kernel"] = self._kernel_base
 
     async def start(self) -> None:
         """Set up (errors propagate: a daemon that cannot bind must say so) and run the ct_ tasks."""
@@ -418,9 +428,7 @@ class ReceiverServer:
         self._tasks = []
         for server in self._servers:
             server.close()
-        for sock in self._udp_socks:
-            n = kernel_udp_drops(sock)
-            self._kernel_base += n or 0
+        self._drain_udp()
         for transport in self._transports:
             transport.close()
         for writer in list(self._writers):
@@ -432,7 +440,7 @@ class ReceiverServer:
             await server.wait_closed()
         for zsock in self._zmq:
             zsock.close(linger=0)
-        self._servers, self._transports, self._udp_socks, self._zmq = [], [], [], []
+        self._servers, self._transports, self._udp, self._zmq = [], [], [], []
         self._writers.clear()
         self._client_tasks.clear()
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import struct
@@ -233,6 +234,10 @@ def test_demo_runs_and_leaves_a_readable_run_file(workdir: Path) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert "records" in out.stdout and "run file:" in out.stdout
+    m = re.search(r"sent (\d+) datagrams, received (\d+), kernel drops (\d+)", out.stdout)
+    assert m is not None, out.stdout
+    sent, received, dropped = map(int, m.groups())
+    assert sent > 0 and sent == received + dropped  # every datagram is accounted for
     (run_file,) = (workdir / "demo").glob("run-demo-*.daqd")
     check = subprocess.run(
         [DAQD, "dump", str(run_file), "--verify"], capture_output=True, text=True
