@@ -1,0 +1,122 @@
+"""Reconfiguration: untouched receivers keep running and lose nothing; bad files change nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from daqd.config import parse_config
+from daqd.errors import ConfigError
+from daqd.host import Host
+from daqd.runfile import verify
+
+from .conftest import Daemon, wait_until
+
+BASE = """
+[daemon]
+name = "{name}"
+
+[[receiver]]
+type = "udp"
+name = "steady"
+listen = "127.0.0.1:0"
+publish_to = ["disk"]
+
+[[publisher]]
+type = "file"
+name = "disk"
+directory = "{directory}"
+"""
+
+EXTRA = """
+[[receiver]]
+type = "tcp"
+name = "extra"
+listen = "127.0.0.1:0"
+framing = "line"
+publish_to = ["disk"]
+"""
+
+
+async def test_untouched_udp_receiver_loses_nothing_across_reconfigure(tmp_path: Path) -> None:
+    text = BASE.format(name="rc", directory=tmp_path)
+    host = Host(parse_config(text, "rc.toml"))
+    await host.start()
+    steady = host.receivers["steady"]
+    h, p = steady.addresses["listen"].rsplit(":", 1)
+    await host.begin_run("rc1")
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sent = 0
+
+    async def stream(stop: asyncio.Event) -> None:
+        nonlocal sent
+        while not stop.is_set():
+            for _ in range(50):
+                tx.sendto(sent.to_bytes(8, "big"), (h, int(p)))
+                sent += 1
+            await asyncio.sleep(0)
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(stream(stop))
+    while sent < 2000:
+        await asyncio.sleep(0.01)
+    changed = await host.reconfigure(text + EXTRA)
+    assert changed == ["receiver extra"]
+    assert host.receivers["steady"] is steady and steady.state == "running"
+    with pytest.raises(ConfigError, match='key "framing"'):
+        await host.reconfigure(text + EXTRA.replace('"line"', '"lines"'))
+    assert set(host.receivers) == {"steady", "extra"}
+    start = sent
+    while sent < start + 2000:
+        await asyncio.sleep(0.01)
+    stop.set()
+    await task
+
+    def accounted() -> bool:
+        steady.sample()
+        return steady.counters.records + steady.counters.drops.get("kernel", 0) == sent
+
+    while not accounted():
+        await asyncio.sleep(0.01)
+    await host.end_run()
+    await host.stop()
+    tx.close()
+    summary = verify(tmp_path / "run-rc1.daqd")
+    assert summary.problems == [] and summary.gaps == {}
+    assert summary.records["steady"] == steady.counters.records
+    assert steady.counters.drops.get("kernel", 0) == 0
+
+
+def test_sighup_reloads_the_file_and_a_bad_file_changes_nothing(
+    daemon: Callable[..., Daemon], workdir: Path
+) -> None:
+    text = BASE.format(name="hup", directory=workdir / "d")
+    d = daemon(text, name="hup")
+    d.config_path.write_text(text + EXTRA)
+    d.signal(signal.SIGHUP)
+    wait_until(lambda: "extra" in d.status()["receivers"], 30, "the new receiver")
+    steady_addr = d.status()["receivers"]["steady"]["addresses"]["listen"]
+    d.config_path.write_text(text + "[[receiver]]\ntype = 'udp'\nname = 'broken'\n")
+    d.signal(signal.SIGHUP)
+    wait_until(lambda: "keeping the running configuration" in d.log(), 30, "the refusal")
+    st = d.status()
+    assert set(st["receivers"]) == {"steady", "extra"}
+    assert st["receivers"]["steady"]["addresses"]["listen"] == steady_addr
+    assert 'key "listen": required key is missing' in d.log()
+    assert d.stop() == 0
+
+
+def test_under_systemd_log_lines_carry_no_timestamp(workdir: Path) -> None:
+    runtime = workdir / "rt"
+    runtime.mkdir()
+    d = Daemon(workdir, runtime, BASE.format(name="jr", directory=workdir / "d"), "jr")
+    d.env["JOURNAL_STREAM"] = "8:12345"
+    d.start()
+    assert d.stop() == 0
+    lines = [ln for ln in d.log().splitlines() if ln.strip()]
+    assert lines and all(ln.startswith("daqd.") for ln in lines), lines[:3]
