@@ -12,6 +12,7 @@ import contextlib
 import inspect
 import logging
 import sys
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, BinaryIO
 
@@ -23,6 +24,7 @@ from daqd.protocols.packetstream import (
     EOF,
     ERQ,
     EndOfRequests,
+    Message,
     PacketDecoder,
     Request,
     Response,
@@ -39,6 +41,7 @@ __all__ = [
     "connect",
     "response_from_result",
     "send_packets_command",
+    "start_server",
 ]
 
 log = logging.getLogger("daqd.packetstream")
@@ -111,17 +114,19 @@ def response_from_result(result: object) -> tuple[bool, int, bytes]:
 
 
 class PacketConnection:
-    """One packet stream connection over a (StreamReader, StreamWriter) pair.
+    """One packet stream connection: requests both ways over one byte stream.
 
+    Built on a (StreamReader, StreamWriter) pair for any stream (TCP, unix socket, pipe), or by
+    `connect()` / `start_server()`, which drive it straight from the transport (faster).
     `handler(request)` answers the peer's requests; it may be a plain function or return an
-    awaitable (async handlers run as tasks, at most `max_handlers` at once — further requests
-    wait unread, so the peer feels backpressure). Without a handler, requests get a failure.
+    awaitable (run as tasks, at most `max_handlers` at once — further requests wait unread, so
+    the peer feels backpressure). Without a handler, requests get a failure.
     """
 
     def __init__(
         self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        reader: asyncio.StreamReader | None,
+        writer: asyncio.StreamWriter | None,
         handler: RequestHandler | None = None,
         *,
         name: str | None = None,
@@ -135,44 +140,68 @@ class PacketConnection:
         self._reader = reader
         self._writer = writer
         self.handler = handler
-        if name is None:
-            peer = writer.get_extra_info("peername")
-            name = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "?"
-        self.name = name
+        self.name = name or "?"
         self.max_handlers = max_handlers
         self.close_timeout_s = close_timeout_s
         self._on_error = on_error
         self._decoder = PacketDecoder(max_packet_bytes)
         self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.WriteTransport | None = None
         # our requests awaiting a response: (channel, tag) -> future
         self._pending: dict[tuple[int, int], asyncio.Future[Response]] = {}
         self._next_tag: dict[int, int] = {}
-        # the peer's requests we are answering
+        # the peer's requests being handled by tasks
         self._serving: set[tuple[int, int]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._slot_free = asyncio.Event()
-        self._slot_free.set()
+        # decoded messages waiting for a handler slot; input is paused meanwhile
+        self._backlog: deque[Message] = deque()
+        self._pause_reasons: set[str] = set()
+        self._input_resumed = asyncio.Event()
+        self._input_resumed.set()
+        self._can_write = asyncio.Event()
+        self._can_write.set()
         self._out: list[bytes | bytearray | memoryview] = []
         self._out_bytes = 0
         self._flush_scheduled = False
         self._read_task: asyncio.Task[None] | None = None
+        self._input_done = False  # peer's EOF (packet or FIN) seen, or the stream failed
+        self._eof_after_backlog = False
+        self._input_ended = asyncio.Event()
         self._closed = asyncio.Event()
         self._end_reason: str | None = None  # why the connection can no longer carry requests
         self._sent_erq = False
         self._sent_eof = False
         self._peer_erq = False
         self._closing = False
+        self._finisher: asyncio.Task[None] | None = None
         self.requests_sent = 0
         self.responses_received = 0
         self.requests_served = 0
         self.failures_sent = 0
         self.errors: dict[str, int] = {}
+        if writer is not None:
+            self._attach(writer.transport)
+
+    def _attach(self, transport: asyncio.WriteTransport) -> None:
+        self._transport = transport
+        if self.name == "?":
+            peer = transport.get_extra_info("peername")
+            if isinstance(peer, tuple) and len(peer) >= 2:
+                self.name = f"{peer[0]}:{peer[1]}"
+            elif isinstance(peer, str) and peer:
+                self.name = peer
+
+    @property
+    def transport(self) -> asyncio.WriteTransport:
+        """The transport underneath (for its extra info: peername, sockname, socket)."""
+        assert self._transport is not None, "not connected yet"
+        return self._transport
 
     # ---- life cycle ----
 
     def start(self) -> None:
-        """Start reading; idempotent. `request()` starts the connection by itself."""
-        if self._read_task is None:
+        """Start reading a stream pair; idempotent. `request()` and `serve()` call it."""
+        if self._read_task is None and self._reader is not None:
             self._read_task = self._loop.create_task(self._read_loop(), name=f"ps-{self.name}")
 
     async def serve(self) -> None:
@@ -213,9 +242,8 @@ class PacketConnection:
         self._send_control_erq()
         await self._finish_handlers()
         self._send_eof()
-        assert self._read_task is not None
         try:
-            await asyncio.wait_for(asyncio.shield(self._read_task), self.close_timeout_s)
+            await asyncio.wait_for(self._closed.wait(), self.close_timeout_s)
         except TimeoutError:
             self._count_error("close_timeout")
             log.warning(
@@ -223,9 +251,11 @@ class PacketConnection:
                 self.name,
                 self.close_timeout_s,
             )
-            self._read_task.cancel()
             self._end("connection closed (peer did not answer our EOF in time)", abort=True)
-        await self._closed.wait()
+
+    def abort(self, reason: str = "connection aborted") -> None:
+        """End at once without the handshake: pending requests fail, handlers are cancelled."""
+        self._end(reason, abort=True)
 
     # ---- requests ----
 
@@ -254,33 +284,36 @@ class PacketConnection:
         key = (channel, tag)
         fut: asyncio.Future[Response] = self._loop.create_future()
         self._pending[key] = fut
+        out = self._out
+        out.append(header)
         if payload:
-            self._queue2(header, payload)
-        else:
-            self._queue(header)
+            out.append(payload)
+        self._out_bytes += len(header) + len(payload)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
         self.requests_sent += 1
         try:
             if self._out_bytes > _HIGH_WATER_BYTES:
                 self._flush()
-                await self._writer.drain()
+                await self._drain()
             return await fut
         finally:
             self._pending.pop(key, None)
 
+    async def _drain(self) -> None:
+        if self._writer is not None:
+            await self._writer.drain()
+        else:
+            await self._can_write.wait()
+
     # ---- output ----
 
-    def _queue(self, data: bytes) -> None:
+    def _queue(self, data: bytes, payload: bytes | bytearray | memoryview = b"") -> None:
         self._out.append(data)
-        self._out_bytes += len(data)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
-
-    def _queue2(self, header: bytes, payload: bytes | bytearray | memoryview) -> None:
-        out = self._out
-        out.append(header)
-        out.append(payload)
-        self._out_bytes += len(header) + len(payload)
+        if payload:
+            self._out.append(payload)
+        self._out_bytes += len(data) + len(payload)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
@@ -294,16 +327,17 @@ class PacketConnection:
         self._out = []
         size = self._out_bytes
         self._out_bytes = 0
-        if self._writer.is_closing():
+        transport = self._transport
+        if transport is None or transport.is_closing():
             self._count_error("unsent_after_close", len(out))
             return
         try:
             if len(out) == 1:
-                self._writer.write(out[0])
+                transport.write(out[0])
             elif size <= _JOIN_LIMIT_BYTES:
-                self._writer.write(b"".join(out))
+                transport.write(b"".join(out))
             else:
-                self._writer.writelines(out)
+                transport.writelines(out)
         except (ConnectionError, OSError, RuntimeError) as exc:
             self._count_error("write_failed")
             self._end(f"write failed: {exc}", abort=True)
@@ -318,25 +352,21 @@ class PacketConnection:
         if self._sent_eof:
             return
         self._sent_eof = True
-        if self._writer.is_closing():
+        transport = self._transport
+        if transport is None or transport.is_closing():
             return
         self._queue(_EOF_PACKET)
         self._flush()
-        if self._writer.can_write_eof():
+        if transport.can_write_eof():
             with contextlib.suppress(OSError, RuntimeError):
-                self._writer.write_eof()
+                transport.write_eof()
 
     def _respond(self, channel: int, tag: int, ok: bool, flags: int, payload: bytes) -> None:
-        self._serving.discard((channel, tag))
         if self._sent_eof:
             # the connection is past the point where we can answer
             self._count_error("response_after_eof")
             return
-        header = encode_response_header(tag, ok, flags, channel, len(payload))
-        if payload:
-            self._queue2(header, payload)
-        else:
-            self._queue(header)
+        self._queue(encode_response_header(tag, ok, flags, channel, len(payload)), payload)
         if ok:
             self.requests_served += 1
         else:
@@ -345,59 +375,117 @@ class PacketConnection:
     def _reject(self, channel: int, tag: int, reason: str, counter: str) -> None:
         self._count_error(counter)
         log.info("%s: rejecting request %d on channel %d: %s", self.name, tag, channel, reason)
-        if not self._sent_eof:
-            self.failures_sent += 1
-            payload = reason.encode()
-            self._queue2(encode_response_header(tag, False, 0, channel, len(payload)), payload)
+        self._respond(channel, tag, False, 0, reason.encode())
 
     # ---- input ----
 
     async def _read_loop(self) -> None:
+        """Stream mode: read chunks and feed them; honour pauses; wait for output to drain."""
         reader = self._reader
-        decoder = self._decoder
+        writer = self._writer
+        assert reader is not None and writer is not None
+        transport = self._transport
+        assert transport is not None
         try:
-            while True:
+            while not self._input_done:
+                if self._pause_reasons:
+                    await self._input_resumed.wait()
+                    continue
                 data = await reader.read(_READ_CHUNK_BYTES)
                 if not data:
-                    decoder.feed_eof()
+                    self._feed_eof()
                     break
-                peer_eof = False
-                for msg in decoder.feed(data):
-                    kind = type(msg)
-                    if kind is Response:
-                        self._on_response(msg)  # type: ignore[arg-type]
-                    elif kind is Request:
-                        if self._tasks and len(self._tasks) >= self.max_handlers:
-                            await self._slot_free.wait()
-                        self._on_request(msg)  # type: ignore[arg-type]
-                    elif kind is EndOfRequests:
-                        self._peer_erq = True
-                    else:
-                        peer_eof = True
-                        break
-                if peer_eof:
-                    break
-                if self._out_bytes > _HIGH_WATER_BYTES:
-                    self._flush()
-                    await self._writer.drain()
-        except ProtocolError as exc:
-            self._count_error("protocol")
-            log.warning("%s: protocol error, closing the connection: %s", self.name, exc)
-            self._end(f"protocol error from peer: {exc}", abort=False)
-            return
+                self._feed(data)
+                if transport.get_write_buffer_size() > _HIGH_WATER_BYTES:
+                    await writer.drain()
         except (ConnectionError, OSError) as exc:
-            self._count_error("connection")
-            log.info("%s: connection lost: %s", self.name, exc)
-            self._end(f"connection lost: {exc}", abort=True)
-            return
+            self._connection_lost(exc)
         except asyncio.CancelledError:
             self._end("connection closed", abort=True)
             raise
-        # The peer sends nothing more: our requests can never be answered.
-        self._fail_pending("peer ended the connection before responding")
-        await self._finish_handlers()
-        self._send_eof()
-        self._end("connection ended by peer", abort=False)
+
+    def _pause_input(self, reason: str) -> None:
+        if not self._pause_reasons:
+            self._input_resumed.clear()
+            if self._reader is None and self._transport is not None:
+                self._transport.pause_reading()  # type: ignore[attr-defined]
+        self._pause_reasons.add(reason)
+
+    def _resume_input(self, reason: str) -> None:
+        if reason not in self._pause_reasons:
+            return
+        self._pause_reasons.discard(reason)
+        if not self._pause_reasons and not self._input_done:
+            self._input_resumed.set()
+            transport = self._transport
+            if self._reader is None and transport is not None and not transport.is_closing():
+                transport.resume_reading()  # type: ignore[attr-defined]
+
+    def _feed(self, data: bytes) -> None:
+        """Decode received bytes and act on every complete message."""
+        if self._input_done:
+            return
+        try:
+            messages = self._decoder.feed(data)
+        except ProtocolError as exc:
+            self._protocol_error(exc)
+            return
+        if self._backlog:
+            self._backlog.extend(messages)
+            return
+        for i, msg in enumerate(messages):
+            kind = type(msg)
+            if kind is Response:
+                self._on_response(msg)  # type: ignore[arg-type]
+            elif kind is Request:
+                if len(self._tasks) >= self.max_handlers:
+                    self._backlog.extend(messages[i:])
+                    self._pause_input("handlers")
+                    break
+                self._on_request(msg)  # type: ignore[arg-type]
+            elif kind is EndOfRequests:
+                self._peer_erq = True
+            else:
+                self._peer_ended()
+                break
+        if self._out and self._flush_scheduled:
+            # everything this chunk asked for is queued: write it now, not a loop turn later
+            self._flush()
+
+    def _feed_eof(self) -> None:
+        """The peer closed its sending side (TCP FIN, end of pipe)."""
+        if self._input_done:
+            return
+        try:
+            self._decoder.feed_eof()
+        except ProtocolError as exc:
+            self._protocol_error(exc)
+            return
+        if self._backlog:
+            self._eof_after_backlog = True
+        else:
+            self._peer_ended()
+
+    def _run_backlog(self) -> None:
+        backlog = self._backlog
+        while backlog and not self._input_done:
+            msg = backlog[0]
+            kind = type(msg)
+            if kind is Request and len(self._tasks) >= self.max_handlers:
+                return
+            backlog.popleft()
+            if kind is Response:
+                self._on_response(msg)  # type: ignore[arg-type]
+            elif kind is Request:
+                self._on_request(msg)  # type: ignore[arg-type]
+            elif kind is EndOfRequests:
+                self._peer_erq = True
+            else:
+                self._peer_ended()
+        backlog.clear()
+        if self._eof_after_backlog:
+            self._peer_ended()
+        self._resume_input("handlers")
 
     def _on_response(self, rsp: Response) -> None:
         fut = self._pending.pop((rsp.channel, rsp.tag), None)
@@ -439,8 +527,6 @@ class PacketConnection:
             self._serving.add(key)
             task = self._loop.create_task(self._run_handler(rq, result))
             self._tasks.add(task)
-            if len(self._tasks) >= self.max_handlers:
-                self._slot_free.clear()
             task.add_done_callback(self._handler_done)
             return
         ok, flags, payload = response_from_result(result)
@@ -452,8 +538,10 @@ class PacketConnection:
         try:
             result = await awaitable
         except Exception as exc:
+            self._serving.discard((rq.channel, rq.tag))
             self._handler_failed(rq, exc)
             return
+        self._serving.discard((rq.channel, rq.tag))
         ok, flags, payload = response_from_result(result)
         if not ok:
             self._count_error("handler_result")
@@ -461,8 +549,8 @@ class PacketConnection:
 
     def _handler_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        if len(self._tasks) < self.max_handlers:
-            self._slot_free.set()
+        if self._backlog and len(self._tasks) < self.max_handlers:
+            self._run_backlog()
 
     def _handler_failed(self, rq: Request, exc: Exception) -> None:
         if isinstance(exc, RequestFailed):
@@ -481,8 +569,10 @@ class PacketConnection:
         deadline = self._loop.time() + self.close_timeout_s
         while self._tasks:
             remaining = deadline - self._loop.time()
-            if self._writer.is_closing() or remaining <= 0:
-                if not self._writer.is_closing():
+            transport = self._transport
+            gone = transport is None or transport.is_closing()
+            if gone or remaining <= 0:
+                if not gone:
                     self._count_error("close_timeout")
                     log.warning(
                         "%s: %d handlers still running after %.1f s; cancelling them",
@@ -497,6 +587,37 @@ class PacketConnection:
             await asyncio.wait(list(self._tasks), timeout=min(remaining, 0.5))
 
     # ---- ending ----
+
+    def _peer_ended(self) -> None:
+        """The peer sends nothing more: answer what runs, send EOF, close."""
+        if self._input_done:
+            return
+        self._input_done = True
+        self._backlog.clear()
+        self._input_ended.set()
+        # our requests can never be answered now
+        self._fail_pending("peer ended the connection before responding")
+        self._finisher = self._loop.create_task(self._finish_after_peer())
+
+    async def _finish_after_peer(self) -> None:
+        await self._finish_handlers()
+        self._send_eof()
+        self._end("connection ended by peer", abort=False)
+
+    def _protocol_error(self, exc: ProtocolError) -> None:
+        self._count_error("protocol")
+        log.warning("%s: protocol error, closing the connection: %s", self.name, exc)
+        self._end(f"protocol error from peer: {exc}", abort=False)
+
+    def _connection_lost(self, exc: BaseException | None) -> None:
+        if self._closed.is_set():
+            return
+        if exc is not None:
+            self._count_error("connection")
+            log.info("%s: connection lost: %s", self.name, exc)
+            self._end(f"connection lost: {exc}", abort=True)
+        else:
+            self._end("connection closed", abort=True)
 
     def _fail_pending(self, reason: str) -> None:
         if not self._pending:
@@ -513,19 +634,26 @@ class PacketConnection:
             return
         if self._end_reason is None:
             self._end_reason = reason
+        self._input_done = True
+        self._backlog.clear()
+        self._input_ended.set()
+        self._input_resumed.set()
         self._fail_pending(reason)
         for task in list(self._tasks):
             task.cancel()
         self._serving.clear()
+        transport = self._transport
         if abort:
             self._out.clear()
             self._out_bytes = 0
-            transport = self._writer.transport
-            if not transport.is_closing():
+            if transport is not None and not transport.is_closing():
                 transport.abort()
         else:
             self._flush()
-            self._writer.close()
+            if transport is not None:
+                transport.close()
+        if self._read_task is not None and self._read_task is not asyncio.current_task():
+            self._read_task.cancel()
         self._closed.set()
 
     def _count_error(self, reason: str, n: int = 1) -> None:
@@ -534,17 +662,80 @@ class PacketConnection:
             self._on_error(reason)
 
 
+class _PacketProtocol(asyncio.Protocol):
+    """Drives a PacketConnection straight from transport callbacks (no reader task)."""
+
+    def __init__(
+        self,
+        conn: PacketConnection,
+        on_connect: Callable[[PacketConnection], None] | None = None,
+    ) -> None:
+        self.conn = conn
+        self.on_connect = on_connect
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.conn._attach(transport)  # type: ignore[arg-type]
+        if self.on_connect is not None:
+            self.on_connect(self.conn)
+
+    def data_received(self, data: bytes) -> None:
+        self.conn._feed(data)
+
+    def eof_received(self) -> bool:
+        self.conn._feed_eof()
+        return True  # keep our sending side open: responses and our EOF still have to go out
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.conn._connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.conn._can_write.clear()
+        self.conn._pause_input("write")
+
+    def resume_writing(self) -> None:
+        self.conn._can_write.set()
+        self.conn._resume_input("write")
+
+
+def _new_connection(
+    handler: RequestHandler | None,
+    options: dict[str, Any],
+    on_connect: Callable[[PacketConnection], None] | None = None,
+) -> _PacketProtocol:
+    return _PacketProtocol(PacketConnection(None, None, handler, **options), on_connect)
+
+
 async def connect(
     host: str,
     port: int,
     handler: RequestHandler | None = None,
-    **kwargs: Any,
+    **options: Any,
 ) -> PacketConnection:
-    """Open a TCP connection and return a started PacketConnection over it."""
-    reader, writer = await asyncio.open_connection(host, port, limit=_READ_CHUNK_BYTES)
-    conn = PacketConnection(reader, writer, handler, **kwargs)
-    conn.start()
-    return conn
+    """Open a TCP connection and return a PacketConnection over it (options as for the class)."""
+    loop = asyncio.get_running_loop()
+    _, protocol = await loop.create_connection(
+        lambda: _new_connection(handler, options), host, port
+    )
+    return protocol.conn
+
+
+async def start_server(
+    host: str,
+    port: int,
+    handler: RequestHandler | None = None,
+    *,
+    on_connect: Callable[[PacketConnection], None] | None = None,
+    **options: Any,
+) -> asyncio.Server:
+    """A TCP server: one PacketConnection per client, answering with `handler`.
+
+    `on_connect(conn)` runs before the client's first byte is read (set `conn.handler` or
+    `conn.name` there, or keep `conn` to close it later).
+    """
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(
+        lambda: _new_connection(handler, options, on_connect), host, port
+    )
 
 
 # ---- `daqd send-packets` ----

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, field_validator
 
-from daqd.packetstream import PacketConnection, RequestFailed
+from daqd.packetstream import PacketConnection, RequestFailed, start_server
 from daqd.protocols.packetstream import DEFAULT_MAX_PACKET_BYTES, Request
-from daqd.receiver import ReceiverServer, ReceiverSettings, parse_hostport
+from daqd.receiver import ReceiverServer, ReceiverSettings, format_hostport, parse_hostport
 
 if TYPE_CHECKING:
     from daqd.host import Host
@@ -82,7 +82,9 @@ class PacketStreamReceiver(ReceiverServer):
 
     def __init__(self, settings: PacketStreamSettings, host: Host) -> None:
         super().__init__(settings, host)
+        self._server: asyncio.Server | None = None
         self._conns: set[PacketConnection] = set()
+        self._watchers: set[asyncio.Task[None]] = set()
         self._order = asyncio.Lock()
         self._answer: Callable[[Request], Any] | None = None
         self.counters.extra["clients"] = 0
@@ -90,31 +92,38 @@ class PacketStreamReceiver(ReceiverServer):
     async def setup(self) -> None:
         s = self.settings
         self._answer = load_handler(s.handler) if s.handler else None
-        await self.setup_stream(self._client, listen=s.listen)
-
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        host, port = writer.get_extra_info("peername")[:2]
-        peer = f"{host}:{port}"
-        s = self.settings
-
-        def handle(rq: Request) -> Any:
-            return self._on_request(rq, peer)
-
-        conn = PacketConnection(
-            reader,
-            writer,
-            handle,
-            name=f"{self.name} {peer}",
+        host, port = parse_hostport(s.listen)
+        # driven straight from the transport (no reader task per client): see daqd.packetstream
+        self._server = await start_server(
+            host,
+            port,
+            None,
+            on_connect=self._on_connect,
             max_handlers=s.max_handlers,
             max_packet_bytes=s.max_packet_bytes,
             close_timeout_s=s.close_timeout_s,
             on_error=self.counters.error,
         )
+        self.addresses["listen"] = format_hostport(self._server.sockets[0].getsockname())
+
+    def _on_connect(self, conn: PacketConnection) -> None:
+        peer = conn.name
+
+        def handle(rq: Request) -> Any:
+            return self._on_request(rq, peer)
+
+        conn.handler = handle
+        conn.name = f"{self.name} {peer}"
         self._conns.add(conn)
         self.counters.extra["clients"] = len(self._conns)
         self.log.info("%s: client %s connected", self.name, peer)
+        task = asyncio.get_running_loop().create_task(self._watch(conn, peer))
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+
+    async def _watch(self, conn: PacketConnection, peer: str) -> None:
         try:
-            await conn.serve()
+            await conn.wait_closed()
         finally:
             self._conns.discard(conn)
             self.counters.extra["clients"] = len(self._conns)
@@ -157,11 +166,25 @@ class PacketStreamReceiver(ReceiverServer):
         return self._answer(rq)
 
     async def stop_receiving(self) -> None:
-        """Say goodbye to every client with the close handshake, then close the sockets."""
+        """Stop accepting, say goodbye to every client with the close handshake, then close."""
+        if self._server is not None:
+            self._server.close()
         conns = list(self._conns)
         if conns:
             await asyncio.gather(*(c.close() for c in conns), return_exceptions=True)
         await super().stop_receiving()
+
+    async def close(self) -> None:
+        """Release the server and any client left (after a crash, without the handshake)."""
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self._conns):
+            conn.abort("receiver closed")
+        if self._watchers:
+            await asyncio.gather(*self._watchers, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
 
     def cmd_clients(self) -> list[dict[str, Any]]:
         """Connected clients with their in-flight requests and totals."""

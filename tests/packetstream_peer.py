@@ -1,11 +1,12 @@
 """Drive the real cs.packetstream (run with the python of .venv-peers/packetstream, not daqd's).
 
     server GRACE               serve TCP on 127.0.0.1:0; prints "PORT <n>"; runs until stdin closes
-    client PORT GRACE SCRIPT   SCRIPT: JSON list of [rq_type, flags, payload_hex]; submits them one
-                               at a time, prints one JSON line [ok, flags, payload_hex] per response,
-                               then "CLOSED" once `with conn:` has exited (the close handshake)
+    client PORT GRACE SCRIPT   SCRIPT: JSON list of [rq_type, flags, payload_hex]; submits them
+                               one at a time, prints a JSON line [ok, flags, payload_hex] per
+                               response, then "CLOSED" once `with conn:` has exited (handshake)
     client-erq PORT            sends ERQ, then one request; prints its response, then "CLOSED"
-    client-vanish PORT         one request (rq_type 2), prints its response, then exits without EOF/ERQ
+    client-vanish PORT         one request (rq_type 2), prints its response, then exits
+                               without ERQ or EOF
     bench PORT GRACE N SIZE IN_FLIGHT   prints "RATE <requests per second>"
 
 Handler of `server`, by rq_type: 0 echo payload, 1 (request flags, payload), 2 raises,

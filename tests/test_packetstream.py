@@ -14,13 +14,14 @@ import tracemalloc
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from daqd.config import parse_config
 from daqd.errors import ConfigError
 from daqd.host import Host
-from daqd.packetstream import PacketConnection, RequestHandler, connect
+from daqd.packetstream import PacketConnection, RequestHandler, connect, start_server
 from daqd.protocols.packetstream import (
     EOF,
     ERQ,
@@ -52,20 +53,30 @@ class Server:
     conns: list[PacketConnection] = field(default_factory=list)
 
 
-@pytest.fixture
-async def tcp_server() -> AsyncIterator[Callable[..., Server]]:
+MODES = ["streams", "transport"]  # PacketConnection(reader, writer) / start_server() & connect()
+
+
+@pytest.fixture(params=MODES)
+async def tcp_server(
+    request: pytest.FixtureRequest,
+) -> AsyncIterator[Callable[..., Server]]:
     servers: list[asyncio.Server] = []
     made: list[Server] = []
 
     async def make(handler: RequestHandler | None, **kwargs: object) -> Server:
         holder = Server(0)
+        if request.param == "transport":
+            srv = await start_server(
+                "127.0.0.1", 0, handler, on_connect=holder.conns.append, **kwargs
+            )
+        else:
 
-        async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            conn = PacketConnection(reader, writer, handler, **kwargs)  # type: ignore[arg-type]
-            holder.conns.append(conn)
-            await conn.serve()
+            async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                conn = PacketConnection(reader, writer, handler, **kwargs)  # type: ignore[arg-type]
+                holder.conns.append(conn)
+                await conn.serve()
 
-        srv = await asyncio.start_server(on_client, "127.0.0.1", 0)
+            srv = await asyncio.start_server(on_client, "127.0.0.1", 0)
         servers.append(srv)
         holder.port = srv.sockets[0].getsockname()[1]
         made.append(holder)
@@ -130,6 +141,29 @@ async def socketpair_conn(
     return conn, RawPeer(reader_b, writer_b)
 
 
+@pytest.fixture(params=MODES)
+async def pair(request: pytest.FixtureRequest) -> AsyncIterator[Callable[..., Any]]:
+    """Make (our connection, the raw peer at its far end): a socketpair, or TCP via start_server."""
+    servers: list[asyncio.Server] = []
+
+    async def make(
+        handler: RequestHandler | None = None, **kwargs: object
+    ) -> tuple[PacketConnection, RawPeer]:
+        if request.param == "streams":
+            return await socketpair_conn(handler, **kwargs)
+        got: asyncio.Future[PacketConnection] = asyncio.get_running_loop().create_future()
+        srv = await start_server(
+            "127.0.0.1", 0, handler, on_connect=got.set_result, name="tcp", **kwargs
+        )
+        servers.append(srv)
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.sockets[0].getsockname()[1])
+        return await asyncio.wait_for(got, WAIT_S), RawPeer(reader, writer)
+
+    yield make
+    for srv in servers:
+        srv.close()
+
+
 # ---- requests and responses ----
 
 
@@ -181,7 +215,7 @@ async def test_large_payloads_in_flight(tcp_server: Callable[..., Server]) -> No
 
 
 @pytest.mark.parametrize("is_async", [False, True])
-async def test_handler_result_kinds(is_async: bool) -> None:
+async def test_handler_result_kinds(is_async: bool, pair: Callable[..., Any]) -> None:
     results: dict[int, object] = {
         0: None,
         1: 5,
@@ -202,7 +236,7 @@ async def test_handler_result_kinds(is_async: bool) -> None:
         await asyncio.sleep(0)
         return results[rq.rq_type]
 
-    conn, peer = await socketpair_conn(async_handler if is_async else sync_handler)  # type: ignore[arg-type]
+    conn, peer = await pair(async_handler if is_async else sync_handler)  # type: ignore[arg-type]
     peer.send(*(Request(tag=10 + k, rq_type=k) for k in results))
     got = {m.tag - 10: m for m in await peer.receive(len(results)) if isinstance(m, Response)}
     assert got[0] == Response(10, True, 0)
@@ -220,7 +254,9 @@ async def test_handler_result_kinds(is_async: bool) -> None:
 
 
 @pytest.mark.parametrize("is_async", [False, True])
-async def test_handler_exception_gives_short_reason(is_async: bool) -> None:
+async def test_handler_exception_gives_short_reason(
+    is_async: bool, pair: Callable[..., Any]
+) -> None:
     def sync_handler(rq: Request) -> None:
         raise ValueError("no such motor\n  File 'x.py', line 3")
 
@@ -228,7 +264,7 @@ async def test_handler_exception_gives_short_reason(is_async: bool) -> None:
         await asyncio.sleep(0)
         sync_handler(rq)
 
-    conn, peer = await socketpair_conn(async_handler if is_async else sync_handler)
+    conn, peer = await pair(async_handler if is_async else sync_handler)
     peer.send(Request(tag=4, rq_type=0))
     [rsp] = await peer.receive()
     assert rsp == Response(4, False, 0, payload=b"ValueError: no such motor")
@@ -251,7 +287,7 @@ async def test_failure_response_returned_not_raised(tcp_server: Callable[..., Se
     await conn.close()
 
 
-async def test_concurrency_limit_for_handlers() -> None:
+async def test_concurrency_limit_for_handlers(pair: Callable[..., Any]) -> None:
     running = 0
     most = 0
     release = asyncio.Event()
@@ -264,7 +300,7 @@ async def test_concurrency_limit_for_handlers() -> None:
         running -= 1
         return rq.tag
 
-    conn, peer = await socketpair_conn(handler, max_handlers=3)
+    conn, peer = await pair(handler, max_handlers=3)
     peer.send(*(Request(tag=t, rq_type=0) for t in range(2, 12)))
     await wait_for(lambda: running == 3)
     # give the loop many turns: no fourth handler may start while three run
@@ -301,8 +337,8 @@ async def test_flush_without_grace_and_batched() -> None:
     await asyncio.wait_for(conn.wait_closed(), WAIT_S)
 
 
-async def test_channels_and_tags() -> None:
-    conn, peer = await socketpair_conn(lambda rq: rq.channel)
+async def test_channels_and_tags(pair: Callable[..., Any]) -> None:
+    conn, peer = await pair(lambda rq: rq.channel)
     t1 = asyncio.ensure_future(conn.request(1, b"a", channel=0))
     t2 = asyncio.ensure_future(conn.request(1, b"b", channel=5))
     t3 = asyncio.ensure_future(conn.request(1, b"c", channel=5))
@@ -322,14 +358,14 @@ async def test_channels_and_tags() -> None:
     await close_pair(conn, peer)
 
 
-async def test_duplicate_tag_in_flight_is_rejected() -> None:
+async def test_duplicate_tag_in_flight_is_rejected(pair: Callable[..., Any]) -> None:
     release = asyncio.Event()
 
     async def handler(rq: Request) -> bytes:
         await release.wait()
         return b"done"
 
-    conn, peer = await socketpair_conn(handler)
+    conn, peer = await pair(handler)
     peer.send(Request(tag=7, rq_type=0), Request(tag=7, rq_type=0))
     [rejected] = await peer.receive()
     assert rejected == Response(7, False, payload=b"channel 0: tag 7 already in flight")
@@ -343,13 +379,13 @@ async def test_duplicate_tag_in_flight_is_rejected() -> None:
     await close_pair(conn, peer)
 
 
-async def test_no_handler_and_after_erq() -> None:
-    conn, peer = await socketpair_conn(None)
+async def test_no_handler_and_after_erq(pair: Callable[..., Any]) -> None:
+    conn, peer = await pair(None)
     peer.send(Request(tag=2, rq_type=0))
     assert await peer.receive() == [Response(2, False, payload=b"no request handler")]
     await close_pair(conn, peer)
 
-    conn, peer = await socketpair_conn(lambda rq: None)
+    conn, peer = await pair(lambda rq: None)
     peer.send(Request(tag=2, rq_type=0), ERQ, Request(tag=3, rq_type=0))
     got = await peer.receive(2)
     assert got == [
@@ -368,14 +404,14 @@ async def test_no_handler_and_after_erq() -> None:
 # ---- ending a connection ----
 
 
-async def test_close_handshake_erq_drain_eof() -> None:
+async def test_close_handshake_erq_drain_eof(pair: Callable[..., Any]) -> None:
     release = asyncio.Event()
 
     async def handler(rq: Request) -> bytes:
         await release.wait()
         return b"late answer"
 
-    conn, peer = await socketpair_conn(handler)
+    conn, peer = await pair(handler)
     peer.send(Request(tag=2, rq_type=0))
     await wait_for(lambda: conn.in_flight == (0, 1))
     closing = asyncio.ensure_future(conn.close())
@@ -391,14 +427,14 @@ async def test_close_handshake_erq_drain_eof() -> None:
     assert conn.closed
 
 
-async def test_peer_eof_finishes_responses_then_sends_eof() -> None:
+async def test_peer_eof_finishes_responses_then_sends_eof(pair: Callable[..., Any]) -> None:
     release = asyncio.Event()
 
     async def handler(rq: Request) -> bytes:
         await release.wait()
         return b"ok"
 
-    conn, peer = await socketpair_conn(handler)
+    conn, peer = await pair(handler)
     pending = asyncio.ensure_future(conn.request(5))
     assert isinstance((await peer.receive())[0], Request)
     peer.send(Request(tag=2, rq_type=0), EOF)
@@ -425,7 +461,7 @@ async def test_close_without_eof_fails_pending_at_once(tcp_server: Callable[...,
     conn = await connect("127.0.0.1", server.port)
     waiting = [asyncio.ensure_future(conn.request(1)) for _ in range(5)]
     await asyncio.wait_for(arrived.wait(), WAIT_S)
-    server.conns[0]._writer.transport.abort()  # the server process dies
+    server.conns[0].transport.abort()  # the server process dies
     for task in waiting:
         with pytest.raises(ConnectionError):
             await asyncio.wait_for(task, WAIT_S)
@@ -433,16 +469,16 @@ async def test_close_without_eof_fails_pending_at_once(tcp_server: Callable[...,
     assert conn.in_flight == (0, 0)
 
 
-async def test_peer_fin_without_eof_packet_is_answered_with_eof() -> None:
-    conn, peer = await socketpair_conn(lambda rq: b"r")
+async def test_peer_fin_without_eof_packet_is_answered_with_eof(pair: Callable[..., Any]) -> None:
+    conn, peer = await pair(lambda rq: b"r")
     peer.send(Request(tag=2, rq_type=0))
     peer.writer.write_eof()
     assert await peer.receive(2) == [Response(2, True, payload=b"r"), EOF]
     await asyncio.wait_for(conn.wait_closed(), WAIT_S)
 
 
-async def test_close_times_out_when_peer_never_ends() -> None:
-    conn, peer = await socketpair_conn(None, close_timeout_s=0.3)
+async def test_close_times_out_when_peer_never_ends(pair: Callable[..., Any]) -> None:
+    conn, peer = await pair(None, close_timeout_s=0.3)
     pending = asyncio.ensure_future(conn.request(1))
     await peer.receive()
     await asyncio.wait_for(conn.close(), WAIT_S)
@@ -467,8 +503,8 @@ async def test_protocol_error_closes_only_that_connection(
     await good.close()
 
 
-async def test_protocol_error_fails_pending_requests() -> None:
-    conn, peer = await socketpair_conn(None, max_packet_bytes=1000)
+async def test_protocol_error_fails_pending_requests(pair: Callable[..., Any]) -> None:
+    conn, peer = await pair(None, max_packet_bytes=1000)
     pending = asyncio.ensure_future(conn.request(1))
     await peer.receive()
     peer.writer.write(encode_bsuint(5000))  # a length over max_packet_bytes
@@ -477,8 +513,8 @@ async def test_protocol_error_fails_pending_requests() -> None:
     assert conn.closed
 
 
-async def test_truncated_packet_at_end_is_a_protocol_error() -> None:
-    conn, peer = await socketpair_conn(lambda rq: None)
+async def test_truncated_packet_at_end_is_a_protocol_error(pair: Callable[..., Any]) -> None:
+    conn, peer = await pair(lambda rq: None)
     peer.writer.write(encode(Request(2, 1, payload=b"abcdef"))[:-2])
     peer.writer.write_eof()
     await asyncio.wait_for(conn.wait_closed(), WAIT_S)
@@ -620,7 +656,7 @@ async def ps_host(
 async def test_receiver_requests_become_records_acknowledged(tmp_path: Path) -> None:
     ps = await ps_host(tmp_path)
     conn = await connect("127.0.0.1", ps.port)
-    client_port = conn._writer.get_extra_info("sockname")[1]
+    client_port = conn.transport.get_extra_info("sockname")[1]
     payloads = [b"event %d" % i for i in range(300)]
     responses = await asyncio.wait_for(
         asyncio.gather(
@@ -641,6 +677,9 @@ async def test_receiver_requests_become_records_acknowledged(tmp_path: Path) -> 
     rec = ps.host.receivers["ps"]
     assert rec.counters.records == 300
     assert rec.counters.extra["clients"] == 1
+    assert await rec.call_command("clients", [], {}) == [
+        {"name": f"ps 127.0.0.1:{client_port}", "in_flight": 0, "answered": 300, "failed": 0}
+    ]
     await conn.close()
     await wait_for(lambda: rec.counters.extra["clients"] == 0)
     await ps.host.stop()
