@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 from typing import Any
 
-from aiohttp import web
+from aiohttp import StreamReader, web
 from aiohttp.http import HttpVersion11
 from pydantic import Field, field_validator
 
@@ -45,6 +46,38 @@ class _TooLarge(Exception):
     pass
 
 
+class _StallWatch:
+    """Fails a body stream with TimeoutError once no bytes came for `stall_s`.
+
+    One timer per request, re-armed only when it fires while bytes still flow: a timeout
+    context rescheduled on every chunk costs more than the rest of a small image's handling.
+    """
+
+    __slots__ = ("content", "handle", "last", "loop", "stall_s")
+
+    def __init__(self, content: StreamReader, stall_s: float) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.content = content
+        self.stall_s = stall_s
+        self.last = self.loop.time()
+        self.handle: asyncio.TimerHandle | None = self.loop.call_at(
+            self.last + stall_s, self._check
+        )
+
+    def _check(self) -> None:
+        due = self.last + self.stall_s
+        if self.loop.time() >= due:
+            self.handle = None
+            self.content.set_exception(TimeoutError(f"no bytes for {self.stall_s:g} s"))
+        else:
+            self.handle = self.loop.call_at(due, self._check)
+
+    def cancel(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+
+
 class HttpImageReceiver(ReceiverServer):
     """An HTTP/1.1 server: `POST <any path>` with an image body → one record → 200 {source, seq}."""
 
@@ -56,6 +89,7 @@ class HttpImageReceiver(ReceiverServer):
         self._runner: web.AppRunner | None = None
         self._next = NextRecord()
         self._allowed = frozenset(settings.allowed_types)
+        self._source_json = json.dumps(self.name)
 
     # ----- life cycle ------------------------------------------------------------------------
     async def setup(self) -> None:
@@ -202,18 +236,21 @@ class HttpImageReceiver(ReceiverServer):
         record = self.new_record([body], tags)
         delivered = await self.publish(record)
         self._next.feed(record)
-        return web.json_response(
-            {"source": record.source, "seq": record.seq, "bytes": len(body), "delivered": delivered}
+        answer = (
+            f'{{"source": {self._source_json}, "seq": {record.seq}, "bytes": {len(body)}, '
+            f'"delivered": {"true" if delivered else "false"}}}'
         )
+        return web.Response(body=answer.encode(), content_type="application/json")
 
     async def _read_body(self, request: web.Request) -> bytearray:
         """The whole body, failing with _TooLarge past the limit or TimeoutError on a stall."""
         limit = self.settings.max_body_bytes
-        stall_s = self.settings.read_timeout_s
         content = request.content
-        loop = asyncio.get_running_loop()
+        # One growing bytearray, passed on as the record's block: measured on 2 MiB images, it
+        # page-faults far less than joining chunks or copying into bytes at the end.
         body = bytearray()
-        async with asyncio.timeout_at(loop.time() + stall_s) as deadline:
+        watch = _StallWatch(content, self.settings.read_timeout_s)
+        try:
             while True:
                 chunk = await content.readany()
                 if not chunk:
@@ -221,7 +258,9 @@ class HttpImageReceiver(ReceiverServer):
                 body += chunk
                 if len(body) > limit:
                     raise _TooLarge
-                deadline.reschedule(loop.time() + stall_s)
+                watch.last = watch.loop.time()
+        finally:
+            watch.cancel()
 
     async def _drop_stalled(self, request: web.Request) -> web.StreamResponse:
         """Answer 408 and close at once: a stalled client is not worth lingering for."""
