@@ -1,0 +1,170 @@
+"""The loop-DHS example end to end: DCSS simulator → getLoopTip → camera grab → inference → DCSS.
+
+Also daqd.http.post_json against a real HTTP service: answers, failures, timeouts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import importlib.util
+import re
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daqd.config import parse_config
+from daqd.host import Host
+from daqd.http import HttpError, HttpStatusError, HttpTimeout, post_json
+from daqd.sim.dcss import DcssSimulator, SimDevice
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "loop-dhs"
+T = 20.0  # generous: the test box is a loaded 2-core machine
+
+
+def _load_fakes() -> Any:
+    spec = importlib.util.spec_from_file_location(
+        "loop_fake_services", EXAMPLE / "fake_services.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+fakes = _load_fakes()
+
+
+@pytest.fixture
+async def camera() -> AsyncIterator[Any]:
+    cam = fakes.FakeCamera(tip=(0.25, 0.75))
+    await cam.start()
+    yield cam
+    await cam.stop()
+
+
+@pytest.fixture
+async def inference() -> AsyncIterator[Any]:
+    service = fakes.FakeInference()
+    await service.start()
+    yield service
+    await service.stop()
+
+
+def example_config(sim: DcssSimulator, camera_url: str) -> str:
+    """The example's own TOML, pointed at the simulator, the fake camera and free ports."""
+    text = (EXAMPLE / "loop-dhs.toml").read_text()
+    text = text.replace('"127.0.0.1:14242"', f'"{sim.address}"')
+    text = re.sub(r'url = "http://127\.0\.0\.1:8081[^"]*"', f'url = "{camera_url}"', text)
+    text = text.replace('"127.0.0.1:8082"', '"127.0.0.1:0"')
+    return text.replace('"examples/loop-dhs/loop_handlers.py"', f'"{EXAMPLE / "loop_handlers.py"}"')
+
+
+@pytest.fixture
+async def dcss(
+    camera: Any, inference: Any, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[DcssSimulator, Host]]:
+    monkeypatch.setenv("LOOP_INFERENCE_URL", inference.url)
+    monkeypatch.setenv("LOOP_GRAB_TIMEOUT_S", "2")
+    monkeypatch.setenv("LOOP_INFERENCE_TIMEOUT_S", "1")
+    async with DcssSimulator({"loop_dhs": 2}, [SimDevice("operation", "getLoopTip")]) as sim:
+        host = Host(parse_config(example_config(sim, camera.url), "<test>"))
+        await host.start()
+        try:
+            yield sim, host
+        finally:
+            await host.stop()
+
+
+async def get_loop_tip(sim: DcssSimulator) -> tuple[str, str, list[str]]:
+    link = await sim.wait_online("loop_dhs", timeout=T)
+    op = link.start_operation("getLoopTip", "0")
+    status = await asyncio.wait_for(asyncio.shield(op.done), T)
+    assert op.completion is not None
+    return status, op.completion.args, op.updates
+
+
+async def test_get_loop_tip_completes_with_the_tip(
+    dcss: tuple[DcssSimulator, Host], camera: Any, inference: Any
+) -> None:
+    sim, host = dcss
+    status, args, updates = await get_loop_tip(sim)
+    assert (status, args) == ("normal", "0.25 0.75")
+    assert updates[0] == "grabbing camera"
+    assert updates[1].startswith("inferring 1 ")
+    # The frame the camera served is the one the inference service was given.
+    assert len(camera.served) == 1 and len(inference.received) == 1
+    assert inference.received[0]["image"] == camera.served[0]
+    assert inference.received[0]["content_type"] == "image/jpeg"
+    assert inference.received[0]["source"] == "camera"
+    assert host.receivers["camera"].counters.records == 1
+    # A second operation grabs a fresh frame.
+    status, args, _ = await get_loop_tip(sim)
+    assert (status, args) == ("normal", "0.25 0.75")
+    assert len(camera.served) == 2
+
+
+async def test_inference_failure_fails_the_operation(
+    dcss: tuple[DcssSimulator, Host], inference: Any
+) -> None:
+    sim, _ = dcss
+    inference.mode = "fail"
+    status, args, _ = await get_loop_tip(sim)
+    assert status == "error"
+    assert "HTTP 500" in args and "model not loaded" in args
+    inference.mode = "stall"
+    status, args, _ = await get_loop_tip(sim)
+    assert status == "error" and "no answer within 1 s" in args
+    inference.mode = "garbage"
+    status, args, _ = await get_loop_tip(sim)
+    assert status == "error" and "not JSON" in args
+
+
+async def test_no_tip_found_fails_the_operation(
+    dcss: tuple[DcssSimulator, Host], camera: Any
+) -> None:
+    sim, _ = dcss
+    camera.mode = "no_tip"
+    status, args, _ = await get_loop_tip(sim)
+    assert (status, args) == ("error", "{no tip: no loop in view}")
+
+
+async def test_camera_failure_fails_the_operation(
+    dcss: tuple[DcssSimulator, Host], camera: Any, inference: Any
+) -> None:
+    sim, host = dcss
+    camera.mode = "fail"
+    status, args, _ = await get_loop_tip(sim)
+    assert status == "error"
+    assert "no image from 'camera' within 2 s" in args and "HTTP 503" in args
+    assert inference.received == []
+    assert host.receivers["camera"].counters.errors["http_status"] >= 1
+    camera.mode = "ok"  # the camera is back: the next operation works
+    status, args, _ = await get_loop_tip(sim)
+    assert (status, args) == ("normal", "0.25 0.75")
+
+
+# ------------------------------------------------------------------ post_json on its own
+
+
+async def test_post_json_answers_and_errors(inference: Any) -> None:
+    image = fakes.jpeg_with_tip(0.5, 0.125)
+    answer = await post_json(inference.url, {"image": base64.b64encode(image).decode()}, 5)
+    assert answer == {"found": True, "x": 0.5, "y": 0.125}
+    with pytest.raises(HttpStatusError, match="HTTP 400") as err:
+        await post_json(inference.url, {"no": "image"}, 5)
+    assert err.value.status == 400
+    inference.mode = "stall"
+    with pytest.raises(HttpTimeout, match=r"no answer within 0\.3 s"):
+        await post_json(inference.url, {"image": ""}, 0.3)
+    with pytest.raises(HttpError, match="not JSON-serialisable"):
+        await post_json(inference.url, {"image": object()}, 5)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    with pytest.raises(HttpError, match=f"127.0.0.1:{closed_port}"):
+        await post_json(f"http://127.0.0.1:{closed_port}/predict", {}, 5)
