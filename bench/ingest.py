@@ -196,12 +196,17 @@ def measure_daqd(size: int, rates: list[int]) -> tuple[int, float, dict[str, int
     primed = settle(lambda: count.value, 10**9, 2.0)
     best, accounting = 0, {}
     cpu0 = _cpu(proc.pid)
-    sent_total = primed_sent = 0
-    try:
-        base = client.request("STAT")
-        primed_sent = base["receivers"]["udp"]["records"] + sum(
-            base["receivers"]["udp"]["drops"].values()
+    sent_total = 0
+
+    def drops(st: dict[str, Any]) -> tuple[int, int]:
+        return (
+            sum(st["receivers"]["udp"]["drops"].values()),
+            sum(st["publishers"]["live"]["drops"].values()),
         )
+
+    try:
+        # count from here on: what the primer sent before the SUB was known to the PUB is gone
+        base_kernel, base_pub = drops(client.request("STAT"))
         for rate in rates:
             before = count.value
             sent = step(addr, rate, size)
@@ -209,15 +214,17 @@ def measure_daqd(size: int, rates: list[int]) -> tuple[int, float, dict[str, int
             got = settle(lambda: count.value, before + sent) - before
             if got < sent:
                 time.sleep(1.2)  # let the once-a-second kernel drop sampling catch up
-                st = client.request("STAT")
-                rec, pub = st["receivers"]["udp"], st["publishers"]["live"]
-                drops = sum(rec["drops"].values()) + sum(pub["drops"].values())
+                kernel, pub = drops(client.request("STAT"))
+                received = count.value - primed
                 accounting = {
-                    "sent": sent_total + primed_sent,
-                    "sub_received": count.value,
-                    "kernel_drops": rec["drops"].get("kernel", 0),
-                    "publisher_drops": sum(pub["drops"].values()),
-                    "unexplained": sent_total + primed_sent - count.value - drops,
+                    "sent": sent_total,
+                    "sub_received": received,
+                    "receiver_drops": kernel - base_kernel,
+                    "publisher_drops": pub - base_pub,
+                    "unexplained": sent_total
+                    - received
+                    - (kernel - base_kernel)
+                    - (pub - base_pub),
                 }
                 break
             best = rate
