@@ -2,11 +2,12 @@
 
 Every figure is a client process sending echo requests to a server process over TCP on 127.0.0.1
 and timing the whole exchange (the first response after a warm-up request to the last):
-  * daqd  - our client (uvloop) -> our server (`PacketConnection`, uvloop), plain handler;
+  * raw   - the baseline: uvloop protocols echoing bare bytes, no framing, no matching;
+  * daqd  - our client (`connect`) -> our server (`start_server`, as the receiver uses), uvloop;
   * cs    - cs.packetstream 20240630 client -> its server (peer venv, tests/peers.py), once with
             packet_grace=0 and once with its default 0.01 s.
 Payloads of 16 B and 64 KiB, one request at a time ("seq") and 64 in flight ("x64").
-Goal on this machine: daqd >= 10k/s seq and >= 50k/s x64 at 16 B. Ratios are daqd / cs.
+Goal on this machine: daqd >= 10k/s seq and >= 50k/s x64 at 16 B. Ratios: daqd / raw, daqd / cs.
 
     .venv/bin/python bench/packetstream.py [--scale 1.0] [--skip-cs]
 """
@@ -34,23 +35,74 @@ CASES: dict[tuple[int, int], tuple[int, int, int]] = {
 }
 
 
-def serve_ours() -> None:
-    """Child process: our echo server; prints its port, runs until stdin closes."""
+def serve(kind: str) -> None:
+    """Child process: an echo server (ours, or raw bytes); prints its port; ends when stdin closes."""
     import uvloop
 
-    from daqd.packetstream import PacketConnection
+    from daqd.packetstream import start_server
+
+    class RawEcho(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+
+        def data_received(self, data: bytes) -> None:
+            self.transport.write(data)
 
     async def main() -> None:
-        async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await PacketConnection(reader, writer, lambda rq: rq.payload).serve()
-
-        srv = await asyncio.start_server(on_client, "127.0.0.1", 0)
+        if kind == "raw":
+            srv = await asyncio.get_running_loop().create_server(RawEcho, "127.0.0.1", 0)
+        else:
+            srv = await start_server("127.0.0.1", 0, lambda rq: rq.payload)
         print("PORT", srv.sockets[0].getsockname()[1], flush=True)
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, sys.stdin.read)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
         srv.close()
 
     uvloop.run(main())
+
+
+class RawClient(asyncio.Protocol):
+    """Keeps `in_flight` messages of `size` bytes outstanding until `n` have come back."""
+
+    def __init__(self, size: int, n: int, in_flight: int) -> None:
+        self.size = size
+        self.n = n
+        self.in_flight = in_flight
+        self.payload = b"x" * size
+        self.received = 0
+        self.sent = 0
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+
+    def start(self) -> None:
+        first = min(self.in_flight, self.n)
+        self.sent = first
+        self.transport.write(self.payload * first)
+
+    def data_received(self, data: bytes) -> None:
+        before = self.received // self.size
+        self.received += len(data)
+        back = self.received // self.size
+        more = min(back - before, self.n - self.sent)
+        if more > 0:
+            self.sent += more
+            self.transport.write(self.payload * more)
+        if back >= self.n and not self.done.done():
+            self.done.set_result(None)
+
+
+async def client_raw(port: int, n: int, size: int, in_flight: int) -> float:
+    loop = asyncio.get_running_loop()
+    transport, proto = await loop.create_connection(
+        lambda: RawClient(size, n, in_flight), "127.0.0.1", port
+    )
+    start = time.perf_counter()
+    proto.start()
+    await proto.done
+    elapsed = time.perf_counter() - start
+    transport.close()
+    return n / elapsed
 
 
 async def client_ours(port: int, n: int, size: int, in_flight: int) -> float:
@@ -95,15 +147,16 @@ def stop_server(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-def bench_ours(scale: float) -> dict[tuple[int, int], float]:
+def bench_uvloop(kind: str, scale: float) -> dict[tuple[int, int], float]:
     import uvloop
 
-    port, proc = start_server([sys.executable, __file__, "--serve"])
+    client = client_raw if kind == "raw" else client_ours
+    port, proc = start_server([sys.executable, __file__, "--serve", kind])
     rates: dict[tuple[int, int], float] = {}
     try:
         for (size, in_flight), (n, _, _) in CASES.items():
             count = max(in_flight, int(n * scale))
-            rates[(size, in_flight)] = uvloop.run(client_ours(port, count, size, in_flight))
+            rates[(size, in_flight)] = uvloop.run(client(port, count, size, in_flight))
     finally:
         stop_server(proc)
     return rates
@@ -135,15 +188,16 @@ def bench_cs(python: Path, grace: float, scale: float) -> dict[tuple[int, int], 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--serve", choices=["raw", "daqd"], help=argparse.SUPPRESS)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply request counts")
     parser.add_argument("--skip-cs", action="store_true", help="only measure daqd")
     args = parser.parse_args()
     if args.serve:
-        serve_ours()
+        serve(args.serve)
         return
     t0 = time.perf_counter()
-    ours = bench_ours(args.scale)
+    raw = bench_uvloop("raw", args.scale)
+    ours = bench_uvloop("daqd", args.scale)
     cs0: dict[tuple[int, int], float] = {}
     csd: dict[tuple[int, int], float] = {}
     if not args.skip_cs:
@@ -154,15 +208,18 @@ def main() -> None:
         cs0 = bench_cs(python, 0.0, args.scale)
         csd = bench_cs(python, 0.01, args.scale)
     print(f"packet stream echo requests/s (scale {args.scale}), client and server processes")
-    header = f"{'payload':>8} {'mode':>5} {'daqd':>10} {'cs g=0':>9} {'cs g=.01':>9}"
-    print(header + f" {'daqd/cs0':>9} {'daqd/cs.01':>10}")
+    header = f"{'payload':>8} {'mode':>5} {'raw':>9} {'daqd':>9} {'daqd/raw':>9}"
+    if cs0:
+        header += f" {'cs g=0':>8} {'cs g=.01':>8} {'daqd/cs0':>9} {'daqd/cs.01':>10}"
+    print(header)
     for size, in_flight in CASES:
         key = (size, in_flight)
         label = "16 B" if size == 16 else "64 KiB"
         mode = "seq" if in_flight == 1 else f"x{in_flight}"
-        line = f"{label:>8} {mode:>5} {ours[key]:>10.0f}"
+        line = f"{label:>8} {mode:>5} {raw[key]:>9.0f} {ours[key]:>9.0f}"
+        line += f" {ours[key] / raw[key]:>9.2f}"
         if cs0:
-            line += f" {cs0[key]:>9.0f} {csd[key]:>9.0f}"
+            line += f" {cs0[key]:>8.0f} {csd[key]:>8.0f}"
             line += f" {ours[key] / cs0[key]:>9.1f} {ours[key] / csd[key]:>10.1f}"
         print(line)
     seq, x64 = ours[(16, 1)], ours[(16, 64)]

@@ -289,7 +289,10 @@ class PacketConnection:
         if payload:
             out.append(payload)
         self._out_bytes += len(header) + len(payload)
-        if not self._flush_scheduled:
+        if len(self._pending) == 1 and self._transport is not None:
+            # the only request in flight: nothing to batch it with, so it leaves at once
+            self._flush()
+        elif not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
         self.requests_sent += 1

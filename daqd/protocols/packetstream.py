@@ -89,6 +89,11 @@ def encode_bsuint(value: int) -> bytes:
         if value < 0:
             raise ValueError(f"BSUInt cannot encode a negative number ({value})")
         return _ONE_BYTE[value]
+    if value < 0x4000:
+        # tags and lengths on a busy connection mostly land here
+        return bytes((0x80 | (value >> 7), value & 0x7F))
+    if value < 0x200000:
+        return bytes((0x80 | (value >> 14), 0x80 | ((value >> 7) & 0x7F), value & 0x7F))
     groups = [value & 0x7F]
     value >>= 7
     while value:
@@ -137,10 +142,13 @@ def encode_request_header(tag: int, rq_type: int, flags: int, channel: int, size
             f"request fields must be >= 0 (tag {tag}, rq_type {rq_type}, flags {flags}, "
             f"channel {channel})"
         )
-    if tag < 0x80 and rq_type < 0x7F and flags < 0x20 and not channel:
-        # the common case: every field fits one byte
-        body = 3 + size
-        return encode_bsuint(body) + bytes((tag, (flags << 2) | 2, rq_type + 1))
+    if rq_type < 0x7F and flags < 0x20 and not channel:
+        # the common case: flags and rq_type fit one byte each
+        tail = bytes(((flags << 2) | 2, rq_type + 1))
+        if tag < 0x80:
+            return encode_bsuint(3 + size) + bytes((tag,)) + tail
+        head = encode_bsuint(tag)
+        return encode_bsuint(len(head) + 2 + size) + head + tail
     fields = (
         encode_bsuint(tag)
         + encode_bsuint((flags << 2) | (3 if channel else 2))
@@ -157,8 +165,9 @@ def encode_response_header(tag: int, ok: bool, flags: int, channel: int, size: i
             f"response fields must be >= 0 (tag {tag}, flags {flags}, channel {channel})"
         )
     flagword = ((flags << 1) | (1 if ok else 0)) << 2
-    if tag < 0x80 and flagword < 0x80 and not channel:
-        return encode_bsuint(2 + size) + bytes((tag, flagword))
+    if flagword < 0x80 and not channel:
+        head = encode_bsuint(tag)
+        return encode_bsuint(len(head) + 1 + size) + head + _ONE_BYTE[flagword]
     fields = (
         encode_bsuint(tag)
         + encode_bsuint(flagword | (1 if channel else 0))
@@ -286,6 +295,10 @@ def _field(src: bytes, pos: int, end: int, what: str, where: int) -> tuple[int, 
     b = src[pos] if pos < end else 0x80
     if b < 0x80:
         return b, pos + 1
+    if pos + 1 < end:
+        b2 = src[pos + 1]
+        if b2 < 0x80:
+            return ((b & 0x7F) << 7) | b2, pos + 2
     try:
         value, after = _read_bsuint(src, pos, end)
     except ProtocolError as exc:
