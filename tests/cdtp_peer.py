@@ -3,9 +3,10 @@
 Runs inside the peer venv (.venv-peers/constellation), never imports daqd. Usage:
     python cdtp_peer.py send     < JSON settings   (a DataTransmitter bound on 127.0.0.1)
     python cdtp_peer.py receive  < JSON settings   (a DataReceiver connected to a port)
-    python cdtp_peer.py bench    < JSON settings   (transmitter -> receiver in this process)
 It prints one JSON object per line on stdout: first {"endpoint": ...} or {"ready": true}, and at
 the end a summary of everything it sent or received, which the tests compare with their side.
+For bench/cdtp.py: "send" with {"bench": true} sends one payload object without tags, and
+"receive" with {"count_only": true} only counts and times records (first to last arrival).
 Block j of record k is `k (8 bytes) j (4 bytes) fill...`, the same in tests/test_cdtp_interop.py.
 """
 
@@ -59,24 +60,30 @@ def send(cfg: dict[str, Any]) -> None:
     tx.bor_timeout = tx.data_timeout = tx.eor_timeout = int(cfg.get("timeout", 20))
     tx.payload_threshold = int(cfg.get("payload_threshold", 128))
     sizes = cfg.get("sizes", [1024])
+    same = bytes(sizes[0]) if cfg.get("bench") else None  # one payload object, no tags
     skip = set(cfg.get("skip", []))
     vanish_after = cfg.get("vanish_after")
     if cfg.get("wait"):
         sys.stdin.readline()  # the test says when the run starts
     start = dt.datetime.now(dt.UTC)
+    cpu = time.process_time()
     tx.send_bor(cfg.get("bor_tags", {}), cfg.get("config", {"sizes": sizes}))
     tx.start_sending()
     sent = []
     for k in range(1, int(cfg["count"]) + 1):
-        record = tx.new_data_record({"k": k, "name": f"r{k}"} if cfg.get("tags", True) else None)
+        record = tx.new_data_record({"k": k, "name": f"r{k}"} if same is None else None)
         if k in skip:
             continue  # the sequence number is used up: a gap the receiver must notice
-        for j, size in enumerate(sizes):
-            record.add_block(block(k, j, size))
+        if same is not None:
+            record.add_block(same)
+        else:
+            for j, size in enumerate(sizes):
+                record.add_block(block(k, j, size))
         while not tx.can_send_record():
             time.sleep(0.001)
         tx.send_data_record(record)
-        sent.append(k)
+        if same is None:
+            sent.append(k)
         if vanish_after is not None and len(sent) >= vanish_after:
             tx.stop_sending()  # what was queued leaves, then the process goes without an EOR
             sock.close(linger=5000)
@@ -97,7 +104,8 @@ def send(cfg: dict[str, Any]) -> None:
     tx.send_eor(cfg.get("eor_tags", {}), metadata)
     sock.close(linger=5000)
     context.term()
-    out({"sent": sent, "last_seq": tx.sequence_number, "failures": failures})
+    cpu = time.process_time() - cpu
+    out({"sent": sent, "last_seq": tx.sequence_number, "failures": failures, "cpu_s": cpu})
 
 
 def receive(cfg: dict[str, Any]) -> None:
@@ -105,20 +113,28 @@ def receive(cfg: dict[str, Any]) -> None:
     context = zmq.Context()
     result: dict[str, Any] = {"records": []}
     done = threading.Event()
-    with_data = cfg.get("with_data", False)
+    count_only = cfg.get("count_only", False)
+    times = {"first": 0.0, "last": 0.0, "n": 0, "bytes": 0, "cpu": 0.0}
 
     def on_bor(sender: str, user_tags: dict[str, Any], config: dict[str, Any]) -> None:
         result["bor"] = {"sender": sender, "user_tags": user_tags, "config": config}
+        times["cpu"] = time.process_time()
 
     def on_data(sender: str, record: Any) -> None:
+        if count_only:  # benchmark: count and time, as cheaply as possible
+            now = time.perf_counter()
+            if not times["n"]:
+                times["first"] = now
+            times["last"] = now
+            times["n"] += 1
+            times["bytes"] += len(record.blocks[0])
+            return
         blocks = [[len(b), zlib.crc32(b)] for b in record.blocks]
-        entry = [sender, record.sequence_number, record.tags, blocks]
-        if with_data:
-            entry.append([b.hex() for b in record.blocks])
-        result["records"].append(entry)
+        result["records"].append([sender, record.sequence_number, record.tags, blocks])
 
     def on_eor(sender: str, user_tags: dict[str, Any], metadata: dict[str, Any]) -> None:
         result["eor"] = {"sender": sender, "user_tags": user_tags, "metadata": metadata}
+        times["cpu"] = time.process_time() - times["cpu"]  # all threads, BOR to EOR
         done.set()
 
     rx = DataReceiver(context, logger("peer.rx"), on_bor, on_data, on_eor, None)
@@ -154,53 +170,19 @@ def receive(cfg: dict[str, Any]) -> None:
         result["timeout"] = str(exc)
     except Exception as exc:
         result.setdefault("error", f"{type(exc).__name__}: {exc}")
+    if count_only:
+        result = {
+            "records": times["n"],
+            "bytes": times["bytes"],
+            "seconds": times["last"] - times["first"],
+            "cpu_s": times["cpu"],
+            **{k: v for k, v in result.items() if k in ("error", "timeout")},
+        }
     out(result)
     context.term()
-
-
-def bench(cfg: dict[str, Any]) -> None:
-    """Constellation -> Constellation on loopback: records/s from BOR to the last record."""
-    context = zmq.Context()
-    got = {"n": 0, "bytes": 0}
-    last = threading.Event()
-    count = int(cfg["count"])
-
-    def on_data(sender: str, record: Any) -> None:
-        got["n"] += 1
-        got["bytes"] += len(record.blocks[0])
-        if got["n"] == count:
-            last.set()
-
-    rx = DataReceiver(context, logger("peer.rx"), lambda *a: None, on_data, lambda *a: None, None)
-    rx.start_receiving()
-    sock = context.socket(zmq.PUSH)
-    port = sock.bind_to_random_port("tcp://127.0.0.1")
-    rx.add_sender(
-        DiscoveredService(get_uuid("Bench.tx"), CHIRPServiceIdentifier.DATA, "127.0.0.1", port)
-    )
-    tx = DataTransmitter("Bench.tx", sock, logger("peer.tx"), lambda why: None)
-    tx.bor_timeout = tx.data_timeout = tx.eor_timeout = 30
-    payload = bytes(int(cfg["size"]))
-    tx.send_bor({}, {})
-    tx.start_sending()
-    t0 = time.perf_counter()
-    for _ in range(count):
-        record = tx.new_data_record()
-        record.add_block(payload)
-        while not tx.can_send_record():
-            time.sleep(0.001)
-        tx.send_data_record(record)
-    last.wait(120)
-    elapsed = time.perf_counter() - t0
-    tx.stop_sending()
-    tx.send_eor({}, {"condition_code": 0, "condition": "GOOD", "data_records": count})
-    rx.stop_receiving()
-    sock.close(linger=0)
-    context.term()
-    out({"records": got["n"], "bytes": got["bytes"], "seconds": elapsed})
 
 
 if __name__ == "__main__":
     mode = sys.argv[1]
     settings = json.loads(sys.stdin.readline())
-    {"send": send, "receive": receive, "bench": bench}[mode](settings)
+    {"send": send, "receive": receive}[mode](settings)

@@ -98,6 +98,16 @@ def test_sequence_numbers_in_every_int_width(encoded: bytes, value: int) -> None
 
 
 @pytest.mark.parametrize(
+    "seq",
+    [0, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**64 - 1, -1, -32, -33, -(2**63)],
+)
+def test_sequence_numbers_encode_in_the_smallest_width_like_msgpack(seq: int) -> None:
+    message = cdtp.Data("A.b", [cdtp.DataRecord(seq, {}, [b"z"])])
+    assert cdtp.encode(message) == [constellation_frame("A.b", 0, [(seq, {}, [b"z"])])]
+    assert cdtp.decode(cdtp.encode(message)) == message
+
+
+@pytest.mark.parametrize(
     ("encoded", "seconds", "nanoseconds"),
     [
         (b"\xd6\xff" + struct.pack(">I", 1_700_000_000), 1_700_000_000, 0),
@@ -138,13 +148,13 @@ def test_bor_and_eor_round_trip_like_constellation() -> None:
 @pytest.mark.parametrize(
     ("frame", "what"),
     [
-        (b"", "malformed"),
-        (HEADER, "malformed"),
+        (b"", "malformed|ends inside"),
+        (HEADER, "ends inside"),
         (b"\xc4\x05CDTP\x02\xa3A.b\x00\x91\x93\x01\x80\x90", "does not start"),  # bin, not str
         (b"\xa5CDTP\x01\xa3A.b\x00\x91\x93\x01\x80\x90", "does not start"),
         (HEADER + b"\xc4\x03A.b\x00\x91\x93\x01\x80\x90", "sender must be a str"),
         (HEADER + b"\xa3A.b\x03\x91\x93\x01\x80\x90", "unknown message type"),
-        (HEADER + b"\xa3A.b\xc3\x91\x93\x01\x80\x90", "unknown message type"),
+        (HEADER + b"\xa3A.b\xc3\x91\x93\x01\x80\x90", "message type at byte 10 is not an int"),
         (HEADER + b"\xa3A.b\x00\x90", "no records"),
         (HEADER + b"\xa3A.b\x01\x91\x93\x00\x80\x90", "exactly 2"),
         (HEADER + b"\xa3A.b\x02\x93" + b"\x93\x00\x80\x90" * 3, "exactly 2"),
@@ -156,7 +166,7 @@ def test_bor_and_eor_round_trip_like_constellation() -> None:
         (HEADER + b"\xa3A.b\x00\x91\x93\x01\x80\x91\xa2ab", "not msgpack bin"),
         (HEADER + b"\xa3A.b\x00\x91\x93\x01\x80\x80", "not an array"),
         (HEADER + b"\xa3A.b\x00\x91\x93\x01\x80\x91\xc6\xff\xff\xff\xff", "overruns"),
-        (HEADER + b"\xa3A.b\x00\x91\x93\x01\x80\x91\xc5\x00", "truncated"),
+        (HEADER + b"\xa3A.b\x00\x91\x93\x01\x80\x91\xc5\x00", "ends inside"),
         (HEADER + b"\xa3A.b\x00\xdd\xff\xff\xff\xff\x93\x01\x80\x90", "cannot fit"),
         (HEADER + b"\xa3A.b\x00\x91\x93\x01\x80\xdd\xff\xff\xff\xff", "cannot fit"),
         (HEADER + b"\xa3A.b\x00\x91\x93\x01\x80\x90\x00", "trailing"),
@@ -246,7 +256,7 @@ messages = (
 
 
 @given(messages)
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_round_trip(message: cdtp.Message) -> None:
     frames = cdtp.encode(message)
     assert len(frames) == 1
@@ -273,7 +283,7 @@ def test_our_frames_equal_constellations(message: cdtp.Message) -> None:
 @given(st.binary(max_size=400))
 @example(HEADER + b"\xa3A.b\x00\xdd\x7f\xff\xff\xff")
 @example(HEADER + b"\xa3A.b\x00\x91\x93\x01\xdf\x7f\xff\xff\xff")
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=300, deadline=None)
 def test_arbitrary_bytes_give_a_message_or_protocol_error(data: bytes) -> None:
     try:
         message = cdtp.decode_frame(data)
@@ -283,7 +293,7 @@ def test_arbitrary_bytes_give_a_message_or_protocol_error(data: bytes) -> None:
 
 
 @given(messages, st.data())
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_corrupted_frames_give_a_message_or_protocol_error(
     message: cdtp.Message, data: st.DataObject
 ) -> None:
