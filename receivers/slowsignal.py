@@ -86,11 +86,12 @@ class SlowSignalSettings(ReceiverSettings):
 class Readout:
     """One TACK being assembled: which modules are in; its counts live in the store at `slot`."""
 
-    __slots__ = ("cpu_ns", "created", "mask", "slot", "tack")
+    __slots__ = ("cpu_ns", "created", "mask", "row", "slot", "tack")
 
     def __init__(self, tack: int, slot: int, created: float, cpu_ns: int) -> None:
         self.tack = tack
         self.slot = slot
+        self.row = slot * N_MODULES  # the store row of module 0
         self.created = created
         self.cpu_ns = cpu_ns
         self.mask = 0
@@ -145,6 +146,9 @@ class SlowSignalReceiver(ReceiverServer):
         seconds = np.zeros((new, N_MODULES), dtype=np.uint64)
         seconds[:old] = self.seconds
         self.store, self.seconds = store, seconds
+        # flat views: one row per (slot, module), so a batch is stored with one assignment
+        self.store_rows = store.reshape(new * N_MODULES, N_PIXELS)
+        self.seconds_flat = seconds.reshape(new * N_MODULES)
         self.free.extend(range(new - 1, old - 1, -1))  # pop() hands out low slots first
 
     # ----- sockets and tasks -----------------------------------------------------------------
@@ -241,55 +245,55 @@ class SlowSignalReceiver(ReceiverServer):
     def _assemble(self, datagrams: list[bytes], module_list: list[int]) -> None:
         now_ns = time.time_ns()
         mono = time.monotonic()
-        pm_datagrams = self.per_module["datagrams"]
-        pm_blocks = self.per_module["blocks"]
         if len(datagrams) == 1:
             blocks = decode_datagram(datagrams[0])
-            m = module_list[0]
-            mods = [m] * len(blocks)
-            pm_datagrams[m] += 1
-            pm_blocks[m] += len(blocks)
+            sizes = [len(blocks)]
         else:
             blocks = decode_datagram(b"".join(datagrams), max_blocks=len(datagrams) * MAX_BLOCKS)
-            mods = []
-            for m, d in zip(module_list, datagrams, strict=True):
-                n = len(d) // BLOCK_BYTES
-                mods += [m] * n
-                pm_datagrams[m] += 1
-                pm_blocks[m] += n
+            sizes = [len(d) // BLOCK_BYTES for d in datagrams]
         tacks: list[int] = blocks.tack.tolist()
         pending = self.pending
         expected = self.expected
-        kept: list[int] = []  # block index -> ...
-        slots: list[int] = []  # ... its readout's slot
+        pm_datagrams = self.per_module["datagrams"]
+        pm_blocks = self.per_module["blocks"]
+        kept: list[int] = []  # indices of the blocks stored ...
+        rows: list[int] = []  # ... and their rows in the store: slot * 32 + module
         done: list[Readout] = []
         newest_new = -1
-        for i, tack in enumerate(tacks):
-            ro = pending.get(tack)
-            module = mods[i]
-            if ro is None:
-                ro = self._find(tack, module, i, tacks, mods, mono, now_ns)
-                if ro is None:
-                    continue
-                if ro.mask == 0 and tack > newest_new:
-                    newest_new = tack
+        start = 0
+        for module, n in zip(module_list, sizes, strict=True):
+            pm_datagrams[module] += 1
+            pm_blocks[module] += n
             bit = 1 << module
-            if ro.mask & bit:
-                self._duplicate(module)
-                continue
-            ro.mask |= bit
-            kept.append(i)
-            slots.append(ro.slot)
-            if bit & expected and ro.mask & expected == expected:
-                done.append(ro)
+            needed = bit & expected
+            end = start + n
+            for i, tack in enumerate(tacks[start:end], start):
+                ro = pending.get(tack)
+                if ro is None:
+                    # a datagram is sent after its last block: date TACKs back from the arrival
+                    backdate = min(max(tacks[end - 1] - tack, 0), _MAX_CPU_BACKDATE_NS)
+                    ro = self._find(tack, module, mono, now_ns - backdate)
+                    if ro is None:
+                        continue
+                    if not ro.mask and tack > newest_new:
+                        newest_new = tack
+                if ro.mask & bit:
+                    self._duplicate(module)
+                    continue
+                ro.mask |= bit
+                kept.append(i)
+                rows.append(ro.row + module)
+                if needed and ro.mask & expected == expected:
+                    done.append(ro)
+            start = end
         if kept:
-            mods_kept = [mods[i] for i in kept]
+            index = np.array(rows, dtype=np.intp)
             if len(kept) == len(tacks):
-                self.store[slots, mods_kept] = blocks.counts
-                self.seconds[slots, mods_kept] = blocks.second
+                self.store_rows[index] = blocks.counts
+                self.seconds_flat[index] = blocks.second
             else:
-                self.store[slots, mods_kept] = blocks.counts[kept]
-                self.seconds[slots, mods_kept] = blocks.second[kept]
+                self.store_rows[index] = blocks.counts[kept]
+                self.seconds_flat[index] = blocks.second[kept]
         # flushing frees slots, so it waits until every block of the batch is stored
         for ro in sorted(done, key=lambda r: r.tack):
             self._flush(ro.tack, complete=True)
@@ -304,17 +308,8 @@ class SlowSignalReceiver(ReceiverServer):
             self.watermark = max(self.watermark, keys[0])
             self._flush(keys[0])
 
-    def _find(
-        self,
-        tack: int,
-        module: int,
-        i: int,
-        tacks: list[int],
-        mods: list[int],
-        mono: float,
-        now_ns: int,
-    ) -> Readout | None:
-        """The readout for block i: within the window, or new; None if refused (counted)."""
+    def _find(self, tack: int, module: int, mono: float, cpu_ns: int) -> Readout | None:
+        """The readout for a block: within the window, or new; None if refused (counted)."""
         window = self.window
         if window and self.keys:
             keys = self.keys
@@ -344,14 +339,9 @@ class SlowSignalReceiver(ReceiverServer):
                 tack,
             )
             return None
-        # a datagram is sent after its last block: date each TACK back from the arrival by that
-        last = i
-        while last + 1 < len(tacks) and mods[last + 1] == module and tacks[last + 1] > tacks[last]:
-            last += 1
-        backdate = min(tacks[last] - tack, _MAX_CPU_BACKDATE_NS)
         if not self.free:
             self._grow()
-        ro = Readout(tack, self.free.pop(), mono, now_ns - backdate)
+        ro = Readout(tack, self.free.pop(), mono, cpu_ns)
         self.pending[tack] = ro
         keys = self.keys
         if not keys or tack > keys[-1]:
