@@ -163,6 +163,30 @@ def test_channel_bit_with_channel_zero_is_channel_zero() -> None:
     ]
 
 
+def test_big_packets_in_pieces() -> None:
+    decoder = PacketDecoder(big_packet_bytes=1000)
+    rq = Request(tag=300, rq_type=5, flags=2, channel=7, payload=bytes(range(256)) * 20)
+    rsp = Response(tag=301, ok=False, flags=1, payload=b"r" * 3000)
+    data = encode(rq) + encode(Request(2, 0, payload=b"small")) + encode(rsp)
+    got: list[Message] = []
+    for i in range(0, len(data), 700):
+        got += decoder.feed(data[i : i + 700])
+        assert decoder.buffered <= len(encode(rq))
+    assert got == [rq, Request(2, 0, payload=b"small"), rsp]
+    decoder.feed_eof()
+    # cut inside a big packet: truncated at the end of the stream
+    decoder = PacketDecoder(big_packet_bytes=1000)
+    assert decoder.feed(encode(rsp)[:2000]) == []
+    assert decoder.buffered > 1900
+    with pytest.raises(ProtocolError, match="stream ended inside a packet at offset 0"):
+        decoder.feed_eof()
+    # a big control packet is refused as soon as its fields are seen
+    decoder = PacketDecoder(big_packet_bytes=1000)
+    bad = encode_bsuint(5000) + bytes.fromhex("00 02 00") + b"z" * 100
+    with pytest.raises(ProtocolError, match="malformed control packet"):
+        decoder.feed(bad)
+
+
 def test_large_payload_in_small_chunks() -> None:
     rq = Request(tag=5, rq_type=1, payload=bytes(range(256)) * 256)
     data = encode(rq) * 3
@@ -194,10 +218,17 @@ def test_bsuint_round_trip(value: int) -> None:
     assert decode_bsuint(data + b"junk") == (value, len(data))
 
 
-@given(st.lists(messages, max_size=20), st.lists(st.integers(1, 50), max_size=20))
-def test_message_stream_round_trip_with_any_chunking(msgs: list[Message], cuts: list[int]) -> None:
+@given(
+    st.lists(messages, max_size=20),
+    st.lists(st.integers(1, 50), max_size=20),
+    st.sampled_from([40, 100, 32 << 10]),
+)
+def test_message_stream_round_trip_with_any_chunking(
+    msgs: list[Message], cuts: list[int], big: int
+) -> None:
+    # `big`: packets at least this long that arrive in pieces take the chunk-list path
     stream = b"".join(encode(m) for m in msgs)
-    decoder = PacketDecoder()
+    decoder = PacketDecoder(big_packet_bytes=big)
     got: list[Message] = []
     pos = 0
     for cut in cuts:
@@ -209,9 +240,9 @@ def test_message_stream_round_trip_with_any_chunking(msgs: list[Message], cuts: 
 
 
 @settings(max_examples=500)
-@given(st.binary(max_size=200), st.integers(1, 64))
-def test_arbitrary_bytes_give_messages_or_protocol_error(data: bytes, chunk: int) -> None:
-    decoder = PacketDecoder(max_packet_bytes=100)
+@given(st.binary(max_size=200), st.integers(1, 64), st.sampled_from([40, 64, 32 << 10]))
+def test_arbitrary_bytes_give_messages_or_protocol_error(data: bytes, chunk: int, big: int) -> None:
+    decoder = PacketDecoder(max_packet_bytes=100, big_packet_bytes=big)
     try:
         for i in range(0, len(data), chunk):
             for m in decoder.feed(data[i : i + chunk]):

@@ -201,6 +201,13 @@ def encode(message: Message) -> bytes:
     return header
 
 
+# A packet this large that arrives in pieces keeps its payload as a list of chunks, joined once
+# when complete, instead of being re-buffered and re-copied with every chunk.
+_BIG_PACKET_BYTES = 32 << 10
+# tag, flags, channel and rq_type: the most the fields before a payload can take
+_MAX_FIELDS_BYTES = 4 * MAX_BSUINT_BYTES
+
+
 class PacketDecoder:
     """Stream decoder: feed bytes as they arrive, get the complete messages back.
 
@@ -208,36 +215,50 @@ class PacketDecoder:
     ProtocolError the stream position is lost, so the decoder refuses further input.
     """
 
-    def __init__(self, max_packet_bytes: int = DEFAULT_MAX_PACKET_BYTES) -> None:
+    def __init__(
+        self,
+        max_packet_bytes: int = DEFAULT_MAX_PACKET_BYTES,
+        *,
+        big_packet_bytes: int = _BIG_PACKET_BYTES,
+    ) -> None:
         if max_packet_bytes < 1:
             raise ValueError("max_packet_bytes must be >= 1")
         self.max_packet_bytes = max_packet_bytes
+        self.big_packet_bytes = max(big_packet_bytes, _MAX_FIELDS_BYTES)
         self._buf = bytearray()
         # bytes the incomplete packet at the front of _buf needs before parsing is worth trying
         self._need = 0
-        self._offset = 0  # stream offset of _buf[0], for error messages
+        self._offset = 0  # stream offset of _buf[0] (or of the big packet), for error messages
         self._error: ProtocolError | None = None
+        # a big packet in progress: its fields, payload chunks so far, and bytes still missing
+        self._big_head: tuple[int, int, int, int] = (0, 0, 0, 0)
+        self._big_parts: list[bytes] | None = None
+        self._big_have = 0
+        self._big_missing = 0
+        self._big_size = 0
 
     @property
     def buffered(self) -> int:
         """Bytes held for an incomplete packet."""
-        return len(self._buf)
+        return len(self._buf) + self._big_have
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Message]:
         """Add received bytes; return every message they complete, in order."""
         if self._error is not None:
             raise ProtocolError(f"decoder stopped after an earlier error: {self._error}")
-        buf = self._buf
-        if buf:
-            buf += data
-            if len(buf) < self._need:
-                return []
-            src = bytes(buf)
-            buf.clear()
-        else:
-            src = data if type(data) is bytes else bytes(data)
         try:
-            return self._parse(src)
+            if self._big_parts is not None:
+                return self._feed_big(data if type(data) is bytes else bytes(data))
+            buf = self._buf
+            if buf:
+                buf += data
+                if len(buf) < self._need:
+                    return []
+                src = bytes(buf)
+                buf.clear()
+            else:
+                src = data if type(data) is bytes else bytes(data)
+            return self._parse(src, [])
         except ProtocolError as exc:
             self._error = exc
             raise
@@ -246,18 +267,40 @@ class PacketDecoder:
         """The stream ended: raise ProtocolError if a packet was cut off."""
         if self._error is not None:
             raise ProtocolError(f"decoder stopped after an earlier error: {self._error}")
-        if self._buf:
+        if self._buf or self._big_parts is not None:
             self._error = ProtocolError(
                 f"stream ended inside a packet at offset {self._offset} "
-                f"({len(self._buf)} bytes of it received)"
+                f"({self.buffered} bytes of it received)"
             )
             raise self._error
 
-    def _parse(self, src: bytes) -> list[Message]:
-        out: list[Message] = []
+    def _feed_big(self, data: bytes) -> list[Message]:
+        parts = self._big_parts
+        assert parts is not None
+        missing = self._big_missing
+        if len(data) < missing:
+            parts.append(data)
+            self._big_have += len(data)
+            self._big_missing = missing - len(data)
+            return []
+        parts.append(data[:missing])
+        payload = b"".join(parts)
+        self._big_parts = None
+        self._big_have = 0
+        self._big_missing = 0
+        tag, flagword, channel, wire_rq_type = self._big_head
+        where = self._offset
+        self._offset = where + self._big_size
+        out = [_message(tag, flagword, channel, wire_rq_type, payload, where)]
+        if len(data) > missing:
+            return self._parse(data[missing:], out)
+        return out
+
+    def _parse(self, src: bytes, out: list[Message]) -> list[Message]:
         n = len(src)
         pos = 0
         max_len = self.max_packet_bytes
+        big = self.big_packet_bytes
         base = self._offset
         while pos < n:
             b = src[pos]
@@ -279,6 +322,10 @@ class PacketDecoder:
                 )
             end = body + length
             if end > n:
+                if length >= big and n - body >= _MAX_FIELDS_BYTES:
+                    self._start_big(src, pos, body, end, base + pos)
+                    self._offset = base + pos
+                    return out
                 self._need = end - pos
                 break
             out.append(_parse_body(src, body, end, base + pos))
@@ -289,6 +336,45 @@ class PacketDecoder:
             self._buf += memoryview(src)[pos:]
         self._offset = base + pos
         return out
+
+    def _start_big(self, src: bytes, start: int, body: int, end: int, where: int) -> None:
+        tag, p = _field(src, body, end, "tag", where)
+        flagword, p = _field(src, p, end, "flags", where)
+        channel = 0
+        wire_rq_type = 0
+        if flagword & 1:
+            channel, p = _field(src, p, end, "channel", where)
+        if flagword & 2:
+            wire_rq_type, p = _field(src, p, end, "rq_type", where)
+            if not wire_rq_type:
+                # a control packet never carries a payload, let alone a big one
+                _message(tag, flagword, channel, 0, b"x", where)
+        self._big_head = (tag, flagword, channel, wire_rq_type)
+        first = src[p:]
+        self._big_parts = [first]
+        self._big_have = len(first)
+        self._big_missing = end - len(src)
+        self._big_size = end - start
+
+
+def _message(
+    tag: int, flagword: int, channel: int, wire_rq_type: int, payload: bytes, where: int
+) -> Message:
+    """The message for fields already read; raises for malformed control packets."""
+    if flagword & 2:
+        if wire_rq_type:
+            return Request(tag, wire_rq_type - 1, flagword >> 2, channel, payload)
+        if channel == 0 and flagword >> 2 == 0 and not payload:
+            if tag == 0:
+                return EOF
+            if tag == 1:
+                return ERQ
+        raise ProtocolError(
+            f"packet at offset {where}: malformed control packet (rq_type 0 with tag {tag}, "
+            f"channel {channel}, flags {flagword >> 2}, {len(payload)} payload bytes)"
+        )
+    wire_flags = flagword >> 2
+    return Response(tag, bool(wire_flags & 1), wire_flags >> 1, channel, payload)
 
 
 def _field(src: bytes, pos: int, end: int, what: str, where: int) -> tuple[int, int]:
@@ -316,17 +402,8 @@ def _parse_body(src: bytes, pos: int, end: int, where: int) -> Message:
         channel, pos = _field(src, pos, end, "channel", where)
     if flagword & 2:
         wire_rq_type, pos = _field(src, pos, end, "rq_type", where)
-        payload = src[pos:end]
         if wire_rq_type:
-            return Request(tag, wire_rq_type - 1, flagword >> 2, channel, payload)
-        if channel == 0 and flagword >> 2 == 0 and not payload:
-            if tag == 0:
-                return EOF
-            if tag == 1:
-                return ERQ
-        raise ProtocolError(
-            f"packet at offset {where}: malformed control packet (rq_type 0 with tag {tag}, "
-            f"channel {channel}, flags {flagword >> 2}, {len(payload)} payload bytes)"
-        )
+            return Request(tag, wire_rq_type - 1, flagword >> 2, channel, src[pos:end])
+        return _message(tag, flagword, channel, 0, src[pos:end], where)
     wire_flags = flagword >> 2
     return Response(tag, bool(wire_flags & 1), wire_flags >> 1, channel, src[pos:end])
