@@ -188,8 +188,10 @@ class HttpImageReceiver(ReceiverServer):
         if refusal is not None:
             # Answered before the client sends a single byte of the body.
             return self._reject(request, *refusal)
+        if request.version != HttpVersion11:
+            return None  # HTTP/1.0 has no interim answers: the client sends the body anyway
         expect = request.headers.get("Expect", "")
-        if request.version != HttpVersion11 or expect.lower() != "100-continue":
+        if expect.lower() != "100-continue":
             return self._reject(request, 417, "bad_request", f"cannot meet Expect: {expect!r}")
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0  # the interim line is not part of the response's size

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -13,6 +14,8 @@ from daqd.config import parse_config
 from daqd.errors import ConfigError
 from daqd.host import Host
 from daqd.http import GrabError, grab, image_bytes
+from daqd.record import Record
+from daqd.runfile import read_items
 
 LIMIT = 256 * 1024
 JPEG = "image/jpeg"
@@ -199,6 +202,16 @@ async def test_expect_continue_wrong_type_is_415(host: Host) -> None:
         assert status == 415
     finally:
         writer.close()
+    reader, writer = await raw_exchange(
+        host,
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+        b"Content-Length: 10\r\nExpect: something-else\r\n\r\n",
+    )
+    try:
+        status, _ = await read_status(reader)
+        assert status == 417
+    finally:
+        writer.close()
 
 
 async def test_stalled_client_is_dropped_and_others_go_on(host: Host) -> None:
@@ -275,3 +288,34 @@ def test_settings_are_checked() -> None:
         parse_config(host_config().replace(f"= {LIMIT}", "= 0"), "<test>")
     with pytest.raises(ConfigError, match="allowed_types"):
         parse_config(host_config(allowed_types=[]), "<test>")
+
+
+async def test_images_land_in_a_run_file(tmp_path: Path) -> None:
+    config = (
+        host_config(publish_to=["disk"])
+        + f"""
+[[publisher]]
+type = "file"
+name = "disk"
+directory = "{tmp_path}"
+"""
+    )
+    host = Host(parse_config(config, "<test>"))
+    await host.start()
+    images = [os.urandom(n) for n in (10, 70_000, LIMIT)]
+    try:
+        await host.begin_run("r1")
+        async with aiohttp.ClientSession() as s:
+            for i, image in enumerate(images):
+                headers = {"Content-Type": JPEG, "X-Frame": str(i)}
+                async with s.post(base_url(host), data=image, headers=headers) as r:
+                    assert r.status == 200
+                    assert (await r.json())["delivered"] is True
+        await host.end_run()
+    finally:
+        await host.stop()
+    files = sorted(tmp_path.glob("*r1*"))
+    records = [item for f in files for item in read_items(f) if isinstance(item, Record)]
+    assert [image_bytes(r) for r in records] == images
+    assert [r.tags["headers"]["x-frame"] for r in records] == ["0", "1", "2"]
+    assert [r.seq for r in records] == [1, 2, 3]
