@@ -6,7 +6,6 @@ the host. The server runs on asyncio; the client is plain blocking ZeroMQ with a
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import grp
@@ -16,13 +15,17 @@ import socket
 import stat
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
-import zmq.asyncio
 
 from daqd.errors import ControlError, ProtocolError
 from daqd.protocols import iccp
+
+if TYPE_CHECKING:  # asyncio costs daqctl ~35 ms of start-up; the server imports it when it starts
+    import asyncio
+
+    import zmq.asyncio
 
 log = logging.getLogger("daqd.control")
 
@@ -171,6 +174,10 @@ class ControlServer:
         self._ipc_file: Path | None = None
 
     async def start(self) -> None:
+        import asyncio
+
+        import zmq.asyncio
+
         self._ctx = zmq.asyncio.Context()
         try:
             self._bind_ipc_or_other()
@@ -259,6 +266,8 @@ class ControlServer:
 
     async def close(self) -> None:
         """Stop serving; replies already being prepared get up to a second to go out."""
+        import asyncio
+
         for reader in self._readers:
             reader.cancel()
         if self._inflight:
@@ -331,6 +340,8 @@ class ControlServer:
         envelope: list[bytes],
         work: Awaitable[iccp.Message],
     ) -> None:
+        import asyncio
+
         if len(self._inflight) >= self.max_inflight:
             self.counters["busy"] += 1
             if asyncio.iscoroutine(work):
