@@ -46,6 +46,7 @@ import importlib
 import importlib.util
 import inspect
 import logging
+import re
 import sys
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
@@ -62,6 +63,7 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 _DevT = TypeVar("_DevT", bound="Device")
 
 _OPERATION_ATTR = "__dhs_operation__"
+_ONE_WORD = re.compile(r"[^ \t\n\v\f\r\0]+")
 _DEVICE_ATTR = "__dhs_device__"
 
 
@@ -158,13 +160,13 @@ class Operation:
         "_args",
         "_conn",
         "_dhs",
+        "_stop",
         "args_raw",
         "data",
         "handle",
         "message",
         "name",
         "status",
-        "stop_requested",
         "task",
     )
 
@@ -178,7 +180,7 @@ class Operation:
         self._args: list[str] | None = None
         self.data: dict[str, Any] = {}  # per-operation state for the handler's own use
         self.status: str | None = None  # the completion status once completed
-        self.stop_requested = asyncio.Event()
+        self._stop: asyncio.Event | None = None
         self.task: asyncio.Task[None] | None = None
 
     @property
@@ -188,6 +190,13 @@ class Operation:
         if self._args is None:
             self._args = tcl_split(self.args_raw)
         return self._args
+
+    @property
+    def stop_requested(self) -> asyncio.Event:
+        """Set by `stoh_stop_operation <name>`: finish early and complete (graceful stop)."""
+        if self._stop is None:
+            self._stop = asyncio.Event()
+        return self._stop
 
     @property
     def dhs(self) -> Dhs:
@@ -230,7 +239,7 @@ class Operation:
                 f"operation {self.name} {self.handle} already completed ({self.status})"
             )
         status = format_number(status)
-        if not status or any(c in d.WHITESPACE for c in status):
+        if not _ONE_WORD.fullmatch(status):
             raise OperationError(f"operation status must be one word, got {status!r}")
         self.status = status
         self._dhs._operation_done(self)
@@ -241,6 +250,7 @@ class Operation:
         self._dhs.send_text(
             f"htos_operation_completed {self.name} {self.handle} {status} {tail}".rstrip()
         )
+        self._dhs.flush()  # the end of an operation: out now, not at the end of the loop turn
         self._dhs.stats["operations_completed"] += 1
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
@@ -249,6 +259,8 @@ class Operation:
     def cancel(self) -> None:
         if self.task is not None and not self.task.done():
             self.task.cancel()
+            # a task cancelled before its first step runs no except clause: finish it here
+            self.task.add_done_callback(self._task_done)
 
     def __repr__(self) -> str:
         return f"<Operation {self.name} {self.handle} {d.mask_private(self.args_raw)!r}>"
@@ -644,6 +656,7 @@ class Dhs:
         self.stats: collections.Counter[str] = collections.Counter()
         self.connection_id = 0
         self._send: Callable[[str], None] | None = None
+        self._flush: Callable[[], None] | None = None
         self._dispatch: dict[type[d.Message], Callable[[Any], None]] = {
             d.StohStartOperation: self._start_operation,
             d.StohAbortAll: self._abort_all,
@@ -672,14 +685,19 @@ class Dhs:
         self.handlers[name] = handler
 
     # ---- connection life
-    def connected(self, send_text: Callable[[str], None]) -> None:
+    def connected(
+        self, send_text: Callable[[str], None], flush: Callable[[], None] | None = None
+    ) -> None:
+        """A new connection: `send_text` queues one message text, `flush` writes the queue now."""
         self.connection_id += 1
         self._send = send_text
+        self._flush = flush
 
     def disconnected(self) -> None:
         """Forget the connection: cancel every operation and device task, send nothing more."""
         self.connection_id += 1
         self._send = None
+        self._flush = None
         dropped = list(self.operations.values())
         self.operations.clear()
         for op in dropped:
@@ -698,6 +716,10 @@ class Dhs:
 
     def send(self, message: d.Message) -> None:
         self.send_text(message.to_text())
+
+    def flush(self) -> None:
+        if self._flush is not None:
+            self._flush()
 
     # ---- dispatch
     def handle(self, message: d.Message) -> None:
@@ -731,8 +753,7 @@ class Dhs:
             op.complete("error", f"no handler for operation {m.name} in DHS {self.name}")
             return
         self.operations[m.handle] = op
-        op.task = asyncio.ensure_future(self._run_operation(op, handler))
-        op.task.add_done_callback(op._task_done)
+        op.task = asyncio.get_running_loop().create_task(self._run_operation(op, handler))
 
     def _operation_task_done(self, op: Operation) -> None:
         # Also covers a task cancelled before its first step, where no except clause runs.
@@ -743,6 +764,11 @@ class Dhs:
     async def _run_operation(self, op: Operation, handler: OperationHandler) -> None:
         try:
             result = await handler(op)
+        except asyncio.CancelledError:
+            if op.status is None:
+                self.stats["operations_aborted"] += 1
+                op.complete("aborted")
+            raise
         except Exception as exc:
             self.stats["operation_errors"] += 1
             self.log.error("%s: operation %r failed: %r", self.name, op, exc)

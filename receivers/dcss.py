@@ -170,7 +170,7 @@ class DcssReceiver(ReceiverServer):
         self._handshake_at = time.monotonic()
         self._writer = writer
         self.connections += 1
-        self.dhs.connected(self._send_text)
+        self.dhs.connected(self._send_text, self._flush_now)
         self.online.set()
         self.counters.extra["online"] = True
         self.log.info(
@@ -181,15 +181,22 @@ class DcssReceiver(ReceiverServer):
             s.protocol_level,
         )
         self._heard = bool(pending)
+        # From here on bytes are handled in the transport's data callback: one event-loop turn
+        # less per message than a reader task. No await since the last read, so the stream
+        # reader holds no unread bytes; it may only have seen the end of the stream.
+        protocol = _DcssProtocol(self, codec)
+        writer.transport.set_protocol(protocol)
+        lost = reader.exception()
+        if lost is not None:
+            raise lost
+        if reader.at_eof():
+            protocol.closed.set_result(None)
         self._dispatch(pending, codec)
-        read = reader.read
-        chunk = s.read_chunk_bytes
-        while True:
-            data = await read(chunk)
-            if not data:
-                return
-            self._heard = True
-            self._dispatch(codec.feed(data), codec)
+        await protocol.closed
+
+    def _data_received(self, data: bytes, codec: d.DcssCodec) -> None:
+        self._heard = True
+        self._dispatch(codec.feed(data), codec)
 
     def _dispatch(self, messages: list[d.Message], codec: d.DcssCodec) -> None:
         if codec.bad_bytes:
@@ -212,6 +219,10 @@ class DcssReceiver(ReceiverServer):
                 )
 
     def _publish(self, m: d.Message) -> None:
+        if not self.queues and not self.host.taps_active:
+            # nobody to hand a record to: count the message, build nothing
+            self.counters.count(len(m.raw) + len(m.binary))
+            return
         payload = [m.raw, m.binary] if m.binary else [m.raw]
         tags = {"command": m.verb, "device": m.device, "handle": getattr(m, "handle", None)}
         self.publish_nowait(self.new_record(payload, tags))
@@ -231,10 +242,21 @@ class DcssReceiver(ReceiverServer):
         self._out.append(frame)
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush, self._writer)
+            asyncio.get_running_loop().call_soon(self._scheduled_flush, self._writer)
+
+    def _scheduled_flush(self, writer: asyncio.StreamWriter) -> None:
+        self._flush_scheduled = False
+        self._flush(writer)
+
+    def _abort(self) -> None:
+        if self._writer is not None:
+            self._writer.transport.abort()
+
+    def _flush_now(self) -> None:
+        if self._writer is not None:
+            self._flush(self._writer)
 
     def _flush(self, writer: asyncio.StreamWriter) -> None:
-        self._flush_scheduled = False
         if writer is not self._writer or not self._out:
             return
         out = self._out
@@ -291,3 +313,46 @@ class DcssReceiver(ReceiverServer):
             return "not connected"
         self._writer.transport.abort()
         return "connection dropped"
+
+
+class _DcssProtocol(asyncio.Protocol):
+    """The connection's bytes after the handshake: decoded and dispatched as they arrive.
+
+    It never pauses reading (DCSS must never block on us); `closed` ends with the reason."""
+
+    def __init__(self, receiver: DcssReceiver, codec: d.DcssCodec) -> None:
+        self.receiver = receiver
+        self.codec = codec
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed.done():
+            return
+        try:
+            self.receiver._data_received(data, self.codec)
+        except ProtocolError as exc:
+            self.closed.set_exception(exc)
+            self.receiver._abort()
+
+    def eof_received(self) -> bool:
+        if not self.closed.done():
+            self.closed.set_result(None)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.closed.done():
+            return
+        if exc is None:
+            self.closed.set_result(None)
+        else:
+            self.closed.set_exception(exc)
+
+    def pause_writing(self) -> None:
+        pass  # the send path watches the write buffer itself (max_pending_bytes)
+
+    def resume_writing(self) -> None:
+        pass

@@ -251,6 +251,16 @@ async def test_slow_handlers_do_not_delay_abort_all(sim: DcssSimulator, host: Ho
     assert await done(link.start_operation("echo", "after")) == "normal"
 
 
+async def test_abort_all_right_behind_the_starts_aborts_unstarted_operations(
+    sim: DcssSimulator, host: Host
+) -> None:
+    link = await online(sim)
+    ops = [link.start_operation("hold", str(i)) for i in range(3)]
+    link.abort_all("hard")  # same segment: the tasks have not run their first step yet
+    assert await asyncio.gather(*(done(op) for op in ops)) == ["aborted"] * 3
+    assert await done(link.start_operation("echo", "next")) == "normal"
+
+
 async def test_every_operation_gets_exactly_one_completion(sim: DcssSimulator, host: Host) -> None:
     link = await online(sim)
     failing = link.start_operation("fail")

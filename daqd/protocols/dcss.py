@@ -11,6 +11,7 @@ Only a broken frame (a v2 header that is not two numbers, or a length over the l
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -101,6 +102,8 @@ _TCL_ESCAPE_OUT = {
     "\0": "\\u0000",
 }
 _HEX = "0123456789abcdefABCDEF"
+_TCL_PLAIN = re.compile(r'[^ \t\n\v\f\r{}\[\]$"\\;\0]+')
+_PLAIN_TOKEN = re.compile(r"[^ \t\n\v\f\r\0]+")
 
 
 def _tcl_backslash(text: str, i: int) -> tuple[str, int]:
@@ -220,7 +223,7 @@ def tcl_quote(value: Any) -> str:
     word = value if isinstance(value, str) else format_number(value)
     if word == "":
         return "{}"
-    if not any(ch in _TCL_SPECIAL for ch in word) and "\0" not in word:
+    if _TCL_PLAIN.fullmatch(word):
         return word
     if "\0" not in word and _braces_balanced(word):
         return "{" + word + "}"
@@ -293,6 +296,15 @@ class Message:
     @classmethod
     def from_args(cls, tail: str, **extra: Any) -> Message:
         """Parse the text after the command word. Raises ProtocolError naming the field."""
+        fast = _FAST.get(cls)
+        if fast is not None:
+            m = fast[0].fullmatch(tail)
+            if m is not None:
+                converters = fast[1]
+                if converters is None:  # only words and the rest of the line
+                    return cls(*[g or "" for g in m.groups()], **extra)
+                return cls(*[c(g) for c, g in zip(converters, m.groups(), strict=True)], **extra)
+        # the general path: optional fields left out, extra tokens, precise errors
         values: dict[str, Any] = {}
         pos = 0
         for f in _wire_fields(cls):
@@ -315,7 +327,7 @@ class Message:
 
 
 def _check_token(cls: type, name: str, token: str) -> str:
-    if token == "" or any(ch in WHITESPACE or ch == "\0" for ch in token):
+    if not _PLAIN_TOKEN.fullmatch(token):
         raise ProtocolError(f"{cls.__name__}.{name}: {token!r} is not one whitespace-free token")
     return token
 
@@ -344,6 +356,40 @@ def _wire_fields(cls: type) -> tuple[dataclasses.Field[Any], ...]:
 
 
 MESSAGES: dict[str, type[Message]] = {}
+_FAST: dict[type, tuple[re.Pattern[str], tuple[Callable[[Any], Any], ...] | None]] = {}
+_WS = "[ \t\n\v\f\r]"
+_NOT_WS = "[^ \t\n\v\f\r]"
+
+
+def _as_text(group: str | None) -> str:
+    return group or ""
+
+
+def _as_tokens(group: str | None) -> tuple[str, ...]:
+    return tuple(split_tokens(group or ""))
+
+
+def _fast_pattern(
+    cls: type[Message], fields: tuple[dataclasses.Field[Any], ...], kinds: dict[str, type]
+) -> tuple[re.Pattern[str], tuple[Callable[[Any], Any], ...] | None]:
+    """One regex for the usual shape of a message (every token present, then the rest), and
+    a converter per field (None when every field is text)."""
+    parts = []
+    converters: list[Callable[[Any], Any]] = []
+    for i, f in enumerate(fields):
+        kind = kinds[f.name]
+        if f.name == cls.rest_field or kind is tuple:
+            parts.append(f"(?:{_WS}+(.*?))?" if i else "(.*?)")
+            converters.append(_as_tokens if kind is tuple else _as_text)
+        else:
+            parts.append(f"{_WS}+({_NOT_WS}+)" if i else f"({_NOT_WS}+)")
+            if kind is str:
+                converters.append(_as_text)
+            else:
+                converters.append(functools.partial(_convert, cls, f.name, kind))
+    pattern = re.compile(f"{_WS}*{''.join(parts)}{_WS}*", re.DOTALL)
+    all_text = all(c is _as_text for c in converters)
+    return pattern, None if all_text else tuple(converters)
 
 
 _M = TypeVar("_M", bound=Message)
@@ -363,6 +409,7 @@ def message(command: str, *, register: bool = True) -> Callable[[type[_M]], type
             kinds[f.name] = tuple if ann.startswith("tuple") else _KINDS[ann]
         _WIRE_FIELDS[dc] = fields
         _FIELD_KINDS[dc] = kinds
+        _FAST[dc] = _fast_pattern(dc, fields, kinds)
         if register:
             MESSAGES[command] = dc
         return dc
@@ -929,16 +976,27 @@ def encode_v2(text: str | bytes, binary: bytes = b"") -> bytes:
     return b"%12d %12d " % (len(data) + 1, len(binary)) + data + b"\0" + binary
 
 
+def _fast_v2_lengths(header: bytes | bytearray | memoryview) -> tuple[int, int] | None:
+    # DCSS's own "%12d %12d " form, the common case; anything else takes the general path
+    parts = bytes(header).split()
+    if len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit():
+        return int(parts[0]), int(parts[1])
+    return None
+
+
 def parse_v2_header(
     header: bytes | bytearray | memoryview,
     max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES,
     max_binary_bytes: int = DEFAULT_MAX_BINARY_BYTES,
 ) -> tuple[int, int]:
     """Two decimals from a 26-byte v2 header (any of the known writers' layouts)."""
-    m = _V2_HEADER.fullmatch(bytes(header).translate(_NUL_TO_SPACE))
-    if m is None:
-        raise ProtocolError(f"DCS v2 header is not two decimal lengths: {bytes(header)!r}")
-    text_len, bin_len = int(m.group(1)), int(m.group(2))
+    lengths = _fast_v2_lengths(header)
+    if lengths is None:
+        m = _V2_HEADER.fullmatch(bytes(header).translate(_NUL_TO_SPACE))
+        if m is None:
+            raise ProtocolError(f"DCS v2 header is not two decimal lengths: {bytes(header)!r}")
+        lengths = int(m.group(1)), int(m.group(2))
+    text_len, bin_len = lengths
     if text_len > max_text_bytes:
         raise ProtocolError(
             f"DCS v2 text length {text_len} exceeds the limit of {max_text_bytes} bytes"
@@ -988,8 +1046,12 @@ class DcssCodec:
         self.frames_out = 0
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Message]:
-        buf = self._buf
-        buf += data
+        if self._buf:
+            self._buf += data
+            buf = bytes(self._buf)
+            self._buf.clear()
+        else:
+            buf = data if isinstance(data, bytes) else bytes(data)
         out: list[Message] = []
         pos = 0
         end = len(buf)
@@ -998,7 +1060,7 @@ class DcssCodec:
                 if self._in_v1_next:
                     if end - pos < V1_FRAME_BYTES:
                         break
-                    text = _clean_text(bytes(buf[pos : pos + V1_FRAME_BYTES]))
+                    text = _clean_text(buf[pos : pos + V1_FRAME_BYTES])
                     binary = b""
                     pos += V1_FRAME_BYTES
                     self._in_v1_next = self.level == 1
@@ -1015,15 +1077,15 @@ class DcssCodec:
                     start = pos + V2_HEADER_BYTES
                     if end - start < text_len + bin_len:
                         break
-                    text = _clean_text(bytes(buf[start : start + text_len]))
-                    binary = bytes(buf[start + text_len : start + text_len + bin_len])
+                    text = _clean_text(buf[start : start + text_len])
+                    binary = buf[start + text_len : start + text_len + bin_len] if bin_len else b""
                     pos = start + text_len + bin_len
                     self._pending = None
                 self.frames_in += 1
                 out.append(self._message(text, binary))
         finally:
-            if pos:
-                del buf[:pos]
+            if pos < end:
+                self._buf += buf[pos:]
         return out
 
     def _message(self, raw: bytes, binary: bytes) -> Message:

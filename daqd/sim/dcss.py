@@ -180,7 +180,6 @@ class DhsLink:
         op = SimOperation(self, name, handle, args)
         op.on_done = on_done
         self.operations[handle] = op
-        self.sim.operations[handle] = op
         head = f"stoh_start_operation {name} {handle}"
         if isinstance(args, bytes):
             self.send_text(head.encode() + b" " + args if args else head.encode())
@@ -259,7 +258,8 @@ class DhsLink:
 
     # ---- reading the DHS
     def _on_message(self, m: d.Message) -> None:
-        self.received.append(m)
+        if self.sim.record_messages:
+            self.received.append(m)
         devices = self.sim.devices
         if isinstance(m, d.HtosOperationUpdate):
             op = self.operations.get(m.handle)
@@ -320,6 +320,7 @@ class DcssSimulator:
         duplicate_close_s: float = 3.0,
         client_number: int = 1,
         host_name: str = "localhost",
+        record_messages: bool = True,
     ) -> None:
         self.dhs_levels = dict(dhs or {"dhs": 2})
         for name, level in self.dhs_levels.items():
@@ -335,10 +336,10 @@ class DcssSimulator:
         self.duplicate_close_s = duplicate_close_s
         self.client_number = client_number
         self.host_name = host_name
+        self.record_messages = record_messages  # False for benchmarks: keep no history
         self.handles = itertools.count(1)
         self.links: list[DhsLink] = []  # every accepted TCP connection, in order
         self.online: dict[str, DhsLink] = {}
-        self.operations: dict[str, SimOperation] = {}
         self.events: list[tuple[int, str]] = []  # (link id, what happened)
         self.stray_completions: list[tuple[int, d.Message]] = []
         self.protocol_errors: list[tuple[int, str]] = []
