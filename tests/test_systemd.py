@@ -8,12 +8,13 @@ import re
 import shutil
 import socket
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from daqd.systemd import Notifier
+from tests.conftest import Daemon
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "daqd@.service"
@@ -170,3 +171,31 @@ def test_unit_file_exposure_is_at_most_2() -> None:
     match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
     assert match, result.stdout + result.stderr
     assert float(match.group(1)) <= 2.0, result.stdout
+
+
+def test_daemon_notifies_ready_watchdog_and_stopping(
+    daemon: Callable[..., Daemon], workdir: Path
+) -> None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(workdir / "notify"))
+    sock.settimeout(30)
+    try:
+        config = (
+            '[daemon]\nname = "t"\n[[receiver]]\ntype = "udp"\nname = "u"\nlisten = "127.0.0.1:0"\n'
+        )
+        d = daemon(config, start=False)
+        d.env.update({"NOTIFY_SOCKET": str(workdir / "notify"), "WATCHDOG_USEC": "400000"})
+        d.start()
+        messages = [sock.recv(4096).decode() for _ in range(3)]
+        ready = messages[0].splitlines()
+        assert ready[0] == "READY=1"
+        assert d.proc is not None and f"MAINPID={d.proc.pid}" in ready
+        assert any(line.startswith("STATUS=ORBIT") for line in ready)
+        assert messages[1:] == ["WATCHDOG=1", "WATCHDOG=1"]
+        assert d.stop() == 0
+        rest = []
+        while not any(m.startswith("STOPPING=1") for m in rest):
+            rest.append(sock.recv(4096).decode())
+        assert all(m in ("WATCHDOG=1",) or m.startswith(("STOPPING=1", "STATUS=")) for m in rest)
+    finally:
+        sock.close()
