@@ -24,7 +24,7 @@ import time
 from typing import Any
 
 RATES = [1000, 2000, 4000, 8000, 12000, 16000, 20000, 24000, 28000, 32000, 36000, 40000, 48000,
-         56000, 64000]  # fmt: skip
+         56000, 64000, 72000, 80000]  # fmt: skip
 MODULES = 32
 BLOCKS = 10
 RCVBUF = 8 << 20
@@ -307,6 +307,7 @@ def main() -> None:
         f"{args.duration_s} s per trial, SO_RCVBUF {RCVBUF} bytes asked, {os.cpu_count()} CPUs; "
         "bare and daqd trials interleaved so both see the same load"
     )
+    t0 = time.monotonic()
     bare = Child("--serve", "bare")
     daqd = Child("--serve", "daqd")
     sub = SubCounter(daqd.ready["endpoint"])
@@ -342,6 +343,7 @@ def main() -> None:
         cpu = d.best["cpu_us"] / b.best["cpu_us"] if b.best["cpu_us"] else float("nan")
         print(f"CPU per datagram   : daqd {d.best['cpu_us']:.1f} us, bare {b.best['cpu_us']:.1f} us "
               f"({cpu:.1f}x)")  # fmt: skip
+    print(f"({time.monotonic() - t0:.0f} s)")
 
 
 if __name__ == "__main__":
