@@ -492,3 +492,14 @@ async def test_readout_numbers_count_from_one_in_each_run(rig_factory: Callable[
     assert [tags["tack"] for *_, tags, _p in run] == [sim.tack(k) for k in range(2 * P, 3 * P)]
     live = rig.records("live")
     assert [tags["readout"] for *_, tags, _p in live] == list(range(1, 2 * P + 1))
+
+
+async def test_simulator_late_option_gives_late_blocks(rig_factory: Callable[..., Any]) -> None:
+    # a 1.05 s TACK buffer: round 5 (TACKs 5.0-5.9 s) flushes round 3 before the late datagram
+    rig = await rig_factory(buffer_ns=1_050_000_000, flush_after_s=60.0)
+    with rig.sim() as sim:
+        sent = await rig.send(sim, 4 * 6, Faults(late=1, late_delay_s=1.0))
+        assert sent.injected == {"late": 1} and sent.regular == 24
+        await rig.wait("late blocks", lambda: rig.rec.counters.drops.get("late") == P)
+    assert rig.rec.incomplete == P  # round 3, without the held-back module
+    assert sum(rig.rec.per_module["late"]) == P
