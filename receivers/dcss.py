@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
@@ -38,7 +39,8 @@ class DcssSettings(ReceiverSettings):
     connect: str  # DCSS's hardware port, conventionally host:14242
     dhs_name: str = Field(min_length=1, max_length=79, pattern=r"^\S+$")
     protocol_level: Literal[1, 2] = 2  # as in the DHS's database entry (`localhost 2`)
-    handlers: list[str] = Field(default_factory=list)  # modules: "pkg.mod" or "path/file.py"
+    # handler modules: "pkg.mod", or "file.py" (relative: next to the config file)
+    handlers: list[str] = Field(default_factory=list)
     simulate_devices: bool = True  # built-in simulated devices for what no handler claims
     motors: dict[str, MotorSettings] = Field(default_factory=dict)
     shutters: dict[str, ShutterSettings] = Field(default_factory=dict)
@@ -66,7 +68,15 @@ class DcssReceiver(ReceiverServer):
     def __init__(self, settings: DcssSettings, host: Any) -> None:
         super().__init__(settings, host)
         parse_hostport(settings.connect)
-        modules = [load_handler_module(spec) for spec in settings.handlers]
+        # a relative handler file is found next to the config file (systemd runs us from /)
+        config_path = str(getattr(getattr(host, "config", None), "path", "") or "")
+        base = Path(config_path).parent if config_path.endswith(".toml") else Path.cwd()
+        modules = [
+            load_handler_module(
+                str(base / spec) if spec.endswith(".py") and not Path(spec).is_absolute() else spec
+            )
+            for spec in settings.handlers
+        ]
         operations, device_classes = collect_handlers(modules)
         device_settings: dict[str, dict[str, Any]] = {}
         for table in (

@@ -66,6 +66,7 @@ class SimDevice:
     contents: str = ""  # string
     counts: dict[str, float] = field(default_factory=dict)  # ion chamber readings
     dependencies: tuple[str, ...] = ()
+    operation_args: str = ""  # what the exercise mode starts this operation with
     active: bool = False  # a move is in progress (DCSS's view)
 
     def __post_init__(self) -> None:
@@ -481,8 +482,9 @@ class DcssSimulator:
 def _device_option(kind: str, values: tuple[str, ...]) -> list[SimDevice]:
     out = []
     for value in values:
-        name, _, owner = value.partition("@")
-        out.append(SimDevice(kind, name, dhs=owner))
+        spec, _, args = value.partition("=")
+        name, _, owner = spec.partition("@")
+        out.append(SimDevice(kind, name, dhs=owner, operation_args=args))
     return out
 
 
@@ -517,7 +519,7 @@ async def _run(
                     if dev.dhs != link.dhs_name:
                         continue
                     if dev.kind == "operation":
-                        link.start_operation(dev.name, f"{rounds} {{round {rounds}}}")
+                        link.start_operation(dev.name, dev.operation_args)
                     elif dev.kind == "real_motor" and not dev.active:
                         link.move_motor(dev.name, sign * 1.0)
                     elif dev.kind == "ion_chamber":
@@ -541,7 +543,9 @@ async def _run(
 @click.option("--motor", multiple=True, help="real motor NAME[@DHS] (repeatable)")
 @click.option("--shutter", multiple=True, help="shutter NAME[@DHS]")
 @click.option("--ion-chamber", multiple=True, help="ion chamber NAME[@DHS]")
-@click.option("--operation", multiple=True, help="operation NAME[@DHS]")
+@click.option(
+    "--operation", multiple=True, help="operation NAME[@DHS][=ARGS] (ARGS: for --exercise)"
+)
 @click.option("--encoder", multiple=True, help="encoder NAME[@DHS]")
 @click.option("--string", multiple=True, help="string NAME[@DHS]")
 @click.option(
