@@ -233,11 +233,14 @@ class CdtpPublisher(Publisher):
             self.counters.drop(reason, len(records))
             return
         encode = self.encoder.record_parts
-        parts = self._parts
+        room = self._room
         threshold = self._threshold
         source_tags = self.settings.source_tags
-        for record in records:
-            self._seq += 1
+        parts = self._parts
+        # the batch state lives in locals in this loop (the hot path) and in self across awaits
+        seq, count, total, payload_sum = self._seq, self._count, self._size, self._payload
+        for i, record in enumerate(records):
+            seq += 1
             tags = record.tags
             if source_tags:
                 tags = {
@@ -248,37 +251,45 @@ class CdtpPublisher(Publisher):
                 }
             mark = len(parts)
             try:
-                size, payload = encode(self._seq, tags, record.payload, parts)
+                size, payload = encode(seq, tags, record.payload, parts)
             except ProtocolError as exc:
                 del parts[mark:]
+                self._seq = seq
                 self._refuse(record, f"its tags cannot be encoded: {exc}")
                 continue
-            if size > self._room:
+            if size > room:
                 del parts[mark:]
+                self._seq = seq
                 self._refuse(
                     record,
                     f"it needs {size} bytes, over max_message_bytes="
                     f"{self.settings.max_message_bytes} with the header",
                 )
                 continue
-            if self._size + size > self._room:
+            if total + size > room:
                 # this record does not fit: send what came before it on its own
                 tail = parts[mark:]
                 del parts[mark:]
+                self._seq, self._count, self._size, self._payload = seq, count, total, payload_sum
                 await self._flush()
                 if self._state != "running":
-                    self.counters.drop(self._state, 1)
-                    continue
-                parts = self._parts
-                parts.extend(tail)
-            self._count += 1
-            self._size += size
-            self._payload += payload
-            if self._payload >= threshold:
-                await self._flush()
-                if self._state != "running":
+                    self.counters.drop(self._state, len(records) - i)
                     return
                 parts = self._parts
+                parts.extend(tail)
+                count = total = payload_sum = 0
+            count += 1
+            total += size
+            payload_sum += payload
+            if payload_sum >= threshold:
+                self._seq, self._count, self._size, self._payload = seq, count, total, payload_sum
+                await self._flush()
+                if self._state != "running":
+                    self.counters.drop(self._state, len(records) - i - 1)
+                    return
+                parts = self._parts
+                count = total = payload_sum = 0
+        self._seq, self._count, self._size, self._payload = seq, count, total, payload_sum
 
     def _refuse(self, record: Record, why: str) -> None:
         self.counters.drop("refused")

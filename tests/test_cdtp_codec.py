@@ -308,3 +308,66 @@ def test_corrupted_frames_give_a_message_or_protocol_error(
     except ProtocolError:
         return
     assert isinstance(decoded, cdtp.Data | cdtp.BeginOfRun | cdtp.EndOfRun)
+
+
+# --- the table-at-once fast path for uniform DATA messages --------------------------------------
+
+
+def decode_slowly(frame: bytes) -> cdtp.Message:
+    """The record-by-record parser alone, without the uniform fast path."""
+    saved = cdtp.UNIFORM_MIN_RECORDS
+    cdtp.UNIFORM_MIN_RECORDS = 1 << 62
+    try:
+        return cdtp.decode_frame(frame)
+    finally:
+        cdtp.UNIFORM_MIN_RECORDS = saved
+
+
+@given(
+    first=st.sampled_from([0, 1, 100, 120, 200, 250, 300, 65530, 70000, 2**32 - 3, 2**40]),
+    count=st.integers(min_value=8, max_value=40),
+    length=st.sampled_from([0, 1, 7, 255, 256, 1024, 65535, 65536]),
+    odd=st.sampled_from([None, "tags", "length", "blocks", "backwards", "trailing"]),
+    where=st.integers(min_value=0, max_value=39),
+)
+@settings(max_examples=150, deadline=None)
+def test_uniform_fast_path_agrees_with_the_record_parser(
+    first: int, count: int, length: int, odd: str | None, where: int
+) -> None:
+    records = [cdtp.DataRecord(first + i, {}, [bytes([i % 256]) * length]) for i in range(count)]
+    i = where % count
+    if odd == "tags":
+        records[i] = cdtp.DataRecord(records[i].seq, {"t": 1}, records[i].blocks)
+    elif odd == "length":
+        records[i] = cdtp.DataRecord(records[i].seq, {}, [bytes(length + 1)])
+    elif odd == "blocks":
+        records[i] = cdtp.DataRecord(records[i].seq, {}, [b"", bytes(length)])
+    elif odd == "backwards":
+        records[i] = cdtp.DataRecord(0, {}, records[i].blocks)
+    [frame] = cdtp.encode(cdtp.Data("S.u", records))
+    if odd == "trailing":
+        frame += b"\xc0"
+        with pytest.raises(ProtocolError, match="trailing"):
+            cdtp.decode_frame(frame)
+        return
+    fast = cdtp.decode_frame(frame)
+    assert fast == decode_slowly(frame) == cdtp.Data("S.u", records)
+    assert isinstance(fast, cdtp.Data)
+    assert all(isinstance(b, memoryview) and b.obj is frame for r in fast.records for b in r.blocks)
+
+
+def test_uniform_fast_path_is_taken_for_plain_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    results: list[object] = []
+    original = cdtp._Reader.uniform_records
+
+    def spy(self: cdtp._Reader, pos: int, count: int) -> object:
+        result = original(self, pos, count)
+        results.append(result)
+        return result
+
+    monkeypatch.setattr(cdtp._Reader, "uniform_records", spy)
+    for first, size in ((1, 1024), (1000, 1024), (70000, 65536), (2**33, 10)):
+        records = [cdtp.DataRecord(first + i, {}, [bytes([i]) * size]) for i in range(100)]
+        [frame] = cdtp.encode(cdtp.Data("S.u", records))
+        assert cdtp.decode_frame(frame) == cdtp.Data("S.u", records)
+    assert all(r is not None for r in results) and len(results) == 4

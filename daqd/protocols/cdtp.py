@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import msgpack
+import numpy as np
 
 from daqd.errors import ProtocolError
 
@@ -29,7 +30,18 @@ MAX_MESSAGE_BYTES = 64 << 20
 #: The smallest encoding of one record: array(3) header, fixint seq, empty map, empty array.
 MIN_RECORD_BYTES = 4
 
+#: Messages with at least this many records try the table-at-once fast path first.
+UNIFORM_MIN_RECORDS = 8
+
 _PROTOCOL_BYTES = b"\xa5CDTP\x02"
+# bytes after the marker of an unsigned sequence number, and how numpy reads them
+_SEQ_WIDTHS = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
+_SEQ_DTYPES: dict[int, np.dtype[Any]] = {
+    1: np.dtype(">u1"),
+    2: np.dtype(">u2"),
+    4: np.dtype(">u4"),
+    8: np.dtype(">u8"),
+}
 _U8 = struct.Struct(">B")
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
@@ -233,13 +245,66 @@ class _Reader:
             return BeginOfRun(sender, first.tags, second.tags)
         return EndOfRun(sender, first.tags, second.tags)
 
+    def uniform_records(self, pos: int, count: int) -> list[DataRecord] | None:
+        """The fast path for the usual DATA message: `count` records laid out alike (no tags,
+        one block of one length, one width of sequence number) filling the rest of the frame.
+        Checked with numpy over the whole table of records at once; None if anything differs,
+        and the record-by-record parser decides (and explains) instead.
+        """
+        view = self.view
+        left = self.size - pos
+        if left % count:
+            return None
+        stride = left // count
+        b = view[pos + 1]
+        seq_bytes = 0 if b < 0x80 else _SEQ_WIDTHS.get(b)
+        if view[pos] != 0x93 or seq_bytes is None:
+            return None
+        at = pos + 2 + seq_bytes  # the empty tags map
+        marker = view[at + 2]
+        if view[at] != 0x80 or view[at + 1] != 0x91 or marker not in (0xC4, 0xC5, 0xC6):
+            return None
+        if marker == 0xC4:
+            length, head = view[at + 3], at + 4
+        elif marker == 0xC5:
+            length, head = _U16.unpack_from(view, at + 3)[0], at + 5
+        else:
+            length, head = _U32.unpack_from(view, at + 3)[0], at + 7
+        head -= pos
+        if head + length != stride:
+            return None
+        table = np.frombuffer(view, np.uint8, left, pos).reshape(count, stride)
+        fixed = table[:, 2 + seq_bytes : head] if seq_bytes else table[:, 2:head]
+        if not (table[:, 0] == 0x93).all() or not (fixed == fixed[0]).all():
+            return None
+        if seq_bytes:
+            if not (table[:, 1] == b).all():
+                return None
+            seqs = np.ascontiguousarray(table[:, 2 : 2 + seq_bytes]).view(_SEQ_DTYPES[seq_bytes])
+        else:
+            seqs = table[:, 1]
+            if not (seqs < 0x80).all():
+                return None
+        new = tuple.__new__
+        first = pos + head
+        return [
+            new(DataRecord, (seq, {}, [view[at : at + length]]))
+            for seq, at in zip(
+                seqs.ravel().tolist(), range(first, first + left, stride), strict=True
+            )
+        ]
+
     def check_end(self, pos: int) -> None:
         if pos != self.size:
             raise ProtocolError(
                 f"CDTP2: {self.size - pos} trailing bytes after the records {_where(pos)}"
             )
 
-    def records(self, pos: int, count: int) -> tuple[list[DataRecord], int]:
+    def records(self, pos: int, count: int, uniform: bool = True) -> tuple[list[DataRecord], int]:
+        if uniform and count >= UNIFORM_MIN_RECORDS:
+            records = self.uniform_records(pos, count)
+            if records is not None:
+                return records, self.size
         view, size = self.view, self.size
         u16, u32 = _U16.unpack_from, _U32.unpack_from
         out: list[DataRecord] = []
