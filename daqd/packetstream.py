@@ -296,8 +296,14 @@ class PacketConnection:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
         self.requests_sent += 1
+        if "write" in self._pause_reasons:
+            # the response will come on the input: never leave it paused while we wait for one
+            self._resume_input("write")
         try:
-            if self._out_bytes > _HIGH_WATER_BYTES:
+            transport = self._transport
+            if self._out_bytes > _HIGH_WATER_BYTES or (
+                transport is not None and transport.get_write_buffer_size() > _HIGH_WATER_BYTES
+            ):
                 self._flush()
                 await self._drain()
             return await fut
@@ -399,7 +405,9 @@ class PacketConnection:
                     self._feed_eof()
                     break
                 self._feed(data)
-                if transport.get_write_buffer_size() > _HIGH_WATER_BYTES:
+                if not self._pending and transport.get_write_buffer_size() > _HIGH_WATER_BYTES:
+                    # our answers pile up unread: stop taking requests until they drain (but
+                    # never while we wait for responses ourselves: both sides would stall)
                     await writer.drain()
         except (ConnectionError, OSError) as exc:
             self._connection_lost(exc)
@@ -692,8 +700,11 @@ class _PacketProtocol(asyncio.Protocol):
         self.conn._connection_lost(exc)
 
     def pause_writing(self) -> None:
-        self.conn._can_write.clear()
-        self.conn._pause_input("write")
+        conn = self.conn
+        conn._can_write.clear()
+        if not conn._pending:
+            # as in the stream read loop: pause the input only when no response is awaited
+            conn._pause_input("write")
 
     def resume_writing(self) -> None:
         self.conn._can_write.set()

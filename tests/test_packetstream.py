@@ -214,6 +214,25 @@ async def test_large_payloads_in_flight(tcp_server: Callable[..., Server]) -> No
     await conn.close()
 
 
+async def test_large_pipelined_exchange_through_small_socket_buffers(
+    tcp_server: Callable[..., Server],
+) -> None:
+    """Both directions back up at once: neither side may stop reading while it awaits responses."""
+    server = await tcp_server(lambda rq: rq.payload)
+    conn = await connect("127.0.0.1", server.port)
+    await wait_for(lambda: len(server.conns) == 1)
+    for c in (conn, server.conns[0]):
+        sock = c.transport.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 10)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+    payloads = [bytes([i]) * (256 << 10) for i in range(48)]
+    responses = await asyncio.wait_for(
+        asyncio.gather(*(conn.request(0, p) for p in payloads)), WAIT_S
+    )
+    assert [r.payload for r in responses] == payloads
+    await conn.close()
+
+
 @pytest.mark.parametrize("is_async", [False, True])
 async def test_handler_result_kinds(is_async: bool, pair: Callable[..., Any]) -> None:
     results: dict[int, object] = {
