@@ -137,6 +137,8 @@ class PacketConnection:
     ) -> None:
         if max_handlers < 1:
             raise ValueError("max_handlers must be >= 1")
+        if (reader is None) != (writer is None):
+            raise ValueError("give both reader and writer (or neither, for connect/start_server)")
         self._reader = reader
         self._writer = writer
         self.handler = handler
@@ -166,7 +168,6 @@ class PacketConnection:
         self._read_task: asyncio.Task[None] | None = None
         self._input_done = False  # peer's EOF (packet or FIN) seen, or the stream failed
         self._eof_after_backlog = False
-        self._input_ended = asyncio.Event()
         self._closed = asyncio.Event()
         self._end_reason: str | None = None  # why the connection can no longer carry requests
         self._sent_erq = False
@@ -605,8 +606,9 @@ class PacketConnection:
             return
         self._input_done = True
         self._backlog.clear()
-        self._input_ended.set()
-        # our requests can never be answered now
+        # our requests can never be answered now, and new ones are refused
+        if self._end_reason is None:
+            self._end_reason = "peer ended the connection"
         self._fail_pending("peer ended the connection before responding")
         self._finisher = self._loop.create_task(self._finish_after_peer())
 
@@ -647,7 +649,6 @@ class PacketConnection:
             self._end_reason = reason
         self._input_done = True
         self._backlog.clear()
-        self._input_ended.set()
         self._input_resumed.set()
         self._fail_pending(reason)
         for task in list(self._tasks):

@@ -461,6 +461,8 @@ async def test_peer_eof_finishes_responses_then_sends_eof(pair: Callable[..., An
     with pytest.raises(ConnectionError, match="peer ended the connection"):
         await asyncio.wait_for(pending, WAIT_S)
     assert not conn.closed
+    with pytest.raises(ConnectionError, match="peer ended the connection"):
+        await conn.request(6)  # refused at once, not left waiting
     release.set()
     assert await peer.receive(2) == [Response(2, True, payload=b"ok"), EOF]
     await asyncio.wait_for(conn.wait_closed(), WAIT_S)
