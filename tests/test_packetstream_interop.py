@@ -204,7 +204,8 @@ directory = "{tmp_path}"
     rec = host.receivers["ps"]
     port = rec.addresses["listen"].rsplit(":", 1)[1]
     script = json.dumps([[3, i % 4, f"sample {i}".encode().hex()] for i in range(40)])
-    _, lines = await run_peer(peer_py, "client", port, "0", script)
+    # its default packet_grace (0.01 s) this time
+    _, lines = await run_peer(peer_py, "client", port, "0.01", script)
     assert results(lines) == [(True, 0, b"")] * 40
     assert lines[-1] == "CLOSED"
     loop = asyncio.get_running_loop()
