@@ -43,14 +43,22 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("config", type=click.Path(dir_okay=False))
+@click.argument("config", type=click.Path(dir_okay=False), required=False)
 @click.option("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR (default: config).")
-def serve(config: str, log_level: str | None) -> None:
+@click.option("--controller", help="Run as a worker of the parent daemon at this ICCP endpoint.")
+def serve(config: str | None, log_level: str | None, controller: str | None) -> None:
     """Run the daemon described by CONFIG until SIGTERM, SIGINT or `daqctl shutdown`."""
     from daqd.config import load_config
     from daqd.daemon import serve as serve_daemon
     from daqd.logs import setup_logging
 
+    if controller:  # a worker process: its parent sends the configuration (REQUEST CONF)
+        from daqd.worker import run_component
+
+        setup_logging(log_level or "INFO")
+        sys.exit(run_loop(run_component(controller)))
+    if config is None:
+        fail("serve needs CONFIG (or --controller ENDPOINT for a worker process)")
     try:
         cfg = load_config(config)
     except DaqdError as exc:

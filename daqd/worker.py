@@ -1,0 +1,541 @@
+"""Worker processes: a receiver in its own process, controlled over ICCP, feeding the parent.
+
+Parent side: `WorkerReceiver` stands in for a receiver with `process = true`. It binds a PAIR
+(control) and a PULL (records) in the runtime directory, spawns `daqd serve --controller
+ENDPOINT`, waits for READY, configures the worker with REQUEST CONF, and publishes what arrives
+on the PULL as if it had received it itself. Run boundaries, `daqctl cmd` and STAT go to the
+worker as REQUESTs; stopping is STOP → drain → FINISHED.
+
+Component side: `run_component(controller)` is what `daqd serve --controller` runs: it connects,
+sends READY, builds a Host with the one receiver from CONF, routes its records to a PUSH towards
+the parent, and on STOP stops receiving, drains, and answers FINISHED.
+
+Records travel as multipart messages [msgpack [source, seq, time_ns, tags], *payload blocks]; a
+message whose first frame is empty is a marker (end of a run, end of work) that tells the parent
+that every record sent before it has arrived.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+import zmq
+import zmq.asyncio
+
+import daqd
+from daqd.control import runtime_dir
+from daqd.errors import ControlError, DaqdError, ProtocolError
+from daqd.protocols import iccp
+from daqd.publisher import Publisher, PublisherQueue, PublisherSettings
+from daqd.receiver import ReceiverServer, ReceiverSettings
+from daqd.record import Record
+from daqd.runstate import RunCondition, RunInfo
+
+if TYPE_CHECKING:
+    from daqd.host import Host
+
+log = logging.getLogger("daqd.worker")
+
+LINK = "parent"  # the worker's one publisher: the PUSH to its parent
+_codec = iccp.IccpCodec()
+
+
+def _mark(kind: str, **fields: Any) -> list[bytes]:
+    return [b"", msgpack.packb({"mark": kind, **fields}, use_bin_type=True)]
+
+
+# ----- parent side ----------------------------------------------------------------------------
+
+
+class WorkerReceiver(ReceiverServer):
+    """A receiver whose real work runs in a child process (`process = true`)."""
+
+    start_timeout_s = 10.0  # READY, and the answer to CONF
+    request_timeout_s = 5.0
+    stop_timeout_extra_s = 10.0  # FINISHED after STOP: this plus the drain timeout
+    data_hwm = 10000
+
+    def __init__(self, settings: ReceiverSettings, host: Host) -> None:
+        super().__init__(settings, host)
+        self.proc: asyncio.subprocess.Process | None = None
+        self.outcome: str = ""
+        self.worker_status: dict[str, Any] = {}
+        self._ctx: zmq.asyncio.Context | None = None
+        self._ctl: zmq.asyncio.Socket | None = None
+        self._data: zmq.asyncio.Socket | None = None
+        self._lock = asyncio.Lock()
+        self._marks: dict[tuple[str, str], asyncio.Event] = {}
+        self._generation = itertools.count(1)
+
+    def worker_argv(self, controller: str) -> list[str]:
+        """The command that runs the worker; a test may replace it."""
+        return [sys.executable, "-m", "daqd.cli", "serve", "--controller", controller]
+
+    @property
+    def stop_timeout_s(self) -> float:
+        return self.stop_timeout_extra_s + self.host.config.daemon.drain_timeout_s
+
+    async def setup(self) -> None:
+        base = runtime_dir()
+        base.mkdir(mode=0o700, parents=True, exist_ok=True)
+        stem = f"{base / self.host.name}.{self.name}.{next(self._generation)}"
+        self._ctx = zmq.asyncio.Context()
+        self._ctl = self._ctx.socket(zmq.PAIR)
+        self._ctl.setsockopt(zmq.LINGER, 0)
+        self._data = self._ctx.socket(zmq.PULL)
+        self._data.setsockopt(zmq.LINGER, 0)
+        self._data.setsockopt(zmq.RCVHWM, self.data_hwm)
+        old = os.umask(0o177)  # the sockets are for our own child only
+        try:
+            self._ctl.bind(f"ipc://{stem}.wctl")
+            self._data.bind(f"ipc://{stem}.wdata")
+        finally:
+            os.umask(old)
+        controller = self._ctl.getsockopt_string(zmq.LAST_ENDPOINT)
+        data = self._data.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.worker_argv(controller), stdin=asyncio.subprocess.DEVNULL
+        )
+        self.outcome = ""
+        try:
+            await self._handshake(data)
+        except BaseException:
+            await self._abort()
+            raise
+        self.log.info("%s: worker pid %d ready", self.name, self.proc.pid)
+
+    async def _handshake(self, data: str) -> None:
+        assert self._ctl is not None
+        first = await self._receive(self.start_timeout_s, "READY")
+        if isinstance(first, iccp.Error):
+            raise ControlError(f"worker could not start: {first.message}")
+        if not isinstance(first, iccp.Ready):
+            raise ControlError(f"worker sent {type(first).__name__.upper()} before READY")
+        settings = self.settings.model_dump(mode="json")
+        daemon = {
+            "name": f"{self.host.name}.{self.name}",
+            "drain_timeout_s": self.host.config.daemon.drain_timeout_s,
+            "log_level": self.host.config.daemon.log_level,
+        }
+        args = {"receiver": settings, "daemon": daemon, "data": data}
+        result = await self._request("CONF", args, self.start_timeout_s)
+        if isinstance(result, dict) and isinstance(result.get("addresses"), dict):
+            self.addresses.update(result["addresses"])
+        self.addresses["worker"] = f"pid {self.proc.pid if self.proc else '?'}"
+
+    async def _receive(self, timeout_s: float, what: str) -> iccp.Message:
+        assert self._ctl is not None
+        try:
+            frames = await asyncio.wait_for(self._ctl.recv_multipart(), timeout_s)
+        except TimeoutError:
+            raise ControlError(f"worker sent no {what} within {timeout_s:g} s") from None
+        try:
+            return _codec.decode(frames)
+        except ProtocolError as exc:
+            raise ControlError(f"worker: {exc}") from None
+
+    async def _request(
+        self, code: str, args: dict[str, Any], timeout_s: float | None = None
+    ) -> Any:
+        """One REQUEST → OK/ERROR exchange with the worker (one at a time)."""
+        async with self._lock:
+            if self._ctl is None:
+                raise ControlError(f"receiver {self.name!r}: its worker is not running")
+            while await self._ctl.poll(0):  # a reply that came after its request timed out
+                self.counters.error("late_worker_reply")
+                await self._ctl.recv_multipart()
+            await self._ctl.send_multipart(_codec.encode(iccp.Request(code, args)))
+            reply = await self._receive(timeout_s or self.request_timeout_s, f"reply to {code}")
+        if isinstance(reply, iccp.Ok):
+            return reply.result
+        if isinstance(reply, iccp.Error):
+            raise ControlError(reply.message)
+        raise ControlError(f"worker answered {code} with {type(reply).__name__.upper()}")
+
+    # The supervisor restarts the worker (with backoff) when any of these raises.
+    async def ct_data(self) -> None:
+        assert self._data is not None
+        while True:
+            await self._on_data(await self._data.recv_multipart())
+
+    async def ct_process(self) -> None:
+        assert self.proc is not None
+        code = await self.proc.wait()
+        raise RuntimeError(f"worker process {self.proc.pid} exited with code {code}")
+
+    async def ct_worker_status(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            with contextlib.suppress(ControlError):
+                self._absorb(await self._request("STAT", {}))
+
+    def _absorb(self, status: Any) -> None:
+        """Show the worker's own drops and errors here, so status and run conditions see them."""
+        if not isinstance(status, dict):
+            return
+        self.worker_status = status
+        receiver = status.get("receiver") or {}
+        for kind, target in (("drops", self.counters.drops), ("errors", self.counters.errors)):
+            for reason, n in (receiver.get(kind) or {}).items():
+                if isinstance(n, int) and n:
+                    target[f"worker.{reason}"] = n
+
+    async def _on_data(self, frames: list[bytes]) -> None:
+        if not frames[0]:
+            try:
+                mark = msgpack.unpackb(frames[1], raw=False)
+                key = (str(mark["mark"]), str(mark.get("id", "")))
+            except Exception:
+                self.counters.error("bad_worker_data")
+                return
+            self._marks.setdefault(key, asyncio.Event()).set()
+            return
+        try:
+            source, seq, time_ns, tags = msgpack.unpackb(frames[0], raw=False)
+            record = Record(str(source), int(seq), int(time_ns), dict(tags), frames[1:])
+        except Exception:
+            self.counters.error("bad_worker_data")
+            return
+        self._seq[record.source] = record.seq  # the worker numbered it; run totals come from here
+        await self.publish(record)
+
+    async def _wait_mark(self, kind: str, ident: str, timeout_s: float) -> None:
+        event = self._marks.setdefault((kind, ident), asyncio.Event())
+        try:
+            await asyncio.wait_for(event.wait(), timeout_s)
+        finally:
+            self._marks.pop((kind, ident), None)
+
+    async def begin_run(self, run: RunInfo) -> None:
+        with contextlib.suppress(ControlError):  # a worker being restarted has no run to begin
+            await self._request("CTRL", {"transition": "start", "args": {"run_id": run.run_id}})
+
+    async def end_run(self, run: RunInfo) -> None:
+        """Have the worker end its run and wait until everything it published has arrived."""
+        if self._ctl is None or self.proc is None or self.proc.returncode is not None:
+            return  # stopped already: its STOP drained and flushed everything
+        try:
+            await self._request("CTRL", {"transition": "stop"}, self.stop_timeout_s)
+            await self._wait_mark("end", run.run_id, self.stop_timeout_s)
+        except ControlError as exc:
+            self.log.warning("%s: worker could not end run %s: %s", self.name, run.run_id, exc)
+        except TimeoutError:
+            self.log.warning("%s: worker's end-of-run marker did not arrive", self.name)
+            raise
+
+    async def call_command(self, name: str, args: Any, kwargs: dict[str, Any]) -> Any:
+        request = {"target": self.name, "name": name, "args": list(args), "kwargs": kwargs}
+        return await self._request("CMD ", request, max(self.request_timeout_s, 30.0))
+
+    async def close(self) -> None:
+        """STOP → the worker drains → FINISHED; the records it flushes are published here."""
+        if self.proc is None:
+            self._close_sockets()
+            return
+        if self.proc.returncode is None and self._ctl is not None:
+            try:
+                await self._stop_worker()
+            except (ControlError, TimeoutError) as exc:
+                self.outcome = "ERROR"
+                self.log.error("%s: worker did not finish: %s; killing it", self.name, exc)
+        await self._kill()
+        self._close_sockets()
+
+    async def _stop_worker(self) -> None:
+        assert self._ctl is not None and self._data is not None
+        await self._ctl.send_multipart(_codec.encode(iccp.Stop()))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.stop_timeout_s
+        finished: iccp.Finished | None = None
+        data_done = False
+        # The tasks that read are cancelled by now: read control and data here until both end.
+        while finished is None or not data_done:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise ControlError(f"no FINISHED within {self.stop_timeout_s:g} s of STOP")
+            events = dict(await self._poller().poll(left * 1000))
+            if self._data in events:
+                frames = await self._data.recv_multipart()
+                if _is_mark(frames, "finished"):
+                    data_done = True
+                else:
+                    await self._on_data(frames)
+            if self._ctl in events:
+                message = _codec.decode(await self._ctl.recv_multipart())
+                if isinstance(message, iccp.Finished):
+                    finished = message
+                else:
+                    self.counters.error("late_worker_reply")
+        self.outcome = finished.outcome.value
+        log_at = logging.INFO if finished.outcome is iccp.Outcome.OK else logging.ERROR
+        self.log.log(
+            log_at,
+            "%s: worker finished: %s %s",
+            self.name,
+            self.outcome,
+            "; ".join(finished.details),
+        )
+
+    def _poller(self) -> zmq.asyncio.Poller:
+        poller = zmq.asyncio.Poller()
+        poller.register(self._data, zmq.POLLIN)
+        poller.register(self._ctl, zmq.POLLIN)
+        return poller
+
+    async def _abort(self) -> None:
+        """A worker that failed to start: ask it to stop, kill it if it does not."""
+        if self._ctl is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                await self._ctl.send_multipart(_codec.encode(iccp.Stop()), flags=zmq.NOBLOCK)
+        await self._kill()
+        self._close_sockets()
+
+    async def _kill(self) -> None:
+        proc = self.proc
+        if proc is None or proc.returncode is not None:
+            return
+        try:
+            await asyncio.wait_for(proc.wait(), 2.0)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            self.outcome = self.outcome or "ERROR"
+
+    def _close_sockets(self) -> None:
+        for sock in (self._ctl, self._data):
+            if sock is not None:
+                path = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+                sock.close(linger=0)
+                if path.startswith("ipc://"):
+                    with contextlib.suppress(OSError):
+                        os.unlink(path[len("ipc://") :])
+        self._ctl = self._data = None
+        if self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None
+
+    def status(self) -> dict[str, Any]:
+        status = super().status()
+        status["worker"] = {
+            "pid": self.proc.pid if self.proc else None,
+            "running": self.proc is not None and self.proc.returncode is None,
+            "outcome": self.outcome or None,
+            "state": self.worker_status.get("state"),
+        }
+        return status
+
+
+def _is_mark(frames: list[bytes], kind: str) -> bool:
+    if frames[0] or len(frames) < 2:
+        return False
+    try:
+        return bool(msgpack.unpackb(frames[1], raw=False).get("mark") == kind)
+    except Exception:
+        return False
+
+
+# ----- component side -------------------------------------------------------------------------
+
+
+class LinkPublisher(Publisher):
+    """The worker's publisher: every record goes to the parent's PULL, in order."""
+
+    def __init__(self, host: Host, sock: zmq.asyncio.Socket) -> None:
+        super().__init__(PublisherSettings(type="worker-link", name=LINK), host)
+        self.sock = sock
+        self.addresses = {"endpoint": sock.getsockopt_string(zmq.LAST_ENDPOINT)}
+
+    async def send(self, records: list[Record]) -> None:
+        for r in records:
+            header = msgpack.packb([r.source, r.seq, r.time_ns, r.tags], use_bin_type=True)
+            await self.sock.send_multipart([header, *r.payload], copy=False)
+
+    async def end_run(self, run: RunInfo) -> None:
+        await self.sock.send_multipart(_mark("end", id=run.run_id))
+
+
+class Component:
+    """One worker: the ICCP component that serves its parent."""
+
+    def __init__(self, controller: str) -> None:
+        self.controller = controller
+        self.ctx = zmq.asyncio.Context()
+        self.ctl = self.ctx.socket(zmq.PAIR)
+        self.ctl.setsockopt(zmq.LINGER, 2000)
+        self.data: zmq.asyncio.Socket | None = None
+        self.host: Host | None = None
+        self.parent = os.getppid()
+
+    async def run(self) -> int:
+        self.ctl.connect(self.controller)
+        ready = iccp.Ready(
+            name=f"worker-{os.getpid()}",
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            version=daqd.__version__,
+            endpoints={"control": [self.controller]},
+        )
+        await self.ctl.send_multipart(_codec.encode(ready))
+        serve = asyncio.create_task(self._serve(), name="worker-serve")
+        orphan = asyncio.create_task(self._watch_parent(), name="worker-parent")
+        await asyncio.wait({serve, orphan}, return_when=asyncio.FIRST_COMPLETED)
+        orphan.cancel()
+        if serve.done():
+            outcome, details = serve.result()
+        else:  # no parent left to wait for: end the work as a STOP would
+            serve.cancel()
+            await asyncio.gather(serve, return_exceptions=True)
+            outcome, details = await self._stop()
+        code = 0 if outcome is iccp.Outcome.OK else 1
+        with contextlib.suppress(zmq.ZMQError):
+            await self.ctl.send_multipart(_codec.encode(iccp.Finished(outcome, tuple(details))))
+        self.ctl.close(linger=2000)
+        if self.data is not None:
+            self.data.close(linger=5000)
+        self.ctx.term()
+        return code
+
+    async def _watch_parent(self) -> None:
+        # A PAIR does not say when its peer is gone; being re-parented does.
+        while os.getppid() == self.parent:
+            await asyncio.sleep(1.0)
+        log.error("worker: parent process %d is gone; stopping", self.parent)
+
+    async def _serve(self) -> tuple[iccp.Outcome, list[str]]:
+        while True:
+            frames = await self.ctl.recv_multipart()
+            try:
+                message = _codec.decode(frames)
+            except ProtocolError as exc:
+                await self._reply(iccp.Error(str(exc), "protocol"))
+                continue
+            if isinstance(message, iccp.Stop):
+                return await self._stop()
+            if not isinstance(message, iccp.Request):
+                text = f"unexpected {type(message).__name__.upper()}: send REQUEST or STOP"
+                await self._reply(iccp.Error(text, "protocol"))
+                continue
+            try:
+                result = await self._handle(message.code, dict(message.args))
+            except (DaqdError, ValueError) as exc:
+                await self._reply(iccp.Error(" ".join(str(exc).split()), "refused"))
+            except Exception as exc:
+                log.exception("worker: %s failed", message.code)
+                await self._reply(iccp.Error(f"internal error: {type(exc).__name__}: {exc}"))
+            else:
+                await self._reply(iccp.Ok(result))
+
+    async def _reply(self, message: iccp.Message) -> None:
+        try:
+            frames = _codec.encode(message)
+        except ProtocolError as exc:
+            frames = _codec.encode(iccp.Error(f"reply not sendable: {exc}"))
+        await self.ctl.send_multipart(frames)
+
+    async def _handle(self, code: str, args: dict[str, Any]) -> Any:
+        if code == "CONF":
+            return await self._configure(args)
+        if self.host is None:
+            raise ControlError(f"{code.strip()}: not configured yet (send CONF first)")
+        if code == "STAT":
+            rec = next(iter(self.host.receivers.values()))
+            return {"state": self.host.state.name, "receiver": rec.status()}
+        if code == "CTRL" and args.get("transition") in ("start", "stop"):
+            state = await self.host.transition(str(args["transition"]), args.get("args") or {})
+            return {"state": state.name}
+        if code in ("CMD ", "CTRL"):
+            return await self.host.handle_request(code, args)
+        known = "CONF, STAT, CTRL, CMD "
+        raise ControlError(f"unknown request code {code!r}; known codes: {known}")
+
+    async def _configure(self, args: dict[str, Any]) -> Any:
+        from daqd.config import Config, DaemonSettings, receiver_class
+        from daqd.host import Host
+
+        if self.host is not None:
+            raise ControlError("already configured: a worker takes one CONF")
+        settings, daemon, data = args.get("receiver"), args.get("daemon"), args.get("data")
+        if not isinstance(settings, dict) or not isinstance(data, str):
+            raise ControlError('CONF needs {"receiver": {...}, "daemon": {...}, "data": endpoint}')
+        try:
+            cls = receiver_class(str(settings.get("type")))
+        except KeyError:
+            raise ControlError(f"unknown receiver type {settings.get('type')!r}") from None
+        from pydantic import ValidationError
+
+        try:
+            rs = cls.Settings.model_validate({**settings, "process": False, "publish_to": [LINK]})
+            ds = DaemonSettings.model_validate(daemon or {})
+        except ValidationError as exc:
+            raise ControlError(f"receiver settings: {exc}") from None
+        logging.getLogger().setLevel(ds.log_level)
+        host = Host(Config(path="<worker>", text="", daemon=ds, receivers=[rs]))
+        self.data = self.ctx.socket(zmq.PUSH)
+        self.data.setsockopt(zmq.SNDHWM, 10000)
+        self.data.connect(data)
+        link = LinkPublisher(host, self.data)
+        host.publishers[LINK] = link
+        queue = PublisherQueue(link)
+        host.queues[LINK] = queue
+        queue.start()
+        await host.start()  # on failure it closes every queue, ours too
+        self.host = host
+        rec = host.receivers[rs.name]
+        log.info("worker %d: receiver %s (%s) running", os.getpid(), rs.name, rs.type)
+        return {"addresses": dict(rec.addresses)}
+
+    async def _stop(self) -> tuple[iccp.Outcome, list[str]]:
+        host = self.host
+        if host is None:
+            return iccp.Outcome.OK, ["not configured"]
+        rec = next(iter(host.receivers.values()), None)
+        await host.stop(RunCondition.INTERRUPTED if host.run is not None else RunCondition.GOOD)
+        assert self.data is not None
+        await self.data.send_multipart(_mark("finished"))
+        link = host.queues[LINK].counters
+        details = [f"{link.records} records sent"]
+        dropped = sum(link.drops.values())
+        if dropped:
+            details.append(f"{dropped} records dropped: {link.drops}")
+        failed = rec is not None and rec.state == "failed"
+        return (iccp.Outcome.ERROR if failed or dropped else iccp.Outcome.OK), details
+
+
+class _WorkerTag(logging.Filter):
+    """Worker log lines share the parent's journal: say whose they are."""
+
+    def __init__(self, tag: str) -> None:
+        super().__init__()
+        self.tag = tag
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(self.tag):
+            record.name = f"{self.tag} {record.name}"
+        return True
+
+
+async def run_component(controller: str) -> int:
+    """`daqd serve --controller ENDPOINT`: serve the parent until STOP; return the exit code."""
+    loop = asyncio.get_running_loop()
+
+    # The parent decides when a worker stops (STOP); a Ctrl-C or a SIGTERM meant for the
+    # daemon's whole process group must not cut the worker's drain short.
+    tag = _WorkerTag(f"worker[{os.getpid()}]")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(tag)
+
+    def ignore(sig: int) -> None:
+        log.info("worker %d: ignoring signal %d; the parent stops workers", os.getpid(), sig)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, ignore, sig)
+    return await Component(controller).run()

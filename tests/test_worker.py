@@ -1,0 +1,289 @@
+"""Worker processes: the component side driven by a test controller, the parent side in a daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import zmq
+import zmq.asyncio
+
+from daqd.config import parse_config
+from daqd.errors import ConfigError
+from daqd.host import Host
+from daqd.protocols import iccp
+from daqd.runfile import verify
+from daqd.worker import WorkerReceiver
+from tests.conftest import DAQD, Daemon, wait_until
+
+
+@pytest.fixture
+def short_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="dqw", dir="/tmp"))
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(path))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class Controller:
+    """The parent's side, written out by hand: PAIR for control, PULL for records."""
+
+    def __init__(self, base: Path) -> None:
+        self.ctx = zmq.asyncio.Context()
+        self.ctl = self.ctx.socket(zmq.PAIR)
+        self.ctl.bind(f"ipc://{base}/c.wctl")
+        self.data = self.ctx.socket(zmq.PULL)
+        self.data.bind(f"ipc://{base}/c.wdata")
+        self.data_endpoint = f"ipc://{base}/c.wdata"
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def spawn(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            DAQD, "serve", "--controller", self.ctl.getsockopt_string(zmq.LAST_ENDPOINT)
+        )
+
+    async def send(self, message: iccp.Message) -> None:
+        await self.ctl.send_multipart(iccp.encode(message))
+
+    async def receive(self) -> iccp.Message:
+        return iccp.decode(await asyncio.wait_for(self.ctl.recv_multipart(), 30))
+
+    async def request(self, code: str, args: dict[str, Any]) -> iccp.Message:
+        await self.send(iccp.Request(code, args))
+        return await self.receive()
+
+    async def record_or_mark(self) -> tuple[Any, list[bytes]]:
+        frames = await asyncio.wait_for(self.data.recv_multipart(), 30)
+        return msgpack.unpackb(frames[1] if not frames[0] else frames[0]), frames
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+        self.ctl.close(linger=0)
+        self.data.close(linger=0)
+        self.ctx.term()
+
+
+@pytest.fixture
+async def controller(short_dir: Path) -> AsyncIterator[Controller]:
+    c = Controller(short_dir)
+    yield c
+    if c.proc is not None and c.proc.returncode is None:
+        c.proc.kill()
+        await c.proc.wait()
+    c.close()
+
+
+def udp_settings(**extra: Any) -> dict[str, Any]:
+    return {"type": "udp", "name": "raw", "listen": "127.0.0.1:0", **extra}
+
+
+async def test_component_ready_conf_records_run_marks_stop_finished(
+    controller: Controller,
+) -> None:
+    await controller.spawn()
+    ready = await controller.receive()
+    assert isinstance(ready, iccp.Ready)
+    assert controller.proc is not None and ready.pid == controller.proc.pid
+    assert ready.version and ready.host == socket.gethostname()
+
+    early = await controller.request("STAT", {})
+    assert isinstance(early, iccp.Error) and "not configured yet" in early.message
+    bad = await controller.request(
+        "CONF", {"receiver": {"type": "nope", "name": "x"}, "data": controller.data_endpoint}
+    )
+    assert isinstance(bad, iccp.Error) and bad.message == "unknown receiver type 'nope'"
+    invalid = await controller.request(
+        "CONF", {"receiver": udp_settings(rcvbuf_bytes=-1), "data": controller.data_endpoint}
+    )
+    assert isinstance(invalid, iccp.Error) and "rcvbuf_bytes" in invalid.message
+
+    ok = await controller.request(
+        "CONF",
+        {
+            "receiver": udp_settings(),
+            "daemon": {"name": "p.raw"},
+            "data": controller.data_endpoint,
+        },
+    )
+    assert isinstance(ok, iccp.Ok), ok
+    host, port = ok.result["addresses"]["listen"].rsplit(":", 1)
+    again = await controller.request("CONF", {"receiver": udp_settings(), "data": "x"})
+    assert isinstance(again, iccp.Error) and "already configured" in again.message
+
+    status = await controller.request("STAT", {})
+    assert isinstance(status, iccp.Ok) and status.result["state"] == "ORBIT"
+    await controller.ctl.send_multipart([b"\x00\x02", b"ST"])
+    garbage = await controller.receive()
+    assert isinstance(garbage, iccp.Error) and "code must be 4 bytes" in garbage.message
+
+    started = await controller.request("CTRL", {"transition": "start", "args": {"run_id": "w1"}})
+    assert isinstance(started, iccp.Ok) and started.result == {"state": "RUN"}
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for i in range(10):
+            s.sendto(b"d%02d" % i, (host, int(port)))
+    seen = []
+    for _ in range(10):
+        header, frames = await controller.record_or_mark()
+        source, seq, time_ns, tags = header
+        assert source == "raw" and tags["peer"].startswith("127.0.0.1:") and time_ns > 0
+        seen.append((seq, frames[1]))
+    assert seen == [(i + 1, b"d%02d" % i) for i in range(10)]
+    stopped = await controller.request("CTRL", {"transition": "stop"})
+    assert isinstance(stopped, iccp.Ok) and stopped.result == {"state": "ORBIT"}
+    mark, _ = await controller.record_or_mark()
+    assert mark == {"mark": "end", "id": "w1"}
+
+    unknown = await controller.request("CMD ", {"target": "raw", "name": "nope"})
+    assert isinstance(unknown, iccp.Error) and "has no command 'nope'" in unknown.message
+
+    await controller.send(iccp.Stop())
+    mark, _ = await controller.record_or_mark()
+    assert mark == {"mark": "finished"}
+    finished = await controller.receive()
+    assert finished == iccp.Finished(iccp.Outcome.OK, ("10 records sent",))
+    assert await asyncio.wait_for(controller.proc.wait(), 30) == 0
+
+
+async def test_component_stopped_before_conf_finishes_cleanly(controller: Controller) -> None:
+    await controller.spawn()
+    assert isinstance(await controller.receive(), iccp.Ready)
+    await controller.send(iccp.Stop())
+    assert await controller.receive() == iccp.Finished(iccp.Outcome.OK, ("not configured",))
+    assert controller.proc is not None
+    assert await asyncio.wait_for(controller.proc.wait(), 30) == 0
+
+
+def host_config(extra: str = "") -> str:
+    return (
+        '[daemon]\nname = "par"\ndrain_timeout_s = 2\n'
+        '[[receiver]]\ntype = "udp"\nname = "raw"\nlisten = "127.0.0.1:0"\nprocess = true\n' + extra
+    )
+
+
+async def test_parent_gives_up_on_a_worker_that_never_says_ready(
+    short_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mute = [sys.executable, "-c", "import time; time.sleep(60)"]
+    monkeypatch.setattr(WorkerReceiver, "worker_argv", lambda self, controller: mute)
+    monkeypatch.setattr(WorkerReceiver, "start_timeout_s", 0.5)
+    spawned: list[int] = []
+    real_setup = WorkerReceiver.setup
+
+    async def setup(self: WorkerReceiver) -> None:
+        try:
+            await real_setup(self)
+        finally:
+            if self.proc is not None:
+                spawned.append(self.proc.pid)
+
+    monkeypatch.setattr(WorkerReceiver, "setup", setup)
+    host = Host(parse_config(host_config(), "<test>"))
+    with pytest.raises(ConfigError, match=r"receiver 'raw' cannot start: worker sent no READY"):
+        await host.start()
+    assert len(spawned) == 1
+    with pytest.raises(ProcessLookupError):
+        os.kill(spawned[0], 0)  # killed and reaped, not left behind
+    assert list(short_dir.glob("*.w*")) == []
+
+
+async def test_parent_reports_a_worker_whose_receiver_cannot_start(short_dir: Path) -> None:
+    taken = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    taken.bind(("127.0.0.1", 0))
+    port = taken.getsockname()[1]
+    try:
+        config = host_config().replace('listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{port}"')
+        host = Host(parse_config(config, "<test>"))
+        with pytest.raises(ConfigError, match=r"receiver 'raw' cannot start: .*in use"):
+            await host.start()
+    finally:
+        taken.close()
+
+
+DAEMON_CONFIG = """
+[daemon]
+name = "t"
+drain_timeout_s = 5
+
+[[receiver]]
+type = "udp"
+name = "raw"
+listen = "127.0.0.1:0"
+publish_to = ["disk"]
+process = true
+
+[[receiver]]
+type = "slowsignal"
+name = "ss"
+listen = "127.0.0.1:0"
+process = true
+
+[[publisher]]
+type = "file"
+name = "disk"
+directory = "{data}"
+"""
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_daemon_runs_receivers_in_workers(daemon: Callable[..., Daemon], workdir: Path) -> None:
+    d = daemon(DAEMON_CONFIG.format(data=workdir / "data"))
+    status = d.status()
+    raw = status["receivers"]["raw"]
+    worker_pid = raw["worker"]["pid"]
+    assert d.proc is not None and worker_pid != d.proc.pid and alive(worker_pid)
+    assert raw["worker"]["running"] is True
+    host, port = raw["addresses"]["listen"].rsplit(":", 1)
+
+    result = d.ctl("cmd", "ss", "pause")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().replace(" ", "").replace("\n", "") == '{"paused":true}'
+    result = d.ctl("cmd", "ss", "explode")
+    assert result.returncode == 1 and "has no command 'explode'" in result.stderr
+
+    assert d.ctl("start", "wr1").returncode == 0
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for i in range(300):
+            s.sendto(b"w%03d" % i, (host, int(port)))
+    wait_until(lambda: d.status()["receivers"]["raw"]["records"] == 300, what="300 records")
+    result = d.ctl("stop")
+    assert result.stdout.startswith("run wr1 ended: GOOD, 300 records"), result.stderr
+    summary = wait_until(
+        lambda: (s := verify(workdir / "data" / "run-wr1.daqd")).end is not None and s,
+        what="the run file's end marker",
+    )
+    assert summary.records == {"raw": 300} and not summary.gaps
+    assert summary.end is not None and summary.end["records"] == {"raw": 300}
+
+    # A worker that dies is restarted by the receiver's supervisor, on the same settings.
+    os.kill(worker_pid, signal.SIGKILL)
+
+    def restarted() -> Any:
+        r = d.status()["receivers"]["raw"]
+        return r["state"] == "running" and r["worker"]["pid"] != worker_pid and r
+
+    raw = wait_until(restarted, what="a new worker")
+    assert raw["errors"].get("crash") == 1
+    new_pid = raw["worker"]["pid"]
+    ss_pid = d.status()["receivers"]["ss"]["worker"]["pid"]
+
+    assert d.stop() == 0
+    assert not alive(new_pid) and not alive(ss_pid)
+    assert "worker finished: OK" in d.log()
