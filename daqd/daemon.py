@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
 
 from daqd.config import Config, load_config
@@ -21,6 +22,8 @@ log = logging.getLogger("daqd.daemon")
 async def serve(config: Config) -> int:
     """Run until SIGTERM/SIGINT or `daqctl shutdown`; return the process exit code."""
     d = config.daemon
+    if d.runtime_dir:  # one setting for every socket: control, tap, worker links
+        os.environ["RUNTIME_DIRECTORY"] = d.runtime_dir
     host = Host(config)
     await host.start()
     # Records are not cyclic: the cycle collector's frequent young-generation passes only cost

@@ -405,3 +405,71 @@ def test_daqctl_does_not_import_heavy_modules(code: int) -> None:
         timeout=30,
     )
     assert out.returncode == code and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_runtime_dir_setting_places_the_sockets(daemon: MakeDaemon, workdir: Path) -> None:
+    alt = workdir / "alt"
+    d = daemon(
+        config(workdir).replace(
+            "drain_timeout_s = 5", f'drain_timeout_s = 5\nruntime_dir = "{alt}"'
+        ),
+        start=False,
+    )
+    d.endpoint = f"ipc://{alt}/t.ctl"
+    d.start()
+    assert sorted(p.name for p in alt.iterdir()) == ["t.ctl", "t.tap"]
+    assert oct((alt / "t.ctl").stat().st_mode & 0o777) == oct(0o600)
+    result = subprocess.run(
+        [DAQCTL, "--socket", str(alt / "t.ctl"), "status", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert json.loads(ok(result))["state"] == "ORBIT"
+
+
+def test_tcp_control_with_curve_keys(daemon: MakeDaemon, workdir: Path) -> None:
+    import zmq.auth
+
+    keys, clients = workdir / "keys", workdir / "clients"
+    keys.mkdir()
+    clients.mkdir()
+    server_public, server_secret = zmq.auth.create_certificates(keys, "server")
+    client_public, client_secret = zmq.auth.create_certificates(keys, "client")
+    os.replace(client_public, clients / "client.key")
+    with socket.socket() as s:  # a free port for the daemon to bind
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    extra = (
+        f'control_tcp = "tcp://127.0.0.1:{port}"\n'
+        f'curve_server_key_file = "{server_secret}"\n'
+        f'curve_authorized_keys_dir = "{clients}"\n'
+    )
+    d = daemon(config(workdir).replace("drain_timeout_s = 5\n", "drain_timeout_s = 5\n" + extra))
+    tcp = ["--socket", f"tcp://127.0.0.1:{port}"]
+    keys_args = ["--server-key", str(server_public), "--client-key", str(client_secret)]
+    run = [DAQCTL, *tcp, *keys_args, "status", "--json"]
+    result = subprocess.run(run, capture_output=True, text=True, timeout=30)
+    assert json.loads(ok(result))["state"] == "ORBIT"
+    result = subprocess.run([DAQCTL, *tcp, "status"], capture_output=True, text=True, timeout=30)
+    assert "needs CURVE" in refused(result)
+    assert d.status()["state"] == "ORBIT"
+
+
+def test_tcp_control_without_keys_refuses_to_start(workdir: Path) -> None:
+    path = workdir / "nokeys.toml"
+    path.write_text(
+        config(workdir).replace(
+            "drain_timeout_s = 5\n", 'drain_timeout_s = 5\ncontrol_tcp = "tcp://127.0.0.1:0"\n'
+        )
+    )
+    env = {**os.environ, "RUNTIME_DIRECTORY": str(workdir)}
+    result = subprocess.run(
+        [str(Path(DAQCTL).parent / "daqd"), "serve", str(path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "needs CURVE keys" in result.stderr and "Traceback" not in result.stderr
