@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass, field
 from functools import cache
@@ -77,13 +78,27 @@ def publisher_class(name: str) -> type[Publisher]:
     return cls
 
 
+_SECRET_KEY = re.compile(r"pass|secret|token|credential|curve", re.IGNORECASE)
+_URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+def _shown(key: str, value: Any) -> str:
+    """The offending value as an error may show it: never a secret, never a URL's password."""
+    if _SECRET_KEY.search(key):
+        return "(value hidden)"
+    if isinstance(value, dict):
+        return "a table"
+    return _URL_USERINFO.sub("***@", repr(value))
+
+
 def _describe(err: Any) -> str:
     key = ".".join(str(p) for p in err["loc"]) or "(table)"
     if err["type"] == "extra_forbidden":
         return f'key "{key}": unknown key'
     if err["type"] == "missing":
         return f'key "{key}": required key is missing'
-    return f'key "{key}": {err["msg"]} (got {err.get("input")!r})'
+    text = f'key "{key}": {err["msg"]} (got {_shown(key, err.get("input"))})'
+    return _URL_USERINFO.sub("***@", text)  # a validator's own message may quote the value
 
 
 def load_config(path: str | Path) -> Config:

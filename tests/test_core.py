@@ -335,3 +335,14 @@ async def test_tcp_line_and_raw_framing(tmp_path: Path) -> None:
     await wait_for(lambda: sum(r.nbytes for r in got) == len(data), what="all raw bytes")
     assert b"".join(bytes(r.payload[0]) for r in got) == data
     await host.stop()
+
+
+def test_config_errors_never_echo_secrets() -> None:
+    text = "[[receiver]]\ntype='udp'\nname='cam'\nlisten='http://u:hunter2@cam:80'\n"
+    with pytest.raises(ConfigError) as exc:
+        parse_config(text, "s.toml")
+    assert 'key "listen"' in str(exc.value) and "hunter2" not in str(exc.value)
+    text = "[[receiver]]\ntype='http_poll'\nname='cam'\nurl='http://cam/x'\npassword=12\n"
+    with pytest.raises(ConfigError) as exc:
+        parse_config(text, "s.toml")
+    assert "12" not in str(exc.value).split("password")[1]
