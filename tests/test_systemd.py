@@ -135,6 +135,7 @@ def test_unit_file_has_what_the_deployment_relies_on() -> None:
         "RuntimeDirectory=daqd",
         "StateDirectory=daqd",
         "ExecReload=/bin/kill -HUP $MAINPID",
+        "KillMode=mixed",
     ):
         assert re.search(rf"^{re.escape(line)}$", text, re.M), line
     assert re.search(r"^WatchdogSec=\d+", text, re.M)
