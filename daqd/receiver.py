@@ -39,7 +39,8 @@ RESTART_WINDOW_S = 60.0
 def parse_hostport(value: str) -> tuple[str, int]:
     """'host:port' (or '[v6]:port') -> (host, port); raises ValueError with the offending text."""
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    ok_host = bool(host) and all(c.isalnum() or c in ".-_:[]*" for c in host)
+    if not sep or not ok_host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"expected 'host:port' with a port 0-65535, got {value!r}")
     return host.strip("[]"), int(port)
 
