@@ -171,6 +171,23 @@ def render_status(st: dict[str, Any]) -> str:
         lines.append(f"last run {last.get('run_id')}: {last.get('condition')}, {total} records")
     if st.get("allowed"):
         lines.append("allowed: " + ", ".join(st["allowed"]))
+    control = st.get("control")
+    if isinstance(control, dict):
+        problems = [
+            f"{control[key]} {label}"
+            for key, label in (
+                ("refused", "refused"),
+                ("bad_messages", "malformed"),
+                ("oversize", "oversize"),
+                ("unknown_codes", "unknown code"),
+                ("internal_errors", "internal errors"),
+                ("busy", "busy"),
+            )
+            if control.get(key)
+        ]
+        if problems:
+            total = control.get("requests", 0)
+            lines.append(f"control socket: {total} requests; " + ", ".join(problems))
     head = ["", "TYPE", "STATE", "RECORDS", "RATE/s", "BYTES", "DROPS", "ERRORS", "ADDRESSES"]
     for kind in ("receivers", "publishers"):
         parts = st.get(kind) or {}

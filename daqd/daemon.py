@@ -7,6 +7,7 @@ import gc
 import logging
 import os
 import signal
+from typing import Any
 
 from daqd.config import Config, load_config
 from daqd.control import ControlServer, tap_endpoint
@@ -30,8 +31,15 @@ async def serve(config: Config) -> int:
     # per-record time. Freeze what start-up made and collect young objects far less often.
     gc.freeze()
     gc.set_threshold(50_000, 50, 100)
+
+    async def handle_request(code: str, args: dict[str, Any]) -> Any:
+        result = await host.handle_request(code, args)
+        if code == "STAT":  # the control socket's own counts: refused, malformed, oversize, ...
+            result["control"] = dict(server.counters)
+        return result
+
     server = ControlServer(
-        host.handle_request,
+        handle_request,
         name=d.name,
         group=d.control_group,
         tcp=d.control_tcp,

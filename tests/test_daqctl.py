@@ -301,8 +301,15 @@ def test_garbage_on_the_control_socket_is_answered_and_survived(
     finally:
         sock.close()
         ctx.term()
-    assert d.status()["state"] == "ORBIT"
-    assert ok(d.ctl("status")).startswith("daqd t ")
+    status = d.status()
+    assert status["state"] == "ORBIT"
+    control = status["control"]
+    assert (control["bad_messages"], control["unknown_codes"], control["refused"]) == (2, 1, 1)
+    table = ok(d.ctl("status"))
+    assert table.startswith("daqd t ")
+    assert re.search(
+        r"^control socket: \d+ requests; 1 refused, 2 malformed, 1 unknown code$", table, re.M
+    )
 
 
 def test_shutdown_drains_and_exits_zero(daemon: MakeDaemon, workdir: Path) -> None:
