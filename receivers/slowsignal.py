@@ -256,8 +256,9 @@ class SlowSignalReceiver(ReceiverServer):
         expected = self.expected
         pm_datagrams = self.per_module["datagrams"]
         pm_blocks = self.per_module["blocks"]
-        kept: list[int] = []  # indices of the blocks stored ...
-        rows: list[int] = []  # ... and their rows in the store: slot * 32 + module
+        rows: list[int] = []  # per block stored: its row in the store, slot * 32 + module
+        store_row = rows.append
+        refused: list[int] = []  # indices of the blocks not stored (duplicate, late)
         done: list[Readout] = []
         newest_new = -1
         start = 0
@@ -274,24 +275,28 @@ class SlowSignalReceiver(ReceiverServer):
                     backdate = min(max(tacks[end - 1] - tack, 0), _MAX_CPU_BACKDATE_NS)
                     ro = self._find(tack, module, mono, now_ns - backdate)
                     if ro is None:
+                        refused.append(i)
                         continue
                     if not ro.mask and tack > newest_new:
                         newest_new = tack
-                if ro.mask & bit:
+                mask = ro.mask
+                if mask & bit:
                     self._duplicate(module)
+                    refused.append(i)
                     continue
-                ro.mask |= bit
-                kept.append(i)
-                rows.append(ro.row + module)
-                if needed and ro.mask & expected == expected:
+                mask |= bit
+                ro.mask = mask
+                store_row(ro.row + module)
+                if needed and mask & expected == expected:
                     done.append(ro)
             start = end
-        if kept:
+        if rows:
             index = np.array(rows, dtype=np.intp)
-            if len(kept) == len(tacks):
+            if not refused:
                 self.store_rows[index] = blocks.counts
                 self.seconds_flat[index] = blocks.second
             else:
+                kept = np.delete(np.arange(len(tacks)), refused)
                 self.store_rows[index] = blocks.counts[kept]
                 self.seconds_flat[index] = blocks.second[kept]
         # flushing frees slots, so it waits until every block of the batch is stored
