@@ -150,15 +150,20 @@ class WorkerReceiver(ReceiverServer):
         async with self._lock:
             if self._ctl is None:
                 raise ControlError(f"receiver {self.name!r}: its worker is not running")
-            while await self._ctl.poll(0):  # a reply that came after its request timed out
+            while await self._ctl.poll(0):  # nothing is due: a late reply, or a protocol error
+                stale = await self._ctl.recv_multipart()
+                with contextlib.suppress(ProtocolError):
+                    if isinstance(_codec.decode(stale), iccp.Ready):
+                        raise ControlError("worker sent READY after READY: protocol error")
                 self.counters.error("late_worker_reply")
-                await self._ctl.recv_multipart()
             await self._ctl.send_multipart(_codec.encode(iccp.Request(code, args)))
             reply = await self._receive(timeout_s or self.request_timeout_s, f"reply to {code}")
         if isinstance(reply, iccp.Ok):
             return reply.result
         if isinstance(reply, iccp.Error):
             raise ControlError(reply.message)
+        if isinstance(reply, iccp.Ready):
+            raise ControlError("worker sent READY after READY: protocol error")
         raise ControlError(f"worker answered {code} with {type(reply).__name__.upper()}")
 
     # The supervisor restarts the worker (with backoff) when any of these raises.

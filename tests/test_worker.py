@@ -287,3 +287,71 @@ def test_daemon_runs_receivers_in_workers(daemon: Callable[..., Daemon], workdir
     assert d.stop() == 0
     assert not alive(new_pid) and not alive(ss_pid)
     assert "worker finished: OK" in d.log()
+
+
+FAKE_WORKER = """
+import os, sys, zmq
+from daqd.protocols import iccp
+mode = sys.argv[2]
+ctl = zmq.Context().socket(zmq.PAIR)
+ctl.connect(sys.argv[1])
+ready = iccp.Ready("fake", os.getpid())
+ctl.send_multipart(iccp.encode(ready))
+if mode == "ready-twice":
+    ctl.send_multipart(iccp.encode(ready))
+while True:
+    message = iccp.decode(ctl.recv_multipart())
+    if isinstance(message, iccp.Request) and message.code == "CONF":
+        ctl.send_multipart(iccp.encode(iccp.Ok({"addresses": {"listen": "fake:1"}})))
+    # anything else, STOP included, goes unanswered: a hung worker
+"""
+
+
+def fake_worker(monkeypatch: pytest.MonkeyPatch, mode: str) -> list[int]:
+    argv = [sys.executable, "-c", FAKE_WORKER]
+    monkeypatch.setattr(
+        WorkerReceiver, "worker_argv", lambda self, controller: [*argv, controller, mode]
+    )
+    spawned: list[int] = []
+    real_setup = WorkerReceiver.setup
+
+    async def setup(self: WorkerReceiver) -> None:
+        try:
+            await real_setup(self)
+        finally:
+            if self.proc is not None:
+                spawned.append(self.proc.pid)
+
+    monkeypatch.setattr(WorkerReceiver, "setup", setup)
+    return spawned
+
+
+async def test_parent_kills_a_worker_that_never_finishes(
+    short_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spawned = fake_worker(monkeypatch, "hang")
+    monkeypatch.setattr(WorkerReceiver, "stop_timeout_extra_s", 0.3)
+    host = Host(parse_config(host_config().replace("drain_timeout_s = 2", "drain_timeout_s = 0.2")))
+    await host.start()
+    rec = host.receivers["raw"]
+    assert isinstance(rec, WorkerReceiver)
+    assert rec.addresses["listen"] == "fake:1"
+    await host.stop()
+    assert rec.outcome == "ERROR"
+    assert not alive(spawned[0])
+    assert rec.status()["worker"] == {
+        "pid": spawned[0],
+        "running": False,
+        "outcome": "ERROR",
+        "state": None,
+    }
+
+
+async def test_ready_after_ready_is_a_protocol_error(
+    short_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spawned = fake_worker(monkeypatch, "ready-twice")
+    host = Host(parse_config(host_config()))
+    with pytest.raises(ConfigError, match="worker sent READY after READY: protocol error"):
+        await host.start()
+    assert not alive(spawned[0])
