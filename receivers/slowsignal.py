@@ -34,7 +34,9 @@ from daqd.runstate import RunInfo
 _ALL_MODULES = (1 << N_MODULES) - 1
 _BITS = np.arange(N_MODULES, dtype=np.int64)
 _MAX_DATAGRAM_BYTES = MAX_BLOCKS * BLOCK_BYTES
-_MAX_BATCH = 256  # datagrams assembled together at most
+# Blocks assembled together at most: each may open a readout, so this bounds how far the store
+# can grow past max_pending_readouts before the oldest are published.
+_MAX_BATCH_BLOCKS = 4096
 _PUBLISHED = -1  # slot codes of blocks whose readout is not pending
 _LATE = -2
 _MAX_UNKNOWN_SOURCES = 256  # distinct unknown senders listed by address; the rest are summed
@@ -130,6 +132,7 @@ class SlowSignalReceiver(ReceiverServer):
         self._grow()
         self._batch: list[bytes] = []
         self._batch_modules: list[int] = []
+        self._batch_blocks = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._module_cache: dict[str, int] = {}
         self.per_module: dict[str, list[int]] = {
@@ -220,7 +223,8 @@ class SlowSignalReceiver(ReceiverServer):
             self._loop.call_soon(self.process_batch)
         batch.append(data)
         self._batch_modules.append(module)
-        if len(batch) >= _MAX_BATCH:
+        self._batch_blocks += n // BLOCK_BYTES
+        if self._batch_blocks >= _MAX_BATCH_BLOCKS:
             self.process_batch()
 
     def _bad(self, reason: str, addr: tuple[str, int], message: str) -> None:
@@ -232,14 +236,14 @@ class SlowSignalReceiver(ReceiverServer):
         datagrams, modules = self._batch, self._batch_modules
         if not datagrams:
             return
-        self._batch, self._batch_modules = [], []
+        self._batch, self._batch_modules, self._batch_blocks = [], [], 0
         try:
             self._assemble(datagrams, modules)
         except Exception as exc:  # a bug here must cost one batch, never the receiver
             self.counters.error("assembly")
             self.counters.drop("assembly_error", len(datagrams))
-            self.log.exception(
-                "%s: assembling %d datagrams failed: %r", self.name, len(datagrams), exc
+            self.limited.warning(
+                "assembly", "%s: assembling %d datagrams failed: %r", self.name, len(datagrams), exc
             )
 
     def _assemble(self, datagrams: list[bytes], module_list: list[int]) -> None:

@@ -503,3 +503,14 @@ async def test_simulator_late_option_gives_late_blocks(rig_factory: Callable[...
         await rig.wait("late blocks", lambda: rig.rec.counters.drops.get("late") == P)
     assert rig.rec.incomplete == P  # round 3, without the held-back module
     assert sum(rig.rec.per_module["late"]) == P
+
+
+async def test_pending_readouts_are_bounded(rig_factory: Callable[..., Any]) -> None:
+    rig = await rig_factory(modules=2, max_pending_readouts=5)
+    with rig.sim(modules=1) as sim:  # module 1 never sends: nothing completes
+        for r in range(3):
+            sim.send_round(r)
+        await rig.wait("30 blocks", lambda: rig.rec.per_module["blocks"][0] == 3 * P)
+    assert len(rig.rec.pending) == 5
+    assert rig.rec.counters.errors["overflow"] == 25 and rig.rec.incomplete == 25
+    assert rig.rec.store.shape[0] == 64  # the store never grew past its first size
