@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 
 import click
 
-from daqd.control import DEFAULT_TIMEOUT_S, ControlClient, ipc_path, runtime_dir
+from daqd.control import DEFAULT_TIMEOUT_S, ControlClient, ipc_path, probe_ipc, runtime_dir
 from daqd.errors import ControlError
 
 SYSTEM_RUNTIME_DIR = Path("/run/daqd")  # where daqd@.service puts its sockets
@@ -382,7 +382,9 @@ def cmd(c: Ctx, receiver: str, name: str, words: tuple[str, ...], as_json: bool)
 # ----- live tap -------------------------------------------------------------------------------
 
 
-def _records(endpoint: str, name: str) -> Iterator[tuple[dict[str, Any], list[bytes]]]:
+def _records(
+    endpoint: str, name: str, alive: Callable[[], bool]
+) -> Iterator[tuple[dict[str, Any], list[bytes]]]:
     import msgpack
     import zmq
 
@@ -395,6 +397,10 @@ def _records(endpoint: str, name: str) -> Iterator[tuple[dict[str, Any], list[by
     sock.connect(endpoint)
     try:
         while True:
+            if not sock.poll(1000):
+                if not alive():
+                    fail("the daemon has gone away")
+                continue
             frames = sock.recv_multipart()
             if len(frames) < 2 or frames[0] != topic:  # subscriptions match prefixes
                 continue
@@ -443,7 +449,18 @@ def tap(c: Ctx, name: str, count: int, raw: bool) -> None:
     write: Callable[[bytes], Any] = sys.stdout.buffer.write
     seen = 0
     try:
-        for header, payload in _records(endpoint, name):
+        control = ipc_path(resolve_endpoint(c.name, c.socket))
+
+        def alive() -> bool:
+            if control is None:
+                return True
+            try:
+                probe_ipc(control)  # also notices a daemon that died without cleaning up
+            except ControlError:
+                return False
+            return True
+
+        for header, payload in _records(endpoint, name, alive):
             if raw:
                 for block in payload:
                     write(block)

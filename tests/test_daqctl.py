@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -480,3 +481,29 @@ def test_tcp_control_without_keys_refuses_to_start(workdir: Path) -> None:
     )
     assert result.returncode != 0
     assert "needs CURVE keys" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_tap_ends_when_the_daemon_goes_away(daemon: MakeDaemon, workdir: Path) -> None:
+    d = daemon(config(workdir))
+    address = udp_address(d)
+    tap = subprocess.Popen(
+        [DAQCTL, "--name", "t", "tap", "raw"],
+        env=d.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert tap.stdout is not None
+        deadline = time.monotonic() + 30
+        # Send until the tap shows a record: then it is surely connected.
+        while not select.select([tap.stdout], [], [], 0.05)[0]:
+            send(address, [b"ping"])
+            assert time.monotonic() < deadline, "the tap printed nothing"
+        assert " raw #" in tap.stdout.readline()
+        assert d.stop() == 0
+        _, err = tap.communicate(timeout=30)
+    finally:
+        if tap.poll() is None:
+            tap.kill()
+    assert tap.returncode == 1 and err.strip() == "daqctl: the daemon has gone away"
