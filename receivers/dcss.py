@@ -131,12 +131,12 @@ class DcssReceiver(ReceiverServer):
             except ProtocolError as exc:
                 self.counters.error("protocol")
                 reason = f"protocol error: {exc}"
-            except (ConnectionError, OSError) as exc:
-                self.counters.error("connection")
-                reason = f"connection error: {exc!r}"
-            except TimeoutError:
+            except TimeoutError:  # before OSError, of which it is a subclass
                 self.counters.error("handshake_timeout")
                 reason = f"no stoc_send_client_type within {s.handshake_timeout_s} s"
+            except OSError as exc:
+                self.counters.error("connection")
+                reason = f"connection error: {exc!r}"
             finally:
                 self._disconnected(writer)
             self.last_disconnect = reason

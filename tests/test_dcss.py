@@ -211,6 +211,42 @@ async def test_duplicate_name_is_closed_after_a_delay_and_backed_off(
         await second.stop()
 
 
+async def test_silent_server_gets_nothing_and_the_dhs_retries() -> None:
+    got: list[bytes] = []
+    accepted = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        got.append(await reader.read())  # until the DHS gives up and closes
+        accepted.set()
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    text = f"""
+[daemon]
+name = "t"
+
+[[receiver]]
+type = "dcss"
+name = "dhs"
+connect = "127.0.0.1:{port}"
+dhs_name = "dhs"
+handshake_timeout_s = 0.2
+reconnect_first_s = 0.05
+"""
+    h = Host(parse_config(text, "<test>"))
+    await h.start()
+    try:
+        await asyncio.wait_for(accepted.wait(), T)
+        rx = h.receivers["dhs"]
+        await until(lambda: rx.counters.errors.get("handshake_timeout", 0) >= 1, "timeout")
+        assert got and all(g == b"" for g in got)  # nothing at all before stoc_send_client_type
+    finally:
+        await h.stop()
+        server.close()
+        await server.wait_closed()
+
+
 # ------------------------------------------------------------------ operations
 
 
