@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -140,6 +141,9 @@ class Host:
             self._tap_task.cancel()
         if self._tap is not None:
             self._tap.close(linger=0)
+            if self.tap_endpoint and self.tap_endpoint.startswith("ipc://"):
+                with contextlib.suppress(OSError):
+                    os.unlink(self.tap_endpoint[6:])
         self.zmq_context.destroy(linger=0)
         _hosts.pop(asyncio.get_running_loop(), None)
         self.stopped.set()

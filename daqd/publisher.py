@@ -161,6 +161,10 @@ class PublisherQueue:
                 )
                 continue
             self.counters.count(sum(r.nbytes for r in batch), len(batch))
+            host = pub.host
+            if host.taps_active:
+                for r in batch:
+                    host.tap(pub.name, r)
 
     async def _run_marker(self, marker: _Marker) -> None:
         pub = self.publisher

@@ -212,6 +212,11 @@ def test_tap_prints_live_records_and_raw_payloads(daemon: MakeDaemon, workdir: P
     assert raw.returncode == 0, raw.stderr
     assert re.fullmatch(rb"pkt\d{6}pkt\d{6}", raw.stdout), raw.stdout
 
+    # a publisher's tap shows what it sent, records of every source routed to it
+    published = tap_while_sending("disk", "--count", "2")
+    assert published.returncode == 0, published.stderr
+    assert re.findall(rb" raw #\d+ 9 B", published.stdout) and published.stdout.count(b"\n") == 2
+
     assert (
         refused(d.ctl("tap", "nobody"))
         == "daqctl: nothing named 'nobody' to tap; known: disk, raw, ss"

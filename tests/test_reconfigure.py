@@ -117,6 +117,8 @@ def test_under_systemd_log_lines_carry_no_timestamp(workdir: Path) -> None:
     d = Daemon(workdir, runtime, BASE.format(name="jr", directory=workdir / "d"), "jr")
     d.env["JOURNAL_STREAM"] = "8:12345"
     d.start()
+    assert (runtime / "jr.tap").exists()
     assert d.stop() == 0
+    assert not (runtime / "jr.tap").exists() and not (runtime / "jr.ctl").exists()
     lines = [ln for ln in d.log().splitlines() if ln.strip()]
     assert lines and all(ln.startswith("daqd.") for ln in lines), lines[:3]
