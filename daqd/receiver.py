@@ -10,11 +10,11 @@ import sys
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 import zmq
 import zmq.asyncio
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from daqd.logs import LimitedLogger
 from daqd.monitor import Counters
@@ -43,6 +43,15 @@ def parse_hostport(value: str) -> tuple[str, int]:
     if not sep or not ok_host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"expected 'host:port' with a port 0-65535, got {value!r}")
     return host.strip("[]"), int(port)
+
+
+def _valid_hostport(value: str) -> str:
+    parse_hostport(value)
+    return value
+
+
+# A settings field holding "host:port", checked when the configuration is read.
+HostPort = Annotated[str, AfterValidator(_valid_hostport)]
 
 
 def format_hostport(addr: tuple[Any, ...]) -> str:

@@ -12,7 +12,13 @@ from aiohttp.http import HttpVersion11
 from pydantic import Field, field_validator
 
 from daqd.http import GrabError, NextRecord
-from daqd.receiver import ReceiverServer, ReceiverSettings, format_hostport, parse_hostport
+from daqd.receiver import (
+    HostPort,
+    ReceiverServer,
+    ReceiverSettings,
+    format_hostport,
+    parse_hostport,
+)
 from daqd.record import Record
 
 # Headers that become tags: pydhsfw's JPEG receiver routes on DHS-Request-Type-Id, and instruments
@@ -22,17 +28,11 @@ REQUEST_TYPE_HEADER = "DHS-Request-Type-Id"
 
 
 class HttpImageSettings(ReceiverSettings):
-    listen: str
+    listen: HostPort
     allowed_types: list[str] = Field(default_factory=lambda: ["image/jpeg", "image/png"])
     max_body_bytes: int = Field(default=32 << 20, gt=0)
     # A client silent this long (mid-body, mid-headers, or idle between requests) is dropped.
     read_timeout_s: float = Field(default=30.0, gt=0)
-
-    @field_validator("listen")
-    @classmethod
-    def _check_listen(cls, value: str) -> str:
-        parse_hostport(value)
-        return value
 
     @field_validator("allowed_types")
     @classmethod

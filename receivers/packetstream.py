@@ -18,7 +18,13 @@ from pydantic import Field, field_validator
 
 from daqd.packetstream import PacketConnection, RequestFailed, start_server
 from daqd.protocols.packetstream import DEFAULT_MAX_PACKET_BYTES, Request
-from daqd.receiver import ReceiverServer, ReceiverSettings, format_hostport, parse_hostport
+from daqd.receiver import (
+    HostPort,
+    ReceiverServer,
+    ReceiverSettings,
+    format_hostport,
+    parse_hostport,
+)
 
 if TYPE_CHECKING:
     from daqd.host import Host
@@ -46,7 +52,7 @@ def load_handler(path: str) -> Callable[[Request], Any]:
 
 
 class PacketStreamSettings(ReceiverSettings):
-    listen: str
+    listen: HostPort
     max_packet_bytes: int = Field(DEFAULT_MAX_PACKET_BYTES, gt=0)
     # async work per connection at once; more requests wait unread (TCP backpressure)
     max_handlers: int = Field(64, ge=1)
@@ -54,12 +60,6 @@ class PacketStreamSettings(ReceiverSettings):
     close_timeout_s: float = Field(5.0, gt=0)
     # "package.module:function" called with each accepted Request; its result is the response
     handler: str = ""
-
-    @field_validator("listen")
-    @classmethod
-    def _hostport(cls, v: str) -> str:
-        parse_hostport(v)
-        return v
 
     @field_validator("handler")
     @classmethod

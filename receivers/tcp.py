@@ -6,24 +6,18 @@ import asyncio
 import struct
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from daqd.receiver import ReceiverServer, ReceiverSettings, parse_hostport
+from daqd.receiver import HostPort, ReceiverServer, ReceiverSettings
 
 _LEN32 = struct.Struct(">I")
 
 
 class TcpSettings(ReceiverSettings):
-    listen: str
+    listen: HostPort
     framing: Literal["length32", "line", "raw"] = "length32"
     max_message_bytes: int = Field(16 << 20, gt=0)
     raw_chunk_bytes: int = Field(64 << 10, gt=0)
-
-    @field_validator("listen")
-    @classmethod
-    def _hostport(cls, v: str) -> str:
-        parse_hostport(v)
-        return v
 
 
 class TcpReceiver(ReceiverServer):

@@ -4,20 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from daqd.receiver import ReceiverServer, ReceiverSettings, parse_hostport
+from daqd.receiver import HostPort, ReceiverServer, ReceiverSettings
 
 
 class UdpSettings(ReceiverSettings):
-    listen: str
+    listen: HostPort
     rcvbuf_bytes: int = Field(8 << 20, gt=0)
-
-    @field_validator("listen")
-    @classmethod
-    def _hostport(cls, v: str) -> str:
-        parse_hostport(v)
-        return v
 
 
 class UdpReceiver(ReceiverServer):
