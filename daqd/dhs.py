@@ -222,12 +222,15 @@ class Operation:
                 f"operation {self.name} {self.handle} already completed ({self.status}): "
                 "no update after completion"
             )
-        if self._conn != self._dhs.connection_id:
-            self._dhs.stats["stale"] += 1
+        dhs = self._dhs
+        if self._conn != dhs.connection_id or dhs._send is None:
+            dhs.stats["stale"] += 1
             return
-        tail = tcl_join(values) if values else ""
-        self._dhs.send_text(f"htos_operation_update {self.name} {self.handle} {tail}".rstrip())
-        self._dhs.stats["operation_updates"] += 1
+        if values:
+            dhs._send(f"htos_operation_update {self.name} {self.handle} {tcl_join(values)}")
+        else:
+            dhs._send(f"htos_operation_update {self.name} {self.handle}")
+        dhs.stats["operation_updates"] += 1
 
     def complete(self, status: str = "normal", *values: Any) -> None:
         """Send `htos_operation_completed <name> <handle> <status> values…`; exactly once.
@@ -238,20 +241,25 @@ class Operation:
             raise OperationError(
                 f"operation {self.name} {self.handle} already completed ({self.status})"
             )
-        status = format_number(status)
-        if not _ONE_WORD.fullmatch(status):
-            raise OperationError(f"operation status must be one word, got {status!r}")
+        if status != "normal":
+            status = format_number(status)
+            if not _ONE_WORD.fullmatch(status):
+                raise OperationError(f"operation status must be one word, got {status!r}")
         self.status = status
-        self._dhs._operation_done(self)
-        if self._conn != self._dhs.connection_id:
-            self._dhs.stats["stale"] += 1
+        dhs = self._dhs
+        if dhs.operations.get(self.handle) is self:
+            del dhs.operations[self.handle]
+        if self._conn != dhs.connection_id or dhs._send is None:
+            dhs.stats["stale"] += 1
             return
-        tail = tcl_join(values) if values else ""
-        self._dhs.send_text(
-            f"htos_operation_completed {self.name} {self.handle} {status} {tail}".rstrip()
-        )
-        self._dhs.flush()  # the end of an operation: out now, not at the end of the loop turn
-        self._dhs.stats["operations_completed"] += 1
+        if values:
+            text = f"htos_operation_completed {self.name} {self.handle} {status} {tcl_join(values)}"
+        else:
+            text = f"htos_operation_completed {self.name} {self.handle} {status}"
+        dhs._send(text)
+        if dhs._flush is not None:
+            dhs._flush()  # the end of an operation: out now, not at the end of the loop turn
+        dhs.stats["operations_completed"] += 1
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._dhs._operation_task_done(self)
@@ -782,10 +790,6 @@ class Dhs:
                 op.complete("normal", *result)
             else:
                 op.complete("normal", result)
-
-    def _operation_done(self, op: Operation) -> None:
-        if self.operations.get(op.handle) is op:
-            del self.operations[op.handle]
 
     def _abort_all(self, m: d.StohAbortAll) -> None:
         self.stats["abort_all"] += 1

@@ -240,7 +240,7 @@ def tcl_quote(value: Any) -> str:
 
 def tcl_join(values: Iterable[Any]) -> str:
     """Values as a Tcl list (the inverse of tcl_split for strings)."""
-    return " ".join(tcl_quote(v) for v in values)
+    return " ".join([tcl_quote(v) for v in values])
 
 
 def mask_private(text: str) -> str:
