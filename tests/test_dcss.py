@@ -375,6 +375,17 @@ async def test_shutter_ion_chamber_encoder_and_string(sim: DcssSimulator, host: 
     link.send_text("stoh_set_string note sample 12 {loop 3}")
     await link.wait_for(lambda m: isinstance(m, d.HtosSetStringCompleted), T)
     assert sim.devices["note"].contents == "sample 12 {loop 3}"
+    # an oscillation opens the shutter, moves by the delta, closes the shutter
+    mark = len(link.received)
+    link.send_text("stoh_start_oscillation sample_x shutter 0.5 0.1")
+    await link.wait_for(lambda m: m == d.HtosReportShutterState("shutter", "closed"), T, mark)
+    seen = [m for m in link.received[mark:] if not isinstance(m, d.HtosUpdateMotorPosition)]
+    assert seen == [
+        d.HtosReportShutterState("shutter", "open"),
+        d.HtosMotorMoveStarted("sample_x", 5.5),
+        d.HtosMotorMoveCompleted("sample_x", 5.5, "normal"),
+        d.HtosReportShutterState("shutter", "closed"),
+    ]
 
 
 # ------------------------------------------------------------------ connection faults
