@@ -273,6 +273,8 @@ class ReceiverServer:
         sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        # a receiver that reconnects in a loop leaves closed writers behind: forget those here
+        self._writers = {w for w in self._writers if not w.is_closing()}
         self._writers.add(writer)
         self.addresses[key] = connect
         return reader, writer

@@ -291,7 +291,6 @@ class DcssReceiver(ReceiverServer):
         self.online.clear()
         self.counters.extra["online"] = False
         writer.close()
-        self._writers.discard(writer)
 
     async def close(self) -> None:
         if self._writer is not None:
