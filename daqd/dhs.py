@@ -12,7 +12,18 @@ Write an operation handler::
         op.complete("normal", x, y)           # htos_operation_completed getLoopTip 1.7 normal 1.5 2.0
 
 Name the module in the receiver's settings, `handlers = ["mypackage.loop_handlers"]` (or a file path
-ending in `.py`). Each operation runs as its own task. The rules:
+ending in `.py`). Give handlers their own settings in the receiver's `handler_settings` table; they
+read them as `op.settings`, a read-only mapping (nested tables are read-only mappings too, arrays
+are tuples), the same for every operation::
+
+    [receiver.handler_settings]            # under that receiver's [[receiver]] entry
+    inference_url = "http://127.0.0.1:8008/predict"
+    timeouts = { grab_s = 5.0 }
+
+    url = op.settings["inference_url"]    # KeyError if absent: check, and complete with a reason
+    grab_s = op.settings.get("timeouts", {}).get("grab_s", 5.0)
+
+Each operation runs as its own task. The rules:
 
 - Exactly one completion per operation. `complete()` a second time raises `OperationError`. A
   handler that returns without completing completes with `normal` and its return value (None: no
@@ -48,7 +59,8 @@ import inspect
 import logging
 import re
 import sys
-from collections.abc import Awaitable, Callable, Iterable
+import types
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -129,6 +141,15 @@ def load_handler_module(spec: str) -> Any:
         raise ConfigError(f"handler module {spec!r} cannot be imported: {exc}") from exc
 
 
+def freeze_settings(value: Any) -> Any:
+    """A read-only copy of a settings value: tables become read-only mappings, arrays tuples."""
+    if isinstance(value, Mapping):
+        return types.MappingProxyType({str(k): freeze_settings(v) for k, v in value.items()})
+    if isinstance(value, list | tuple):
+        return tuple(freeze_settings(v) for v in value)
+    return value
+
+
 def collect_handlers(
     modules: Iterable[Any],
 ) -> tuple[dict[str, OperationHandler], dict[str, type[Device]]]:
@@ -197,6 +218,11 @@ class Operation:
         if self._stop is None:
             self._stop = asyncio.Event()
         return self._stop
+
+    @property
+    def settings(self) -> Mapping[str, Any]:
+        """The receiver's `handler_settings` table, read-only (a `types.MappingProxyType`)."""
+        return self._dhs.handler_settings
 
     @property
     def dhs(self) -> Dhs:
@@ -650,9 +676,12 @@ class Dhs:
         device_classes: dict[str, type[Device]] | None = None,
         device_settings: dict[str, dict[str, Any]] | None = None,
         simulate_devices: bool = True,
+        handler_settings: Mapping[str, Any] | None = None,
         log: logging.Logger | None = None,
     ) -> None:
         self.name = name
+        # what handlers read as op.settings; one read-only copy shared by every operation
+        self.handler_settings: Mapping[str, Any] = freeze_settings(handler_settings or {})
         self.log = log or logging.getLogger(f"daqd.dhs.{name}")
         self.handlers: dict[str, OperationHandler] = dict(operations or {})
         self.device_classes: dict[str, type[Device]] = dict(device_classes or {})

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, JsonValue
 
 from daqd.dhs import (
     Dhs,
@@ -42,6 +42,9 @@ class DcssSettings(ReceiverSettings):
     # handler modules: "pkg.mod", or "file.py" (relative: next to the config file)
     handlers: list[str] = Field(default_factory=list)
     simulate_devices: bool = True  # built-in simulated devices for what no handler claims
+    # free-form settings for the handlers, read-only as `op.settings` (strings, numbers, bools,
+    # arrays, tables: what survives msgpack/JSON, so dates must be written as strings)
+    handler_settings: dict[str, JsonValue] = Field(default_factory=dict)
     motors: dict[str, MotorSettings] = Field(default_factory=dict)
     shutters: dict[str, ShutterSettings] = Field(default_factory=dict)
     ion_chambers: dict[str, IonChamberSettings] = Field(default_factory=dict)
@@ -94,6 +97,7 @@ class DcssReceiver(ReceiverServer):
             device_classes=device_classes,
             device_settings=device_settings,
             simulate_devices=settings.simulate_devices,
+            handler_settings=settings.handler_settings,
             log=self.log,
         )
         self.online = asyncio.Event()  # set while a handshake-complete connection is up

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import types
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import zmq.asyncio
 
 from daqd.config import parse_config
 from daqd.dhs import Operation, OperationError, operation
+from daqd.errors import ConfigError
 from daqd.host import Host
 from daqd.protocols import dcss as d
 from daqd.sim.dcss import DcssSimulator, DhsLink, SimDevice
@@ -74,6 +76,16 @@ async def twice(op: Operation) -> None:
 @operation("answer")
 async def answer(op: Operation) -> tuple[float, str]:
     return 1.5, "two words"
+
+
+SEEN: dict[str, Operation] = {}
+
+
+@operation("settings")
+async def show_settings(op: Operation) -> tuple[Any, ...]:
+    SEEN[op.handle] = op
+    s = op.settings
+    return s.get("camera", "none"), s.get("limits", {}).get("grab_s", 0), len(s.get("names", ()))
 
 
 # ------------------------------------------------------------------ fixtures
@@ -501,6 +513,59 @@ async def test_every_received_message_is_published_with_tags(sim: DcssSimulator)
         sub.close()
         ctx.term()
         await h.stop()
+
+
+# ------------------------------------------------------------------ handler settings
+
+HANDLER_SETTINGS = """
+[receiver.handler_settings]
+camera = "sample cam"
+names = ["a", "b", "c"]
+limits = { grab_s = 2.5 }
+"""
+
+
+async def test_handlers_read_settings_from_the_toml_and_cannot_change_them(
+    sim: DcssSimulator,
+) -> None:
+    h = Host(parse_config(dhs_config(sim, extra=HANDLER_SETTINGS), "<test>"))
+    await h.start()
+    try:
+        link = await online(sim)
+        first = link.start_operation("settings")
+        assert await done(first) == "normal"
+        assert first.completion is not None and first.completion.args == "{sample cam} 2.5 3"
+        seen = SEEN[first.handle].settings
+        assert isinstance(seen, types.MappingProxyType)
+        assert sorted(seen) == ["camera", "limits", "names"]
+        assert seen["names"] == ("a", "b", "c") and dict(seen["limits"]) == {"grab_s": 2.5}
+        with pytest.raises(TypeError):
+            seen["camera"] = "other"  # type: ignore[index]
+        with pytest.raises(TypeError):
+            del seen["names"]  # type: ignore[attr-defined]
+        with pytest.raises(TypeError):
+            seen["limits"]["grab_s"] = 99.0
+        with pytest.raises(AttributeError):
+            seen["names"].append("d")
+        # what one handler tried to change, the next operation still gets as configured
+        second = link.start_operation("settings")
+        assert await done(second) == "normal"
+        assert second.completion is not None and second.completion.args == "{sample cam} 2.5 3"
+    finally:
+        await h.stop()
+
+
+async def test_handler_settings_default_empty_and_reject_non_msgpack_values(
+    sim: DcssSimulator, host: Host
+) -> None:
+    link = await online(sim)
+    op = link.start_operation("settings")
+    assert await done(op) == "normal"
+    assert op.completion is not None and op.completion.args == "none 0 0"
+    assert len(SEEN[op.handle].settings) == 0
+    dated = "[receiver.handler_settings]\nwhen = 1979-05-27T07:32:00Z\n"
+    with pytest.raises(ConfigError, match=r'"handler_settings\.when": input was not a valid JSON'):
+        parse_config(dhs_config(sim, extra=dated), "<test>")
 
 
 # ------------------------------------------------------------------ the shipped example

@@ -55,29 +55,46 @@ async def inference() -> AsyncIterator[Any]:
     await service.stop()
 
 
-def example_config(sim: DcssSimulator, camera_url: str) -> str:
-    """The example's own TOML, pointed at the simulator, the fake camera and free ports."""
+def _set(text: str, key: str, value: str) -> str:
+    """`text` with the one line `key = ...` of the example's TOML now `key = value`."""
+    text, n = re.subn(rf"(?m)^{key} = \S+", lambda _: f"{key} = {value}", text)
+    assert n == 1, f"the example config has no single {key!r} line"
+    return text
+
+
+def example_config(sim: DcssSimulator, camera_url: str, inference_url: str) -> str:
+    """The example's own TOML, pointed at the simulator, the fake services and free ports."""
     text = (EXAMPLE / "loop-dhs.toml").read_text()
-    text = text.replace('"127.0.0.1:14242"', f'"{sim.address}"')
-    text = re.sub(r'url = "http://127\.0\.0\.1:8081[^"]*"', f'url = "{camera_url}"', text)
-    text = text.replace('"127.0.0.1:8082"', '"127.0.0.1:0"')
-    return text.replace('"examples/loop-dhs/loop_handlers.py"', f'"{EXAMPLE / "loop_handlers.py"}"')
+    text = _set(text, "connect", f'"{sim.address}"')
+    text = _set(text, "url", f'"{camera_url}"')
+    text = _set(text, "listen", '"127.0.0.1:0"')
+    text = _set(text, "inference_url", f'"{inference_url}"')
+    text = _set(text, "grab_timeout_s", "2.0")
+    return _set(text, "inference_timeout_s", "1")
+
+
+async def start_host(text: str) -> Host:
+    # parsed as the example's own file: its handler module is found next to it
+    host = Host(parse_config(text, str(EXAMPLE / "loop-dhs.toml")))
+    await host.start()
+    return host
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[DcssSimulator]:
+    async with DcssSimulator({"loop_dhs": 2}, [SimDevice("operation", "getLoopTip")]) as s:
+        yield s
 
 
 @pytest.fixture
 async def dcss(
-    camera: Any, inference: Any, monkeypatch: pytest.MonkeyPatch
+    sim: DcssSimulator, camera: Any, inference: Any
 ) -> AsyncIterator[tuple[DcssSimulator, Host]]:
-    monkeypatch.setenv("LOOP_INFERENCE_URL", inference.url)
-    monkeypatch.setenv("LOOP_GRAB_TIMEOUT_S", "2")
-    monkeypatch.setenv("LOOP_INFERENCE_TIMEOUT_S", "1")
-    async with DcssSimulator({"loop_dhs": 2}, [SimDevice("operation", "getLoopTip")]) as sim:
-        host = Host(parse_config(example_config(sim, camera.url), "<test>"))
-        await host.start()
-        try:
-            yield sim, host
-        finally:
-            await host.stop()
+    host = await start_host(example_config(sim, camera.url, inference.url))
+    try:
+        yield sim, host
+    finally:
+        await host.stop()
 
 
 async def get_loop_tip(sim: DcssSimulator) -> tuple[str, str, list[str]]:
@@ -146,6 +163,50 @@ async def test_camera_failure_fails_the_operation(
     camera.mode = "ok"  # the camera is back: the next operation works
     status, args, _ = await get_loop_tip(sim)
     assert (status, args) == ("normal", "0.25 0.75")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "reason"),
+    [
+        ("inference_url", None, "{setting inference_url missing from [receiver.handler_settings]}"),
+        ("camera", None, "{setting camera missing from [receiver.handler_settings]}"),
+        ("camera", "3", "{setting camera = 3 is not a non-empty string}"),
+        ("grab_timeout_s", '"soon"', "{setting grab_timeout_s = 'soon' is not a positive number"),
+        ("inference_timeout_s", "0", "{setting inference_timeout_s = 0 is not a positive number"),
+    ],
+)
+async def test_missing_or_bad_setting_fails_the_operation_naming_it(
+    sim: DcssSimulator, camera: Any, inference: Any, key: str, value: str | None, reason: str
+) -> None:
+    text = example_config(sim, camera.url, inference.url)
+    if value is None:
+        text, n = re.subn(rf"(?m)^{key} = .*\n", "", text)
+        assert n == 1
+    else:
+        text = _set(text, key, value)
+    host = await start_host(text)
+    try:
+        status, args, updates = await get_loop_tip(sim)
+    finally:
+        await host.stop()
+    assert status == "error" and args.startswith(reason)
+    assert updates == []  # refused before touching the camera or the service
+    assert camera.served == [] and inference.received == []
+
+
+async def test_timeouts_default_when_not_set(
+    sim: DcssSimulator, camera: Any, inference: Any
+) -> None:
+    text = example_config(sim, camera.url, inference.url)
+    text, n = re.subn(r"(?m)^(grab|inference)_timeout_s = .*\n", "", text)
+    assert n == 2
+    host = await start_host(text)
+    try:
+        camera.mode = "fail"
+        status, args, _ = await get_loop_tip(sim)
+    finally:
+        await host.stop()
+    assert status == "error" and "no image from 'camera' within 5 s" in args
 
 
 # ------------------------------------------------------------------ post_json on its own

@@ -23,7 +23,16 @@ from aiohttp import web
 
 SNAPSHOT_PATH = "/axis-cgi/jpg/image.cgi"
 PREDICT_PATH = "/predict"
-_TIP = re.compile(rb"\xff\xfe..tip=([0-9.]+),([0-9.]+)", re.DOTALL)
+_TIP = re.compile(rb"tip=([0-9.]+),([0-9.]+)")
+
+
+def tip_in(image: bytes) -> tuple[float, float] | None:
+    """The tip a `jpeg_with_tip` image carries: its first COM segment, read by its length."""
+    if not image.startswith(b"\xff\xd8\xff\xfe") or len(image) < 6:
+        return None
+    comment = image[6 : 4 + int.from_bytes(image[4:6], "big")]
+    m = _TIP.fullmatch(comment)
+    return None if m is None else (float(m.group(1)), float(m.group(2)))
 
 
 def jpeg_with_tip(x: float, y: float, filler_bytes: int = 20_000) -> bytes:
@@ -115,10 +124,10 @@ class FakeInference(_Service):
             await self._never.wait()
         if self.mode == "garbage":
             return web.Response(text="<html>oops</html>", content_type="text/html")
-        m = _TIP.search(image)
-        if not image.startswith(b"\xff\xd8") or m is None:
+        tip = tip_in(image)
+        if tip is None:
             return web.json_response({"found": False, "reason": "no loop in view"})
-        return web.json_response({"found": True, "x": float(m.group(1)), "y": float(m.group(2))})
+        return web.json_response({"found": True, "x": tip[0], "y": tip[1]})
 
 
 async def _serve(camera_at: str, inference_at: str, tip: tuple[float, float]) -> None:

@@ -1,11 +1,15 @@
 """Loop-centring DHS operation: getLoopTip grabs a camera frame, asks an inference service for the
 loop tip, and completes with `normal <x> <y>` (or `error <reason>`).
 
-Settings come from the environment of `daqd serve`, read at each operation:
+Settings come from the dcss receiver's `[receiver.handler_settings]` table (`op.settings`):
 
-    LOOP_CAMERA          receiver to grab from (http_poll or http_image), default "camera"
-    LOOP_INFERENCE_URL   where the image is POSTed, default http://127.0.0.1:8008/predict
-    LOOP_GRAB_TIMEOUT_S  default 5;  LOOP_INFERENCE_TIMEOUT_S  default 10
+    camera               receiver to grab from (http_poll or http_image); required
+    inference_url        where the image is POSTed; required
+    grab_timeout_s       default 5
+    inference_timeout_s  default 10
+
+A missing or bad setting fails the operation: `error {setting inference_url missing from
+[receiver.handler_settings]}`.
 
 The inference service gets `{"image": <base64>, "content_type", "source", "seq"}` and answers
 `{"found": true, "x": <float>, "y": <float>}` or `{"found": false, "reason": "..."}`.
@@ -14,7 +18,7 @@ The inference service gets `{"image": <base64>, "content_type", "source", "seq"}
 from __future__ import annotations
 
 import base64
-import os
+import math
 from typing import Any
 
 from daqd.dhs import Operation, operation
@@ -23,16 +27,29 @@ from daqd.http import HttpError, grab, image_bytes, post_json
 MAX_REASON_CHARS = 150  # keeps the completion well inside one DCSS message
 
 
-def _setting(name: str, default: str) -> str:
-    return os.environ.get(name, default)
+class SettingError(Exception):
+    """A handler setting is missing or not what it should be."""
 
 
-def _seconds(name: str, default: float) -> float:
-    value = _setting(name, str(default))
-    try:
-        return float(value)
-    except ValueError:
-        raise HttpError(f"{name}={value!r} is not a number of seconds") from None
+def _text(op: Operation, key: str) -> str:
+    value = op.settings.get(key)
+    if value is None:
+        raise SettingError(f"setting {key} missing from [receiver.handler_settings]")
+    if not isinstance(value, str) or not value:
+        raise SettingError(f"setting {key} = {value!r} is not a non-empty string")
+    return value
+
+
+def _seconds(op: Operation, key: str, default: float) -> float:
+    value = op.settings.get(key, default)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise SettingError(f"setting {key} = {value!r} is not a positive number of seconds")
+    return float(value)
 
 
 def _fail(op: Operation, reason: str) -> None:
@@ -53,11 +70,15 @@ def tip_from(answer: Any) -> tuple[float, float] | str:
 
 @operation("getLoopTip")
 async def get_loop_tip(op: Operation) -> None:
-    camera = _setting("LOOP_CAMERA", "camera")
-    url = _setting("LOOP_INFERENCE_URL", "http://127.0.0.1:8008/predict")
     try:
-        grab_s = _seconds("LOOP_GRAB_TIMEOUT_S", 5.0)
-        infer_s = _seconds("LOOP_INFERENCE_TIMEOUT_S", 10.0)
+        camera = _text(op, "camera")
+        url = _text(op, "inference_url")
+        grab_s = _seconds(op, "grab_timeout_s", 5.0)
+        infer_s = _seconds(op, "inference_timeout_s", 10.0)
+    except SettingError as exc:
+        _fail(op, str(exc))
+        return
+    try:
         op.update("grabbing", camera)
         record = await grab(camera, timeout_s=grab_s)
         image = image_bytes(record)
