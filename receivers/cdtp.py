@@ -29,6 +29,7 @@ from daqd.runstate import RunCondition, RunInfo
 if TYPE_CHECKING:
     from daqd.host import Host
 
+RELINK_AFTER_S = 1.0  # a link silent this long after a disconnect was given up by ZeroMQ
 DRAIN_BATCH = 16  # messages taken per wake-up before letting other tasks run
 
 
@@ -52,7 +53,8 @@ class Sender:
     condition: RunCondition | None = None  # the run's final condition, once it ended
     endpoint: str = ""
     runs: int = 0
-    user_tags: dict[str, Any] = field(default_factory=dict)
+    user_tags: dict[str, Any] = field(default_factory=dict)  # of the BOR
+    eor_tags: dict[str, Any] = field(default_factory=dict)  # user tags of the EOR
     configuration: dict[str, Any] = field(default_factory=dict)
     run_metadata: dict[str, Any] = field(default_factory=dict)
     abort_at: float | None = None  # monotonic deadline after the sender vanished mid-run
@@ -119,7 +121,11 @@ class CdtpReceiver(ReceiverServer):
             # libzmq drops a connection that announces a bigger message before reading it
             sock.setsockopt(zmq.MAXMSGSIZE, s.max_message_bytes)
             monitor = sock.get_monitor_socket(
-                zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+                zmq.EVENT_HANDSHAKE_SUCCEEDED
+                | zmq.EVENT_DISCONNECTED
+                | zmq.EVENT_CONNECTED
+                | zmq.EVENT_CONNECT_DELAYED
+                | zmq.EVENT_CONNECT_RETRIED
             )
             sock.connect(endpoint)
             self._sockets.append((endpoint, sock, monitor))
@@ -138,7 +144,7 @@ class CdtpReceiver(ReceiverServer):
     async def ct_receive(self) -> None:
         await asyncio.gather(
             *(self._pull(endpoint, sock) for endpoint, sock, _ in self._sockets),
-            *(self._watch(endpoint, monitor) for endpoint, _, monitor in self._sockets),
+            *(self._watch(endpoint, sock, monitor) for endpoint, sock, monitor in self._sockets),
         )
 
     async def _pull(self, endpoint: str, sock: zmq.asyncio.Socket) -> None:
@@ -177,10 +183,39 @@ class CdtpReceiver(ReceiverServer):
     def _limit(self) -> int:
         return self.settings.max_message_bytes
 
-    async def _watch(self, endpoint: str, monitor: zmq.asyncio.Socket) -> None:
-        """Notice a transmitter that vanishes mid-run: its run ends ABORTED after eor_timeout_s."""
+    async def _watch(
+        self, endpoint: str, sock: zmq.asyncio.Socket, monitor: zmq.asyncio.Socket
+    ) -> None:
+        """Notice a transmitter that vanishes mid-run: its run ends ABORTED after eor_timeout_s.
+
+        Also revive a link ZeroMQ gave up on: after a protocol error (above all a message over
+        max_message_bytes) libzmq closes the connection and never retries it, where a peer that
+        went away is retried at once (CONNECT_DELAYED/RETRIED follow the DISCONNECTED).
+        """
+        silent_after_disconnect = False
         while True:
-            event = parse_monitor_message(await monitor.recv_multipart())
+            try:
+                frames = await asyncio.wait_for(
+                    monitor.recv_multipart(), RELINK_AFTER_S if silent_after_disconnect else None
+                )
+            except TimeoutError:
+                silent_after_disconnect = False
+                self.counters.error("link_dropped")
+                self.log.warning(
+                    "%s: ZeroMQ dropped the link to %s and gave up (a message over "
+                    "max_message_bytes=%d?); connecting again",
+                    self.name,
+                    endpoint,
+                    self.settings.max_message_bytes,
+                )
+                try:
+                    sock.disconnect(endpoint)
+                except zmq.ZMQError:
+                    pass
+                sock.connect(endpoint)
+                continue
+            event = parse_monitor_message(frames)
+            silent_after_disconnect = event["event"] == zmq.EVENT_DISCONNECTED
             if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 for sender in self.senders.values():
                     if sender.endpoint == endpoint and sender.abort_at is not None:
@@ -322,6 +357,7 @@ class CdtpReceiver(ReceiverServer):
         sender.abort_at = None
         sender.runs += 1
         sender.user_tags = message.user_tags
+        sender.eor_tags = {}
         sender.configuration = message.configuration
         sender.run_metadata = {}
         self.log.info("%s: BOR from %s (%s)", self.name, sender.name, endpoint)
@@ -380,7 +416,7 @@ class CdtpReceiver(ReceiverServer):
         sender.condition = condition
         sender.abort_at = None
         sender.run_metadata = metadata
-        sender.user_tags = user_tags or sender.user_tags
+        sender.eor_tags = user_tags
         self.log.info(
             "%s: EOR from %s: %s, %d records, %d missed",
             self.name,

@@ -409,3 +409,43 @@ async def test_transmitter_timeouts_outside_run_and_second_receiver(tmp_path: Pa
         await sim.stop()
         await a.stop()
         ctx.term()
+
+
+async def test_a_message_over_the_limit_is_refused_and_the_link_comes_back(
+    tmp_path: Path,
+) -> None:
+    ctx = zmq.asyncio.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    port = push.bind_to_random_port("tcp://127.0.0.1")
+    host = await start_host(
+        receiver_toml("rx", [f"127.0.0.1:{port}"], [], "max_message_bytes = 8192")
+    )
+    enc = cdtp.Encoder("Raw.big")
+
+    def data(seq: int, size: int) -> bytes:
+        parts: list[cdtp.Block] = []
+        enc.record_parts(seq, {}, [bytes(size)], parts)
+        return enc.data_message(1, parts)
+
+    try:
+        rx = host.receivers["rx"]
+        assert isinstance(rx, CdtpReceiver)
+        await push.send(enc.encode(cdtp.BeginOfRun("Raw.big"))[0])
+        await push.send(data(1, 100))
+        await push.send(data(2, 20000))  # over the limit: ZeroMQ drops the link unread
+        await until(lambda: rx.counters.errors.get("link_dropped"), what="the relink")
+        # the link is back: a new run goes through; the old one ended ABORTED (no EOR)
+        await push.send(enc.encode(cdtp.BeginOfRun("Raw.big"))[0])
+        await push.send(data(1, 100))
+        await push.send(enc.encode(cdtp.EndOfRun("Raw.big", {}, {"data_records": 1}))[0])
+        await until(lambda: ended(rx, "Raw.big") and rx.senders["Raw.big"].runs == 2, what="EOR")
+        sender = rx.senders["Raw.big"]
+        assert sender.condition == RunCondition.GOOD and sender.records == 1
+        assert rx.counters.errors["eor_missing"] == 1  # the first run's substitute EOR
+        assert rx.counters.records == 2  # the 100-byte records of both runs, never the big one
+        assert rx.counters.extra["disconnects"] >= 1
+    finally:
+        await host.stop()
+        push.close()
+        ctx.term()
