@@ -433,7 +433,9 @@ class CdtpReceiver(ReceiverServer):
         for sender in self.senders.values():
             if sender.state is SenderState.NOT_CONNECTED:
                 self.log.warning("%s: %s never sent a BOR", self.name, sender.name)
-        deadline = time.monotonic() + self.settings.eor_timeout_s
+        # once the sockets are closed (the daemon is stopping) nothing more can arrive
+        wait_s = self.settings.eor_timeout_s if self._sockets else 0.0
+        deadline = time.monotonic() + wait_s
         while True:
             waiting = [s for s in self.senders.values() if s.state is SenderState.BOR_RECEIVED]
             left = deadline - time.monotonic()
@@ -445,9 +447,10 @@ class CdtpReceiver(ReceiverServer):
             except TimeoutError:
                 pass
         for sender in waiting:
-            self._substitute_eor(
-                sender, f"no EOR within eor_timeout_s={self.settings.eor_timeout_s}"
-            )
+            why = "the receiver stopped before its EOR"
+            if wait_s:
+                why = f"no EOR within eor_timeout_s={self.settings.eor_timeout_s}"
+            self._substitute_eor(sender, why)
 
     def sender_status(self) -> dict[str, dict[str, Any]]:
         return {name: sender.snapshot() for name, sender in self.senders.items()}
