@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -449,3 +450,52 @@ async def test_a_message_over_the_limit_is_refused_and_the_link_comes_back(
         await host.stop()
         push.close()
         ctx.term()
+
+
+SMALL = ["--records", "500", "--size", "2048"]
+
+
+def test_daemon_pulls_a_run_and_daqctl_shows_the_senders(
+    daemon: Callable[..., Any], workdir: Path
+) -> None:
+    sim = subprocess.Popen(
+        [DAQD, "sim", "cdtp", "--bind", "tcp://127.0.0.1:0", "--wait", "--name", "Sim.d", *SMALL],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert sim.stdout is not None and sim.stdin is not None
+        endpoint = json.loads(sim.stdout.readline())["endpoint"]
+        data = workdir / "data"
+        d = daemon(
+            '[daemon]\nname = "t"\n'
+            + receiver_toml("rx", [endpoint], ["disk"])
+            + file_toml("disk", data)
+        )
+        assert d.ctl("start", "r1").returncode == 0
+        sim.stdin.write("go\n")
+        sim.stdin.flush()
+        assert json.loads(sim.stdout.readline())["runs"][0]["records"] == 500
+
+        def senders() -> dict[str, Any]:
+            out = d.ctl("cmd", "rx", "senders")
+            assert out.returncode == 0, out.stderr
+            result: dict[str, Any] = json.loads(out.stdout)
+            return result
+
+        deadline = time.monotonic() + 30
+        while senders().get("Sim.d", {}).get("state") != "EOR_RECEIVED":
+            assert time.monotonic() < deadline, d.log()
+            time.sleep(0.05)
+        assert senders()["Sim.d"]["condition"] == "GOOD"
+        assert d.ctl("stop").returncode == 0
+        rx = d.status()["receivers"]["rx"]
+        assert rx["records"] == 500 and rx["extra"]["senders"]["Sim.d"]["seq"] == 500
+        assert d.stop() == 0
+    finally:
+        sim.kill()
+        sim.wait()
+    _, records, end = run_file(data, "r1")
+    assert [r.tags["k"] for r in records] == list(range(1, 501))
+    assert end["condition"] == "GOOD"
