@@ -142,10 +142,11 @@ class CdtpReceiver(ReceiverServer):
         self._sockets = []
 
     async def ct_receive(self) -> None:
-        await asyncio.gather(
-            *(self._pull(endpoint, sock) for endpoint, sock, _ in self._sockets),
-            *(self._watch(endpoint, sock, monitor) for endpoint, sock, monitor in self._sockets),
-        )
+        # one failing loop cancels the others, and the base class restarts the receiver
+        async with asyncio.TaskGroup() as group:
+            for endpoint, sock, monitor in self._sockets:
+                group.create_task(self._pull(endpoint, sock), name=f"{self.name}.pull")
+                group.create_task(self._watch(endpoint, sock, monitor), name=f"{self.name}.watch")
 
     async def _pull(self, endpoint: str, sock: zmq.asyncio.Socket) -> None:
         sync: zmq.Socket[bytes] = zmq.Socket.shadow(sock.underlying)

@@ -360,6 +360,29 @@ async def test_a_record_too_big_for_a_message_is_refused_and_shows_as_a_gap(
     assert rx2.senders["daqd.tx"].condition == RunCondition.INCOMPLETE
 
 
+async def test_batches_are_split_to_stay_under_max_message_bytes(tmp_path: Path) -> None:
+    a, b, sim = await bridge(
+        tmp_path,
+        ["--name", "Sim.split", "--records", "10", "--size", "3000"],
+        "max_message_bytes = 8192",
+    )
+    try:
+        rx1, rx2 = a.receivers["rx1"], b.receivers["rx2"]
+        assert isinstance(rx1, CdtpReceiver) and isinstance(rx2, CdtpReceiver)
+        await sim.say("go")
+        await until(lambda: ended(rx1, "Sim.split"), what="upstream EOR")
+        await a.end_run()
+        await until(lambda: ended(rx2, "daqd.tx"), what="our EOR")
+    finally:
+        await a.stop()
+        await b.stop()
+        await sim.stop()
+    assert a.publishers["tx"].counters.extra["messages"] == 5  # two 3 kB records per 8 KiB
+    sender = rx2.senders["daqd.tx"]
+    assert (sender.records, sender.missed, sender.condition) == (10, 0, RunCondition.GOOD)
+    assert sender.bytes <= 5 * 8192
+
+
 async def test_transmitter_timeouts_outside_run_and_second_receiver(tmp_path: Path) -> None:
     sim, endpoint = await start_sim(
         "--name", "Sim.t", "--records", "1000", "--size", "65536", "--runs", "2"
