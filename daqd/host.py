@@ -96,8 +96,12 @@ class Host:
         self.machine.finish()
         self._sampler = asyncio.create_task(self._sample_forever(), name="sampler")
 
-    async def _start_publisher(self, settings: PublisherSettings) -> None:
+    async def _start_publisher(
+        self, settings: PublisherSettings, previous: Publisher | None = None
+    ) -> None:
         pub = self._make_publisher(settings)
+        if previous is not None:  # a replacement keeps counting where its predecessor stopped
+            pub.counters = previous.counters
         try:
             await pub.start()
         except Exception as exc:
@@ -108,8 +112,13 @@ class Host:
         queue.start()
         log.info("publisher %s (%s) started %s", pub.name, settings.type, pub.addresses or "")
 
-    async def _start_receiver(self, settings: ReceiverSettings) -> None:
+    async def _start_receiver(
+        self, settings: ReceiverSettings, previous: ReceiverServer | None = None
+    ) -> None:
         rec = self._make_receiver(settings)
+        if previous is not None:  # same source name: seq stays gap-free, counters go on
+            rec.counters = previous.counters
+            rec._seq = previous._seq
         self._link(rec)
         try:
             await rec.start()
@@ -279,35 +288,68 @@ class Host:
         old_p = {p.name: p for p in self.config.publishers}
         new_r = {r.name: r for r in new.receivers}
         new_p = {p.name: p for p in new.publishers}
-        changed: list[str] = []
-        retired: list[PublisherQueue] = []
-        # publishers first, so that changed receivers find their new queues
-        for name, pset in old_p.items():
-            if new_p.get(name) != pset:
-                self.publishers.pop(name)
-                retired.append(self.queues.pop(name))  # closed once nothing routes to it
-                changed.append(f"publisher {name}")
-        for name, pset in new_p.items():
-            if old_p.get(name) != pset:
-                await self._start_publisher(pset)
-                if f"publisher {name}" not in changed:
-                    changed.append(f"publisher {name}")
-        for name, rset in old_r.items():
-            if new_r.get(name) != rset:
-                await self.receivers.pop(name).stop_receiving()
-                changed.append(f"receiver {name}")
-        for rec in self.receivers.values():
-            self._link(rec)
-        for queue in retired:
-            await queue.close(self.config.daemon.drain_timeout_s)
-        for name, rset in new_r.items():
-            if old_r.get(name) != rset:
-                await self._start_receiver(rset)
-                if f"receiver {name}" not in changed:
-                    changed.append(f"receiver {name}")
+        gone_r = [n for n, r in old_r.items() if new_r.get(n) != r]  # changed or removed
+        gone_p = [n for n, p in old_p.items() if new_p.get(n) != p]
+        add_r = [n for n, r in new_r.items() if old_r.get(n) != r]  # changed or added
+        add_p = [n for n, p in new_p.items() if old_p.get(n) != p]
+        timeout = self.config.daemon.drain_timeout_s
+        # What changes must release its sockets before its replacement binds them: stop changed
+        # receivers, then drain and close changed publishers (records that still reach a closing
+        # queue are counted as drops "reconfigure").
+        stopped: dict[str, ReceiverServer] = {}
+        for n in gone_r:
+            stopped[n] = self.receivers.pop(n)
+            await stopped[n].stop_receiving()
+        retired: dict[str, Publisher] = {}
+        for n in gone_p:
+            retired[n] = self.publishers.pop(n)
+            await self.queues.pop(n).close(timeout, "reconfigure")
+        started_p: list[str] = []
+        started_r: list[str] = []
+        try:
+            for n in add_p:
+                await self._start_publisher(new_p[n], retired.get(n))
+                started_p.append(n)
+            for rec in self.receivers.values():
+                self._link(rec)
+            for n in add_r:
+                await self._start_receiver(new_r[n], stopped.get(n))
+                started_r.append(n)
+        except Exception as exc:
+            await self._roll_back(started_r, started_p, stopped, retired, old_r, old_p)
+            raise ConfigError(f"{new.path}: {exc}; the previous configuration is running") from exc
+        changed = [f"publisher {n}" for n in sorted(set(gone_p) | set(add_p))]
+        changed += [f"receiver {n}" for n in sorted(set(gone_r) | set(add_r))]
         self.config = new
         log.info("reconfigured: %s", ", ".join(changed) or "nothing changed")
         return changed
+
+    async def _roll_back(
+        self,
+        started_r: list[str],
+        started_p: list[str],
+        stopped: dict[str, ReceiverServer],
+        retired: dict[str, Publisher],
+        old_r: dict[str, ReceiverSettings],
+        old_p: dict[str, PublisherSettings],
+    ) -> None:
+        """Undo a reconfiguration that failed part-way: back to the settings that were running."""
+        timeout = self.config.daemon.drain_timeout_s
+        try:
+            for n in started_r:
+                await self.receivers.pop(n).stop_receiving()
+            for n in started_p:
+                self.publishers.pop(n)
+                await self.queues.pop(n).close(timeout, "reconfigure")
+            for n, pub in retired.items():
+                await self._start_publisher(old_p[n], pub)
+            for rec in self.receivers.values():
+                self._link(rec)
+            for n, rec in stopped.items():
+                await self._start_receiver(old_r[n], rec)
+        except Exception as exc:
+            self.machine.fail(f"reconfiguration failed and could not be undone: {exc}")
+            raise
 
     # ----- control requests ------------------------------------------------------------------
     async def handle_request(self, code: str, args: dict[str, Any]) -> Any:

@@ -90,7 +90,8 @@ class PublisherQueue:
         self._idle = asyncio.Event()
         self._idle.set()
         self._task: asyncio.Task[None] | None = None
-        self._closing = False
+        self._closing = ""  # why records are refused once closing: "shutdown", "reconfigure"
+        self._inflight = 0  # records handed to send() that it has not returned from
 
     @property
     def depth(self) -> int:
@@ -98,7 +99,7 @@ class PublisherQueue:
 
     def put_nowait(self, record: Record) -> bool:
         if self._closing:
-            self.counters.drop("shutdown")
+            self.counters.drop(self._closing)
             return False
         if self._records >= self.size:
             self.counters.drop("queue_full")
@@ -149,6 +150,8 @@ class PublisherQueue:
             self._records -= len(batch)
             if not self._space.is_set():
                 self._space.set()
+            dropped_before = sum(self.counters.drops.values())
+            self._inflight = len(batch)
             try:
                 await pub.send(batch)
             except asyncio.CancelledError:
@@ -160,7 +163,14 @@ class PublisherQueue:
                     "send", "%s: send of %d records failed: %r", pub.name, len(batch), exc
                 )
                 continue
-            self.counters.count(sum(r.nbytes for r in batch), len(batch))
+            finally:
+                self._inflight = 0
+            # what send() itself counted as dropped (high-water mark, outside a run) is not sent
+            dropped = sum(self.counters.drops.values()) - dropped_before
+            sent = len(batch) - dropped
+            if sent:
+                nbytes = sum(r.nbytes for r in batch)
+                self.counters.count(nbytes if not dropped else nbytes * sent // len(batch), sent)
             host = pub.host
             if host.taps_active:
                 for r in batch:
@@ -185,20 +195,22 @@ class PublisherQueue:
             await self._idle.wait()
             await asyncio.sleep(0)
 
-    async def close(self, timeout_s: float) -> None:
-        """Drain within timeout_s (what is left is counted as dropped "shutdown"), then close."""
-        self._closing = True
+    async def close(self, timeout_s: float, reason: str = "shutdown") -> None:
+        """Drain within timeout_s, then close. What could not be sent is counted as dropped
+        `reason`, including a batch cut off in the middle of its send()."""
+        self._closing = reason
         self._space.set()
         try:
             await asyncio.wait_for(self.drained(), timeout_s)
         except TimeoutError:
-            left = self._records
-            self.counters.drop("shutdown", left)
+            left = self._records + self._inflight
+            self.counters.drop(reason, left)
             self.publisher.log.error(
-                "%s: %d records not sent within drain_timeout_s=%s; counted as dropped",
+                "%s: %d records not sent within drain_timeout_s=%s; counted as dropped %r",
                 self.publisher.name,
                 left,
                 timeout_s,
+                reason,
             )
         if self._task is not None:
             self._task.cancel()

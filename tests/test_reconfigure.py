@@ -63,8 +63,7 @@ async def test_untouched_udp_receiver_loses_nothing_across_reconfigure(tmp_path:
 
     stop = asyncio.Event()
     task = asyncio.create_task(stream(stop))
-    while sent < 2000:
-        await asyncio.sleep(0.01)
+    await asyncio.wait_for(_until(lambda: sent >= 2000), 30)
     changed = await host.reconfigure(text + EXTRA)
     assert changed == ["receiver extra"]
     assert host.receivers["steady"] is steady and steady.state == "running"
@@ -72,8 +71,7 @@ async def test_untouched_udp_receiver_loses_nothing_across_reconfigure(tmp_path:
         await host.reconfigure(text + EXTRA.replace('"line"', '"lines"'))
     assert set(host.receivers) == {"steady", "extra"}
     start = sent
-    while sent < start + 2000:
-        await asyncio.sleep(0.01)
+    await asyncio.wait_for(_until(lambda: sent >= start + 2000), 30)
     stop.set()
     await task
 
@@ -81,8 +79,7 @@ async def test_untouched_udp_receiver_loses_nothing_across_reconfigure(tmp_path:
         steady.sample()
         return steady.counters.records + steady.counters.drops.get("kernel", 0) == sent
 
-    while not accounted():
-        await asyncio.sleep(0.01)
+    await asyncio.wait_for(_until(accounted), 30)
     await host.end_run()
     await host.stop()
     tx.close()
@@ -122,3 +119,46 @@ def test_under_systemd_log_lines_carry_no_timestamp(workdir: Path) -> None:
     assert not (runtime / "jr.tap").exists() and not (runtime / "jr.ctl").exists()
     lines = [ln for ln in d.log().splitlines() if ln.strip()]
     assert lines and all(ln.startswith("daqd.") for ln in lines), lines[:3]
+
+
+async def test_a_reconfigure_that_fails_part_way_restores_the_running_configuration(
+    tmp_path: Path,
+) -> None:
+    text = BASE.format(name="rb", directory=tmp_path)
+    host = Host(parse_config(text, "rb.toml"))
+    await host.start()
+    busy = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    steady = host.receivers["steady"]
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+
+    async def send_and_count(n: int) -> None:
+        rec = host.receivers["steady"]
+        h, p = rec.addresses["listen"].rsplit(":", 1)
+        before = rec.counters.records
+        for i in range(n):
+            tx.sendto(b"%d" % i, (h, int(p)))
+        await asyncio.wait_for(_until(lambda: rec.counters.records == before + n), 30)
+
+    await send_and_count(10)
+    # change the steady receiver and add one that cannot bind: the change must be undone
+    changed = text.replace('listen = "127.0.0.1:0"', 'listen = "127.0.0.1:0"\nrcvbuf_bytes = 65536')
+    bad = changed + EXTRA.replace("127.0.0.1:0", f"127.0.0.1:{port}")
+    with pytest.raises(ConfigError, match="the previous configuration is running"):
+        await host.reconfigure(bad)
+    restored = host.receivers["steady"]
+    assert set(host.receivers) == {"steady"}
+    assert restored.settings.rcvbuf_bytes == 8 << 20 and restored.state == "running"
+    assert host.config.text == text
+    await send_and_count(10)
+    assert restored.counters is steady.counters and restored._seq["steady"] == 20
+    await host.stop()
+    busy.close()
+    tx.close()
+
+
+async def _until(predicate: Callable[[], bool]) -> None:
+    while not predicate():
+        await asyncio.sleep(0.01)
