@@ -55,14 +55,6 @@ def _types(group: str) -> dict[str, Any]:
     return {ep.name: ep for ep in entry_points(group=group)}
 
 
-def receiver_types() -> list[str]:
-    return sorted(_types(RECEIVER_GROUP))
-
-
-def publisher_types() -> list[str]:
-    return sorted(_types(PUBLISHER_GROUP))
-
-
 def load_type(group: str, name: str) -> Any:
     """The class registered under `name` in an entry-point group (KeyError if unknown)."""
     return _types(group)[name].load()

@@ -56,16 +56,16 @@ async def serve(config: Config) -> int:
         raise
     loop = asyncio.get_running_loop()
     reloads: set[asyncio.Task[None]] = set()
+    notifier = Notifier()
 
     def reload() -> None:
-        task = asyncio.create_task(_reload(host))
+        task = asyncio.create_task(_reload(host, notifier))
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGTERM, host.request_stop, RunCondition.INTERRUPTED)
     loop.add_signal_handler(signal.SIGINT, host.request_stop, RunCondition.INTERRUPTED)
     loop.add_signal_handler(signal.SIGHUP, reload)
-    notifier = Notifier()
     watchdog = asyncio.create_task(notifier.run_watchdog(lambda: host.state != State.ERROR))
     status_task = asyncio.create_task(_status_forever(host, notifier))
     notifier.ready(_summary(host))
@@ -84,15 +84,20 @@ async def serve(config: Config) -> int:
     return 0
 
 
-async def _reload(host: Host) -> None:
+async def _reload(host: Host, notifier: Notifier) -> None:
     """SIGHUP: reconfigure from the same file; a bad file changes nothing and is logged."""
     path = host.config.path
+    notifier.reloading()
     try:
         text = load_config(path).text
         changed = await host.reconfigure(text, path)
         log.info("SIGHUP: reloaded %s: %s", path, ", ".join(changed) or "nothing changed")
     except ConfigError as exc:
         log.error("SIGHUP: %s; keeping the running configuration", exc)
+    except Exception as exc:  # a reload must never fail silently in a task nobody awaits
+        log.exception("SIGHUP: reload of %s failed: %r", path, exc)
+    finally:
+        notifier.ready(_summary(host))
 
 
 def _summary(host: Host) -> str:

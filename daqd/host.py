@@ -19,8 +19,14 @@ from daqd.errors import ConfigError, ControlError
 from daqd.publisher import Publisher, PublisherQueue, PublisherSettings
 from daqd.receiver import ReceiverServer, ReceiverSettings
 from daqd.record import Record
-from daqd.runstate import RunCondition, RunInfo, State, StateMachine, TransitionRefused
-from daqd.runstate import default_run_id as _default_run_id
+from daqd.runstate import (
+    RunCondition,
+    RunInfo,
+    State,
+    StateMachine,
+    TransitionRefused,
+    default_run_id,
+)
 
 log = logging.getLogger("daqd.host")
 
@@ -172,7 +178,7 @@ class Host:
 
     # ----- runs ------------------------------------------------------------------------------
     async def begin_run(self, run_id: str | None = None) -> RunInfo:
-        run_id = run_id or _default_run_id()
+        run_id = run_id or default_run_id()
         if not re.fullmatch(r"[\w.-]{1,80}", run_id):
             raise TransitionRefused(
                 f"run id {run_id!r} is not usable: letters, digits, '_', '.', '-' (at most 80)"
@@ -398,6 +404,7 @@ class Host:
 
     # ----- live tap --------------------------------------------------------------------------
     tap_endpoint: str | None = None
+    tap_drops = 0  # records a slow `daqctl tap` could not take (status shows it)
 
     def open_tap(self, endpoint: str) -> None:
         """Bind an XPUB where `daqctl tap NAME` subscribes to one receiver's or publisher's records."""
@@ -430,8 +437,8 @@ class Host:
             self._tap.send_multipart(
                 [name.encode(), header, *record.payload], flags=zmq.NOBLOCK, copy=False
             )
-        except zmq.Again:
-            pass  # a tap is for looking: a slow `daqctl tap` must never slow the data path
+        except zmq.Again:  # a tap is for looking: a slow `daqctl tap` must not slow the data path
+            self.tap_drops += 1
 
     # ----- status ----------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -446,6 +453,7 @@ class Host:
             "config": self.config.path,
             "run": self._run_status(self.run),
             "last_run": self.last_run.metadata() if self.last_run else None,
+            "tap": {"endpoint": self.tap_endpoint, "drops": self.tap_drops},
             "receivers": {n: r.status() for n, r in self.receivers.items()},
             "publishers": {n: q.status() for n, q in self.queues.items()},
         }
@@ -454,7 +462,3 @@ class Host:
         if run is None:
             return None
         return {"run_id": run.run_id, "time_start": run.start_ns}
-
-
-def default_run_id() -> str:
-    return _default_run_id()

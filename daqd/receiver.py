@@ -54,6 +54,11 @@ def _valid_hostport(value: str) -> str:
 HostPort = Annotated[str, AfterValidator(_valid_hostport)]
 
 
+def zmq_bindable(endpoint: str) -> str:
+    """A ZeroMQ bind address: our settings say port 0 for 'any free port', ZeroMQ says '*'."""
+    return endpoint[:-2] + ":*" if endpoint.endswith(":0") else endpoint
+
+
 def format_hostport(addr: tuple[Any, ...]) -> str:
     return f"{addr[0]}:{addr[1]}"
 
@@ -99,6 +104,7 @@ class _DatagramProtocol(asyncio.DatagramProtocol):
             self.callback(data, addr)
         except Exception as exc:  # one bad datagram must never take the receiver down
             self.receiver.counters.error("datagram_handler")
+            self.receiver.counters.drop("handler_error")
             self.receiver.limited.warning(
                 "datagram", "%s: datagram from %s failed: %r", self.receiver.name, addr, exc
             )
@@ -243,6 +249,7 @@ class ReceiverServer:
         listen: str | None = None,
         connect: str | None = None,
         key: str | None = None,
+        limit: int = 1 << 16,
     ) -> None:
         """A TCP server (`listen`: handler per client) or one client connection (`connect`).
 
@@ -253,7 +260,7 @@ class ReceiverServer:
         if listen is not None:
             host, port = parse_hostport(listen)
             server = await asyncio.start_server(
-                lambda r, w: self._run_client(handler, r, w), host, port
+                lambda r, w: self._run_client(handler, r, w), host, port, limit=limit
             )
             self._servers.append(server)
             self.addresses[key or "listen"] = format_hostport(server.sockets[0].getsockname())
@@ -309,7 +316,7 @@ class ReceiverServer:
         sock = self.host.zmq_context.socket(socket_type)
         sock.setsockopt(zmq.LINGER, 0)
         if bind:
-            sock.bind(endpoint.replace(":0", ":*") if endpoint.endswith(":0") else endpoint)
+            sock.bind(zmq_bindable(endpoint))
             self.addresses[key] = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         else:
             sock.connect(endpoint)
@@ -358,8 +365,12 @@ class ReceiverServer:
                     break
                 try:
                     on_datagram(data, addr)
-                except Exception:
+                except Exception as exc:
                     self.counters.error("datagram_handler")
+                    self.counters.drop("handler_error")
+                    self.limited.warning(
+                        "drain", "%s: datagram from %s failed: %r", self.name, addr, exc
+                    )
             self._kernel_base += kernel_udp_drops(sock) or 0
         if self._udp:
             self.counters.drops["kernel"] = self._kernel_base

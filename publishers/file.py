@@ -78,9 +78,8 @@ class FilePublisher(Publisher):
             )
         f = self._file
         assert f is not None
-        pack = self._packer.pack
         for r in records:
-            f.write(pack([r.source, r.seq, r.time_ns, r.tags, list(r.payload)]))
+            f.write(r.pack())
         if self.settings.fsync == "interval":
             now = time.monotonic()
             if now - self._last_sync >= self.settings.fsync_interval_s:

@@ -14,6 +14,7 @@ import zmq.backend
 from pydantic import Field, model_validator
 
 from daqd.publisher import Publisher, PublisherSettings
+from daqd.receiver import zmq_bindable
 from daqd.record import Block, Record
 
 _MORE = int(zmq.SNDMORE) | int(zmq.NOBLOCK)
@@ -76,8 +77,7 @@ class ZmqPublisher(Publisher):
             self.sock.connect(s.endpoint)
             self.addresses["endpoint"] = s.endpoint
         else:
-            ep = s.endpoint[:-2] + ":*" if s.endpoint.endswith(":0") else s.endpoint
-            self.sock.bind(ep)
+            self.sock.bind(zmq_bindable(s.endpoint))
             self.addresses["endpoint"] = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._sync: zmq.Socket[bytes] = zmq.Socket.shadow(self.sock.underlying)
         self._packer = msgpack.Packer(use_bin_type=True)
@@ -128,4 +128,5 @@ class ZmqPublisher(Publisher):
                 delay = min(delay * 2, 0.05)
 
     async def close(self) -> None:
-        self.sock.close(linger=0)
+        # give subscribers up to drain_timeout_s to take what the socket still holds
+        self.sock.close(linger=int(self.host.config.daemon.drain_timeout_s * 1000))

@@ -31,7 +31,11 @@ class TcpReceiver(ReceiverServer):
     settings: TcpSettings
 
     async def setup(self) -> None:
-        await self.setup_stream(self._client, listen=self.settings.listen)
+        # readuntil() refuses lines longer than the stream's limit: make that our maximum (the
+        # other framings read exact sizes and keep the default, smaller buffering per client)
+        s = self.settings
+        limit = s.max_message_bytes + 1 if s.framing == "line" else 1 << 16
+        await self.setup_stream(self._client, listen=self.settings.listen, limit=limit)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         host, port = writer.get_extra_info("peername")[:2]
@@ -71,7 +75,6 @@ class TcpReceiver(ReceiverServer):
             await self.publish(self.new_record((body,), tags))
 
     async def _lines(self, reader: asyncio.StreamReader, tags: dict[str, str], limit: int) -> None:
-        reader._limit = limit + 1  # type: ignore[attr-defined]  # StreamReader has no public setter
         while True:
             try:
                 line = await reader.readuntil(b"\n")

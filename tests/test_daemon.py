@@ -84,9 +84,10 @@ def wait_subscribed(d: Daemon, sub: zmq.Socket[bytes]) -> int:
         while not sub.poll(100):
             s.sendall(struct.pack(">I", 5) + b"probe")
             probes += 1
-    while sub.poll(500):
-        sub.recv_multipart()
-    return probes
+        s.sendall(struct.pack(">I", 3) + b"end")  # TCP keeps order: after it, no more probes
+    while sub.recv_multipart()[2] != b"end":
+        pass
+    return probes + 1
 
 
 def test_block_policy_slows_a_tcp_sender_and_loses_nothing(daemon: Callable[..., Daemon]) -> None:
