@@ -13,7 +13,7 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -496,11 +496,3 @@ class ControlClient:
 def socket_mode(path: Path) -> int:
     """Permission bits of a socket file (for status and tests)."""
     return stat.S_IMODE(path.stat().st_mode)
-
-
-def iter_daemons() -> Iterator[str]:
-    """Names of daemons with a control socket in the runtime directory."""
-    base = runtime_dir()
-    if base.is_dir():
-        for entry in sorted(base.glob("*.ctl")):
-            yield entry.stem

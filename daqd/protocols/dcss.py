@@ -14,7 +14,7 @@ import dataclasses
 import functools
 import math
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar, dataclass_transform
 
@@ -1118,8 +1118,3 @@ class DcssCodec:
     def buffered(self) -> int:
         """Bytes received but not yet part of a whole frame."""
         return len(self._buf)
-
-
-def join_args(values: Sequence[Any]) -> str:
-    """Operation result values as DCS arguments: numbers formatted, words with spaces braced."""
-    return tcl_join(values)
