@@ -209,10 +209,11 @@ class Host:
         assert run is not None
         for rec in self.receivers.values():
             try:
-                await rec.end_run(run)
+                await rec.end_run(run)  # a receiver may OR flags into run.condition here
             except Exception as exc:
                 condition |= RunCondition.TAINTED
                 log.error("receiver %s: end_run failed: %r", rec.name, exc)
+        condition |= run.condition
         for rec in self.receivers.values():
             rec.sample()
             if rec.state == "failed":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -106,6 +107,17 @@ class PublisherQueue:
             return False
         self._append(record)
         return True
+
+    def put_many(self, records: Sequence[Record]) -> None:
+        """Queue a batch the caller has checked fits (ReceiverServer.publish_many)."""
+        if self._closing:
+            self.counters.drop(self._closing, len(records))
+            return
+        self._items.extend(records)
+        self._records += len(records)
+        if not self._nonempty.is_set():
+            self._idle.clear()
+            self._nonempty.set()
 
     async def put(self, record: Record) -> bool:
         if not self.block:

@@ -51,6 +51,7 @@ class Sender:
     bytes: int = 0
     flags: RunCondition = RunCondition.GOOD  # what we saw go wrong during the run
     condition: RunCondition | None = None  # the run's final condition, once it ended
+    ended_ns: int = 0  # when that run ended here (EOR or substitute)
     endpoint: str = ""
     runs: int = 0
     user_tags: dict[str, Any] = field(default_factory=dict)  # of the BOR
@@ -292,11 +293,7 @@ class CdtpReceiver(ReceiverServer):
         name = sender.name
         seq_tag = self.settings.seq_tag
         new_record = self.new_record
-        count = len(records)
-        # When every queue has room for the whole message, nothing can block or drop: hand the
-        # records on without a coroutine each (the common case, and most of the receiver's cost).
-        fits = all(q.depth + count <= q.size for q in self.queues)
-        put = self.publish_nowait
+        out = []
         last = sender.seq
         for seq, tags, blocks in records:
             if seq != last + 1:
@@ -304,11 +301,9 @@ class CdtpReceiver(ReceiverServer):
             last = seq
             if seq_tag:
                 tags[seq_tag] = seq
-            record = new_record(blocks, tags, source=name, time_ns=now)
-            if fits:
-                put(record)
-            else:
-                await self.publish(record)
+            out.append(new_record(blocks, tags, source=name, time_ns=now))
+        # one hand-over per message: most of the receiver's cost was per-record queueing
+        await self.publish_many(out)
         sender.seq = last
         sender.records += len(records)
         sender.bytes += nbytes
@@ -415,6 +410,7 @@ class CdtpReceiver(ReceiverServer):
         metadata["condition"] = condition.describe()
         sender.state = SenderState.EOR_RECEIVED
         sender.condition = condition
+        sender.ended_ns = time.time_ns()
         sender.abort_at = None
         sender.run_metadata = metadata
         sender.eor_tags = user_tags
@@ -452,6 +448,14 @@ class CdtpReceiver(ReceiverServer):
             if wait_s:
                 why = f"no EOR within eor_timeout_s={self.settings.eor_timeout_s}"
             self._substitute_eor(sender, why)
+        # the daqd run holds the senders' data: a sender's flawed run makes ours flawed too (an
+        # aborted sender means records are missing here, not that this run was aborted)
+        for sender in self.senders.values():
+            flags = sender.condition
+            if flags and sender.ended_ns >= run.start_ns:
+                if flags & RunCondition.ABORTED:
+                    flags = (flags & ~RunCondition.ABORTED) | RunCondition.INCOMPLETE
+                run.condition |= flags
 
     def sender_status(self) -> dict[str, dict[str, Any]]:
         return {name: sender.snapshot() for name, sender in self.senders.items()}

@@ -170,9 +170,13 @@ async def test_a_sender_that_vanishes_mid_run_ends_aborted(tmp_path: Path) -> No
     try:
         rx = host.receivers["rx"]
         assert isinstance(rx, CdtpReceiver)
+        await host.begin_run("vanish")
         await sim.say("go")
         assert await sim.end() == 0
         await until(lambda: ended(rx, "Sim.v"), what="the substitute EOR")
+        run = await host.end_run()
+        # the daqd run holding that sender's data is incomplete (records missing), not aborted
+        assert run.condition == RunCondition.INCOMPLETE
         sender = rx.senders["Sim.v"]
         assert sender.records == 100 and sender.seq == 100
         assert sender.condition == RunCondition.ABORTED
