@@ -215,13 +215,30 @@ async def test_camera_down_then_up(make_host: Callable[..., object]) -> None:
         await camera.stop()
 
 
-async def test_grab_only_mode_and_command(
-    camera: FakeCamera, make_host: Callable[..., object]
-) -> None:
-    host = await make_host(camera.url(), interval_s=0)  # type: ignore[misc]
+async def test_grab_only_mode_and_command(camera: FakeCamera) -> None:
+    # The yardstick for "no timer": a second receiver in the same host polls another camera every
+    # 0.05 s. A timer fetches at once when it starts, so by the time the yardstick has made several
+    # GETs (however loaded the machine), a wrong timer on the grab-only receiver would have too.
+    ref = FakeCamera()
+    await ref.start()
+    config = poll_config(camera.url(), interval_s=0) + (
+        f'\n[[receiver]]\ntype = "http_poll"\nname = "ref"\nurl = "{ref.url()}"\n'
+        "interval_s = 0.05\n"
+    )
+    host = Host(parse_config(config, "<test>"))
+    await host.start()
+    try:
+        await _grab_only_mode_and_command(host, camera, ref)
+    finally:
+        await host.stop()
+        await ref.stop()
+
+
+async def _grab_only_mode_and_command(host: Host, camera: FakeCamera, ref: FakeCamera) -> None:
     rec = host.receivers["cam"]
-    await asyncio.sleep(0.2)  # give a (wrong) timer every chance to fire
+    await wait_for(lambda: len(ref.hits) >= 5)
     assert camera.hits == []
+    assert rec.counters.records == 0
     camera.script = ["fail", "fail"]
     record = await grab("cam", timeout_s=20)  # retries through the failures
     assert image_bytes(record) == camera.image(1)
@@ -238,9 +255,17 @@ async def test_grab_gives_up_with_the_last_error(
     camera: FakeCamera, make_host: Callable[..., object]
 ) -> None:
     camera.default = "stall"
-    await make_host(camera.url(), interval_s=0, timeout_s=0.2)  # type: ignore[misc]
+    host = await make_host(camera.url(), interval_s=0, timeout_s=0.2)  # type: ignore[misc]
+    rec = host.receivers["cam"]
+    # One GET ends on the fetch's own 0.2 s deadline, however long the loop takes to get there.
+    with pytest.raises(DaqdError, match=r"no complete answer within 0.2 s"):
+        await rec.call_command("grab", [], {})
+    assert rec.counters.errors == {"timeout": 1}
+    # grab retries against the stalled camera until its own deadline, then gives up naming the
+    # receiver's last error: the timeout above, or a later one of its own tries.
     with pytest.raises(GrabError, match=r"within 1 s \(last error: no complete answer within 0.2"):
         await grab("cam", timeout_s=1)
+    assert rec.counters.records == 0 and rec.state == "running"
 
 
 async def test_answer_over_the_limit(camera: FakeCamera, make_host: Callable[..., object]) -> None:
