@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 RELINK_AFTER_S = 1.0  # a link silent this long after a disconnect was given up by ZeroMQ
 DRAIN_BATCH = 16  # messages taken per wake-up before letting other tasks run
+CLOSE_DRAIN_S = 2.0  # at most this long handling what is waiting in a socket when closing
 
 
 class SenderState(enum.Enum):
@@ -111,6 +112,7 @@ class CdtpReceiver(ReceiverServer):
         self._allowed = frozenset(settings.receive_from) if settings.receive_from else None
         self._changed = asyncio.Event()  # set whenever a sender's run ends
         self._sockets: list[tuple[str, zmq.asyncio.Socket, zmq.asyncio.Socket]] = []
+        self._pullers: list[asyncio.Task[None]] = []  # the receive loops, one per socket
 
     # ----- sockets ---------------------------------------------------------------------------
     async def setup(self) -> None:
@@ -133,20 +135,49 @@ class CdtpReceiver(ReceiverServer):
             self.addresses[f"sender{i}" if len(s.senders) > 1 else "sender"] = endpoint
 
     async def close(self) -> None:
-        for _, sock, monitor in self._sockets:
-            try:
-                sock.disable_monitor()
-            except zmq.ZMQError:
-                pass
-            monitor.close(linger=0)
-            sock.close(linger=0)
-        self._sockets = []
+        sockets, self._sockets = self._sockets, []
+        try:
+            for endpoint, sock, _ in sockets:
+                # what ZeroMQ already took off the wire is ours (the sender counts it as sent):
+                # handle it as usual before closing, so that nothing is lost uncounted
+                await self._drain(endpoint, sock)
+        finally:
+            for _, sock, monitor in sockets:
+                try:
+                    sock.disable_monitor()
+                except zmq.ZMQError:
+                    pass
+                monitor.close(linger=0)
+                sock.close(linger=0)
+
+    async def _drain(self, endpoint: str, sock: zmq.asyncio.Socket) -> None:
+        """Handle every message waiting in `sock` without waiting for more; a sender that keeps
+        the socket full is cut off after CLOSE_DRAIN_S (what it sends after that is lost on its
+        side, as when it sends to a receiver that is gone)."""
+        sync: zmq.Socket[bytes] = zmq.Socket.shadow(sock.underlying)
+        deadline = time.monotonic() + CLOSE_DRAIN_S
+        taken = 0
+        while time.monotonic() < deadline:
+            for _ in range(DRAIN_BATCH):
+                try:
+                    frame = sync.recv(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    deadline = 0.0
+                    break
+                taken += 1
+                await self._handle(endpoint, sync, frame)
+        if taken:
+            self.log.info(
+                "%s: %d messages waiting from %s handled before closing", self.name, taken, endpoint
+            )
 
     async def ct_receive(self) -> None:
         # one failing loop cancels the others, and the base class restarts the receiver
         async with asyncio.TaskGroup() as group:
+            self._pullers = []
             for endpoint, sock, monitor in self._sockets:
-                group.create_task(self._pull(endpoint, sock), name=f"{self.name}.pull")
+                pull = group.create_task(self._pull(endpoint, sock), name=f"{self.name}.pull")
+                self._pullers.append(pull)
                 group.create_task(self._watch(endpoint, sock, monitor), name=f"{self.name}.watch")
 
     async def _pull(self, endpoint: str, sock: zmq.asyncio.Socket) -> None:
@@ -158,28 +189,32 @@ class CdtpReceiver(ReceiverServer):
                     frame = sync.recv(zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     break
-                if frame.more:
-                    parts = 1
-                    while frame.more:
-                        frame = sync.recv(copy=False)
-                        parts += 1
-                    self._bad(endpoint, f"expected 1 frame, got {parts}")
-                    continue
-                try:
-                    message = cdtp.decode_frame(frame.buffer, max_message_bytes=self._limit)
-                except ProtocolError as exc:
-                    self._bad(endpoint, str(exc))
-                    continue
-                try:
-                    if type(message) is cdtp.Data:
-                        await self._data(endpoint, message, len(frame))
-                    elif type(message) is cdtp.BeginOfRun:
-                        self._bor(endpoint, message)
-                    else:
-                        assert isinstance(message, cdtp.EndOfRun)
-                        self._eor(endpoint, message)
-                except ProtocolError as exc:
-                    self._bad(endpoint, str(exc), getattr(message, "sender", None))
+                await self._handle(endpoint, sync, frame)
+
+    async def _handle(self, endpoint: str, sync: zmq.Socket[bytes], frame: zmq.Frame) -> None:
+        """One received message (its first frame): decoded and handled, or counted as bad."""
+        if frame.more:
+            parts = 1
+            while frame.more:
+                frame = sync.recv(copy=False)
+                parts += 1
+            self._bad(endpoint, f"expected 1 frame, got {parts}")
+            return
+        try:
+            message = cdtp.decode_frame(frame.buffer, max_message_bytes=self._limit)
+        except ProtocolError as exc:
+            self._bad(endpoint, str(exc))
+            return
+        try:
+            if type(message) is cdtp.Data:
+                await self._data(endpoint, message, len(frame))
+            elif type(message) is cdtp.BeginOfRun:
+                self._bor(endpoint, message)
+            else:
+                assert isinstance(message, cdtp.EndOfRun)
+                self._eor(endpoint, message)
+        except ProtocolError as exc:
+            self._bad(endpoint, str(exc), getattr(message, "sender", None))
 
     @property
     def _limit(self) -> int:

@@ -526,3 +526,47 @@ def test_daemon_pulls_a_run_and_daqctl_shows_the_senders(
     _, records, end = run_file(data, "r1")
     assert [r.tags["k"] for r in records] == list(range(1, 501))
     assert end["condition"] == "GOOD"
+
+
+async def test_messages_waiting_in_zeromq_at_stop_are_handled_not_lost(tmp_path: Path) -> None:
+    """What ZeroMQ took off the wire before the receiver stops reaches the run file."""
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    port = push.bind_to_random_port("tcp://127.0.0.1")
+    host = await start_host(
+        receiver_toml("rx", [f"127.0.0.1:{port}"], ["disk"]) + file_toml("disk", tmp_path)
+    )
+    enc = cdtp.Encoder("Raw.late")
+    stopped = False
+    try:
+        rx = host.receivers["rx"]
+        assert isinstance(rx, CdtpReceiver)
+        await host.begin_run("late")
+        push.send(enc.encode(cdtp.BeginOfRun("Raw.late"))[0])
+        await until(lambda: "Raw.late" in rx.senders, what="the BOR")
+        # the receive loop stops here, as when the daemon stops right after this point
+        for task in rx._pullers:
+            task.cancel()
+        await asyncio.gather(*rx._pullers, return_exceptions=True)
+        parts: list[cdtp.Block] = []
+        for seq in range(1, 51):
+            enc.record_parts(seq, {"k": seq}, [bytes([seq]) * 100], parts)
+        push.send(enc.data_message(50, parts))
+        [(_, sock, _)] = rx._sockets
+        poller = zmq.Poller()
+        poller.register(zmq.Socket.shadow(sock.underlying), zmq.POLLIN)
+        assert poller.poll(30_000), "the DATA message never reached the receiver's socket"
+        await host.stop()
+        stopped = True
+    finally:
+        if not stopped:
+            await host.stop()
+        push.close()
+        ctx.term()
+    sender = rx.senders["Raw.late"]
+    assert (sender.records, sender.seq, sender.missed) == (50, 50, 0)
+    assert rx.counters.records == 50
+    _, records, _ = run_file(tmp_path, "late")
+    assert [r.tags["cdtp_seq"] for r in records] == list(range(1, 51))
+    assert [bytes(r.payload[0]) for r in records] == [bytes([k]) * 100 for k in range(1, 51)]
