@@ -52,6 +52,15 @@ class Publisher:
         """Send a batch, in order. Raising counts the batch as dropped ("send_error")."""
         raise NotImplementedError
 
+    # A publisher that can often send without waiting sets this and implements send_now(): the
+    # queue then hands it records in the same loop turn they arrive, with no task switch.
+    sends_now: ClassVar[bool] = False
+
+    def send_now(self, records: list[Record]) -> int:
+        """Send records in order until one would have to wait; return how many were handled
+        (sent, or counted as dropped). The rest go through send() later."""
+        raise NotImplementedError
+
     async def begin_run(self, run: RunInfo) -> None:
         """A run begins; arrives in order with the records."""
 
@@ -93,6 +102,9 @@ class PublisherQueue:
         self._task: asyncio.Task[None] | None = None
         self._closing = ""  # why records are refused once closing: "shutdown", "reconfigure"
         self._inflight = 0  # records handed to send() that it has not returned from
+        self._fast = publisher.sends_now
+        self._waiting = False  # the drain task is parked, waiting for records
+        self._kick_pending = False
 
     @property
     def depth(self) -> int:
@@ -116,8 +128,7 @@ class PublisherQueue:
         self._items.extend(records)
         self._records += len(records)
         if not self._nonempty.is_set():
-            self._idle.clear()
-            self._nonempty.set()
+            self._wake()
 
     async def put(self, record: Record) -> bool:
         if not self.block:
@@ -136,8 +147,73 @@ class PublisherQueue:
         self._items.append(record)
         self._records += 1
         if not self._nonempty.is_set():
-            self._idle.clear()
+            self._wake()
+
+    def _wake(self) -> None:
+        """Records arrived at an idle queue: send them at the end of this loop turn without a
+        task switch where the publisher can, else wake the drain task."""
+        self._idle.clear()
+        if self._fast and self._waiting:
+            if not self._kick_pending:
+                self._kick_pending = True
+                asyncio.get_running_loop().call_soon(self._send_now)
+        else:
             self._nonempty.set()
+
+    def _send_now(self) -> None:
+        self._kick_pending = False
+        if not self._waiting:  # the drain task is awake: it takes what is queued
+            return
+        items = self._items
+        pub = self.publisher
+        while items and not isinstance(items[0], _Marker):
+            batch = self._take_batch()
+            dropped_before = sum(self.counters.drops.values())
+            try:
+                handled = pub.send_now(batch)
+            except Exception as exc:
+                self._failed(batch, exc)
+                continue
+            self._account(batch[:handled], dropped_before)
+            if handled < len(batch):  # it would have to wait: the drain task takes over
+                rest = batch[handled:]
+                items.extendleft(reversed(rest))
+                self._records += len(rest)
+                break
+        if items:
+            self._nonempty.set()
+        else:
+            self._idle.set()
+
+    def _take_batch(self) -> list[Record]:
+        items = self._items
+        batch: list[Record] = []
+        while items and len(batch) < MAX_BATCH and not isinstance(items[0], _Marker):
+            batch.append(items.popleft())  # type: ignore[arg-type]
+        self._records -= len(batch)
+        if not self._space.is_set():
+            self._space.set()
+        return batch
+
+    def _failed(self, batch: list[Record], exc: Exception) -> None:
+        self.counters.error("send")
+        self.counters.drop("send_error", len(batch))
+        self.limited.warning(
+            "send", "%s: send of %d records failed: %r", self.publisher.name, len(batch), exc
+        )
+
+    def _account(self, batch: list[Record], dropped_before: int) -> None:
+        """Count what was sent: the batch less what send() itself counted as dropped (high-water
+        mark, outside a run); and show it to a live tap."""
+        dropped = sum(self.counters.drops.values()) - dropped_before
+        sent = len(batch) - dropped
+        if sent > 0:
+            nbytes = sum(r.nbytes for r in batch)
+            self.counters.count(nbytes if not dropped else nbytes * sent // len(batch), sent)
+        host = self.publisher.host
+        if host.taps_active:
+            for r in batch:
+                host.tap(self.publisher.name, r)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._drain_forever(), name=f"queue-{self.publisher.name}")
@@ -149,19 +225,18 @@ class PublisherQueue:
             if not items:
                 self._nonempty.clear()
                 self._idle.set()
-                await self._nonempty.wait()
+                self._waiting = True
+                try:
+                    await self._nonempty.wait()
+                finally:
+                    self._waiting = False
                 continue
             head = items[0]
             if isinstance(head, _Marker):
                 items.popleft()
                 await self._run_marker(head)
                 continue
-            batch: list[Record] = []
-            while items and len(batch) < MAX_BATCH and not isinstance(items[0], _Marker):
-                batch.append(items.popleft())  # type: ignore[arg-type]
-            self._records -= len(batch)
-            if not self._space.is_set():
-                self._space.set()
+            batch = self._take_batch()
             dropped_before = sum(self.counters.drops.values())
             self._inflight = len(batch)
             try:
@@ -169,24 +244,11 @@ class PublisherQueue:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self.counters.error("send")
-                self.counters.drop("send_error", len(batch))
-                self.limited.warning(
-                    "send", "%s: send of %d records failed: %r", pub.name, len(batch), exc
-                )
+                self._failed(batch, exc)
                 continue
             finally:
                 self._inflight = 0
-            # what send() itself counted as dropped (high-water mark, outside a run) is not sent
-            dropped = sum(self.counters.drops.values()) - dropped_before
-            sent = len(batch) - dropped
-            if sent:
-                nbytes = sum(r.nbytes for r in batch)
-                self.counters.count(nbytes if not dropped else nbytes * sent // len(batch), sent)
-            host = pub.host
-            if host.taps_active:
-                for r in batch:
-                    host.tap(pub.name, r)
+            self._account(batch, dropped_before)
 
     async def _run_marker(self, marker: _Marker) -> None:
         pub = self.publisher

@@ -83,7 +83,9 @@ class ZmqPublisher(Publisher):
         self._packer = msgpack.Packer(use_bin_type=True)
         self._topics: dict[str, bytes] = {}
 
-    async def send(self, records: list[Record]) -> None:
+    sends_now = True  # a PUB takes messages without waiting until its high-water mark
+
+    def send_now(self, records: list[Record]) -> int:
         # The backend's send() with int flags: send_multipart() costs ~4x more per message, and
         # the sugar send() wrapper another ~40%.
         # With XPUB_NODROP, EAGAIN can only come at a message's first frame: libzmq checks the
@@ -92,8 +94,9 @@ class ZmqPublisher(Publisher):
         send = _backend_send
         pack = self._packer.pack
         payload_only = self.settings.framing == "payload"
+        drop = self.settings.policy == "drop"
         topics = self._topics
-        for r in records:
+        for n, r in enumerate(records):
             blocks = r.payload
             if payload_only:
                 first: Block = blocks[0] if len(blocks) == 1 else b"".join(blocks)
@@ -107,25 +110,26 @@ class ZmqPublisher(Publisher):
             try:
                 send(sock, first, _MORE if rest else _LAST)
             except zmq.Again:
-                if self.settings.policy == "drop":
+                if drop:
                     self.counters.drop("hwm")
                     continue
-                await self._first_frame_when_room(first, bool(rest))
+                return n  # policy block: this one waits for room (send() below)
             last = len(rest) - 1
             for i, frame in enumerate(rest):
                 big = len(frame) >= _ZERO_COPY_BYTES
                 send(sock, frame, _LAST if i == last else _MORE, not big)
+        return len(records)
 
-    async def _first_frame_when_room(self, frame: Block, more: bool) -> None:
-        """Wait for a subscriber to make room. A PUB always polls writable, so retry with backoff."""
+    async def send(self, records: list[Record]) -> None:
+        """send_now(), waiting for room where policy "block" makes a record wait. A PUB always
+        polls writable, so waiting is retrying with backoff."""
+        done = self.send_now(records)
         delay = 0.0005
-        while True:
+        while done < len(records):
             await asyncio.sleep(delay)
-            try:
-                self._sync.send(frame, _MORE if more else _LAST)
-                return
-            except zmq.Again:
-                delay = min(delay * 2, 0.05)
+            n = self.send_now(records[done:])
+            delay = 0.0005 if n else min(delay * 2, 0.05)
+            done += n
 
     async def close(self) -> None:
         # give subscribers up to drain_timeout_s to take what the socket still holds
