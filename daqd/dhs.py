@@ -717,10 +717,6 @@ class Dhs:
         for cls in _REGISTER_KIND:
             self._dispatch[cls] = self._register_device
 
-    def add_operation(self, name: str, handler: OperationHandler) -> None:
-        """Register an operation handler at run time (same as @operation in a handler module)."""
-        self.handlers[name] = handler
-
     # ---- connection life
     def connected(
         self, send_text: Callable[[str], None], flush: Callable[[], None] | None = None
