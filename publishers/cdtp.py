@@ -105,6 +105,8 @@ class CdtpPublisher(Publisher):
         self._size = 0
         self._last_flush = time.monotonic()
         self._flusher: asyncio.Task[None] | None = None
+        self._sending: asyncio.Task[None] | None = None  # a DATA message waiting for room
+        self._closed = False
         self._threshold = s.payload_threshold_kib * 1024
         # room for the header: protocol, sender name, type and the records' array header
         self._room = (
@@ -177,11 +179,15 @@ class CdtpPublisher(Publisher):
                 self.settings.bor_timeout_s,
             )
 
+    async def _stop_flush_timer(self) -> None:
+        """Stop the flush timer; a flush it started runs to its end (see _flush)."""
+        task, self._flusher = self._flusher, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
     async def end_run(self, run: RunInfo) -> None:
-        if self._flusher is not None:
-            self._flusher.cancel()
-            await asyncio.gather(self._flusher, return_exceptions=True)
-            self._flusher = None
+        await self._stop_flush_timer()
         state = self._state
         if state == "running":
             await self._flush()
@@ -309,17 +315,51 @@ class CdtpPublisher(Publisher):
         self._count = self._payload = self._size = 0
 
     async def _flush(self) -> None:
-        """Send the pending records as one DATA message (never an empty one)."""
-        async with self._lock:
+        """Send the pending records as one DATA message (never an empty one).
+
+        Once it has taken the pending records, a flush is never cut short: where the socket has
+        no room, the send waits in a task of its own, shielded from the caller's cancellation
+        (end of run, close, a queue cut off at shutdown), and holds the lock until the message
+        is sent or its records are counted as dropped. close() waits for it.
+        """
+        lock = self._lock
+        await lock.acquire()  # never waits when no flush is under way
+        handed = False
+        try:
             if not self._count or self._state != "running":
                 return
             count = self._count
             frame = self.encoder.data_message(count, self._parts)
             self._discard()
             self._last_flush = time.monotonic()
-            if await self._send_frame(frame, self.settings.data_timeout_s):
-                self.counters.extra["messages"] += 1
-                self.counters.extra["seq"] = self._seq
+            try:
+                self._sync.send(frame, zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                task = asyncio.create_task(self._send_waiting(frame, count))
+                self._sending = task
+                handed = True  # the task releases the lock
+                await asyncio.shield(task)
+                return
+            self._sent()
+        finally:
+            if not handed:
+                lock.release()
+
+    def _sent(self) -> None:
+        self.counters.extra["messages"] += 1
+        self.counters.extra["seq"] = self._seq
+
+    async def _send_waiting(self, frame: bytes, count: int) -> None:
+        """Send a DATA message once the socket has room; after data_timeout_s the run aborts."""
+        try:
+            try:
+                await asyncio.wait_for(
+                    self.sock.send(frame, copy=True), self.settings.data_timeout_s
+                )
+            except TimeoutError:
+                pass
+            else:
+                self._sent()
                 return
             self._flags |= RunCondition.ABORTED | RunCondition.TAINTED
             self._set_state("aborted")
@@ -334,6 +374,8 @@ class CdtpPublisher(Publisher):
                 self.settings.data_timeout_s,
                 count,
             )
+        finally:
+            self._lock.release()
 
     async def _flush_timer(self) -> None:
         interval = self.settings.flush_interval_s
@@ -356,8 +398,16 @@ class CdtpPublisher(Publisher):
         return True
 
     async def close(self) -> None:
-        if self._flusher is not None:
-            self._flusher.cancel()
+        if self._closed:
+            return
+        self._closed = True
+        await self._stop_flush_timer()
+        # a flush under way ends first; what is still pending leaves as one last DATA message
+        # (or, if the receiver takes nothing for data_timeout_s, is counted as dropped)
+        await self._flush()
+        if self._count:  # not in a run that can take them (aborted)
+            self.counters.drop("shutdown", self._count)
+            self._discard()
         self._monitor_task.cancel()
         await asyncio.gather(self._monitor_task, return_exceptions=True)
         self.sock.disable_monitor()

@@ -23,8 +23,9 @@ from daqd.host import Host
 from daqd.protocols import cdtp
 from daqd.record import Record
 from daqd.runfile import read_items
-from daqd.runstate import RunCondition
+from daqd.runstate import RunCondition, RunInfo
 from daqd.sim.cdtp import record_blocks
+from publishers.cdtp import CdtpPublisher
 from receivers.cdtp import CdtpReceiver, SenderState
 
 DAQD = str(Path(sys.executable).parent / "daqd")
@@ -570,3 +571,53 @@ async def test_messages_waiting_in_zeromq_at_stop_are_handled_not_lost(tmp_path:
     _, records, _ = run_file(tmp_path, "late")
     assert [r.tags["cdtp_seq"] for r in records] == list(range(1, 51))
     assert [bytes(r.payload[0]) for r in records] == [bytes([k]) * 100 for k in range(1, 51)]
+
+
+async def test_close_finishes_a_flush_that_waits_for_a_slow_receiver() -> None:
+    """Records a timer flush has taken when the publisher closes still reach the receiver."""
+    host = await start_host(
+        tx_toml("tx", "payload_threshold_kib = 1000000\nsndhwm = 1\ndata_timeout_s = 60")
+    )
+    ctx = zmq.asyncio.Context()
+    pull = ctx.socket(zmq.PULL)
+    pull.setsockopt(zmq.RCVHWM, 1)
+    pull.setsockopt(zmq.RCVBUF, 4096)
+    pull.setsockopt(zmq.LINGER, 0)
+    try:
+        tx = host.publishers["tx"]
+        assert isinstance(tx, CdtpPublisher)
+        pull.connect(tx.addresses["endpoint"])
+        await tx.begin_run(RunInfo("slow", time.time_ns()))
+        bor = cdtp.decode([await asyncio.wait_for(pull.recv(), 30)])
+        assert isinstance(bor, cdtp.BeginOfRun)
+        # the receiver reads nothing more: feed 1 MiB at a time until a flush by the timer has
+        # taken the pending records and waits for room in the socket
+        queue = host.queues["tx"]
+        block = bytes(65536)
+        fed = 0
+        for _ in range(200):
+            for _ in range(16):
+                fed += 1
+                queue.put_nowait(Record("src", fed, 0, {}, [block]))
+            await queue.drained()
+            await until(lambda: tx._count == 0, what="the timer to flush")
+            if tx._lock.locked():
+                break
+        assert tx._lock.locked(), "the socket never filled up"
+        closing = asyncio.create_task(tx.close())
+        await asyncio.sleep(0)  # close() starts while that flush still waits
+        last = 0
+        async with asyncio.timeout(60):
+            while last < fed:
+                message = cdtp.decode([await pull.recv()])
+                assert isinstance(message, cdtp.Data)
+                for record in message.records:
+                    assert record.seq == last + 1
+                    last = record.seq
+        await asyncio.wait_for(closing, 60)
+        assert not tx.counters.drops
+        assert last == fed
+    finally:
+        await host.stop()
+        pull.close()
+        ctx.term()
