@@ -234,68 +234,86 @@ class CdtpPublisher(Publisher):
 
     # ----- records ---------------------------------------------------------------------------
     async def send(self, records: list[Record]) -> None:
-        if self._state != "running":
-            reason = "outside_run" if self._state == "idle" else self._state
-            self.counters.drop(reason, len(records))
-            return
-        encode = self.encoder.record_parts
+        i, n = 0, len(records)
+        while True:
+            if self._state != "running":
+                if i < n:
+                    reason = "outside_run" if self._state == "idle" else self._state
+                    self.counters.drop(reason, n - i)
+                return
+            i = self._take(records, i)
+            if i < n or (self._count and self._payload >= self._threshold):
+                await self._flush()
+            else:
+                return
+
+    def _take(self, records: list[Record], i: int) -> int:
+        """Encode records[i:] into the pending batch until they run out or the batch is due (its
+        payload reached the threshold, or the next record does not fit); return where it
+        stopped. Never waits: the hot path, with the batch state in locals."""
+        n = len(records)
         room = self._room
         threshold = self._threshold
         source_tags = self.settings.source_tags
         parts = self._parts
-        # the batch state lives in locals in this loop (the hot path) and in self across awaits
+        append = parts.append
+        plain_head = cdtp.plain_record_head
         seq, count, total, payload_sum = self._seq, self._count, self._size, self._payload
-        for i, record in enumerate(records):
-            seq += 1
+        while i < n and (payload_sum < threshold or not count):
+            record = records[i]
             tags = record.tags
-            if source_tags:
-                tags = {
-                    **tags,
-                    "daqd_source": record.source,
-                    "daqd_seq": record.seq,
-                    "daqd_time_ns": record.time_ns,
-                }
-            mark = len(parts)
-            try:
-                size, payload = encode(seq, tags, record.payload, parts)
-            except ProtocolError as exc:
-                del parts[mark:]
-                self._seq = seq
-                self._refuse(record, f"its tags cannot be encoded: {exc}")
-                continue
+            blocks = record.payload
+            next_seq = seq + 1
+            if not tags and len(blocks) == 1 and not source_tags and next_seq <= 0xFFFFFFFF:
+                block = blocks[0]
+                length = block.nbytes if type(block) is memoryview else len(block)
+                head = plain_head(next_seq, length)
+                size = len(head) + length
+                if total + size <= room:
+                    append(head)
+                    append(block)
+                    seq = next_seq
+                    count += 1
+                    total += size
+                    payload_sum += length
+                    i += 1
+                    continue
+                tail: list[Block] = [head, block]
+            else:
+                if source_tags:
+                    tags = {
+                        **tags,
+                        "daqd_source": record.source,
+                        "daqd_seq": record.seq,
+                        "daqd_time_ns": record.time_ns,
+                    }
+                tail = []
+                try:
+                    size, length = self.encoder.record_parts(next_seq, tags, blocks, tail)
+                except ProtocolError as exc:
+                    seq = self._seq = next_seq
+                    self._refuse(record, f"its tags cannot be encoded: {exc}")
+                    i += 1
+                    continue
             if size > room:
-                del parts[mark:]
-                self._seq = seq
+                seq = self._seq = next_seq
                 self._refuse(
                     record,
                     f"it needs {size} bytes, over max_message_bytes="
                     f"{self.settings.max_message_bytes} with the header",
                 )
+                i += 1
                 continue
             if total + size > room:
-                # this record does not fit: send what came before it on its own
-                tail = parts[mark:]
-                del parts[mark:]
-                self._seq, self._count, self._size, self._payload = seq, count, total, payload_sum
-                await self._flush()
-                if self._state != "running":
-                    self.counters.drop(self._state, len(records) - i)
-                    return
-                parts = self._parts
-                parts.extend(tail)
-                count = total = payload_sum = 0
+                break  # it goes first in the next message
+            parts.extend(tail)
+            seq = next_seq
             count += 1
             total += size
-            payload_sum += payload
-            if payload_sum >= threshold:
-                self._seq, self._count, self._size, self._payload = seq, count, total, payload_sum
-                await self._flush()
-                if self._state != "running":
-                    self.counters.drop(self._state, len(records) - i - 1)
-                    return
-                parts = self._parts
-                count = total = payload_sum = 0
+            payload_sum += length
+            i += 1
         self._seq, self._count, self._size, self._payload = seq, count, total, payload_sum
+        return i
 
     def _refuse(self, record: Record, why: str) -> None:
         self.counters.drop("refused")

@@ -621,3 +621,50 @@ async def test_close_finishes_a_flush_that_waits_for_a_slow_receiver() -> None:
         await host.stop()
         pull.close()
         ctx.term()
+
+
+async def test_plain_batches_gaps_and_repeats_reach_the_run_file(tmp_path: Path) -> None:
+    """Untagged one-block records (the table fast path) keep every seq, gap and repeat."""
+    ctx = zmq.asyncio.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    port = push.bind_to_random_port("tcp://127.0.0.1")
+    host = await start_host(
+        receiver_toml("rx", [f"127.0.0.1:{port}"], ["disk"]) + file_toml("disk", tmp_path)
+    )
+    enc = cdtp.Encoder("Raw.plain")
+    batches = [
+        list(range(1, 21)),
+        list(range(21, 41)),
+        list(range(43, 63)),  # 41 and 42 missed
+        [*range(63, 71), 70, *range(71, 82)],  # 70 twice
+        list(range(82, 102)),
+    ]
+    sent = [seq for batch in batches for seq in batch]
+    try:
+        rx = host.receivers["rx"]
+        assert isinstance(rx, CdtpReceiver)
+        await host.begin_run("plain")
+        await push.send(enc.encode(cdtp.BeginOfRun("Raw.plain"))[0])
+        for batch in batches:
+            parts: list[cdtp.Block] = []
+            for seq in batch:
+                enc.record_parts(seq, {}, [seq.to_bytes(2, "big") * 300], parts)
+            await push.send(enc.data_message(len(batch), parts))
+        await push.send(enc.encode(cdtp.EndOfRun("Raw.plain", {}, {"data_records": 101}))[0])
+        await until(lambda: ended(rx, "Raw.plain"), what="the EOR")
+        await host.end_run()
+        await host.queues["disk"].drained()
+    finally:
+        await host.stop()
+        push.close()
+        ctx.term()
+    sender = rx.senders["Raw.plain"]
+    assert (sender.records, sender.seq, sender.missed) == (len(sent), 101, 2)
+    assert sender.condition == RunCondition.INCOMPLETE | RunCondition.TAINTED
+    assert rx.counters.drops == {"missed": 2} and rx.counters.errors == {"sequence": 1}
+    _, records, _ = run_file(tmp_path, "plain")
+    assert [r.tags for r in records] == [{"cdtp_seq": seq} for seq in sent]
+    assert [bytes(r.payload[0]) for r in records] == [s.to_bytes(2, "big") * 300 for s in sent]
+    assert [r.seq for r in records] == list(range(1, len(sent) + 1))
+    assert {r.source for r in records} == {"Raw.plain"}

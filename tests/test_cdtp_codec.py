@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import struct
 
 import msgpack
@@ -371,3 +372,62 @@ def test_uniform_fast_path_is_taken_for_plain_batches(monkeypatch: pytest.Monkey
         [frame] = cdtp.encode(cdtp.Data("S.u", records))
         assert cdtp.decode_frame(frame) == cdtp.Data("S.u", records)
     assert all(r is not None for r in results) and len(results) == 4
+
+
+@given(
+    st.one_of(
+        st.integers(0, 300), st.integers(0xFF00, 0x10100), st.integers(0xFFFFFF00, 0xFFFFFFFF)
+    ),
+    st.one_of(st.integers(0, 300), st.integers(0xFF00, 0x10100), st.sampled_from([1024, 65536])),
+)
+@settings(max_examples=200, deadline=None)
+def test_plain_record_head_is_what_record_parts_gives(seq: int, length: int) -> None:
+    parts: list[cdtp.Block] = []
+    block = bytes(length)
+    size, payload = cdtp.Encoder("S.s").record_parts(seq, {}, [block], parts)
+    head = cdtp.plain_record_head(seq, length)
+    assert parts == [head, block]
+    assert (size, payload) == (len(head) + length, length)
+    # and it is what msgpack itself writes
+    assert head + block == msgpack.packb([seq, {}, [block]], use_bin_type=True)
+
+
+@given(
+    first=st.sampled_from([0, 1, 100, 250, 65530, 70000, 2**32 - 3, 2**40, 2**64 - 20]),
+    count=st.integers(min_value=1, max_value=40),
+    length=st.sampled_from([0, 1, 255, 256, 1024, 65536]),
+    odd=st.sampled_from([None, "tags", "gap", "repeat", "backwards"]),
+    where=st.integers(min_value=0, max_value=39),
+)
+@settings(max_examples=150, deadline=None)
+def test_plain_table_is_the_same_message(
+    first: int, count: int, length: int, odd: str | None, where: int
+) -> None:
+    seqs = [first + i for i in range(count)]
+    i = where % count
+    if odd == "gap":
+        seqs[i:] = [s + 2 for s in seqs[i:]]
+    elif odd == "repeat" and i:
+        seqs[i] = seqs[i - 1]
+    elif odd == "backwards":
+        seqs[i] = 0
+    seqs = [min(s, 2**64 - 1) for s in seqs]
+    tags = [{"t": 1} if odd == "tags" and k == i else {} for k in range(count)]
+    records = [
+        cdtp.DataRecord(s, t, [bytes([k % 256]) * length])
+        for k, (s, t) in enumerate(zip(seqs, tags, strict=True))
+    ]
+    [frame] = cdtp.encode(cdtp.Data("S.p", records))
+    plain = cdtp.decode_frame_plain(frame)
+    assert cdtp.decode_frame(frame) == cdtp.Data("S.p", records)
+    widths = {(s > 0x7F) + (s > 0xFF) + (s > 0xFFFF) + (s > 0xFFFFFFFF) for s in seqs}
+    if count < cdtp.UNIFORM_MIN_RECORDS or odd == "tags" or len(widths) > 1:
+        assert plain == cdtp.Data("S.p", records)  # not a table: decoded as usual
+        return
+    assert isinstance(plain, cdtp.PlainData)
+    assert plain.data() == cdtp.Data("S.p", records)
+    assert plain.seqs == seqs and plain.length == length
+    assert plain.consecutive == all(b == a + 1 for a, b in itertools.pairwise(seqs))
+    assert [bytes(plain.frame[at : at + length]) for at in plain.starts] == [
+        bytes(r.blocks[0]) for r in records
+    ]

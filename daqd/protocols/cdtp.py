@@ -96,6 +96,33 @@ class EndOfRun:
 
 Message = Data | BeginOfRun | EndOfRun
 
+
+@dataclass(frozen=True, slots=True)
+class PlainData:
+    """A DATA message whose records are all plain: no tags, one block each, all blocks of one
+    length, laid out at a fixed stride (what transmitters usually send). `decode_frame_plain`
+    gives this table instead of one DataRecord per record, for receivers that build their own
+    records; `data()` is the same message as `decode_frame` gives it.
+    """
+
+    sender: str
+    seqs: list[int]
+    consecutive: bool  # every seq is one more than the one before
+    starts: range  # offset of each record's block in `frame`
+    length: int  # of every block
+    frame: memoryview
+
+    def data(self) -> Data:
+        view, length, new = self.frame, self.length, tuple.__new__
+        return Data(
+            self.sender,
+            [
+                new(DataRecord, (seq, {}, [view[at : at + length]]))
+                for seq, at in zip(self.seqs, self.starts, strict=True)
+            ],
+        )
+
+
 _UNPACK_ERRORS = (msgpack.UnpackException, ValueError, TypeError, OverflowError, RecursionError)
 
 
@@ -112,6 +139,20 @@ def decode(frames: Sequence[Block], *, max_message_bytes: int = MAX_MESSAGE_BYTE
 
 def decode_frame(frame: Block, *, max_message_bytes: int = MAX_MESSAGE_BYTES) -> Message:
     """Decode one CDTP2 frame. Blocks of DATA records are memoryviews into `frame`."""
+    message = _decode(frame, max_message_bytes, False)
+    assert not isinstance(message, PlainData)
+    return message
+
+
+def decode_frame_plain(
+    frame: Block, *, max_message_bytes: int = MAX_MESSAGE_BYTES
+) -> Message | PlainData:
+    """As `decode_frame`, but a DATA message of UNIFORM_MIN_RECORDS or more plain records comes
+    back as a PlainData table (checked as strictly: anything else decodes as usual)."""
+    return _decode(frame, max_message_bytes, True)
+
+
+def _decode(frame: Block, max_message_bytes: int, plain: bool) -> Message | PlainData:
     view = memoryview(frame)
     if view.ndim != 1 or view.format != "B":
         view = view.cast("B")
@@ -122,7 +163,7 @@ def decode_frame(frame: Block, *, max_message_bytes: int = MAX_MESSAGE_BYTES) ->
         )
     reader = _Reader(view, size)
     try:
-        return reader.message()
+        return reader.message(plain)
     except ProtocolError:
         raise
     except (IndexError, struct.error):
@@ -195,7 +236,7 @@ class _Reader:
             return _U32.unpack_from(self.view, pos + 1)[0], pos + 5
         raise ProtocolError(f"CDTP2: {what} {_where(pos)} is not an array (0x{b:02x})")
 
-    def message(self) -> Message:
+    def message(self, plain: bool = False) -> Message | PlainData:
         view, size = self.view, self.size
         if view[:6] == _PROTOCOL_BYTES:
             pos = 6
@@ -232,6 +273,11 @@ class _Reader:
         if kind == MessageType.DATA:
             if count == 0:
                 raise ProtocolError("CDTP2: DATA message with no records")
+            if plain and count >= UNIFORM_MIN_RECORDS:
+                table = self.uniform_table(pos, count)
+                if table is not None:
+                    seqs, steady, starts, length = table
+                    return PlainData(sender, seqs, steady, starts, length, view)
             records, pos = self.records(pos, count)
             self.check_end(pos)
             return Data(sender, records)
@@ -248,9 +294,21 @@ class _Reader:
     def uniform_records(self, pos: int, count: int) -> list[DataRecord] | None:
         """The fast path for the usual DATA message: `count` records laid out alike (no tags,
         one block of one length, one width of sequence number) filling the rest of the frame.
-        Checked with numpy over the whole table of records at once; None if anything differs,
-        and the record-by-record parser decides (and explains) instead.
+        None if anything differs, and the record-by-record parser decides (and explains).
         """
+        table = self.uniform_table(pos, count)
+        if table is None:
+            return None
+        seqs, _, starts, length = table
+        view, new = self.view, tuple.__new__
+        return [
+            new(DataRecord, (seq, {}, [view[at : at + length]]))
+            for seq, at in zip(seqs, starts, strict=True)
+        ]
+
+    def uniform_table(self, pos: int, count: int) -> tuple[list[int], bool, range, int] | None:
+        """uniform_records as a table: (seqs, consecutive, block offsets, block length), checked
+        with numpy over the whole table of records at once."""
         view = self.view
         left = self.size - pos
         if left % count:
@@ -285,14 +343,12 @@ class _Reader:
             seqs = table[:, 1]
             if not (seqs < 0x80).all():
                 return None
-        new = tuple.__new__
         first = pos + head
-        return [
-            new(DataRecord, (seq, {}, [view[at : at + length]]))
-            for seq, at in zip(
-                seqs.ravel().tolist(), range(first, first + left, stride), strict=True
-            )
-        ]
+        values = seqs.ravel()
+        listed: list[int] = values.tolist()
+        # each one more than the one before (the span check rules out a wrap of the 64-bit diff)
+        steady = listed[-1] - listed[0] == count - 1 and bool((np.diff(values) == 1).all())
+        return listed, steady, range(first, first + left, stride), length
 
     def check_end(self, pos: int) -> None:
         if pos != self.size:
@@ -394,6 +450,32 @@ def _bin_header(length: int) -> bytes:
 # record headers for the first sequence numbers, bin headers for common block sizes
 _FIXINT_RECORD = [bytes([0x93, n]) for n in range(0x80)]
 _BIN_HEADERS = {n: _bin_header(n) for n in (*range(0x101), 512, 1024, 2048, 4096, 8192, 65536)}
+
+
+_SEQ8 = struct.Struct(">BBB")
+_SEQ16 = struct.Struct(">BBH")
+_SEQ32 = struct.Struct(">BBI")
+# what follows the sequence number in a record with no tags and one block: empty map, array of
+# one, the block's bin header; by block length
+_PLAIN_TAILS: dict[int, bytes] = {}
+
+
+def plain_record_head(seq: int, length: int) -> bytes:
+    """The encoded head of a record with no tags and one block of `length` bytes: everything
+    but the block itself (what `Encoder.record_parts` would give, faster: the transmitter's
+    usual case). `seq` must be an int in 0 ... 2**32 - 1."""
+    tail = _PLAIN_TAILS.get(length)
+    if tail is None:
+        tail = b"\x80\x91" + _bin_header(length)
+        if len(_PLAIN_TAILS) < 256:
+            _PLAIN_TAILS[length] = tail
+    if seq < 0x80:
+        return _FIXINT_RECORD[seq] + tail
+    if seq <= 0xFF:
+        return _SEQ8.pack(0x93, 0xCC, seq) + tail
+    if seq <= 0xFFFF:
+        return _SEQ16.pack(0x93, 0xCD, seq) + tail
+    return _SEQ32.pack(0x93, 0xCE, seq) + tail
 
 
 def _array_header(length: int) -> bytes:
