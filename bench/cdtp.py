@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import subprocess
@@ -53,9 +54,16 @@ def hear(proc: subprocess.Popen[str]) -> dict[str, Any]:
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if not line:
-        raise RuntimeError(f"{proc.args} ended without output")
+        raise RuntimeError(f"{proc.args!r} ended without output")
     result: dict[str, Any] = json.loads(line)
     return result
+
+
+def daemon_gc() -> None:
+    """The garbage collector settings `daqd serve` applies once its host has started
+    (daqd/daemon.py), so that the in-process hosts here run as the daemon does."""
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 100)
 
 
 # ----- raw pyzmq ------------------------------------------------------------------------------
@@ -131,6 +139,7 @@ def daqd_sender(size: int, count: int) -> None:
 
         host = Host(parse_config(TX_CONFIG, "<bench>"))
         await host.start()
+        daemon_gc()
         tx = host.publishers["tx"]
         print(json.dumps({"endpoint": tx.addresses["endpoint"]}), flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
@@ -166,6 +175,7 @@ def bench_daqd(size: int, count: int) -> Result:
 
         host = Host(parse_config(RX_CONFIG.format(endpoint=endpoint), "<bench>"))
         await host.start()
+        daemon_gc()
         rx = host.receivers["rx"]
         assert isinstance(rx, CdtpReceiver)
         say(sender, "go")

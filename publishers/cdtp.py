@@ -8,6 +8,7 @@ go out batched into DATA messages, `end_run` sends EOR with the run's metadata a
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from typing import Any
 
@@ -257,19 +258,32 @@ class CdtpPublisher(Publisher):
         source_tags = self.settings.source_tags
         parts = self._parts
         append = parts.append
-        plain_head = cdtp.plain_record_head
+        plain_head, plain_tail = cdtp.plain_record_head, cdtp.plain_record_tail
+        seq32_head = cdtp.seq32_record_head
+        tail, tail_length = b"", -1
         seq, count, total, payload_sum = self._seq, self._count, self._size, self._payload
         while i < n and (payload_sum < threshold or not count):
-            record = records[i]
-            tags = record.tags
-            blocks = record.payload
-            next_seq = seq + 1
-            if not tags and len(blocks) == 1 and not source_tags and next_seq <= 0xFFFFFFFF:
-                block = blocks[0]
-                length = block.nbytes if type(block) is memoryview else len(block)
-                head = plain_head(next_seq, length)
-                size = len(head) + length
-                if total + size <= room:
+            if not source_tags:
+                # the usual records (no tags, one block) in a tight loop; anything else, and
+                # what ends a batch, is left to the record-by-record code below
+                for record in itertools.islice(records, i, None):
+                    blocks = record.payload
+                    if record.tags or len(blocks) != 1:
+                        break
+                    block = blocks[0]
+                    length = block.nbytes if type(block) is memoryview else len(block)
+                    next_seq = seq + 1
+                    if 0xFFFF < next_seq <= 0xFFFFFFFF:
+                        if length != tail_length:
+                            tail, tail_length = plain_tail(length), length
+                        head = seq32_head(next_seq) + tail
+                    elif next_seq <= 0xFFFF:
+                        head = plain_head(next_seq, length)
+                    else:
+                        break
+                    size = len(head) + length
+                    if total + size > room:
+                        break
                     append(head)
                     append(block)
                     seq = next_seq
@@ -277,24 +291,28 @@ class CdtpPublisher(Publisher):
                     total += size
                     payload_sum += length
                     i += 1
-                    continue
-                tail: list[Block] = [head, block]
-            else:
-                if source_tags:
-                    tags = {
-                        **tags,
-                        "daqd_source": record.source,
-                        "daqd_seq": record.seq,
-                        "daqd_time_ns": record.time_ns,
-                    }
-                tail = []
-                try:
-                    size, length = self.encoder.record_parts(next_seq, tags, blocks, tail)
-                except ProtocolError as exc:
-                    seq = self._seq = next_seq
-                    self._refuse(record, f"its tags cannot be encoded: {exc}")
-                    i += 1
-                    continue
+                    if payload_sum >= threshold:
+                        break
+                if i >= n or payload_sum >= threshold:
+                    break
+            record = records[i]
+            tags = record.tags
+            if source_tags:
+                tags = {
+                    **tags,
+                    "daqd_source": record.source,
+                    "daqd_seq": record.seq,
+                    "daqd_time_ns": record.time_ns,
+                }
+            next_seq = seq + 1
+            more: list[Block] = []
+            try:
+                size, length = self.encoder.record_parts(next_seq, tags, record.payload, more)
+            except ProtocolError as exc:
+                seq = self._seq = next_seq
+                self._refuse(record, f"its tags cannot be encoded: {exc}")
+                i += 1
+                continue
             if size > room:
                 seq = self._seq = next_seq
                 self._refuse(
@@ -306,7 +324,7 @@ class CdtpPublisher(Publisher):
                 continue
             if total + size > room:
                 break  # it goes first in the next message
-            parts.extend(tail)
+            parts.extend(more)
             seq = next_seq
             count += 1
             total += size

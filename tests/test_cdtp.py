@@ -668,3 +668,60 @@ async def test_plain_batches_gaps_and_repeats_reach_the_run_file(tmp_path: Path)
     assert [bytes(r.payload[0]) for r in records] == [s.to_bytes(2, "big") * 300 for s in sent]
     assert [r.seq for r in records] == list(range(1, len(sent) + 1))
     assert {r.source for r in records} == {"Raw.plain"}
+
+
+async def test_transmitter_keeps_every_kind_of_record_in_order_past_seq_65535(
+    tmp_path: Path,
+) -> None:
+    """Plain records (the transmitter's fast path), tagged ones, several or no blocks, and
+    memoryview blocks, mixed in batches, across the 16/32-bit sequence number boundary."""
+    a = await start_host(tx_toml("tx", "payload_threshold_kib = 64"), "a")
+    tx_endpoint = a.publishers["tx"].addresses["endpoint"]
+    b = await start_host(
+        receiver_toml("rx", [tx_endpoint], ["disk"], "eor_timeout_s = 5")
+        + file_toml("disk", tmp_path),
+        "b",
+    )
+    count = 66_000
+    backing = bytes(range(256)) * 40
+
+    def record(k: int) -> Record:
+        if k % 997 == 0:
+            return Record("src", k, 0, {"k": k}, [k.to_bytes(4, "big")])
+        if k % 1009 == 0:
+            return Record("src", k, 0, {}, [b"x", k.to_bytes(4, "big")])
+        if k % 1013 == 0:
+            return Record("src", k, 0, {}, [])
+        if k % 3 == 0:
+            return Record("src", k, 0, {}, [memoryview(backing)[k % 256 : k % 256 + 8]])
+        return Record("src", k, 0, {}, [k.to_bytes(4, "big")])
+
+    try:
+        rx = b.receivers["rx"]
+        assert isinstance(rx, CdtpReceiver)
+        await b.begin_run("kinds")
+        await a.begin_run("upstream")
+        queue = a.queues["tx"]
+        for k in range(1, count + 1):  # as receivers hand records on
+            if queue.depth < queue.size:
+                queue.put_nowait(record(k))
+            else:
+                await queue.put(record(k))
+        await a.end_run()
+        await until(lambda: ended(rx, "daqd.tx"), what="our EOR")
+        await b.end_run()
+        await b.queues["disk"].drained()
+    finally:
+        await a.stop()
+        await b.stop()
+    sender = rx.senders["daqd.tx"]
+    assert (sender.records, sender.seq, sender.missed) == (count, count, 0)
+    assert sender.condition == RunCondition.GOOD
+    _, records, _ = run_file(tmp_path, "kinds")
+    assert [r.tags.pop("cdtp_seq") for r in records] == list(range(1, count + 1))
+    for k, got in enumerate(records, 1):
+        want = record(k)
+        assert (got.tags, [bytes(x) for x in got.payload]) == (
+            want.tags,
+            [bytes(x) for x in want.payload],
+        ), k

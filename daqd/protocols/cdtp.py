@@ -11,6 +11,7 @@ three widths) decode as `msgpack.Timestamp`, which keeps every value exactly and
 from __future__ import annotations
 
 import enum
+import functools
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -460,15 +461,27 @@ _SEQ32 = struct.Struct(">BBI")
 _PLAIN_TAILS: dict[int, bytes] = {}
 
 
-def plain_record_head(seq: int, length: int) -> bytes:
-    """The encoded head of a record with no tags and one block of `length` bytes: everything
-    but the block itself (what `Encoder.record_parts` would give, faster: the transmitter's
-    usual case). `seq` must be an int in 0 ... 2**32 - 1."""
+def plain_record_tail(length: int) -> bytes:
+    """What follows the sequence number in a record with no tags and one block of `length`
+    bytes: the empty map, the array of one, the block's bin header."""
     tail = _PLAIN_TAILS.get(length)
     if tail is None:
         tail = b"\x80\x91" + _bin_header(length)
         if len(_PLAIN_TAILS) < 256:
             _PLAIN_TAILS[length] = tail
+    return tail
+
+
+#: `seq32_record_head(seq)`: a record's array header and its sequence number, for 0xFFFF < seq
+#: <= 0xFFFFFFFF (where a run spends nearly all its records); a C-level call, for the hot path
+seq32_record_head = functools.partial(_SEQ32.pack, 0x93, 0xCE)
+
+
+def plain_record_head(seq: int, length: int) -> bytes:
+    """The encoded head of a record with no tags and one block of `length` bytes: everything
+    but the block itself (what `Encoder.record_parts` would give, faster: the transmitter's
+    usual case). `seq` must be an int in 0 ... 2**32 - 1."""
+    tail = plain_record_tail(length)
     if seq < 0x80:
         return _FIXINT_RECORD[seq] + tail
     if seq <= 0xFF:
