@@ -786,7 +786,10 @@ class Dhs:
             op.complete("error", f"no handler for operation {m.name} in DHS {self.name}")
             return
         self.operations[m.handle] = op
-        op.task = asyncio.get_running_loop().create_task(self._run_operation(op, handler))
+        # named after the operation: cheaper than asyncio's numbered default, and more telling
+        op.task = asyncio.get_running_loop().create_task(
+            self._run_operation(op, handler), name=m.name
+        )
 
     def _operation_task_done(self, op: Operation) -> None:
         # Also covers a task cancelled before its first step, where no except clause runs.

@@ -105,6 +105,8 @@ class DcssReceiver(ReceiverServer):
         self.last_disconnect = ""
         self.codec: d.DcssCodec | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self._transport: asyncio.WriteTransport | None = None  # the writer's, while connected
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._out: list[bytes] = []
         self._flush_scheduled = False
         self._handshake_at: float | None = None
@@ -183,6 +185,8 @@ class DcssReceiver(ReceiverServer):
         writer.write(codec.encode(d.HtosClientIsHardware(s.dhs_name)))
         self._handshake_at = time.monotonic()
         self._writer = writer
+        self._transport = writer.transport
+        self._loop = asyncio.get_running_loop()
         self.connections += 1
         self.dhs.connected(self._send_text, self._flush_now)
         self.online.set()
@@ -235,7 +239,9 @@ class DcssReceiver(ReceiverServer):
     def _publish(self, m: d.Message) -> None:
         if not self.queues and not self.host.taps_active:
             # nobody to hand a record to: count the message, build nothing
-            self.counters.count(len(m.raw) + len(m.binary))
+            counters = self.counters
+            counters.records += 1
+            counters.bytes += len(m.raw) + len(m.binary)
             return
         payload = [m.raw, m.binary] if m.binary else [m.raw]
         tags = {"command": m.verb, "device": m.device, "handle": getattr(m, "handle", None)}
@@ -254,9 +260,9 @@ class DcssReceiver(ReceiverServer):
             self.limited.warning("encode", "%s: not sent: %s", self.name, exc)
             return
         self._out.append(frame)
-        if not self._flush_scheduled:
+        if not self._flush_scheduled and self._loop is not None:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._scheduled_flush, self._writer)
+            self._loop.call_soon(self._scheduled_flush, self._writer)
 
     def _scheduled_flush(self, writer: asyncio.StreamWriter) -> None:
         self._flush_scheduled = False
@@ -271,12 +277,13 @@ class DcssReceiver(ReceiverServer):
             self._flush(self._writer)
 
     def _flush(self, writer: asyncio.StreamWriter) -> None:
-        if writer is not self._writer or not self._out:
+        transport = self._transport
+        if writer is not self._writer or not self._out or transport is None:
             return
         out = self._out
         self._out = []
-        writer.write(out[0] if len(out) == 1 else b"".join(out))
-        if writer.transport.get_write_buffer_size() > self.settings.max_pending_bytes:
+        transport.write(out[0] if len(out) == 1 else b"".join(out))
+        if transport.get_write_buffer_size() > self.settings.max_pending_bytes:
             self.counters.error("write_stalled")
             self.log.error(
                 "%s: DCSS is not reading (%d bytes unsent); dropping the connection",
@@ -288,6 +295,7 @@ class DcssReceiver(ReceiverServer):
     def _disconnected(self, writer: asyncio.StreamWriter) -> None:
         if self._writer is writer:
             self._writer = None
+            self._transport = None
         if self._out:
             self.counters.drop("unsent_on_disconnect", len(self._out))
             self._out = []

@@ -240,7 +240,7 @@ def tcl_quote(value: Any) -> str:
 
 def tcl_join(values: Iterable[Any]) -> str:
     """Values as a Tcl list (the inverse of tcl_split for strings)."""
-    return " ".join([tcl_quote(v) for v in values])
+    return " ".join(map(tcl_quote, values))
 
 
 def mask_private(text: str) -> str:
@@ -300,10 +300,7 @@ class Message:
         if fast is not None:
             m = fast[0].fullmatch(tail)
             if m is not None:
-                converters = fast[1]
-                if converters is None:  # only words and the rest of the line
-                    return cls(*[g or "" for g in m.groups()], **extra)
-                return cls(*[c(g) for c, g in zip(converters, m.groups(), strict=True)], **extra)
+                return _from_match(cls, fast[1], m, extra.get("binary", b""), extra.get("raw", b""))
         # the general path: optional fields left out, extra tokens, precise errors
         values: dict[str, Any] = {}
         pos = 0
@@ -357,6 +354,36 @@ def _wire_fields(cls: type) -> tuple[dataclasses.Field[Any], ...]:
 
 MESSAGES: dict[str, type[Message]] = {}
 _FAST: dict[type, tuple[re.Pattern[str], tuple[Callable[[Any], Any], ...] | None]] = {}
+# every message class's field names in order, for building an instance without its __init__
+_NAMES: dict[type, tuple[str, ...]] = {}
+# registered commands whose class parses with Message.from_args: class, pattern, converters
+_FAST_COMMANDS: dict[
+    str, tuple[type[Message], re.Pattern[str], tuple[Callable[[Any], Any], ...] | None]
+] = {}
+_new_object = object.__new__
+
+
+def _from_match(
+    cls: type[_M],
+    converters: tuple[Callable[[Any], Any], ...] | None,
+    m: re.Match[str],
+    binary: bytes,
+    raw: bytes,
+) -> _M:
+    """A message from its fast pattern's match. A frozen dataclass's __init__ sets each field
+    through object.__setattr__; filling the instance dict at once is the same object, faster."""
+    if converters is None:  # only words and the rest of the line
+        values: Iterable[Any] = m.groups("")
+    else:
+        values = [c(g) for c, g in zip(converters, m.groups(), strict=True)]
+    obj = _new_object(cls)
+    fields = obj.__dict__
+    fields.update(zip(_NAMES[cls], values, strict=True))
+    fields["binary"] = binary
+    fields["raw"] = raw
+    return obj
+
+
 _WS = "[ \t\n\v\f\r]"
 _NOT_WS = "[^ \t\n\v\f\r]"
 
@@ -410,8 +437,11 @@ def message(command: str, *, register: bool = True) -> Callable[[type[_M]], type
         _WIRE_FIELDS[dc] = fields
         _FIELD_KINDS[dc] = kinds
         _FAST[dc] = _fast_pattern(dc, fields, kinds)
+        _NAMES[dc] = tuple(f.name for f in fields)
         if register:
             MESSAGES[command] = dc
+            if all("from_args" not in vars(k) for k in dc.__mro__ if k is not Message):
+                _FAST_COMMANDS[command] = (dc, *_FAST[dc])
         return dc
 
     return wrap
@@ -940,6 +970,13 @@ def _parse_configure_device(tail: str, **extra: Any) -> Message:
 
 def parse_message(text: str, *, binary: bytes = b"", raw: bytes = b"") -> Message:
     """Parse one message text. Unknown commands give `Unknown`; bad arguments raise ProtocolError."""
+    # Fast path: a known command word (never whitespace) followed by a space or the end.
+    cut = text.find(" ")
+    fast = _FAST_COMMANDS.get(text if cut < 0 else text[:cut])
+    if fast is not None:
+        m = fast[1].fullmatch(text, len(text) if cut < 0 else cut)
+        if m is not None:
+            return _from_match(fast[0], fast[2], m, binary, raw)
     command, pos = next_token(text)
     if command is None:
         raise ProtocolError("empty message")
@@ -968,12 +1005,19 @@ def encode_v1(text: str | bytes) -> bytes:
     return data + b"\0" * (V1_FRAME_BYTES - len(data))
 
 
+# Headers of frames without a binary part, by text length (with its NUL), built once each.
+_V2_TEXT_HEADERS = [b"%12d %12d " % (n, 0) for n in range(1024)]
+
+
 def encode_v2(text: str | bytes, binary: bytes = b"") -> bytes:
     """One v2 frame in DCSS's own form: `%12d %12d ` header, text + NUL (counted), binary."""
     data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
     if b"\0" in data:
         raise ProtocolError("DCS text must not contain NUL")
-    return b"%12d %12d " % (len(data) + 1, len(binary)) + data + b"\0" + binary
+    n = len(data) + 1
+    if not binary and n < 1024:
+        return _V2_TEXT_HEADERS[n] + data + b"\0"
+    return b"%12d %12d " % (n, len(binary)) + data + b"\0" + binary
 
 
 def _fast_v2_lengths(header: bytes | bytearray | memoryview) -> tuple[int, int] | None:
@@ -1008,11 +1052,14 @@ def parse_v2_header(
     return text_len, bin_len
 
 
+_STRIP = b" \t\n\v\f\r"
+
+
 def _clean_text(data: bytes) -> bytes:
     cut = data.find(b"\0")
     if cut >= 0:
         data = data[:cut]
-    return data.rstrip(b" \t\n\v\f\r")
+    return data.rstrip(_STRIP)
 
 
 class DcssCodec:
@@ -1053,6 +1100,8 @@ class DcssCodec:
         else:
             buf = data if isinstance(data, bytes) else bytes(data)
         out: list[Message] = []
+        message = self._message
+        pending = self._pending
         pos = 0
         end = len(buf)
         try:
@@ -1065,32 +1114,51 @@ class DcssCodec:
                     pos += V1_FRAME_BYTES
                     self._in_v1_next = self.level == 1
                 else:
-                    if self._pending is None:
+                    if pending is None:
                         if end - pos < V2_HEADER_BYTES:
                             break
-                        self._pending = parse_v2_header(
-                            buf[pos : pos + V2_HEADER_BYTES],
-                            self.max_text_bytes,
-                            self.max_binary_bytes,
-                        )
-                    text_len, bin_len = self._pending
+                        header = buf[pos : pos + V2_HEADER_BYTES]
+                        parts = header.split()  # DCSS's own "%12d %12d " form, checked below
+                        if len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit():
+                            pending = int(parts[0]), int(parts[1])
+                        if (
+                            pending is None
+                            or pending[0] > self.max_text_bytes
+                            or pending[1] > self.max_binary_bytes
+                        ):  # any other layout, and every error message
+                            pending = parse_v2_header(
+                                header, self.max_text_bytes, self.max_binary_bytes
+                            )
+                    text_len, bin_len = pending
                     start = pos + V2_HEADER_BYTES
-                    if end - start < text_len + bin_len:
+                    stop = start + text_len
+                    if end - stop < bin_len:
                         break
-                    text = _clean_text(buf[start : start + text_len])
-                    binary = buf[start + text_len : start + text_len + bin_len] if bin_len else b""
-                    pos = start + text_len + bin_len
-                    self._pending = None
-                self.frames_in += 1
-                out.append(self._message(text, binary))
+                    text = buf[start:stop]
+                    cut = text.find(0)
+                    if cut >= 0:
+                        text = text[:cut]
+                    text = text.rstrip(_STRIP)
+                    if bin_len:
+                        binary = buf[stop : stop + bin_len]
+                        pos = stop + bin_len
+                    else:
+                        binary = b""
+                        pos = stop
+                    pending = None
+                out.append(message(text, binary))
         finally:
+            self._pending = pending
+            self.frames_in += len(out)
             if pos < end:
                 self._buf += buf[pos:]
         return out
 
     def _message(self, raw: bytes, binary: bytes) -> Message:
-        text, bad = decode_text(raw)
-        if bad:
+        try:
+            text = raw.decode()
+        except UnicodeDecodeError:
+            text, bad = decode_text(raw)
             self.bad_bytes += bad
         try:
             return parse_message(text, binary=binary, raw=raw)
