@@ -282,9 +282,7 @@ class Operation:
             text = f"htos_operation_completed {self.name} {self.handle} {status} {tcl_join(values)}"
         else:
             text = f"htos_operation_completed {self.name} {self.handle} {status}"
-        dhs._send(text)
-        if dhs._flush is not None:
-            dhs._flush()  # the end of an operation: out now, not at the end of the loop turn
+        dhs._send_now(text)  # the end of an operation: out now, not at the end of the loop turn
         dhs.stats["operations_completed"] += 1
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
@@ -693,6 +691,7 @@ class Dhs:
         self.stats: collections.Counter[str] = collections.Counter()
         self.connection_id = 0
         self._send: Callable[[str], None] | None = None
+        self._send_now: Callable[[str], None] = self._queue_and_flush
         self._flush: Callable[[], None] | None = None
         self._dispatch: dict[type[d.Message], Callable[[Any], None]] = {
             d.StohStartOperation: self._start_operation,
@@ -719,18 +718,30 @@ class Dhs:
 
     # ---- connection life
     def connected(
-        self, send_text: Callable[[str], None], flush: Callable[[], None] | None = None
+        self,
+        send_text: Callable[[str], None],
+        flush: Callable[[], None] | None = None,
+        send_now: Callable[[str], None] | None = None,
     ) -> None:
-        """A new connection: `send_text` queues one message text, `flush` writes the queue now."""
+        """A new connection: `send_text` queues one message text, `flush` writes the queue now,
+        `send_now` does both for one text (default: the two calls)."""
         self.connection_id += 1
         self._send = send_text
         self._flush = flush
+        self._send_now = send_now or self._queue_and_flush
+
+    def _queue_and_flush(self, text: str) -> None:
+        if self._send is not None:
+            self._send(text)
+        if self._flush is not None:
+            self._flush()
 
     def disconnected(self) -> None:
         """Forget the connection: cancel every operation and device task, send nothing more."""
         self.connection_id += 1
         self._send = None
         self._flush = None
+        self._send_now = self._queue_and_flush
         dropped = list(self.operations.values())
         self.operations.clear()
         for op in dropped:

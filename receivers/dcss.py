@@ -188,7 +188,7 @@ class DcssReceiver(ReceiverServer):
         self._transport = writer.transport
         self._loop = asyncio.get_running_loop()
         self.connections += 1
-        self.dhs.connected(self._send_text, self._flush_now)
+        self.dhs.connected(self._send_text, self._flush_now, self._send_now)
         self.online.set()
         self.counters.extra["online"] = True
         self.log.info(
@@ -263,6 +263,21 @@ class DcssReceiver(ReceiverServer):
         if not self._flush_scheduled and self._loop is not None:
             self._flush_scheduled = True
             self._loop.call_soon(self._scheduled_flush, self._writer)
+
+    def _send_now(self, text: str) -> None:
+        """Queue one text and write the queue at once (an operation's completion)."""
+        codec = self.codec
+        if self._writer is None or codec is None:
+            self.counters.drop("not_connected")
+            return
+        try:
+            frame = codec.encode_text(text)
+        except ProtocolError as exc:
+            self.counters.error("encode")
+            self.limited.warning("encode", "%s: not sent: %s", self.name, exc)
+            return
+        self._out.append(frame)
+        self._flush(self._writer)
 
     def _scheduled_flush(self, writer: asyncio.StreamWriter) -> None:
         self._flush_scheduled = False

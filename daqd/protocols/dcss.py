@@ -221,6 +221,8 @@ def _braces_balanced(word: str) -> bool:
 def tcl_quote(value: Any) -> str:
     """One value as one Tcl list element: numbers formatted, words with spaces braced."""
     word = value if isinstance(value, str) else format_number(value)
+    if word.isidentifier():  # letters, digits and _: nothing Tcl would read specially
+        return word
     if word == "":
         return "{}"
     if _TCL_PLAIN.fullmatch(word):
