@@ -224,8 +224,14 @@ class DcssReceiver(ReceiverServer):
             )
             codec.bad_bytes = 0
         handle = self.dhs.handle
+        counters = self.counters
+        publish = self._publish if self.queues or self.host.taps_active else None
         for m in messages:
-            self._publish(m)
+            if publish is not None:
+                publish(m)
+            else:  # nobody to hand a record to: count the message, build nothing
+                counters.records += 1
+                counters.bytes += len(m.raw) + len(m.binary)
             if isinstance(m, d.Malformed):
                 self.counters.error("malformed")
             try:
