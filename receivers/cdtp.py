@@ -114,10 +114,12 @@ class CdtpReceiver(ReceiverServer):
         self._changed = asyncio.Event()  # set whenever a sender's run ends
         self._sockets: list[tuple[str, zmq.asyncio.Socket, zmq.asyncio.Socket]] = []
         self._pullers: list[asyncio.Task[None]] = []  # the receive loops, one per socket
+        self._closing = False  # handling what was left in the sockets: never wait for room
 
     # ----- sockets ---------------------------------------------------------------------------
     async def setup(self) -> None:
         s = self.settings
+        self._closing = False
         for i, endpoint in enumerate(s.senders):
             sock = self.host.zmq_context.socket(zmq.PULL)
             sock.setsockopt(zmq.LINGER, 0)
@@ -137,6 +139,7 @@ class CdtpReceiver(ReceiverServer):
 
     async def close(self) -> None:
         sockets, self._sockets = self._sockets, []
+        self._closing = True
         try:
             for endpoint, sock, _ in sockets:
                 # what ZeroMQ already took off the wire is ours (the sender counts it as sent):
@@ -358,7 +361,7 @@ class CdtpReceiver(ReceiverServer):
                 tags[seq_tag] = seq
             out.append(new_record(blocks, tags, source=name, time_ns=now))
         # one hand-over per message: most of the receiver's cost was per-record queueing
-        await self.publish_many(out)
+        await self._hand_on(out)
         sender.seq = last
         sender.records += len(records)
         sender.bytes += nbytes
@@ -401,13 +404,29 @@ class CdtpReceiver(ReceiverServer):
                 Record(name, k, now, {}, (view[at : at + length],))
                 for k, at in zip(range(first, first + n), message.starts, strict=True)
             ]
-        await self.publish_many(out)
+        await self._hand_on(out)
         sender.seq = seqs[-1]
         sender.records += n
         sender.bytes += nbytes
         if not sender.first_data_ns:
             sender.first_data_ns = now
         sender.last_data_ns = now
+
+    async def _hand_on(self, records: list[Record]) -> None:
+        """publish_many; but while closing, records that do not fit in every publisher's queue
+        right now are counted as dropped 'shutdown' instead of waiting for room, so that a
+        stalled publisher cannot hold up stopping."""
+        n = len(records)
+        if self._closing and not all(q.size - q.depth >= n for q in self.queues):
+            self.counters.drop("shutdown", n)
+            self.limited.warning(
+                "shutdown",
+                "%s: stopping, and a publisher's queue is full: %d records dropped",
+                self.name,
+                n,
+            )
+            return
+        await self.publish_many(records)
 
     def _sequence_break(self, sender: Sender, seq: int, last: int) -> None:
         name = sender.name

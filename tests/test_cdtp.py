@@ -725,3 +725,56 @@ async def test_transmitter_keeps_every_kind_of_record_in_order_past_seq_65535(
             want.tags,
             [bytes(x) for x in want.payload],
         ), k
+
+
+async def test_stopping_with_a_stalled_publisher_counts_what_is_left_and_ends(
+    tmp_path: Path,
+) -> None:
+    """Messages waiting at stop whose records do not fit a stuck publisher's queue are counted
+    as dropped 'shutdown'; stopping does not wait for room that never comes."""
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    port = push.bind_to_random_port("tcp://127.0.0.1")
+    # nobody pulls from the transmitter: its begin_run waits for the BOR, its queue fills up
+    host = Host(
+        parse_config(
+            '[daemon]\nname = "t"\ndrain_timeout_s = 0.5\n'
+            + receiver_toml("rx", [f"127.0.0.1:{port}"], ["tx"])
+            + tx_toml("tx", "bor_timeout_s = 60\nqueue_size = 5"),
+            "<test>",
+        )
+    )
+    await host.start()
+    enc = cdtp.Encoder("Raw.stuck")
+
+    def data(first: int) -> bytes:
+        parts: list[cdtp.Block] = []
+        for seq in range(first, first + 10):
+            enc.record_parts(seq, {}, [bytes(100)], parts)
+        return enc.data_message(10, parts)
+
+    stopped = False
+    try:
+        rx = host.receivers["rx"]
+        assert isinstance(rx, CdtpReceiver)
+        await host.begin_run("stuck")
+        push.send(enc.encode(cdtp.BeginOfRun("Raw.stuck"))[0])
+        push.send(data(1))
+        await until(lambda: host.queues["tx"].depth == 5, what="a full queue")
+        push.send(data(11))
+        [(_, sock, _)] = rx._sockets
+        poller = zmq.Poller()
+        poller.register(zmq.Socket.shadow(sock.underlying), zmq.POLLIN)
+        assert poller.poll(30_000), "the second DATA message never reached the receiver's socket"
+        started = time.monotonic()
+        await asyncio.wait_for(host.stop(), 30)
+        stopped = True
+        assert time.monotonic() - started < 20
+    finally:
+        if not stopped:
+            await host.stop()
+        push.close()
+        ctx.term()
+    assert rx.counters.drops["shutdown"] == 10  # the second message, waiting in ZeroMQ
+    assert rx.senders["Raw.stuck"].seq == 20
