@@ -254,40 +254,35 @@ class DcssReceiver(ReceiverServer):
         self.publish_nowait(self.new_record(payload, tags))
 
     # ---- sending: coalesced into one write per event-loop turn
-    def _send_text(self, text: str) -> None:
+    def _queue(self, text: str) -> bool:
+        """Frame one text into the outgoing queue; False (counted) if it cannot be sent."""
         codec = self.codec
         if self._writer is None or codec is None:
             self.counters.drop("not_connected")
-            return
+            return False
         try:
-            frame = codec.encode_text(text)
+            self._out.append(codec.encode_text(text))
         except ProtocolError as exc:
             self.counters.error("encode")
             self.limited.warning("encode", "%s: not sent: %s", self.name, exc)
-            return
-        self._out.append(frame)
-        if not self._flush_scheduled and self._loop is not None:
+            return False
+        return True
+
+    def _send_text(self, text: str) -> None:
+        """Queue one text; the queue is written at the end of this event-loop turn."""
+        if self._queue(text) and not self._flush_scheduled and self._loop is not None:
             self._flush_scheduled = True
             self._loop.call_soon(self._scheduled_flush, self._writer)
 
     def _send_now(self, text: str) -> None:
         """Queue one text and write the queue at once (an operation's completion)."""
-        codec = self.codec
-        if self._writer is None or codec is None:
-            self.counters.drop("not_connected")
-            return
-        try:
-            frame = codec.encode_text(text)
-        except ProtocolError as exc:
-            self.counters.error("encode")
-            self.limited.warning("encode", "%s: not sent: %s", self.name, exc)
-            return
-        self._out.append(frame)
-        self._flush(self._writer)
+        if self._queue(text):
+            self._flush_now()
 
-    def _scheduled_flush(self, writer: asyncio.StreamWriter) -> None:
+    def _scheduled_flush(self, writer: asyncio.StreamWriter | None) -> None:
         self._flush_scheduled = False
-        self._flush(writer)
+        if writer is not None:
+            self._flush(writer)
 
     def _abort(self) -> None:
         if self._writer is not None:
