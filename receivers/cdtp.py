@@ -115,11 +115,13 @@ class CdtpReceiver(ReceiverServer):
         self._sockets: list[tuple[str, zmq.asyncio.Socket, zmq.asyncio.Socket]] = []
         self._pullers: list[asyncio.Task[None]] = []  # the receive loops, one per socket
         self._closing = False  # handling what was left in the sockets: never wait for room
+        self._down: set[str] = set()  # endpoints disconnected and not connected again since
 
     # ----- sockets ---------------------------------------------------------------------------
     async def setup(self) -> None:
         s = self.settings
         self._closing = False
+        self._down.clear()
         for i, endpoint in enumerate(s.senders):
             sock = self.host.zmq_context.socket(zmq.PULL)
             sock.setsockopt(zmq.LINGER, 0)
@@ -277,6 +279,7 @@ class CdtpReceiver(ReceiverServer):
             event = parse_monitor_message(frames)
             silent_after_disconnect = event["event"] == zmq.EVENT_DISCONNECTED
             if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._down.discard(endpoint)
                 for sender in self.senders.values():
                     if sender.endpoint == endpoint and sender.abort_at is not None:
                         sender.back = True
@@ -284,6 +287,8 @@ class CdtpReceiver(ReceiverServer):
             if event["event"] != zmq.EVENT_DISCONNECTED:
                 continue
             self.counters.extra["disconnects"] = self.counters.extra.get("disconnects", 0) + 1
+            # a BOR still queued behind this event starts a run that is already gone (_bor)
+            self._down.add(endpoint)
             for sender in self.senders.values():
                 if sender.endpoint == endpoint and sender.state is SenderState.BOR_RECEIVED:
                     # messages already queued may still be handled after this event: only a
@@ -467,7 +472,13 @@ class CdtpReceiver(ReceiverServer):
         sender.flags = RunCondition.GOOD
         sender.condition = None
         sender.endpoint = endpoint
-        sender.abort_at = None
+        # a run whose sender disconnected before its BOR was handled ends ABORTED unless it
+        # comes back in time, as one that disconnects later does (_watch)
+        if endpoint in self._down:
+            sender.abort_at = time.monotonic() + self.settings.eor_timeout_s
+        else:
+            sender.abort_at = None
+        sender.back = False
         sender.runs += 1
         sender.user_tags = message.user_tags
         sender.eor_tags = {}

@@ -778,3 +778,31 @@ async def test_stopping_with_a_stalled_publisher_counts_what_is_left_and_ends(
         ctx.term()
     assert rx.counters.drops["shutdown"] == 10  # the second message, waiting in ZeroMQ
     assert rx.senders["Raw.stuck"].seq == 20
+
+
+async def test_a_sender_gone_before_its_bor_is_handled_still_ends_aborted(tmp_path: Path) -> None:
+    """The disconnect can be seen before the messages queued ahead of it are handled: the run
+    those messages start is ended ABORTED all the same."""
+    sim, endpoint = await start_sim("--name", "Sim.g", "--records", "500", "--vanish-after", "50")
+    host = await start_host(receiver_toml("rx", [endpoint], [], "eor_timeout_s = 0.5"))
+    try:
+        rx = host.receivers["rx"]
+        assert isinstance(rx, CdtpReceiver)
+        await host.begin_run("gone")
+        # nothing is handled until the sender is gone and its disconnect was seen
+        for task in rx._pullers:
+            task.cancel()
+        await asyncio.gather(*rx._pullers, return_exceptions=True)
+        await sim.say("go")
+        assert await sim.end() == 0
+        await until(lambda: rx.counters.extra.get("disconnects"), what="the disconnect")
+        [(endpoint, sock, _)] = rx._sockets
+        await rx._drain(endpoint, sock)  # what the receive loop would have handled late
+        await until(lambda: ended(rx, "Sim.g"), timeout_s=10, what="the substitute EOR")
+        sender = rx.senders["Sim.g"]
+        assert (sender.records, sender.seq) == (50, 50)
+        assert sender.condition == RunCondition.ABORTED
+        assert sender.run_metadata["substitute"] is True
+    finally:
+        await host.stop()
+        await sim.stop()
