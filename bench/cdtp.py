@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import os
 import subprocess
@@ -60,10 +59,11 @@ def hear(proc: subprocess.Popen[str]) -> dict[str, Any]:
 
 
 def daemon_gc() -> None:
-    """The garbage collector settings `daqd serve` applies once its host has started
-    (daqd/daemon.py), so that the in-process hosts here run as the daemon does."""
-    gc.freeze()
-    gc.set_threshold(50_000, 50, 100)
+    """The process settings `daqd serve` applies once its host has started (garbage collector,
+    malloc), so that the in-process hosts here run as the daemon does."""
+    from daqd.daemon import tune_for_throughput
+
+    tune_for_throughput()
 
 
 # ----- raw pyzmq ------------------------------------------------------------------------------

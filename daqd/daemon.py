@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import gc
 import logging
 import os
@@ -27,10 +28,7 @@ async def serve(config: Config) -> int:
         os.environ["RUNTIME_DIRECTORY"] = d.runtime_dir
     host = Host(config)
     await host.start()
-    # Records are not cyclic: the cycle collector's frequent young-generation passes only cost
-    # per-record time. Freeze what start-up made and collect young objects far less often.
-    gc.freeze()
-    gc.set_threshold(50_000, 50, 100)
+    tune_for_throughput()
 
     async def handle_request(code: str, args: dict[str, Any]) -> Any:
         result = await host.handle_request(code, args)
@@ -82,6 +80,27 @@ async def serve(config: Config) -> int:
         await server.close()
         notifier.close()
     return 0
+
+
+def tune_for_throughput() -> None:
+    """Process settings for a daemon that moves many small objects (also used by benchmarks).
+
+    Records are not cyclic: the cycle collector's frequent young-generation passes only cost
+    per-record time, so freeze what start-up made and collect young objects far less often. And
+    glibc returns the top of the heap to the kernel as soon as it is free, only to ask for it again
+    for the next batch: keep 16 MiB of it (M_TOP_PAD), which measured ~20% less CPU per record in
+    the CDTP transmitter.
+    """
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 100)
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(_M_TOP_PAD, 16 << 20)
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
+_M_TOP_PAD = -2  # glibc malloc.h
 
 
 async def _reload(host: Host, notifier: Notifier) -> None:

@@ -105,6 +105,7 @@ class PublisherQueue:
         self._fast = publisher.sends_now
         self._waiting = False  # the drain task is parked, waiting for records
         self._kick_pending = False
+        self._markers = 0  # run markers in the queue
 
     @property
     def depth(self) -> int:
@@ -140,6 +141,7 @@ class PublisherQueue:
 
     def put_marker(self, kind: Literal["begin", "end"], run: RunInfo) -> None:
         self._items.append(_Marker(kind, run))
+        self._markers += 1
         self._idle.clear()
         self._nonempty.set()
 
@@ -187,9 +189,14 @@ class PublisherQueue:
 
     def _take_batch(self) -> list[Record]:
         items = self._items
-        batch: list[Record] = []
-        while items and len(batch) < MAX_BATCH and not isinstance(items[0], _Marker):
-            batch.append(items.popleft())  # type: ignore[arg-type]
+        batch: list[Record]
+        if not self._markers and len(items) <= MAX_BATCH:
+            batch = list(items)  # type: ignore[arg-type]  # no marker: all records
+            items.clear()
+        else:
+            batch = []
+            while items and len(batch) < MAX_BATCH and not isinstance(items[0], _Marker):
+                batch.append(items.popleft())  # type: ignore[arg-type]
         self._records -= len(batch)
         if not self._space.is_set():
             self._space.set()
@@ -234,6 +241,7 @@ class PublisherQueue:
             head = items[0]
             if isinstance(head, _Marker):
                 items.popleft()
+                self._markers -= 1
                 await self._run_marker(head)
                 continue
             batch = self._take_batch()

@@ -174,6 +174,17 @@ class ReceiverServer:
         self._seq[src] = seq
         return Record(src, seq, time.time_ns() if time_ns is None else time_ns, tags or {}, payload)
 
+    def reserve_seq(self, source: str, n: int) -> int:
+        """Take the next n gap-free seq numbers of `source` at once and return the first: for
+        receivers that build many records in one pass (new_record takes them one by one)."""
+        first = self._seq.get(source, 0) + 1
+        self._seq[source] = first + n - 1
+        return first
+
+    def adopt_seq(self, source: str, seq: int) -> None:
+        """Records of `source` were numbered elsewhere (a worker process): go on from `seq`."""
+        self._seq[source] = seq
+
     def publish_nowait(self, record: Record) -> bool:
         """Hand a record to every publisher in publish_to without waiting (UDP callbacks).
 
@@ -199,8 +210,12 @@ class ReceiverServer:
                 for r in records:
                     self.host.tap(self.name, r)
             return
-        for r in records:
-            await self.publish(r)
+        for i, r in enumerate(records):
+            try:
+                await self.publish(r)
+            except asyncio.CancelledError:  # stopping mid-batch: what is left is counted, not lost
+                self.counters.drop("cancelled", n - i)
+                raise
 
     async def publish(self, record: Record) -> bool:
         """Hand a record on, waiting while a `block`-policy queue is full (backpressure)."""

@@ -210,7 +210,7 @@ class WorkerReceiver(ReceiverServer):
         except Exception:
             self.counters.error("bad_worker_data")
             return
-        self._seq[record.source] = record.seq  # the worker numbered it; run totals come from here
+        self.adopt_seq(record.source, record.seq)  # the worker numbered it; run totals use it
         await self.publish(record)
 
     async def _wait_mark(self, kind: str, ident: str, timeout_s: float) -> None:

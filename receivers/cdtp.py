@@ -396,8 +396,7 @@ class CdtpReceiver(ReceiverServer):
         view, length = message.frame, message.length
         # daqd's own gap-free seq of this source, counted as new_record counts it (one call per
         # record of that was a good part of the receiver's time)
-        first = self._seq.get(name, 0) + 1
-        self._seq[name] = first + n - 1
+        first = self.reserve_seq(name, n)
         seq_tag = self.settings.seq_tag
         if seq_tag:
             out = [
