@@ -52,15 +52,6 @@ class Publisher:
         """Send a batch, in order. Raising counts the batch as dropped ("send_error")."""
         raise NotImplementedError
 
-    # A publisher that can often send without waiting sets this and implements send_now(): the
-    # queue then hands it records in the same loop turn they arrive, with no task switch.
-    sends_now: ClassVar[bool] = False
-
-    def send_now(self, records: list[Record]) -> int:
-        """Send records in order until one would have to wait; return how many were handled
-        (sent, or counted as dropped). The rest go through send() later."""
-        raise NotImplementedError
-
     async def begin_run(self, run: RunInfo) -> None:
         """A run begins; arrives in order with the records."""
 
@@ -102,9 +93,6 @@ class PublisherQueue:
         self._task: asyncio.Task[None] | None = None
         self._closing = ""  # why records are refused once closing: "shutdown", "reconfigure"
         self._inflight = 0  # records handed to send() that it has not returned from
-        self._fast = publisher.sends_now
-        self._waiting = False  # the drain task is parked, waiting for records
-        self._kick_pending = False
         self._markers = 0  # run markers in the queue
 
     @property
@@ -152,40 +140,9 @@ class PublisherQueue:
             self._wake()
 
     def _wake(self) -> None:
-        """Records arrived at an idle queue: send them at the end of this loop turn without a
-        task switch where the publisher can, else wake the drain task."""
+        """Records arrived at an idle queue: wake the drain task."""
         self._idle.clear()
-        if self._fast and self._waiting:
-            if not self._kick_pending:
-                self._kick_pending = True
-                asyncio.get_running_loop().call_soon(self._send_now)
-        else:
-            self._nonempty.set()
-
-    def _send_now(self) -> None:
-        self._kick_pending = False
-        if not self._waiting:  # the drain task is awake: it takes what is queued
-            return
-        items = self._items
-        pub = self.publisher
-        while items and not isinstance(items[0], _Marker):
-            batch = self._take_batch()
-            dropped_before = sum(self.counters.drops.values())
-            try:
-                handled = pub.send_now(batch)
-            except Exception as exc:
-                self._failed(batch, exc)
-                continue
-            self._account(batch[:handled], dropped_before)
-            if handled < len(batch):  # it would have to wait: the drain task takes over
-                rest = batch[handled:]
-                items.extendleft(reversed(rest))
-                self._records += len(rest)
-                break
-        if items:
-            self._nonempty.set()
-        else:
-            self._idle.set()
+        self._nonempty.set()
 
     def _take_batch(self) -> list[Record]:
         items = self._items
@@ -232,11 +189,7 @@ class PublisherQueue:
             if not items:
                 self._nonempty.clear()
                 self._idle.set()
-                self._waiting = True
-                try:
-                    await self._nonempty.wait()
-                finally:
-                    self._waiting = False
+                await self._nonempty.wait()
                 continue
             head = items[0]
             if isinstance(head, _Marker):
