@@ -2,7 +2,7 @@
 against a bare uvloop datagram counter measured in the same run.
 
 For each datagram size, a sender process offers rising paced rates for one second each; a rate is
-lossless when every datagram arrived. We print the highest lossless rate for each side and their
+lossless when every datagram arrived in one of two trials (the same rule for both sides). We print the highest lossless rate for each side and their
 ratio, and for daqd we check that every datagram lost at the first lossy rate is explained by a
 counter (kernel drops, queue drops, high-water-mark drops).
 
@@ -23,8 +23,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-RATES = [10_000, 20_000, 40_000, 60_000, 80_000, 100_000, 130_000, 160_000, 200_000, 250_000]
+RATES = [10_000, 20_000, 40_000, 60_000, 80_000, 90_000, 100_000, 115_000, 130_000, 145_000]
+RATES += [160_000, 180_000, 200_000, 225_000, 250_000]
 STEP_S = 1.0
+TRIES = 2  # a rate counts as lossless if one of this many trials loses nothing (both sides alike)
 RCVBUF = 8 << 20
 
 
@@ -112,10 +114,13 @@ def measure_bare(size: int, rates: list[int]) -> tuple[int, float]:
     best, total_sent, cpu0 = 0, 0, _cpu(proc.pid)
     try:
         for rate in rates:
-            before = count.value
-            sent = step(("127.0.0.1", port.value), rate, size)
-            total_sent += sent
-            got = settle(lambda: count.value, before + sent) - before
+            for _ in range(TRIES):
+                before = count.value
+                sent = step(("127.0.0.1", port.value), rate, size)
+                total_sent += sent
+                got = settle(lambda: count.value, before + sent) - before
+                if got >= sent:
+                    break
             if got < sent:
                 break
             best = rate
@@ -208,10 +213,13 @@ def measure_daqd(size: int, rates: list[int]) -> tuple[int, float, dict[str, int
         # count from here on: what the primer sent before the SUB was known to the PUB is gone
         base_kernel, base_pub = drops(client.request("STAT"))
         for rate in rates:
-            before = count.value
-            sent = step(addr, rate, size)
-            sent_total += sent
-            got = settle(lambda: count.value, before + sent) - before
+            for _ in range(TRIES):
+                before = count.value
+                sent = step(addr, rate, size)
+                sent_total += sent
+                got = settle(lambda: count.value, before + sent) - before
+                if got >= sent:
+                    break
             if got < sent:
                 time.sleep(1.2)  # let the once-a-second kernel drop sampling catch up
                 kernel, pub = drops(client.request("STAT"))
