@@ -158,7 +158,7 @@ def daqd_sender(size: int, count: int) -> None:
             # as receivers hand on what one message held (ReceiverServer.publish_many): in one
             # queue operation while the queue has room, else record by record as room comes
             if queue.size - queue.depth >= len(batch):
-                queue.put_many(batch)
+                queue.put_many(batch, size * len(batch))
             else:
                 for record in batch:
                     await queue.put(record)

@@ -94,38 +94,45 @@ class PublisherQueue:
         self._closing = ""  # why records are refused once closing: "shutdown", "reconfigure"
         self._inflight = 0  # records handed to send() that it has not returned from
         self._markers = 0  # run markers in the queue
+        self._bytes = 0  # payload bytes of the queued records, tallied as they come in
 
     @property
     def depth(self) -> int:
         return self._records
 
-    def put_nowait(self, record: Record) -> bool:
+    def put_nowait(self, record: Record, nbytes: int | None = None) -> bool:
+        """Queue a record if there is room (`nbytes`: its payload size, if the caller has it)."""
         if self._closing:
             self.counters.drop(self._closing)
             return False
         if self._records >= self.size:
             self.counters.drop("queue_full")
             return False
-        self._append(record)
+        self._items.append(record)
+        self._records += 1
+        self._bytes += record.nbytes if nbytes is None else nbytes
+        if not self._nonempty.is_set():
+            self._wake()
         return True
 
-    def put_many(self, records: Sequence[Record]) -> None:
+    def put_many(self, records: Sequence[Record], nbytes: int | None = None) -> None:
         """Queue a batch the caller has checked fits (ReceiverServer.publish_many)."""
         if self._closing:
             self.counters.drop(self._closing, len(records))
             return
         self._items.extend(records)
         self._records += len(records)
+        self._bytes += sum(r.nbytes for r in records) if nbytes is None else nbytes
         if not self._nonempty.is_set():
             self._wake()
 
-    async def put(self, record: Record) -> bool:
+    async def put(self, record: Record, nbytes: int | None = None) -> bool:
         if not self.block:
-            return self.put_nowait(record)
+            return self.put_nowait(record, nbytes)
         while self._records >= self.size and not self._closing:
             self._space.clear()
             await self._space.wait()
-        return self.put_nowait(record)
+        return self.put_nowait(record, nbytes)
 
     def put_marker(self, kind: Literal["begin", "end"], run: RunInfo) -> None:
         self._items.append(_Marker(kind, run))
@@ -133,31 +140,29 @@ class PublisherQueue:
         self._idle.clear()
         self._nonempty.set()
 
-    def _append(self, record: Record) -> None:
-        self._items.append(record)
-        self._records += 1
-        if not self._nonempty.is_set():
-            self._wake()
-
     def _wake(self) -> None:
         """Records arrived at an idle queue: wake the drain task."""
         self._idle.clear()
         self._nonempty.set()
 
-    def _take_batch(self) -> list[Record]:
+    def _take_batch(self) -> tuple[list[Record], int]:
+        """The next records up to a run marker (at most MAX_BATCH), and their payload bytes."""
         items = self._items
         batch: list[Record]
         if not self._markers and len(items) <= MAX_BATCH:
             batch = list(items)  # type: ignore[arg-type]  # no marker: all records
             items.clear()
+            nbytes, self._bytes = self._bytes, 0
         else:
             batch = []
             while items and len(batch) < MAX_BATCH and not isinstance(items[0], _Marker):
                 batch.append(items.popleft())  # type: ignore[arg-type]
+            nbytes = sum(r.nbytes for r in batch)
+            self._bytes -= nbytes
         self._records -= len(batch)
         if not self._space.is_set():
             self._space.set()
-        return batch
+        return batch, nbytes
 
     def _failed(self, batch: list[Record], exc: Exception) -> None:
         self.counters.error("send")
@@ -166,13 +171,12 @@ class PublisherQueue:
             "send", "%s: send of %d records failed: %r", self.publisher.name, len(batch), exc
         )
 
-    def _account(self, batch: list[Record], dropped_before: int) -> None:
+    def _account(self, batch: list[Record], nbytes: int, dropped_before: int) -> None:
         """Count what was sent: the batch less what send() itself counted as dropped (high-water
         mark, outside a run); and show it to a live tap."""
         dropped = sum(self.counters.drops.values()) - dropped_before
         sent = len(batch) - dropped
         if sent > 0:
-            nbytes = sum(r.nbytes for r in batch)
             self.counters.count(nbytes if not dropped else nbytes * sent // len(batch), sent)
         host = self.publisher.host
         if host.taps_active:
@@ -197,7 +201,7 @@ class PublisherQueue:
                 self._markers -= 1
                 await self._run_marker(head)
                 continue
-            batch = self._take_batch()
+            batch, nbytes = self._take_batch()
             dropped_before = sum(self.counters.drops.values())
             self._inflight = len(batch)
             try:
@@ -209,7 +213,7 @@ class PublisherQueue:
                 continue
             finally:
                 self._inflight = 0
-            self._account(batch, dropped_before)
+            self._account(batch, nbytes, dropped_before)
 
     async def _run_marker(self, marker: _Marker) -> None:
         pub = self.publisher

@@ -190,10 +190,11 @@ class ReceiverServer:
 
         Returns False if any publisher had to drop it (its queue was full); that drop is counted there.
         """
-        self.counters.count(record.nbytes)
+        nbytes = record.nbytes
+        self.counters.count(nbytes)
         ok = True
         for q in self.queues:
-            ok = q.put_nowait(record) and ok
+            ok = q.put_nowait(record, nbytes) and ok
         if self.host.taps_active:
             self.host.tap(self.name, record)
         return ok
@@ -203,9 +204,10 @@ class ReceiverServer:
         where every queue has room for all of it; otherwise record by record, as publish()."""
         n = len(records)
         if all(q.size - q.depth >= n for q in self.queues):
-            self.counters.count(sum(r.nbytes for r in records), n)
+            nbytes = sum(r.nbytes for r in records)
+            self.counters.count(nbytes, n)
             for q in self.queues:
-                q.put_many(records)
+                q.put_many(records, nbytes)
             if self.host.taps_active:
                 for r in records:
                     self.host.tap(self.name, r)
@@ -219,10 +221,11 @@ class ReceiverServer:
 
     async def publish(self, record: Record) -> bool:
         """Hand a record on, waiting while a `block`-policy queue is full (backpressure)."""
-        self.counters.count(record.nbytes)
+        nbytes = record.nbytes
+        self.counters.count(nbytes)
         ok = True
         for q in self.queues:
-            ok = await q.put(record) and ok
+            ok = await q.put(record, nbytes) and ok
         if self.host.taps_active:
             self.host.tap(self.name, record)
         return ok
