@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import signal
 import socket
 import struct
+import sys
 import time
 from importlib import resources
+from pathlib import Path
 
 import click
 import zmq
@@ -116,7 +119,24 @@ async def run_demo(seconds: float, rate: int, directory: str) -> None:
         f"demo: sent {sent} datagrams, received {rec.records}, "
         f"kernel drops {rec.drops.get('kernel', 0)}; run {run.run_id} ended {run.condition.describe()}"
     )
+    daqd = _command_name()
     for f in run_files:
         click.echo(
-            f"run file: {f}\n  read it with: daqd dump {f} --limit 5\n  check it with: daqd dump {f} --verify"
+            f"run file: {f}\n  read it with: {daqd} dump {f} --limit 5"
+            f"\n  check it with: {daqd} dump {f} --verify"
         )
+
+
+def _command_name() -> str:
+    """How the user can run `daqd` again: plain `daqd` if it is on PATH, else the path used now
+    (after `make demo`, `.venv/bin/daqd`)."""
+    used = Path(sys.argv[0])
+    found = shutil.which("daqd")
+    if found and used.name == "daqd" and Path(found).resolve() == used.resolve():
+        return "daqd"
+    if used.name == "daqd":
+        try:
+            return str(used.resolve().relative_to(Path.cwd()))
+        except ValueError:
+            return str(used.resolve())
+    return "daqd"
