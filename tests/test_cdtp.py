@@ -28,19 +28,9 @@ from daqd.sim.cdtp import record_blocks
 from publishers.cdtp import CdtpPublisher
 from receivers.cdtp import CdtpReceiver, SenderState
 
+from .conftest import wait_for
+
 DAQD = str(Path(sys.executable).parent / "daqd")
-
-
-async def until(predicate: Callable[[], Any], timeout_s: float = 30.0, what: str = "") -> Any:
-    """Wait for `predicate()` to be truthy, polling; fail after a generous timeout."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what or predicate}")
-        await asyncio.sleep(0.02)
 
 
 class Proc:
@@ -140,7 +130,7 @@ async def test_sim_to_receiver_keeps_every_record_and_reports_a_gap(tmp_path: Pa
         await host.begin_run("gap")
         await sim.say("go")
         assert (await sim.line())["runs"][0]["records"] == 298
-        await until(lambda: ended(rx, "Sim.a"), what="the EOR")
+        await wait_for(lambda: ended(rx, "Sim.a"), what="the EOR")
         run = await host.end_run()
         await host.queues["disk"].drained()
     finally:
@@ -174,7 +164,7 @@ async def test_a_sender_that_vanishes_mid_run_ends_aborted(tmp_path: Path) -> No
         await host.begin_run("vanish")
         await sim.say("go")
         assert await sim.end() == 0
-        await until(lambda: ended(rx, "Sim.v"), what="the substitute EOR")
+        await wait_for(lambda: ended(rx, "Sim.v"), what="the substitute EOR")
         run = await host.end_run()
         # the daqd run holding that sender's data is incomplete (records missing), not aborted
         assert run.condition == RunCondition.INCOMPLETE
@@ -196,7 +186,7 @@ async def test_end_of_run_waits_for_eors_then_aborts_the_silent(tmp_path: Path) 
         assert isinstance(rx, CdtpReceiver)
         await host.begin_run("slow")
         await sim.say("go")
-        await until(lambda: rx.counters.records >= 5, what="some records")
+        await wait_for(lambda: rx.counters.records >= 5, what="some records")
         started = time.monotonic()
         await host.end_run()
         assert time.monotonic() - started >= 0.45  # it waited eor_timeout_s for the EOR
@@ -235,7 +225,7 @@ async def test_bad_messages_are_counted_and_other_senders_carry_on(tmp_path: Pat
             enc.record_parts(seq, {}, [b"y"], parts)
             await bad.send(enc.data_message(1, parts))
         await bad.send(enc.encode(cdtp.EndOfRun("Bad.one", {}, {"data_records": 3}))[0])
-        await until(lambda: ended(rx, "Bad.one") and ended(rx, "Sim.good"), what="both EORs")
+        await wait_for(lambda: ended(rx, "Bad.one") and ended(rx, "Sim.good"), what="both EORs")
         await host.end_run()
         await host.queues["disk"].drained()
     finally:
@@ -262,7 +252,7 @@ async def test_receive_from_refuses_other_senders(tmp_path: Path) -> None:
         assert isinstance(rx, CdtpReceiver)
         await sim.say("go")
         await sim.line()
-        await until(lambda: rx.counters.errors.get("protocol", 0) >= 2, what="refusals")
+        await wait_for(lambda: rx.counters.errors.get("protocol", 0) >= 2, what="refusals")
         assert rx.counters.records == 0
         assert set(rx.senders) == {"Sim.wanted"}
         assert rx.cmd_senders()["Sim.wanted"]["state"] == "NOT_CONNECTED"
@@ -295,13 +285,13 @@ async def test_transmitter_to_receiver_64k_batches_and_run_metadata(tmp_path: Pa
     try:
         rx1, rx2 = a.receivers["rx1"], b.receivers["rx2"]
         assert isinstance(rx1, CdtpReceiver) and isinstance(rx2, CdtpReceiver)
-        await until(lambda: "daqd.tx" in rx2.senders, what="the BOR")
+        await wait_for(lambda: "daqd.tx" in rx2.senders, what="the BOR")
         assert rx2.senders["daqd.tx"].user_tags == {"u": 1}
         assert rx2.senders["daqd.tx"].configuration["_data"]["payload_threshold"] == 128
         await sim.say("go")
-        await until(lambda: ended(rx1, "Sim.big"), what="upstream EOR")
+        await wait_for(lambda: ended(rx1, "Sim.big"), what="upstream EOR")
         await a.end_run(RunCondition.TAINTED)
-        await until(lambda: ended(rx2, "daqd.tx"), what="EOR from our transmitter")
+        await wait_for(lambda: ended(rx2, "daqd.tx"), what="EOR from our transmitter")
         await b.end_run()
         await b.queues["disk"].drained()
     finally:
@@ -330,7 +320,7 @@ async def test_tag_only_records_leave_on_the_flush_timer(tmp_path: Path) -> None
         rx2 = b.receivers["rx2"]
         await sim.say("go")
         # no end of run yet: only the flush timer can have sent them
-        await until(lambda: rx2.counters.records == 5, what="5 tag-only records")
+        await wait_for(lambda: rx2.counters.records == 5, what="5 tag-only records")
         assert a.run is not None
     finally:
         await a.stop()
@@ -352,9 +342,9 @@ async def test_a_record_too_big_for_a_message_is_refused_and_shows_as_a_gap(
         rx1, rx2 = a.receivers["rx1"], b.receivers["rx2"]
         assert isinstance(rx1, CdtpReceiver) and isinstance(rx2, CdtpReceiver)
         await sim.say("go")
-        await until(lambda: ended(rx1, "Sim.huge"), what="upstream EOR")
+        await wait_for(lambda: ended(rx1, "Sim.huge"), what="upstream EOR")
         await a.end_run()
-        await until(lambda: ended(rx2, "daqd.tx"), what="our EOR")
+        await wait_for(lambda: ended(rx2, "daqd.tx"), what="our EOR")
     finally:
         await a.stop()
         await b.stop()
@@ -375,9 +365,9 @@ async def test_batches_are_split_to_stay_under_max_message_bytes(tmp_path: Path)
         rx1, rx2 = a.receivers["rx1"], b.receivers["rx2"]
         assert isinstance(rx1, CdtpReceiver) and isinstance(rx2, CdtpReceiver)
         await sim.say("go")
-        await until(lambda: ended(rx1, "Sim.split"), what="upstream EOR")
+        await wait_for(lambda: ended(rx1, "Sim.split"), what="upstream EOR")
         await a.end_run()
-        await until(lambda: ended(rx2, "daqd.tx"), what="our EOR")
+        await wait_for(lambda: ended(rx2, "daqd.tx"), what="our EOR")
     finally:
         await a.stop()
         await b.stop()
@@ -405,12 +395,12 @@ async def test_transmitter_timeouts_outside_run_and_second_receiver(tmp_path: Pa
     try:
         # no receiver: the BOR times out, the run's records are dropped and counted
         await a.begin_run("nobody")
-        await until(lambda: tx.counters.errors.get("bor_timeout"), what="BOR timeout")
+        await wait_for(lambda: tx.counters.errors.get("bor_timeout"), what="BOR timeout")
         assert tx.counters.extra["state"] == "no_receiver"
         await a.end_run()
         # records outside a run are dropped and counted, never sent without a BOR
         await sim.say("go")
-        await until(lambda: tx.counters.drops.get("outside_run", 0) >= 1, what="outside_run")
+        await wait_for(lambda: tx.counters.drops.get("outside_run", 0) >= 1, what="outside_run")
         # a receiver that takes the BOR and then stalls: the run ends ABORTED
         for _ in range(2):
             pull = ctx.socket(zmq.PULL)
@@ -419,18 +409,18 @@ async def test_transmitter_timeouts_outside_run_and_second_receiver(tmp_path: Pa
             pull.setsockopt(zmq.LINGER, 0)
             pull.connect(tx.addresses["endpoint"])
             pulls.append(pull)
-        await until(lambda: tx.counters.errors.get("second_receiver"), what="second receiver")
+        await wait_for(lambda: tx.counters.errors.get("second_receiver"), what="second receiver")
         assert tx.counters.extra["receivers_connected"] == 2
         pulls.pop().close()
-        await until(lambda: tx.counters.extra["receivers_connected"] == 1, what="disconnect")
+        await wait_for(lambda: tx.counters.extra["receivers_connected"] == 1, what="disconnect")
         await a.begin_run("stalled")
         bor = cdtp.decode([await asyncio.wait_for(pulls[0].recv(), 10)])
         assert isinstance(bor, cdtp.BeginOfRun) and bor.sender == "daqd.tx"
         await sim.say("go")  # a second run of the simulator: 1000 x 64 KiB into a stalled socket
-        await until(lambda: tx.counters.errors.get("data_timeout"), what="data timeout")
+        await wait_for(lambda: tx.counters.errors.get("data_timeout"), what="data timeout")
         assert tx.counters.extra["state"] == "aborted"
         await a.end_run()
-        await until(lambda: tx.counters.errors.get("eor_timeout"), what="EOR timeout")
+        await wait_for(lambda: tx.counters.errors.get("eor_timeout"), what="EOR timeout")
         assert tx.counters.drops["aborted"] >= 1
     finally:
         for pull in pulls:
@@ -463,12 +453,12 @@ async def test_a_message_over_the_limit_is_refused_and_the_link_comes_back(
         await push.send(enc.encode(cdtp.BeginOfRun("Raw.big"))[0])
         await push.send(data(1, 100))
         await push.send(data(2, 20000))  # over the limit: ZeroMQ drops the link unread
-        await until(lambda: rx.counters.errors.get("link_dropped"), what="the relink")
+        await wait_for(lambda: rx.counters.errors.get("link_dropped"), what="the relink")
         # the link is back: a new run goes through; the old one ended ABORTED (no EOR)
         await push.send(enc.encode(cdtp.BeginOfRun("Raw.big"))[0])
         await push.send(data(1, 100))
         await push.send(enc.encode(cdtp.EndOfRun("Raw.big", {}, {"data_records": 1}))[0])
-        await until(lambda: ended(rx, "Raw.big") and rx.senders["Raw.big"].runs == 2, what="EOR")
+        await wait_for(lambda: ended(rx, "Raw.big") and rx.senders["Raw.big"].runs == 2, what="EOR")
         sender = rx.senders["Raw.big"]
         assert sender.condition == RunCondition.GOOD and sender.records == 1
         assert rx.counters.errors["eor_missing"] == 1  # the first run's substitute EOR
@@ -545,7 +535,7 @@ async def test_messages_waiting_in_zeromq_at_stop_are_handled_not_lost(tmp_path:
         assert isinstance(rx, CdtpReceiver)
         await host.begin_run("late")
         push.send(enc.encode(cdtp.BeginOfRun("Raw.late"))[0])
-        await until(lambda: "Raw.late" in rx.senders, what="the BOR")
+        await wait_for(lambda: "Raw.late" in rx.senders, what="the BOR")
         # the receive loop stops here, as when the daemon stops right after this point
         for task in rx._pullers:
             task.cancel()
@@ -600,7 +590,7 @@ async def test_close_finishes_a_flush_that_waits_for_a_slow_receiver() -> None:
                 fed += 1
                 queue.put_nowait(Record("src", fed, 0, {}, [block]))
             await queue.drained()
-            await until(lambda: tx._count == 0, what="the timer to flush")
+            await wait_for(lambda: tx._count == 0, what="the timer to flush")
             if tx._lock.locked():
                 break
         assert tx._lock.locked(), "the socket never filled up"
@@ -652,7 +642,7 @@ async def test_plain_batches_gaps_and_repeats_reach_the_run_file(tmp_path: Path)
                 enc.record_parts(seq, {}, [seq.to_bytes(2, "big") * 300], parts)
             await push.send(enc.data_message(len(batch), parts))
         await push.send(enc.encode(cdtp.EndOfRun("Raw.plain", {}, {"data_records": 101}))[0])
-        await until(lambda: ended(rx, "Raw.plain"), what="the EOR")
+        await wait_for(lambda: ended(rx, "Raw.plain"), what="the EOR")
         await host.end_run()
         await host.queues["disk"].drained()
     finally:
@@ -708,7 +698,7 @@ async def test_transmitter_keeps_every_kind_of_record_in_order_past_seq_65535(
             else:
                 await queue.put(record(k))
         await a.end_run()
-        await until(lambda: ended(rx, "daqd.tx"), what="our EOR")
+        await wait_for(lambda: ended(rx, "daqd.tx"), what="our EOR")
         await b.end_run()
         await b.queues["disk"].drained()
     finally:
@@ -761,7 +751,7 @@ async def test_stopping_with_a_stalled_publisher_counts_what_is_left_and_ends(
         await host.begin_run("stuck")
         push.send(enc.encode(cdtp.BeginOfRun("Raw.stuck"))[0])
         push.send(data(1))
-        await until(lambda: host.queues["tx"].depth == 5, what="a full queue")
+        await wait_for(lambda: host.queues["tx"].depth == 5, what="a full queue")
         push.send(data(11))
         [(_, sock, _)] = rx._sockets
         poller = zmq.Poller()
@@ -795,10 +785,10 @@ async def test_a_sender_gone_before_its_bor_is_handled_still_ends_aborted(tmp_pa
         await asyncio.gather(*rx._pullers, return_exceptions=True)
         await sim.say("go")
         assert await sim.end() == 0
-        await until(lambda: rx.counters.extra.get("disconnects"), what="the disconnect")
+        await wait_for(lambda: rx.counters.extra.get("disconnects"), what="the disconnect")
         [(endpoint, sock, _)] = rx._sockets
         await rx._drain(endpoint, sock)  # what the receive loop would have handled late
-        await until(lambda: ended(rx, "Sim.g"), timeout_s=10, what="the substitute EOR")
+        await wait_for(lambda: ended(rx, "Sim.g"), timeout_s=10, what="the substitute EOR")
         sender = rx.senders["Sim.g"]
         assert (sender.records, sender.seq) == (50, 50)
         assert sender.condition == RunCondition.ABORTED

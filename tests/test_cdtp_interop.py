@@ -20,6 +20,7 @@ from daqd.record import Record
 from daqd.runstate import RunCondition
 from daqd.sim.cdtp import record_blocks
 from receivers.cdtp import CdtpReceiver
+from tests.conftest import wait_for
 from tests.peers import peer_python
 from tests.test_cdtp import (
     Proc,
@@ -30,7 +31,6 @@ from tests.test_cdtp import (
     start_host,
     start_sim,
     tx_toml,
-    until,
 )
 
 pytestmark = pytest.mark.interop
@@ -80,7 +80,7 @@ async def test_constellation_transmitter_to_our_receiver(
         await proc.say("go")
         theirs = await proc.line()
         assert theirs["failures"] == []
-        await until(lambda: ended(rx, "PySender.one"), what="their EOR")
+        await wait_for(lambda: ended(rx, "PySender.one"), what="their EOR")
         run = await host.end_run()
         await host.queues["disk"].drained()
     finally:
@@ -123,7 +123,7 @@ async def test_constellation_transmitter_that_vanishes_ends_aborted(
         await proc.say("go")
         assert (await proc.line())["sent"] == list(range(1, 41))
         assert await proc.end() == 0
-        await until(lambda: ended(rx, "PySender.gone"), what="the substitute EOR")
+        await wait_for(lambda: ended(rx, "PySender.gone"), what="the substitute EOR")
     finally:
         await host.stop()
     sender = rx.senders["PySender.gone"]
@@ -168,7 +168,7 @@ async def test_our_transmitter_to_constellation_receiver(peer: str, case: str) -
         assert isinstance(rx1, CdtpReceiver)
         await a.begin_run("ours")
         await sim.say("go")
-        await until(lambda: ended(rx1, "Sim.src"), what="the simulator's EOR")
+        await wait_for(lambda: ended(rx1, "Sim.src"), what="the simulator's EOR")
         run = await a.end_run()
         theirs = await proc.line()
     finally:
@@ -204,7 +204,7 @@ async def test_our_transmitter_gap_is_incomplete_on_both_sides(peer: str) -> Non
             # record 5 cannot fit in one message: refused, and its sequence number stays used
             size = 10000 if k == 5 else 100
             await queue.put(Record("src", k, 0, {"k": k}, [bytes([k]) * size]))
-        await until(lambda: tx.counters.drops.get("refused") == 1, what="the refusal")
+        await wait_for(lambda: tx.counters.drops.get("refused") == 1, what="the refusal")
         await a.end_run()
         theirs = await proc.line()
     finally:

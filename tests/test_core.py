@@ -22,17 +22,7 @@ from daqd.record import Record
 from daqd.runfile import verify
 from daqd.runstate import RunCondition
 
-
-async def wait_for(predicate: Any, timeout_s: float = 30.0, what: str = "condition") -> None:
-    async def poll() -> None:
-        while not predicate():
-            await asyncio.sleep(0.01)
-
-    try:
-        await asyncio.wait_for(poll(), timeout_s)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
-
+from .conftest import wait_for
 
 tags_st = st.dictionaries(
     st.text(max_size=8), st.one_of(st.integers(-(2**63), 2**64 - 1), st.text(), st.booleans())

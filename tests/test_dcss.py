@@ -21,6 +21,8 @@ from daqd.host import Host
 from daqd.protocols import dcss as d
 from daqd.sim.dcss import DcssSimulator, DhsLink, SimDevice
 
+from .conftest import wait_for
+
 ROOT = Path(__file__).resolve().parent.parent
 T = 20.0  # generous timeout for every wait: the test box is a loaded 2-core machine
 
@@ -162,12 +164,6 @@ async def done(op: Any) -> str:
     return str(await asyncio.wait_for(asyncio.shield(op.done), T))
 
 
-async def until(predicate: Any, what: str) -> None:
-    async with asyncio.timeout(T):
-        while not predicate():
-            await asyncio.sleep(0.005)
-
-
 # ------------------------------------------------------------------ handshake and levels
 
 
@@ -199,7 +195,9 @@ async def test_unknown_name_is_rejected_and_retried_with_backoff(sim: DcssSimula
     await h.start()
     try:
         rx = h.receivers["dhs"]
-        await until(lambda: sum(e == "unknown_name" for _, e in sim.events) >= 2, "two attempts")
+        await wait_for(
+            lambda: sum(e == "unknown_name" for _, e in sim.events) >= 2, T, "two attempts"
+        )
         assert rx.counters.errors.get("rejected", 0) >= 1
         assert rx.state == "running"
     finally:
@@ -216,7 +214,9 @@ async def test_duplicate_name_is_closed_after_a_delay_and_backed_off(
     )
     await second.start()
     try:
-        await until(lambda: second.receivers["dhs"].counters.errors.get("rejected", 0) >= 1, "rej")
+        await wait_for(
+            lambda: second.receivers["dhs"].counters.errors.get("rejected", 0) >= 1, T, "rej"
+        )
         assert any(e == "duplicate" for _, e in sim.events)
         assert sim.online["dhs"].id == 1  # the first DHS is untouched
     finally:
@@ -251,7 +251,7 @@ reconnect_first_s = 0.05
     try:
         await asyncio.wait_for(accepted.wait(), T)
         rx = h.receivers["dhs"]
-        await until(lambda: rx.counters.errors.get("handshake_timeout", 0) >= 1, "timeout")
+        await wait_for(lambda: rx.counters.errors.get("handshake_timeout", 0) >= 1, T, "timeout")
         assert got and all(g == b"" for g in got)  # nothing at all before stoc_send_client_type
     finally:
         await h.stop()
@@ -268,7 +268,7 @@ async def test_fifty_operations_in_flight_with_updates_and_completions(
     link = await online(sim)
     rx: Any = host.receivers["dhs"]
     ops = [link.start_operation("hold", f"n{i}") for i in range(50)]
-    await until(lambda: all(op.updates for op in ops), "50 updates")
+    await wait_for(lambda: all(op.updates for op in ops), T, "50 updates")
     assert len(rx.dhs.operations) == 50
     assert all(op.updates == [f"holding n{i}"] for i, op in enumerate(ops))
     assert all(op.status is None for op in ops)
@@ -277,7 +277,7 @@ async def test_fifty_operations_in_flight_with_updates_and_completions(
     assert statuses == ["normal"] * 50
     for i, op in enumerate(ops):
         assert op.completion is not None and op.completion.args == f"released n{i}"
-    await until(lambda: not rx.dhs.operations, "operation table empty")
+    await wait_for(lambda: not rx.dhs.operations, T, "operation table empty")
     assert sim.stray_completions == []
 
 
@@ -285,7 +285,7 @@ async def test_slow_handlers_do_not_delay_abort_all(sim: DcssSimulator, host: Ho
     link = await online(sim)
     slow_ops = [link.start_operation("slow", str(i)) for i in range(5)]
     polite_op = link.start_operation("polite")
-    await until(lambda: all(op.updates for op in [*slow_ops, polite_op]), "handlers running")
+    await wait_for(lambda: all(op.updates for op in [*slow_ops, polite_op]), T, "handlers running")
     link.move_motor("sample_x", 45.0)  # 40 units at 40/s: a one-second move
     await link.wait_for(lambda m: isinstance(m, d.HtosUpdateMotorPosition), T)
     link.abort_all("soft")
@@ -340,7 +340,9 @@ async def test_motor_configure_and_move_round_trips(sim: DcssSimulator, host: Ho
     link = await online(sim)
     dhs: Any = host.receivers["dhs"].dhs  # type: ignore[attr-defined]
     # sample_x asked for its configuration and got DCSS's 16-field reply
-    await until(lambda: "sample_x" in dhs.devices and dhs.devices["sample_x"].configured, "cfg")
+    await wait_for(
+        lambda: "sample_x" in dhs.devices and dhs.devices["sample_x"].configured, T, "cfg"
+    )
     motor = dhs.devices["sample_x"]
     assert (motor.position, motor.upper_limit, motor.lower_limit) == (5.0, 50.0, -50.0)
     # table_y owns its configuration and pushed it
@@ -360,7 +362,7 @@ async def test_motor_configure_and_move_round_trips(sim: DcssSimulator, host: Ho
 
     # a GUI configure reaches the motor; set position answers with a completion
     link.configure_device("sample_x", position=-3.0, upper_limit=4.0)
-    await until(lambda: motor.position == -3.0 and motor.upper_limit == 4.0, "configure")
+    await wait_for(lambda: motor.position == -3.0 and motor.upper_limit == 4.0, T, "configure")
     mark = len(link.received)
     link.set_motor_position("sample_x", 1.25)
     end = await link.wait_for(lambda m: isinstance(m, d.HtosMotorMoveCompleted), T, mark)
@@ -410,7 +412,7 @@ async def test_reconnect_after_close_sends_nothing_stale(
     rx: Any = host.receivers["dhs"]
     link = await online(sim)
     stuck = [link.start_operation("slow", str(i)) for i in range(3)]
-    await until(lambda: all(op.updates for op in stuck), "operations running")
+    await wait_for(lambda: all(op.updates for op in stuck), T, "operations running")
     link.move_motor("sample_x", 45.0)
     await link.wait_for(lambda m: isinstance(m, d.HtosUpdateMotorPosition), T)
     link.drop(how)

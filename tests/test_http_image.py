@@ -17,6 +17,8 @@ from daqd.http import GrabError, grab, image_bytes
 from daqd.record import Record
 from daqd.runfile import read_items
 
+from .conftest import wait_for
+
 LIMIT = 256 * 1024
 JPEG = "image/jpeg"
 
@@ -51,13 +53,6 @@ async def host() -> AsyncIterator[Host]:
 
 def base_url(host: Host) -> str:
     return f"http://{host.receivers['img'].addresses['listen']}"
-
-
-async def wait_for(predicate: object, timeout_s: float = 20.0) -> None:
-    assert callable(predicate)
-    async with asyncio.timeout(timeout_s):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 async def raw_exchange(

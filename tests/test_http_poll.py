@@ -22,6 +22,8 @@ from daqd.errors import ConfigError, DaqdError
 from daqd.host import Host
 from daqd.http import GrabError, grab, image_bytes
 
+from .conftest import wait_for
+
 SNAPSHOT = "/axis-cgi/jpg/image.cgi"
 USER, PASSWORD = "root", "s3cret-pass"
 REALM = "AXIS_ACCC8E123456"
@@ -152,12 +154,6 @@ async def make_host() -> AsyncIterator[Callable[..., object]]:
     yield make
     for h in hosts:
         await h.stop()
-
-
-async def wait_for(predicate: Callable[[], bool], timeout_s: float = 20.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 async def test_polls_on_a_timer(camera: FakeCamera, make_host: Callable[..., object]) -> None:

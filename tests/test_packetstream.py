@@ -34,17 +34,9 @@ from daqd.protocols.packetstream import (
 )
 from daqd.record import Record
 
+from .conftest import wait_for
+
 WAIT_S = 20.0  # generous: the test box is a loaded 2-core machine
-
-
-async def wait_for(what: Callable[[], bool], timeout: float = WAIT_S) -> None:
-    """Wait until `what()` holds, yielding to the loop; fail after `timeout`."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not what():
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.001)
 
 
 @dataclass

@@ -15,7 +15,7 @@ from daqd.errors import ConfigError
 from daqd.host import Host
 from daqd.runfile import verify
 
-from .conftest import Daemon, wait_until
+from .conftest import Daemon, wait_for, wait_until
 
 BASE = """
 [daemon]
@@ -63,7 +63,7 @@ async def test_untouched_udp_receiver_loses_nothing_across_reconfigure(tmp_path:
 
     stop = asyncio.Event()
     task = asyncio.create_task(stream(stop))
-    await asyncio.wait_for(_until(lambda: sent >= 2000), 30)
+    await wait_for(lambda: sent >= 2000, 30, "2000 datagrams sent")
     changed = await host.reconfigure(text + EXTRA)
     assert changed == ["receiver extra"]
     assert host.receivers["steady"] is steady and steady.state == "running"
@@ -71,7 +71,7 @@ async def test_untouched_udp_receiver_loses_nothing_across_reconfigure(tmp_path:
         await host.reconfigure(text + EXTRA.replace('"line"', '"lines"'))
     assert set(host.receivers) == {"steady", "extra"}
     start = sent
-    await asyncio.wait_for(_until(lambda: sent >= start + 2000), 30)
+    await wait_for(lambda: sent >= start + 2000, 30, "2000 more datagrams sent")
     stop.set()
     await task
 
@@ -79,7 +79,7 @@ async def test_untouched_udp_receiver_loses_nothing_across_reconfigure(tmp_path:
         steady.sample()
         return steady.counters.records + steady.counters.drops.get("kernel", 0) == sent
 
-    await asyncio.wait_for(_until(accounted), 30)
+    await wait_for(accounted, 30, "every datagram accounted for")
     await host.end_run()
     await host.stop()
     tx.close()
@@ -140,7 +140,7 @@ async def test_a_reconfigure_that_fails_part_way_restores_the_running_configurat
         before = rec.counters.records
         for i in range(n):
             tx.sendto(b"%d" % i, (h, int(p)))
-        await asyncio.wait_for(_until(lambda: rec.counters.records == before + n), 30)
+        await wait_for(lambda: rec.counters.records == before + n, 30, f"{n} more records")
 
     await send_and_count(10)
     # change the steady receiver and add one that cannot bind: the change must be undone
@@ -157,8 +157,3 @@ async def test_a_reconfigure_that_fails_part_way_restores_the_running_configurat
     await host.stop()
     busy.close()
     tx.close()
-
-
-async def _until(predicate: Callable[[], bool]) -> None:
-    while not predicate():
-        await asyncio.sleep(0.01)

@@ -24,6 +24,8 @@ from daqd.host import Host
 from daqd.protocols.slowsignal import encode_datagram
 from daqd.sim.slowsignal import Faults, SendStats, TargetModules
 
+from .conftest import wait_for
+
 P = 10  # blocks per packet
 
 
@@ -78,11 +80,10 @@ class Rig:
         return TargetModules(self.target, modules, P, **kw)
 
     async def wait(self, what: str, cond: Callable[[], bool], timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not cond():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}: {self.rec.cmd_stats()}")
-            await asyncio.sleep(0.01)
+        try:
+            await wait_for(cond, timeout, what)
+        except AssertionError as e:
+            raise AssertionError(f"{e}: {self.rec.cmd_stats()}") from None
 
     async def send(self, sim: TargetModules, count: int, faults: Faults | None = None) -> SendStats:
         """Send in a thread at a modest rate, so the receiving loop keeps up in real time."""
