@@ -108,12 +108,13 @@ def test_sighup_reloads_the_file_and_a_bad_file_changes_nothing(
     assert d.stop() == 0
 
 
-def test_under_systemd_log_lines_carry_no_timestamp(workdir: Path) -> None:
-    runtime = workdir / "rt"
-    runtime.mkdir()
-    d = Daemon(workdir, runtime, BASE.format(name="jr", directory=workdir / "d"), "jr")
+def test_under_systemd_log_lines_carry_no_timestamp(
+    daemon: Callable[..., Daemon], workdir: Path
+) -> None:
+    d = daemon(BASE.format(name="jr", directory=workdir / "d"), name="jr", start=False)
     d.env["JOURNAL_STREAM"] = "8:12345"
     d.start()
+    runtime = d.runtime
     assert (runtime / "jr.tap").exists()
     assert d.stop() == 0
     assert not (runtime / "jr.tap").exists() and not (runtime / "jr.ctl").exists()

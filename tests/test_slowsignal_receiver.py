@@ -24,7 +24,7 @@ from daqd.host import Host
 from daqd.protocols.slowsignal import encode_datagram
 from daqd.sim.slowsignal import Faults, SendStats, TargetModules
 
-from .conftest import wait_for
+from .conftest import DAQD, wait_for, wait_until
 
 P = 10  # blocks per packet
 
@@ -375,8 +375,6 @@ def test_bad_settings_name_the_key(tmp_path: Path, key: str, value: Any, words: 
 def test_daemon_with_the_simulator_command_and_daqctl(
     daemon: Callable[..., Any], workdir: Path
 ) -> None:
-    from tests.conftest import DAQD, wait_until
-
     d = daemon(
         f"""
 [daemon]
