@@ -75,14 +75,12 @@ def start_dhs(kind: str, address: str, workdir: Path) -> subprocess.Popen[bytes]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process, from /proc (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def measure(sim: object, in_flight: int, pid: int) -> tuple[float, float]:
     """(round trips/s, DHS CPU microseconds per round trip) over MEASURE_S."""
+    # imported here, not at the top: daqd loads this file as the DHS's handler module, by path,
+    # where bench/ is not on sys.path
+    from _common import cpu_s
+
     from daqd.sim.dcss import DcssSimulator, SimOperation
 
     assert isinstance(sim, DcssSimulator)

@@ -24,6 +24,8 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from _common import JsonChild, cpu_s, serve_json_lines
+
 SIZES = [64 * 1024, 2 * 1024 * 1024]
 CLIENTS = [1, 8]
 WARMUP_S = 0.3
@@ -38,11 +40,6 @@ listen = "127.0.0.1:0"
 """
 
 
-def cpu_s() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
 def run_uvloop(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
     import uvloop
 
@@ -51,16 +48,6 @@ def run_uvloop(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
 
 
 # ----- servers (child processes) -------------------------------------------------------------
-async def _answer(port: int, report: Callable[[], dict[str, Any]]) -> None:
-    """Print the port, then one JSON report per stdin line until 'quit' or EOF."""
-    print(json.dumps({"port": port}), flush=True)
-    while True:
-        line = await asyncio.to_thread(sys.stdin.readline)
-        if not line or line.strip() == "quit":
-            return
-        print(json.dumps(report()), flush=True)
-
-
 async def serve_bare() -> None:
     from aiohttp import web
 
@@ -78,8 +65,9 @@ async def serve_bare() -> None:
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     server: Any = site._server
-    await _answer(
-        server.sockets[0].getsockname()[1], lambda: {"records": received[0], "cpu_s": cpu_s()}
+    await serve_json_lines(
+        {"port": server.sockets[0].getsockname()[1]},
+        lambda: {"records": received[0], "cpu_s": cpu_s()},
     )
     await runner.cleanup()
 
@@ -98,7 +86,7 @@ async def serve_daqd() -> None:
     def report() -> dict[str, Any]:
         return {"records": rec.counters.records, "errors": rec.counters.errors, "cpu_s": cpu_s()}
 
-    await _answer(int(rec.addresses["listen"].rsplit(":", 1)[1]), report)
+    await serve_json_lines({"port": int(rec.addresses["listen"].rsplit(":", 1)[1])}, report)
     await host.stop()
 
 
@@ -137,36 +125,12 @@ async def load(port: int, size: int, clients: int, duration_s: float) -> None:
 
 
 # ----- the orchestrating process -------------------------------------------------------------
-class Server:
+class Server(JsonChild):
+    """This script run with `--serve KIND`: a bare or a daqd image receiver."""
+
     def __init__(self, kind: str) -> None:
-        self.kind = kind
-        self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--serve", kind],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        self.port = int(self._line()["port"])
-
-    def _line(self) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"{self.kind} server exited with {self.proc.wait()}")
-        result: dict[str, Any] = json.loads(line)
-        return result
-
-    def report(self) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write("report\n")
-        self.proc.stdin.flush()
-        return self._line()
-
-    def close(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write("quit\n")
-        self.proc.stdin.flush()
-        self.proc.wait(30)
+        super().__init__(__file__, "--serve", kind)
+        self.port = int(self.ready["port"])
 
 
 def measure(server: Server, size: int, clients: int, duration_s: float) -> tuple[float, float]:

@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _common import cpu_s
+
 RATES = [10_000, 20_000, 40_000, 60_000, 80_000, 90_000, 100_000, 115_000, 130_000, 145_000]
 RATES += [160_000, 180_000, 200_000, 225_000, 250_000]
 STEP_S = 1.0
@@ -111,7 +113,7 @@ def measure_bare(size: int, rates: list[int]) -> tuple[int, float]:
     proc = mp.Process(target=bare_counter, args=(port, count, ready), daemon=True)
     proc.start()
     ready.wait(30)
-    best, total_sent, cpu0 = 0, 0, _cpu(proc.pid)
+    best, total_sent, cpu0 = 0, 0, cpu_s(proc.pid)
     try:
         for rate in rates:
             for _ in range(TRIES):
@@ -125,18 +127,9 @@ def measure_bare(size: int, rates: list[int]) -> tuple[int, float]:
                 break
             best = rate
     finally:
-        cpu = _cpu(proc.pid) - cpu0
+        cpu = cpu_s(proc.pid) - cpu0
         proc.kill()
     return best, cpu / max(count.value, 1) * 1e6
-
-
-def _cpu(pid: int | None) -> float:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except OSError:
-        return 0.0
 
 
 CONFIG = """
@@ -200,7 +193,7 @@ def measure_daqd(size: int, rates: list[int]) -> tuple[int, float, dict[str, int
         time.sleep(0.05)
     primed = settle(lambda: count.value, 10**9, 2.0)
     best, accounting = 0, {}
-    cpu0 = _cpu(proc.pid)
+    cpu0 = cpu_s(proc.pid)
     sent_total = 0
 
     def drops(st: dict[str, Any]) -> tuple[int, int]:
@@ -236,7 +229,7 @@ def measure_daqd(size: int, rates: list[int]) -> tuple[int, float, dict[str, int
                 }
                 break
             best = rate
-        cpu = _cpu(proc.pid) - cpu0
+        cpu = cpu_s(proc.pid) - cpu0
         st = client.request("STAT")
         cpu_us = cpu / max(st["receivers"]["udp"]["records"] - primed, 1) * 1e6
     finally:

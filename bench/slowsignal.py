@@ -23,6 +23,8 @@ import threading
 import time
 from typing import Any
 
+from _common import JsonChild, cpu_s, serve_json_lines
+
 RATES = [1000, 2000, 4000, 8000, 12000, 16000, 20000, 24000, 28000, 32000, 36000, 40000, 48000,
          56000, 64000, 72000, 80000]  # fmt: skip
 MODULES = 32
@@ -49,22 +51,7 @@ endpoint = "tcp://127.0.0.1:0"
 """
 
 
-def cpu_s() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
 # ----- the receiving processes ---------------------------------------------------------------
-async def _serve(report: Any, ready: dict[str, Any]) -> None:
-    """Answer one JSON line per request line on stdin until 'quit'."""
-    print(json.dumps(ready), flush=True)
-    while True:
-        line = await asyncio.to_thread(sys.stdin.readline)
-        if not line or line.strip() == "quit":
-            return
-        print(json.dumps(report()), flush=True)
-
-
 async def serve_bare() -> None:
     from daqd.receiver import kernel_udp_drops
 
@@ -85,7 +72,7 @@ async def serve_bare() -> None:
     def report() -> dict[str, Any]:
         return {"datagrams": proto.n, "cpu_s": cpu_s(), "kernel_drops": kernel_udp_drops(sock)}
 
-    await _serve(report, {"port": sock.getsockname()[1]})
+    await serve_json_lines({"port": sock.getsockname()[1]}, report)
     transport.close()
 
 
@@ -115,7 +102,7 @@ async def serve_daqd() -> None:
         }
 
     port = int(rec.addresses["listen"].rsplit(":", 1)[1])
-    await _serve(report, {"port": port, "endpoint": pub.addresses["endpoint"]})
+    await serve_json_lines({"port": port, "endpoint": pub.addresses["endpoint"]}, report)
     await host.stop()
 
 
@@ -130,41 +117,6 @@ def send(port: int, rate: float, count: int, tack_start_ns: int) -> None:
 
 
 # ----- the orchestrating process -------------------------------------------------------------
-class Child:
-    def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, __file__, *args],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        self.ready = self._line()
-
-    def _line(self) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"{self.proc.args!r} exited with {self.proc.wait()}")
-        result: dict[str, Any] = json.loads(line)
-        return result
-
-    def report(self) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write("report\n")
-        self.proc.stdin.flush()
-        return self._line()
-
-    def close(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write("quit\n")
-        self.proc.stdin.close()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
 class SubCounter(threading.Thread):
     """A ZMQ SUB counting the readouts daqd publishes."""
 
@@ -197,7 +149,7 @@ class SubCounter(threading.Thread):
 _tack = [time.time_ns()]
 
 
-def trial(child: Child, rate: int, duration_s: float, sub: SubCounter | None) -> dict[str, Any]:
+def trial(child: JsonChild, rate: int, duration_s: float, sub: SubCounter | None) -> dict[str, Any]:
     count = max(1, math.ceil(rate * duration_s / MODULES)) * MODULES
     deadline = time.monotonic() + 10.0
     while sub is not None and time.monotonic() < deadline:
@@ -253,7 +205,7 @@ def trial(child: Child, rate: int, duration_s: float, sub: SubCounter | None) ->
 class Ramp:
     """One receiver's way up the rates: the best lossless trial, and why it stopped."""
 
-    def __init__(self, name: str, child: Child, sub: SubCounter | None) -> None:
+    def __init__(self, name: str, child: JsonChild, sub: SubCounter | None) -> None:
         self.name, self.child, self.sub = name, child, sub
         self.best: dict[str, Any] | None = None
         self.capped = False  # the sender could not go faster: the real limit is higher
@@ -308,8 +260,8 @@ def main() -> None:
         "bare and daqd trials interleaved so both see the same load"
     )
     t0 = time.monotonic()
-    bare = Child("--serve", "bare")
-    daqd = Child("--serve", "daqd")
+    bare = JsonChild(__file__, "--serve", "bare")
+    daqd = JsonChild(__file__, "--serve", "daqd")
     sub = SubCounter(daqd.ready["endpoint"])
     sub.start()
     try:
