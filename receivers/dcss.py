@@ -109,6 +109,7 @@ class DcssReceiver(ReceiverServer):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._out: list[bytes] = []
         self._flush_scheduled = False
+        self._dispatching = False  # while received messages are being dispatched
         self._handshake_at: float | None = None
         self._heard = False
         self.counters.extra["dhs"] = self.dhs.stats
@@ -214,7 +215,14 @@ class DcssReceiver(ReceiverServer):
 
     def _data_received(self, data: bytes, codec: d.DcssCodec) -> None:
         self._heard = True
-        self._dispatch(codec.feed(data), codec)
+        # What handlers send while these messages are dispatched goes out in one write at the end
+        # (operations start eagerly, so a quick one is answered in this same write).
+        self._dispatching = True
+        try:
+            self._dispatch(codec.feed(data), codec)
+        finally:
+            self._dispatching = False
+            self._flush_now()
 
     def _dispatch(self, messages: list[d.Message], codec: d.DcssCodec) -> None:
         if codec.bad_bytes:
@@ -269,14 +277,20 @@ class DcssReceiver(ReceiverServer):
         return True
 
     def _send_text(self, text: str) -> None:
-        """Queue one text; the queue is written at the end of this event-loop turn."""
-        if self._queue(text) and not self._flush_scheduled and self._loop is not None:
+        """Queue one text; the queue is written at the end of this dispatch or loop turn."""
+        if (
+            self._queue(text)
+            and not self._dispatching
+            and not self._flush_scheduled
+            and self._loop is not None
+        ):
             self._flush_scheduled = True
             self._loop.call_soon(self._scheduled_flush, self._writer)
 
     def _send_now(self, text: str) -> None:
-        """Queue one text and write the queue at once (an operation's completion)."""
-        if self._queue(text):
+        """Queue one text and write the queue at once (an operation's completion), or at the end
+        of the dispatch under way."""
+        if self._queue(text) and not self._dispatching:
             self._flush_now()
 
     def _scheduled_flush(self, writer: asyncio.StreamWriter | None) -> None:
