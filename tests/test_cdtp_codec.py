@@ -431,3 +431,15 @@ def test_plain_table_is_the_same_message(
     assert [bytes(plain.frame[at : at + length]) for at in plain.starts] == [
         bytes(r.blocks[0]) for r in records
     ]
+
+
+@pytest.mark.parametrize("gap_at", [None, 5, 300, 599])
+def test_plain_table_of_many_records(gap_at: int | None) -> None:
+    """Sequence numbers are read a chunk of records at a time: a long message, in one piece."""
+    seqs = [70000 + i + (gap_at is not None and i >= gap_at) for i in range(600)]
+    records = [cdtp.DataRecord(s, {}, [bytes([s % 256]) * 3]) for s in seqs]
+    [frame] = cdtp.encode(cdtp.Data("S.m", records))
+    plain = cdtp.decode_frame_plain(frame)
+    assert isinstance(plain, cdtp.PlainData)
+    assert plain.seqs == seqs and plain.consecutive == (gap_at is None)
+    assert plain.data() == cdtp.decode_frame(frame) == cdtp.Data("S.m", records)

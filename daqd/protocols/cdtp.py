@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import msgpack
-import numpy as np
 
 from daqd.errors import ProtocolError
 
@@ -35,14 +34,11 @@ MIN_RECORD_BYTES = 4
 UNIFORM_MIN_RECORDS = 8
 
 _PROTOCOL_BYTES = b"\xa5CDTP\x02"
-# bytes after the marker of an unsigned sequence number, and how numpy reads them
+# bytes after the marker of an unsigned sequence number, and how struct reads them
 _SEQ_WIDTHS = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
-_SEQ_DTYPES: dict[int, np.dtype[Any]] = {
-    1: np.dtype(">u1"),
-    2: np.dtype(">u2"),
-    4: np.dtype(">u4"),
-    8: np.dtype(">u8"),
-}
+_SEQ_CODES = {1: "B", 2: "H", 4: "I", 8: "Q"}
+#: A table's sequence numbers are read this many records per struct call (bounds the formats)
+_SEQ_CHUNK = 256
 _U8 = struct.Struct(">B")
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
@@ -129,6 +125,14 @@ _UNPACK_ERRORS = (msgpack.UnpackException, ValueError, TypeError, OverflowError,
 
 def _where(offset: int) -> str:
     return f"at byte {offset}"
+
+
+@functools.lru_cache(maxsize=64)
+def _seq_reader(count: int, stride: int, offset: int, code: str) -> struct.Struct:
+    """Reads the sequence numbers (struct `code`, `offset` bytes into each record) of `count`
+    records laid out `stride` bytes apart, in one call."""
+    rest = stride - offset - struct.calcsize(">" + code)
+    return struct.Struct(">" + f"{offset}x{code}{rest}x" * count)
 
 
 def decode(frames: Sequence[Block], *, max_message_bytes: int = MAX_MESSAGE_BYTES) -> Message:
@@ -308,8 +312,9 @@ class _Reader:
         ]
 
     def uniform_table(self, pos: int, count: int) -> tuple[list[int], bool, range, int] | None:
-        """uniform_records as a table: (seqs, consecutive, block offsets, block length), checked
-        with numpy over the whole table of records at once."""
+        """uniform_records as a table: (seqs, consecutive, block offsets, block length), checked a
+        column of the table at a time (a strided view of the frame) and with the sequence numbers
+        read by one struct call per _SEQ_CHUNK records."""
         view = self.view
         left = self.size - pos
         if left % count:
@@ -332,24 +337,21 @@ class _Reader:
         head -= pos
         if head + length != stride:
             return None
-        table = np.frombuffer(view, np.uint8, left, pos).reshape(count, stride)
-        fixed = table[:, 2 + seq_bytes : head] if seq_bytes else table[:, 2:head]
-        if not (table[:, 0] == 0x93).all() or not (fixed == fixed[0]).all():
-            return None
-        if seq_bytes:
-            if not (table[:, 1] == b).all():
+        # every byte of a record's head but its sequence number is the first record's
+        for column in (0, 1, *range(2 + seq_bytes, head)) if seq_bytes else (0, *range(2, head)):
+            if view[pos + column :: stride] != bytes((view[pos + column],)) * count:
                 return None
-            seqs = np.ascontiguousarray(table[:, 2 : 2 + seq_bytes]).view(_SEQ_DTYPES[seq_bytes])
-        else:
-            seqs = table[:, 1]
-            if not (seqs < 0x80).all():
-                return None
+        offset, code = (2, _SEQ_CODES[seq_bytes]) if seq_bytes else (1, "B")
+        seqs: list[int] = []
+        end = pos + left
+        for start in range(pos, end, _SEQ_CHUNK * stride):
+            n = min(_SEQ_CHUNK, (end - start) // stride)
+            seqs += _seq_reader(n, stride, offset, code).unpack_from(view, start)
+        if not seq_bytes and max(seqs) >= 0x80:
+            return None  # not positive fixints: left to the record parser
+        steady = seqs == list(range(seqs[0], seqs[0] + count))
         first = pos + head
-        values = seqs.ravel()
-        listed: list[int] = values.tolist()
-        # each one more than the one before (the span check rules out a wrap of the 64-bit diff)
-        steady = listed[-1] - listed[0] == count - 1 and bool((np.diff(values) == 1).all())
-        return listed, steady, range(first, first + left, stride), length
+        return seqs, steady, range(first, first + left, stride), length
 
     def check_end(self, pos: int) -> None:
         if pos != self.size:
