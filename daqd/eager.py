@@ -34,15 +34,10 @@ def start_eagerly(
     context = contextvars.copy_context()
     task = loop.create_task(rest, name=name, context=context)
     # asyncio's own hooks for "this task is running", as Task.__step uses them around each step
-    outer = None
-    try:
-        _enter_task(loop, task)
-    except RuntimeError:  # called from inside another task: it steps aside for this step
-        outer = asyncio.current_task(loop)
-        if outer is None:
-            raise
+    outer = asyncio.current_task(loop)  # set when called from inside another task
+    if outer is not None:
         _leave_task(loop, outer)
-        _enter_task(loop, task)
+    _enter_task(loop, task)
     try:
         context.run(rest.first_step)
     finally:
