@@ -85,7 +85,9 @@ class PublisherQueue:
         self.limited = LimitedLogger(publisher.log)
         self._items: deque[Record | _Marker] = deque()
         self._records = 0
-        self._nonempty = asyncio.Event()
+        # the drain task waits (or is about to) for items on _waiter; a put then wakes it
+        self._sleeping = True
+        self._waiter: asyncio.Future[None] | None = None
         self._space = asyncio.Event()
         self._space.set()
         self._idle = asyncio.Event()
@@ -111,19 +113,26 @@ class PublisherQueue:
         self._items.append(record)
         self._records += 1
         self._bytes += record.nbytes if nbytes is None else nbytes
-        if not self._nonempty.is_set():
+        if self._sleeping:
             self._wake()
         return True
 
     def put_many(self, records: Sequence[Record], nbytes: int | None = None) -> None:
-        """Queue a batch the caller has checked fits (ReceiverServer.publish_many)."""
+        """Queue a batch in order (`nbytes`: its payload size, if the caller has it). Without
+        room for all of it, what fits is queued and the rest counted as dropped "queue_full"."""
         if self._closing:
             self.counters.drop(self._closing, len(records))
             return
+        room = self.size - self._records
+        if room < len(records):
+            self.counters.drop("queue_full", len(records) - max(room, 0))
+            if room <= 0:
+                return
+            records, nbytes = records[:room], None
         self._items.extend(records)
         self._records += len(records)
         self._bytes += sum(r.nbytes for r in records) if nbytes is None else nbytes
-        if not self._nonempty.is_set():
+        if self._sleeping:
             self._wake()
 
     async def put(self, record: Record, nbytes: int | None = None) -> bool:
@@ -137,13 +146,18 @@ class PublisherQueue:
     def put_marker(self, kind: Literal["begin", "end"], run: RunInfo) -> None:
         self._items.append(_Marker(kind, run))
         self._markers += 1
-        self._idle.clear()
-        self._nonempty.set()
+        self._wake()
 
     def _wake(self) -> None:
-        """Records arrived at an idle queue: wake the drain task."""
+        """Items arrived: wake the drain task if it waits for them (a bare future is cheaper
+        than an asyncio.Event, and this runs once per batch)."""
+        self._sleeping = False
         self._idle.clear()
-        self._nonempty.set()
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _take_batch(self) -> tuple[list[Record], int]:
         """The next records up to a run marker (at most MAX_BATCH), and their payload bytes."""
@@ -189,11 +203,13 @@ class PublisherQueue:
     async def _drain_forever(self) -> None:
         items = self._items
         pub = self.publisher
+        loop = asyncio.get_running_loop()
         while True:
             if not items:
-                self._nonempty.clear()
+                self._sleeping = True
                 self._idle.set()
-                await self._nonempty.wait()
+                self._waiter = loop.create_future()
+                await self._waiter
                 continue
             head = items[0]
             if isinstance(head, _Marker):

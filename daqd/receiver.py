@@ -30,6 +30,8 @@ StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable
 # Linux's SO_RCVBUFFORCE, which Python's socket module does not export
 _SO_RCVBUFFORCE = 33 if sys.platform.startswith("linux") else None
 
+_time_ns = time.time_ns
+
 RESTART_FIRST_S = 0.5
 RESTART_MAX_S = 30.0
 RESTART_LIMIT = 5  # failures within RESTART_WINDOW_S after which a receiver is marked failed
@@ -170,9 +172,9 @@ class ReceiverServer:
     ) -> Record:
         """A record with the next gap-free seq of its source (default: this receiver's name)."""
         src = self.name if source is None else source
-        seq = self._seq.get(src, 0) + 1
-        self._seq[src] = seq
-        return Record(src, seq, time.time_ns() if time_ns is None else time_ns, tags or {}, payload)
+        seqs = self._seq
+        seq = seqs[src] = seqs.get(src, 0) + 1
+        return Record(src, seq, _time_ns() if time_ns is None else time_ns, tags or {}, payload)
 
     def reserve_seq(self, source: str, n: int) -> int:
         """Take the next n gap-free seq numbers of `source` at once and return the first: for
@@ -198,6 +200,19 @@ class ReceiverServer:
         if self.host.taps_active:
             self.host.tap(self.name, record)
         return ok
+
+    def publish_many_nowait(self, records: Sequence[Record], nbytes: int | None = None) -> None:
+        """publish_nowait for a batch (`nbytes`: its payload size, if the caller has it), in
+        order, with one queue operation per publisher: a queue without room for all of it takes
+        what fits and counts the rest as dropped there."""
+        if nbytes is None:
+            nbytes = sum([r.nbytes for r in records])
+        self.counters.count(nbytes, len(records))
+        for q in self.queues:
+            q.put_many(records, nbytes)
+        if self.host.taps_active:
+            for r in records:
+                self.host.tap(self.name, r)
 
     async def publish_many(self, records: Sequence[Record]) -> None:
         """Hand a batch on in order: one queue operation per publisher instead of one per record

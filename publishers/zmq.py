@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-from collections.abc import Sequence
 from typing import Any, Literal
 
 import msgpack
@@ -15,12 +14,16 @@ from pydantic import Field, model_validator
 
 from daqd.publisher import Publisher, PublisherSettings
 from daqd.receiver import zmq_bindable
-from daqd.record import Block, Record
+from daqd.record import Record
 
 _MORE = int(zmq.SNDMORE) | int(zmq.NOBLOCK)
 _LAST = int(zmq.NOBLOCK)
 _backend_send: Any = zmq.backend.Socket.send  # typed loosely: its overloads hide copy=bool
 _ZERO_COPY_BYTES = 65536  # below this, copying into a zmq message is cheaper than tracking a Frame
+# the parts of a record header, msgpack {"seq": int, "time_ns": int, "tags": map}
+_HEAD_SEQ = b"\x83\xa3seq"
+_HEAD_TIME = b"\xa7time_ns"
+_HEAD_TAGS = b"\xa4tags"
 
 
 def _endpoint_host(endpoint: str) -> str:
@@ -92,32 +95,50 @@ class ZmqPublisher(Publisher):
         # high-water mark in whole messages, so once a first frame is taken the rest are too.
         sock = self._sync
         send = _backend_send
-        pack = self._packer.pack
-        payload_only = self.settings.framing == "payload"
         drop = self.settings.policy == "drop"
+        if self.settings.framing == "payload":
+            for n, r in enumerate(records):
+                blocks = r.payload
+                frame = blocks[0] if len(blocks) == 1 else b"".join(blocks)
+                try:
+                    send(sock, frame, _LAST, len(frame) < _ZERO_COPY_BYTES)
+                except zmq.Again:
+                    if drop:
+                        self.counters.drop("hwm")
+                        continue
+                    return n  # policy block: this one waits for room (send() below)
+            return len(records)
+        pack = self._packer.pack
         topics = self._topics
+        # consecutive records often share one tags dict (one per sender): pack it once per batch
+        last_tags: object = None
+        packed_tags = b""
         for n, r in enumerate(records):
-            blocks = r.payload
-            if payload_only:
-                first: Block = blocks[0] if len(blocks) == 1 else b"".join(blocks)
-                rest: Sequence[Block] = ()
-            else:
-                topic = topics.get(r.source)
-                if topic is None:
-                    topic = topics[r.source] = r.source.encode()
-                first = topic
-                rest = (pack({"seq": r.seq, "time_ns": r.time_ns, "tags": r.tags}), *blocks)
+            topic = topics.get(r.source) or topics.setdefault(r.source, r.source.encode())
+            tags = r.tags
+            if tags is not last_tags:
+                last_tags, packed_tags = tags, pack(tags)
+            # the msgpack map {seq, time_ns, tags}, byte for byte, without building a dict
+            header = b"".join(
+                (_HEAD_SEQ, pack(r.seq), _HEAD_TIME, pack(r.time_ns), _HEAD_TAGS, packed_tags)
+            )
             try:
-                send(sock, first, _MORE if rest else _LAST)
+                send(sock, topic, _MORE)
             except zmq.Again:
                 if drop:
                     self.counters.drop("hwm")
                     continue
-                return n  # policy block: this one waits for room (send() below)
-            last = len(rest) - 1
-            for i, frame in enumerate(rest):
-                big = len(frame) >= _ZERO_COPY_BYTES
-                send(sock, frame, _LAST if i == last else _MORE, not big)
+                return n
+            blocks = r.payload
+            if len(blocks) == 1:  # the common case, unrolled
+                send(sock, header, _MORE)
+                block = blocks[0]
+                send(sock, block, _LAST, len(block) < _ZERO_COPY_BYTES)
+                continue
+            last = len(blocks) - 1
+            send(sock, header, _LAST if last < 0 else _MORE)
+            for i, block in enumerate(blocks):
+                send(sock, block, _LAST if i == last else _MORE, len(block) < _ZERO_COPY_BYTES)
         return len(records)
 
     async def send(self, records: list[Record]) -> None:
