@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import operator
 import time
 from typing import Any
 
@@ -27,6 +28,34 @@ from daqd.runstate import RunCondition, RunInfo
 
 # Constellation's receiver refuses (and dies on) messages over msgpack's 100 MiB buffer.
 CONSTELLATION_LIMIT_BYTES = 100 << 20
+#: Runs of at least this many plain records are encoded at once (cdtp.plain_records); shorter
+#: ones cost less record by record
+PLAIN_RUN_MIN = 16
+
+_tags = operator.attrgetter("tags")
+_payload = operator.attrgetter("payload")
+_nbytes = operator.attrgetter("nbytes")
+_first = operator.itemgetter(0)
+
+
+def _plain_blocks(records: list[Record], length: int) -> list[Block] | None:
+    """The blocks of `records` if every one is plain (no tags, one block of `length` bytes), else
+    None; checked with C-level loops, a property at a time."""
+    n = len(records)
+    if any(map(_tags, records)):
+        return None
+    payloads = list(map(_payload, records))
+    if list(map(len, payloads)).count(1) != n:
+        return None
+    blocks: list[Block] = list(map(_first, payloads))
+    kinds = set(map(type, blocks))
+    if kinds <= {bytes, bytearray}:
+        lengths = list(map(len, blocks))
+    elif kinds == {memoryview}:
+        lengths = list(map(_nbytes, blocks))
+    else:
+        return None
+    return blocks if lengths.count(length) == n else None
 
 
 class CdtpSettings(PublisherSettings):
@@ -109,10 +138,10 @@ class CdtpPublisher(Publisher):
         self._sending: asyncio.Task[None] | None = None  # a DATA message waiting for room
         self._closed = False
         self._threshold = s.payload_threshold_kib * 1024
-        # room for the header: protocol, sender name, type and the records' array header
-        self._room = (
-            s.max_message_bytes - len(self.encoder.header_bytes(cdtp.MessageType.DATA, 0)) - 5
-        )
+        # the longest message header: protocol, sender name, type and the records' array header
+        self._spare = len(self.encoder.header_bytes(cdtp.MessageType.DATA, 0xFFFF + 1))
+        self._lead = 0  # bytes left free for the header at the start of _parts[0] (a run)
+        self._room = s.max_message_bytes - self._spare
         self.counters.extra.update(
             sender_name=self.sender_name, state="idle", receivers_connected=0, messages=0
         )
@@ -262,7 +291,43 @@ class CdtpPublisher(Publisher):
         seq32_head = cdtp.seq32_record_head
         tail, tail_length = b"", -1
         seq, count, total, payload_sum = self._seq, self._count, self._size, self._payload
+        runs = not source_tags  # until a run turns out not to be plain
         while i < n and (payload_sum < threshold or not count):
+            if runs:
+                # the usual records (no tags, one block, all of one length) a run at a time,
+                # checked and encoded with C-level loops: as many as the batch takes, with seqs
+                # of one width
+                record = records[i]
+                blocks = record.payload
+                if not record.tags and len(blocks) == 1 and seq < 0xFFFFFFFF:
+                    block = blocks[0]
+                    length = block.nbytes if type(block) is memoryview else len(block)
+                else:
+                    length = 0
+                if length:
+                    first = seq + 1
+                    size = len(plain_head(first, length)) + length
+                    k = min(
+                        n - i,
+                        cdtp.seq_width_end(first) - seq,
+                        (room - total) // size,
+                        (threshold - payload_sum + length - 1) // length,  # up to the threshold
+                    )
+                    if k >= PLAIN_RUN_MIN:
+                        run = _plain_blocks(records[i : i + k], length)
+                        if run is not None:
+                            if parts:
+                                append(cdtp.plain_records(first, run, length))
+                            else:  # the message starts here: leave room for its header
+                                append(cdtp.plain_records(first, run, length, self._spare))
+                                self._lead = self._spare
+                            seq += k
+                            count += k
+                            total += k * size
+                            payload_sum += k * length
+                            i += k
+                            continue
+                        runs = False
             if not source_tags:
                 # the usual records (no tags, one block) in a tight loop; anything else, and
                 # what ends a batch, is left to the record-by-record code below
@@ -348,7 +413,23 @@ class CdtpPublisher(Publisher):
 
     def _discard(self) -> None:
         self._parts = []
-        self._count = self._payload = self._size = 0
+        self._count = self._payload = self._size = self._lead = 0
+
+    def _frame(self) -> Block:
+        """The pending records as one DATA frame: the header written into the room left for it
+        where a run of records starts the message and is all of it, else all parts joined."""
+        header = self.encoder.header_bytes(cdtp.MessageType.DATA, self._count)
+        parts, lead = self._parts, self._lead
+        if not lead:
+            return b"".join((header, *parts))
+        run = parts[0]
+        assert isinstance(run, bytearray)
+        if len(parts) == 1:
+            start = lead - len(header)
+            run[start:lead] = header
+            return memoryview(run)[start:]
+        parts[0] = memoryview(run)[lead:]
+        return b"".join((header, *parts))
 
     async def _flush(self) -> None:
         """Send the pending records as one DATA message (never an empty one).
@@ -365,7 +446,7 @@ class CdtpPublisher(Publisher):
             if not self._count or self._state != "running":
                 return
             count = self._count
-            frame = self.encoder.data_message(count, self._parts)
+            frame = self._frame()
             self._discard()
             self._last_flush = time.monotonic()
             try:
@@ -385,7 +466,7 @@ class CdtpPublisher(Publisher):
         self.counters.extra["messages"] += 1
         self.counters.extra["seq"] = self._seq
 
-    async def _send_waiting(self, frame: bytes, count: int) -> None:
+    async def _send_waiting(self, frame: Block, count: int) -> None:
         """Send a DATA message once the socket has room; after data_timeout_s the run aborts."""
         try:
             try:

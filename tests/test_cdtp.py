@@ -653,6 +653,9 @@ async def test_plain_batches_gaps_and_repeats_reach_the_run_file(tmp_path: Path)
     assert (sender.records, sender.seq, sender.missed) == (len(sent), 101, 2)
     assert sender.condition == RunCondition.INCOMPLETE | RunCondition.TAINTED
     assert rx.counters.drops == {"missed": 2} and rx.counters.errors == {"sequence": 1}
+    assert (rx.counters.records, rx.counters.bytes) == (len(sent), len(sent) * 600)
+    disk = host.publishers["disk"].counters
+    assert (disk.records, disk.bytes) == (len(sent), len(sent) * 600)
     _, records, _ = run_file(tmp_path, "plain")
     assert [r.tags for r in records] == [{"cdtp_seq": seq} for seq in sent]
     assert [bytes(r.payload[0]) for r in records] == [s.to_bytes(2, "big") * 300 for s in sent]
@@ -796,3 +799,71 @@ async def test_a_sender_gone_before_its_bor_is_handled_still_ends_aborted(tmp_pa
     finally:
         await host.stop()
         await sim.stop()
+
+
+async def test_runs_of_plain_records_make_the_same_messages_as_record_by_record() -> None:
+    """The transmitter encodes runs of plain records at once (cdtp.plain_records): mixed with
+    other records, of other lengths, across every seq width, in batches that start and end
+    anywhere, its messages still hold every record in order, stay within max_message_bytes and
+    take no record past the payload threshold."""
+    threshold, limit = 4096, 6000
+    host = await start_host(
+        tx_toml("tx", f"payload_threshold_kib = 4\nmax_message_bytes = {limit}\nsndhwm = 100000")
+    )
+    backing = bytes(range(256)) * 8
+
+    def record(k: int) -> Record:
+        if k % 701 == 0:
+            return Record("src", k, 0, {"k": k}, [bytes(100)])
+        if k % 509 == 0:
+            return Record("src", k, 0, {}, [b"x", bytes(99)])
+        if 1000 <= k < 1200:  # memoryviews, all alike but for every 7th one, a bytes block
+            return Record("src", k, 0, {}, [memoryview(backing)[k % 256 : k % 256 + 100]])
+        if 1200 <= k < 1300 and k % 7:
+            return Record("src", k, 0, {}, [backing[k % 256 : k % 256 + 100]])
+        if 2000 <= k < 2100:  # a run of longer blocks: the room decides before the threshold
+            return Record("src", k, 0, {}, [k.to_bytes(4, "big") * 500])
+        return Record("src", k, 0, {}, [k.to_bytes(4, "big") * 25])
+
+    ctx = zmq.asyncio.Context()
+    pull = ctx.socket(zmq.PULL)
+    pull.setsockopt(zmq.LINGER, 0)
+    count, fed, chunk = 66_000, 0, 1
+    try:
+        tx = host.publishers["tx"]
+        assert isinstance(tx, CdtpPublisher)
+        pull.connect(tx.addresses["endpoint"])
+        await host.begin_run("runs")
+        queue = host.queues["tx"]
+        while fed < count:  # batches of 1, 2, 4, ... 256 records, then again
+            batch = [record(k) for k in range(fed + 1, min(fed + chunk, count) + 1)]
+            while queue.size - queue.depth < len(batch):
+                await asyncio.sleep(0.001)
+            queue.put_many(batch)
+            fed += len(batch)
+            chunk = chunk * 2 if chunk < 256 else 1
+            await asyncio.sleep(0)
+        await host.end_run()
+        got: list[cdtp.DataRecord] = []
+        async with asyncio.timeout(60):
+            while True:
+                frame = await pull.recv()
+                message = cdtp.decode([frame])
+                if isinstance(message, cdtp.EndOfRun):
+                    break
+                if isinstance(message, cdtp.Data):
+                    assert len(frame) <= limit
+                    assert sum(r.nbytes for r in message.records[:-1]) < threshold
+                    got.extend(message.records)
+    finally:
+        await host.stop()
+        pull.close()
+        ctx.term()
+    assert [r.seq for r in got] == list(range(1, count + 1))
+    for k, r in enumerate(got, 1):
+        want = record(k)
+        assert (r.tags, [bytes(b) for b in r.blocks]) == (
+            want.tags,
+            [bytes(b) for b in want.payload],
+        )
+    assert tx.counters.records == count and not tx.counters.drops

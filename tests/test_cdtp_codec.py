@@ -443,3 +443,42 @@ def test_plain_table_of_many_records(gap_at: int | None) -> None:
     assert isinstance(plain, cdtp.PlainData)
     assert plain.seqs == seqs and plain.consecutive == (gap_at is None)
     assert plain.data() == cdtp.decode_frame(frame) == cdtp.Data("S.m", records)
+
+
+@given(
+    first=st.sampled_from(
+        [0, 1, 100, 127, 128, 200, 255, 256, 1000, 65535, 65536, 0x1FFF0, 0xFFFFF0, 2**32 - 9]
+    ),
+    count=st.integers(min_value=1, max_value=40),
+    length=st.sampled_from([1, 7, 255, 256, 1024, 65535, 65536]),
+    spare=st.sampled_from([0, 1, 20]),
+)
+@settings(max_examples=150, deadline=None)
+def test_plain_records_are_what_record_parts_gives(
+    first: int, count: int, length: int, spare: int
+) -> None:
+    count = min(count, cdtp.seq_width_end(first) - first + 1)
+    blocks: list[cdtp.Block] = [bytes([k % 256]) * length for k in range(count)]
+    blocks[::2] = [memoryview(b) for b in blocks[::2]]
+    parts: list[cdtp.Block] = []
+    enc = cdtp.Encoder("S.r")
+    for k, block in enumerate(blocks):
+        enc.record_parts(first + k, {}, [block], parts)
+    run = cdtp.plain_records(first, blocks, length, spare)
+    assert run[:spare] == bytes(spare)
+    assert bytes(run[spare:]) == b"".join(parts)
+
+
+def test_plain_records_refuses_mixed_widths_and_lengths() -> None:
+    with pytest.raises(ProtocolError, match="width"):
+        cdtp.plain_records(0x7F, [b"a", b"b"], 1)
+    with pytest.raises(ProtocolError, match="other than"):
+        cdtp.plain_records(1, [b"a", b"bb"], 1)
+    assert [cdtp.seq_width_end(s) for s in (0, 0x7F, 0x80, 0xFF, 0x100, 0x10000)] == [
+        0x7F,
+        0x7F,
+        0xFF,
+        0xFF,
+        0xFFFF,
+        0xFFFFFFFF,
+    ]

@@ -493,6 +493,49 @@ def plain_record_head(seq: int, length: int) -> bytes:
     return _SEQ32.pack(0x93, 0xCE, seq) + tail
 
 
+def seq_width_end(seq: int) -> int:
+    """The last sequence number encoded as wide as `seq` (an int in 0 ... 2**32 - 1): where a run
+    of `plain_records` must end."""
+    if seq <= 0x7F:
+        return 0x7F
+    if seq <= 0xFF:
+        return 0xFF
+    if seq <= 0xFFFF:
+        return 0xFFFF
+    return 0xFFFFFFFF
+
+
+def plain_records(first: int, blocks: Sequence[Block], length: int, spare: int = 0) -> bytearray:
+    """Records `first`, `first + 1`, ... with no tags and one block of `length` bytes each (one
+    per block), encoded after `spare` bytes left free for a message header: what
+    `plain_record_head` and the block give for each record, made in one join of the blocks with
+    the first record's head, whose sequence number is then rewritten in the others a byte column
+    at a time (only the low bytes that change). All the sequence numbers must be as wide as
+    `first` (up to `seq_width_end(first)`)."""
+    count = len(blocks)
+    last = first + count - 1
+    if last > seq_width_end(first):
+        raise ProtocolError(f"CDTP2: seqs {first} ... {last} differ in width")
+    head = plain_record_head(first, length)
+    stride = len(head) + length
+    out = bytearray(head).join([bytes(spare), *blocks])
+    if len(out) != spare + count * stride:
+        raise ProtocolError(f"CDTP2: blocks of other than {length} bytes in a run of records")
+    # where the number's last byte is in a record: after the array header, the int's marker
+    # (none for a fixint) and the number
+    at = spare + len(head) - len(plain_record_tail(length)) - 1
+    changing = ((first ^ last).bit_length() + 7) // 8  # low bytes that are not all first's
+    view = memoryview(out)
+    if changing == 1:
+        view[at::stride] = bytes(range(first & 0xFF, (last & 0xFF) + 1))
+    elif changing:
+        width = len(head) - len(plain_record_tail(length)) - (1 if first <= 0x7F else 2)
+        seqs = struct.pack(f">{count}{_SEQ_CODES[width]}", *range(first, last + 1))
+        for byte in range(changing):
+            view[at - byte :: stride] = seqs[width - 1 - byte :: width]
+    return out
+
+
 def _array_header(length: int) -> bytes:
     if length < 16:
         return _U8.pack(0x90 | length)
