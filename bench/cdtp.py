@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -231,7 +232,7 @@ def bench_constellation(size: int, count: int) -> Result:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the record counts")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds; the best of each is kept")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds: best and median kept")
     parser.add_argument("--skip-constellation", action="store_true")
     args = parser.parse_args()
     started = time.monotonic()
@@ -247,30 +248,39 @@ def main() -> None:
         kinds.append(("cnstl", bench_constellation))
     print(
         f"{'size':>7} {'records':>8} {'transport':>9} {'rec/s':>9} {'MB/s':>7} {'x raw':>6}"
-        f" {'tx us/rec':>9} {'rx us/rec':>9} {'cpu x raw':>9}"
+        f" {'tx us/rec':>9} {'rx us/rec':>9} {'cpu x raw':>9} {'med x raw':>9}"
     )
     for size, base_count in CASES:
         count = max(100, int(base_count * args.scale))
-        rate: dict[str, float] = {}
+        rates: dict[str, list[float]] = {name: [] for name, _ in kinds}
         cpu: dict[str, tuple[float, float]] = {}
         for _ in range(args.rounds):
             for name, fn in kinds:  # alternate, so that load changes hit every transport alike
                 n, seconds, tx_cpu, rx_cpu = fn(size, count)
-                rate[name] = max(rate.get(name, 0.0), n / seconds)
+                rates[name].append(n / seconds)
                 per = (tx_cpu / n * 1e6, rx_cpu / n * 1e6)
                 if name not in cpu or sum(per) < sum(cpu[name]):
                     cpu[name] = per
+        rate = {name: max(r) for name, r in rates.items()}
         for name, _ in kinds:
             tx_us, rx_us = cpu[name]
             # CPU per record of the busier side decides the rate on an idle machine
             cpu_ratio = max(cpu["raw"]) / max(tx_us, rx_us)
+            # the ratio to raw within each round (measured seconds apart), median over the rounds
+            paired = statistics.median(
+                a / b for a, b in zip(rates[name], rates["raw"], strict=True)
+            )
             print(
                 f"{size:>7} {count:>8} {name:>9} {rate[name]:>9.0f} {rate[name] * size / 1e6:>7.1f}"
                 f" {rate[name] / rate['raw']:>6.2f} {tx_us:>9.2f} {rx_us:>9.2f} {cpu_ratio:>9.2f}"
+                f" {paired:>9.2f}"
             )
     load = os.getloadavg()[0]
     print(f"load average {load:.1f} on {os.cpu_count()} cpus: wall-clock rates are noisy on a busy")
-    print("machine; 'cpu x raw' compares CPU time per record of each pipeline's busier process")
+    print("machine; 'cpu x raw' compares CPU time per record of each pipeline's busier process;")
+    print(
+        "'x raw' is of the best rates over the rounds, 'med x raw' the median of each round's ratio"
+    )
     print(f"cpus: {os.cpu_count()}, wall time {time.monotonic() - started:.1f} s")
 
 
