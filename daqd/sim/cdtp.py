@@ -97,8 +97,10 @@ class Transmitter:
             if vanish_after is not None and k > vanish_after:
                 if count:
                     self._send(self.encoder.data_message(count, parts), timeout_s, "DATA")
-                self.sock.close(linger=2000)
-                self.context.term()  # lets what was sent leave, up to the linger time
+                # what was sent leaves first (term() returns once it has), however slow the
+                # receiver is: a loaded machine must not turn "vanished after N" into fewer
+                self.sock.close(linger=30_000)
+                self.context.term()
                 os._exit(0)  # vanish: no EOR, no goodbye
             if k in skip:
                 continue
