@@ -32,6 +32,21 @@ TRIES = 2  # a rate counts as lossless if one of this many trials loses nothing 
 RCVBUF = 8 << 20
 
 
+def zmq_io_cpu_s(pid: int) -> float:
+    """CPU seconds of a process's ZeroMQ background threads (I/O, reaper), from /proc (Linux)."""
+    total = 0.0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                head, _, rest = f.read().rpartition(")")
+        except OSError:  # the thread ended
+            continue
+        if head.partition("(")[2].startswith("ZMQbg/"):
+            fields = rest.split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 def sender(addr: tuple[str, int], rate: int, count: int, size: int, done: Any) -> None:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
@@ -154,7 +169,7 @@ sndhwm = 100000
 """
 
 
-def measure_daqd(size: int, rates: list[int]) -> tuple[int, float, dict[str, int]]:
+def measure_daqd(size: int, rates: list[int]) -> tuple[int, dict[str, float], dict[str, int]]:
     from daqd.control import ControlClient
 
     work = Path(tempfile.mkdtemp(prefix="bi"))
@@ -193,7 +208,7 @@ def measure_daqd(size: int, rates: list[int]) -> tuple[int, float, dict[str, int
         time.sleep(0.05)
     primed = settle(lambda: count.value, 10**9, 2.0)
     best, accounting = 0, {}
-    cpu0 = cpu_s(proc.pid)
+    cpu0, io0, sub0 = cpu_s(proc.pid), zmq_io_cpu_s(proc.pid), cpu_s(sub.pid)
     sent_total = 0
 
     def drops(st: dict[str, Any]) -> tuple[int, int]:
@@ -230,8 +245,11 @@ def measure_daqd(size: int, rates: list[int]) -> tuple[int, float, dict[str, int
                 break
             best = rate
         cpu = cpu_s(proc.pid) - cpu0
+        io = zmq_io_cpu_s(proc.pid) - io0
+        sub_cpu = cpu_s(sub.pid) - sub0
         st = client.request("STAT")
-        cpu_us = cpu / max(st["receivers"]["udp"]["records"] - primed, 1) * 1e6
+        per = 1e6 / max(st["receivers"]["udp"]["records"] - primed, 1)
+        cpu_us = {"all": cpu * per, "zmq_io": io * per, "sub": sub_cpu * per}
     finally:
         client.close()
         proc.terminate()
@@ -252,7 +270,12 @@ def main() -> None:
         ratio = ours / bare if bare else float("nan")
         print(
             f"  {size:>5} B: bare uvloop counter {bare:>7}/s ({bare_cpu:.1f} us CPU each) | "
-            f"daqd udp->zmq->SUB {ours:>7}/s ({our_cpu:.1f} us CPU each) | ratio {ratio:.2f}"
+            f"daqd udp->zmq->SUB {ours:>7}/s ({our_cpu['all']:.1f} us CPU each) | ratio {ratio:.2f}"
+        )
+        print(
+            f"         daqd CPU each: {our_cpu['all'] - our_cpu['zmq_io']:.1f} us event loop + "
+            f"{our_cpu['zmq_io']:.1f} us ZeroMQ I/O thread; the SUB counter "
+            f"{our_cpu['sub']:.1f} us each"
         )
         if acct:
             print(f"         first lossy step, daqd accounting: {acct}")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import msgpack
+import pytest
 import zmq
 import zmq.asyncio
 
@@ -136,4 +139,27 @@ async def test_block_policy_waits_for_room_and_loses_nothing() -> None:
     assert got == [b"%d" % i for i in range(1, 301)]
     assert "hwm" not in pub.counters.drops
     await host.stop()
+    sub.close()
+
+
+def zmq_io_threads() -> dict[int, int]:
+    """This process's ZeroMQ I/O threads: thread id -> scheduling policy."""
+    threads = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            if Path(f"/proc/self/task/{tid}/comm").read_text().startswith("ZMQbg/IO"):
+                threads[int(tid)] = os.sched_getscheduler(int(tid))
+        except OSError:  # the thread ended
+            continue
+    return threads
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policies")
+async def test_tcp_publisher_has_its_own_batch_scheduled_io_thread() -> None:
+    before = zmq_io_threads()
+    host, sub = await start(endpoint="tcp://127.0.0.1:0")  # start() saw a record arrive
+    batch = [t for t, p in zmq_io_threads().items() if t not in before and p == os.SCHED_BATCH]
+    assert len(batch) == 1
+    await host.stop()
+    assert batch[0] not in zmq_io_threads()  # its context has ended
     sub.close()
