@@ -23,7 +23,14 @@ are tuples), the same for every operation::
     url = op.settings["inference_url"]    # KeyError if absent: check, and complete with a reason
     grab_s = op.settings.get("timeouts", {}).get("grab_s", 5.0)
 
-Each operation runs as its own task. The rules:
+An operation answered without waiting can be a plain function; it runs at once, with no task::
+
+    @operation("getTemperature")
+    def get_temperature(op: Operation) -> float:
+        return read_sensor()                  # htos_operation_completed getTemperature 1.8 normal 21.5
+
+An `async def` operation runs as its own task, started eagerly: its code up to the first `await`
+runs at once, as that task. Neither kind may block (the DHS must keep reading). The rules:
 
 - Exactly one completion per operation. `complete()` a second time raises `OperationError`. A
   handler that returns without completing completes with `normal` and its return value (None: no
@@ -71,7 +78,8 @@ from daqd.errors import ConfigError, DaqdError
 from daqd.protocols import dcss as d
 from daqd.protocols.dcss import format_number, tcl_join, tcl_split
 
-OperationHandler = Callable[["Operation"], Awaitable[Any]]
+# async def (a coroutine to await) or plain def (its result); see `operation`
+OperationHandler = Callable[["Operation"], Any]
 _F = TypeVar("_F", bound=Callable[..., Any])
 _DevT = TypeVar("_DevT", bound="Device")
 
@@ -93,13 +101,14 @@ class MotorError(DaqdError):
 
 
 def operation(name: str) -> Callable[[_F], _F]:
-    """Register an `async def handler(op: Operation)` for the DCSS operation `name`."""
+    """Register `handler(op: Operation)` for the DCSS operation `name`: an `async def`, or a plain
+    `def` for an operation answered without waiting (it runs at once, with no task)."""
     if not name or any(c in d.WHITESPACE for c in name):
         raise ValueError(f"operation name must be one word, got {name!r}")
 
     def mark(func: _F) -> _F:
-        if not inspect.iscoroutinefunction(func):
-            raise TypeError(f"operation handler {func.__qualname__} must be an async def")
+        if not callable(func):
+            raise TypeError(f"operation handler {func!r} must be a function")
         names = getattr(func, _OPERATION_ATTR, ())
         setattr(func, _OPERATION_ATTR, (*names, name))
         return func
@@ -801,10 +810,18 @@ class Dhs:
             op.complete("error", f"no handler for operation {m.name} in DHS {self.name}")
             return
         self.operations[m.handle] = op
-        # Its first step runs now: a handler that answers at once is answered in this turn.
-        # Named after the operation: cheaper than asyncio's numbered default, and more telling.
-        loop = self._loop or asyncio.get_running_loop()
-        op.task = start_eagerly(loop, self._run_operation(op, handler), name=m.name)
+        try:
+            result = handler(op)  # an async def gives its coroutine; a plain def has run
+        except Exception as exc:
+            self._operation_failed(op, exc)
+            return
+        if inspect.isawaitable(result):
+            # Its first step runs now: a handler that answers at once is answered in this turn.
+            # Named after the operation: cheaper than asyncio's numbered default, more telling.
+            loop = self._loop or asyncio.get_running_loop()
+            op.task = start_eagerly(loop, self._run_operation(op, result), name=m.name)
+        else:
+            self._operation_returned(op, result)
 
     def _operation_task_done(self, op: Operation) -> None:
         # Also covers a task cancelled before its first step, where no except clause runs.
@@ -812,20 +829,27 @@ class Dhs:
             self.stats["operations_aborted"] += 1
             op.complete("aborted")
 
-    async def _run_operation(self, op: Operation, handler: OperationHandler) -> None:
+    async def _run_operation(self, op: Operation, running: Awaitable[Any]) -> None:
         try:
-            result = await handler(op)
+            result = await running
         except asyncio.CancelledError:
             if op.status is None:
                 self.stats["operations_aborted"] += 1
                 op.complete("aborted")
             raise
         except Exception as exc:
-            self.stats["operation_errors"] += 1
-            self.log.error("%s: operation %r failed: %r", self.name, op, exc)
-            if op.status is None:
-                op.complete("error", f"{type(exc).__name__}: {exc}")
+            self._operation_failed(op, exc)
             return
+        self._operation_returned(op, result)
+
+    def _operation_failed(self, op: Operation, exc: Exception) -> None:
+        self.stats["operation_errors"] += 1
+        self.log.error("%s: operation %r failed: %r", self.name, op, exc)
+        if op.status is None:
+            op.complete("error", f"{type(exc).__name__}: {exc}")
+
+    def _operation_returned(self, op: Operation, result: Any) -> None:
+        """A handler returned without completing: complete normal with what it returned."""
         if op.status is None:
             if result is None:
                 op.complete("normal")

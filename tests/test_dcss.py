@@ -80,6 +80,27 @@ async def answer(op: Operation) -> tuple[float, str]:
     return 1.5, "two words"
 
 
+@operation("plain_echo")
+def plain_echo(op: Operation) -> None:  # a plain def: runs at once, no task
+    op.update(*op.args)
+    op.complete("normal", *op.args)
+
+
+@operation("plain_answer")
+def plain_answer(op: Operation) -> tuple[int, str]:
+    return 3, "plain words"
+
+
+@operation("plain_fail")
+def plain_fail(op: Operation) -> None:
+    raise KeyError("no such register")
+
+
+@operation("plain_later")
+def plain_later(op: Operation) -> Any:  # a plain def handing back something to await
+    return hold(op)
+
+
 SEEN: dict[str, Operation] = {}
 
 
@@ -299,13 +320,16 @@ async def test_slow_handlers_do_not_delay_abort_all(sim: DcssSimulator, host: Ho
     assert await done(link.start_operation("echo", "after")) == "normal"
 
 
-async def test_abort_all_right_behind_the_starts_aborts_unstarted_operations(
+async def test_abort_all_right_behind_the_starts_aborts_operations_whose_tasks_never_ran(
     sim: DcssSimulator, host: Host
 ) -> None:
     link = await online(sim)
     ops = [link.start_operation("hold", str(i)) for i in range(3)]
-    link.abort_all("hard")  # same segment: the tasks have not run their first step yet
+    # same segment: each handler ran its first step (eagerly, up to its await) but its task has
+    # not run yet when the abort cancels it; the cancellation must still reach the handler
+    link.abort_all("hard")
     assert await asyncio.gather(*(done(op) for op in ops)) == ["aborted"] * 3
+    assert all(op.updates == [f"holding {i}"] for i, op in enumerate(ops))
     assert await done(link.start_operation("echo", "next")) == "normal"
 
 
@@ -331,6 +355,34 @@ async def test_every_operation_gets_exactly_one_completion(sim: DcssSimulator, h
     assert len(completions) == 4
     stats = host.receivers["dhs"].dhs.stats  # type: ignore[attr-defined]
     assert stats["unknown_operation"] == 1 and stats["operation_errors"] >= 2
+
+
+async def test_plain_def_handlers_answer_at_once_and_complete_like_async_ones(
+    sim: DcssSimulator, host: Host
+) -> None:
+    link = await online(sim)
+    echoed = link.start_operation("plain_echo", "7 {a b}")
+    assert await done(echoed) == "normal"
+    assert echoed.updates == ["7 {a b}"]
+    assert echoed.completion is not None and echoed.completion.args == "7 {a b}"
+    returned = link.start_operation("plain_answer")
+    assert await done(returned) == "normal"
+    assert returned.completion is not None and returned.completion.args == "3 {plain words}"
+    failed = link.start_operation("plain_fail")
+    assert await done(failed) == "error"
+    assert failed.completion is not None
+    assert d.tcl_split(failed.completion.args) == ["KeyError: 'no such register'"]
+    later = link.start_operation("plain_later", "x")
+    await link.wait_for(
+        lambda m: isinstance(m, d.HtosOperationUpdate) and m.handle == later.handle, T
+    )
+    assert not later.done.done()  # still running as a task, abortable as any other
+    link.abort_all()
+    assert await done(later) == "aborted"
+    stats = host.receivers["dhs"].dhs.stats  # type: ignore[attr-defined]
+    assert stats["operation_errors"] == 1 and stats["operations_aborted"] == 1
+    dhs = host.receivers["dhs"].dhs  # type: ignore[attr-defined]
+    assert dhs.operations == {}
 
 
 # ------------------------------------------------------------------ devices
