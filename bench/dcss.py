@@ -2,9 +2,10 @@
 
 A round trip is one `stoh_start_operation` from DCSS, answered with one `htos_operation_update`
 and one `htos_operation_completed`. DCSS is daqd's simulator in this process (uvloop); each DHS
-runs in its own process: ours is `daqd serve` with a handler module, the baseline is the smallest
-correct asyncio DHS (readexactly per frame, one write per message). Both are measured in the same
-run, with 1 and 8 operations in flight, in alternating rounds (both DHSs see the same machine
+runs in its own process: ours is `daqd serve` with a handler module, measured twice, with the
+operation written as an `async def` ("daqd") and as a plain `def` ("daqd def"); the baseline is the
+smallest correct asyncio DHS (readexactly per frame, one write per message). All are measured in
+the same run, with 1 and 8 operations in flight, in alternating rounds (all see the same machine
 load); printed: best and median rates, the DHS's CPU time per round trip, and the ratios.
 """
 
@@ -26,11 +27,22 @@ WARMUP_S = 0.5
 MEASURE_S = 1.5
 ROUNDS = 6
 IN_FLIGHT = (1, 8)
-KINDS = ("baseline", "daqd")
+# kind -> (which DHS, which operation): daqd with an async def handler and with a plain def one
+KINDS = {
+    "baseline": ("baseline", "bench"),
+    "daqd": ("daqd", "bench"),
+    "daqd def": ("daqd", "bench_plain"),
+}
 
 
 @operation("bench")
 async def bench_operation(op: Operation) -> None:
+    op.update("progress")
+    op.complete("normal", "done")
+
+
+@operation("bench_plain")
+def bench_plain_operation(op: Operation) -> None:  # the same, as a plain def (no task)
     op.update("progress")
     op.complete("normal", "done")
 
@@ -62,6 +74,7 @@ async def baseline_dhs(connect: str) -> None:
 
 
 def start_dhs(kind: str, address: str, workdir: Path) -> subprocess.Popen[bytes]:
+    workdir.mkdir()  # each DHS its own runtime directory (control socket)
     if kind == "baseline":
         cmd = [sys.executable, str(HERE), "--baseline", address]
     else:
@@ -75,7 +88,7 @@ def start_dhs(kind: str, address: str, workdir: Path) -> subprocess.Popen[bytes]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-async def measure(sim: object, in_flight: int, pid: int) -> tuple[float, float]:
+async def measure(sim: object, operation: str, in_flight: int, pid: int) -> tuple[float, float]:
     """(round trips/s, DHS CPU microseconds per round trip) over MEASURE_S."""
     # imported here, not at the top: daqd loads this file as the DHS's handler module, by path,
     # where bench/ is not on sys.path
@@ -96,14 +109,14 @@ async def measure(sim: object, in_flight: int, pid: int) -> tuple[float, float]:
             raise RuntimeError(f"operation failed: {op.status}")
         count += 1
         if running:
-            link.start_operation("bench", "", on_done)
+            link.start_operation(operation, "", on_done)
         else:
             outstanding -= 1
             if outstanding == 0:
                 all_done.set()
 
     for _ in range(in_flight):
-        link.start_operation("bench", "", on_done)
+        link.start_operation(operation, "", on_done)
     await asyncio.sleep(WARMUP_S)
     c0, t0, cpu0 = count, time.perf_counter(), cpu_s(pid)
     await asyncio.sleep(MEASURE_S)
@@ -123,17 +136,19 @@ async def run_bench() -> dict[tuple[str, int], list[tuple[float, float]]]:
         sims: dict[str, DcssSimulator] = {}
         procs: dict[str, subprocess.Popen[bytes]] = {}
         try:
-            for kind in KINDS:
+            for kind, (dhs, _) in KINDS.items():
                 sims[kind] = DcssSimulator(
-                    {"dhs": 2}, [SimDevice("operation", "bench")], record_messages=False
+                    {"dhs": 2},
+                    [SimDevice("operation", "bench"), SimDevice("operation", "bench_plain")],
+                    record_messages=False,
                 )
                 await sims[kind].start()
-                procs[kind] = start_dhs(kind, sims[kind].address, Path(tmp))
-            # both DHSs stay connected; measurements alternate so both see the same machine load
+                procs[kind] = start_dhs(dhs, sims[kind].address, Path(tmp) / kind.replace(" ", "-"))
+            # every DHS stays connected; measurements alternate so all see the same machine load
             for _ in range(ROUNDS):
                 for n in IN_FLIGHT:
-                    for kind in KINDS:
-                        rate = await measure(sims[kind], n, procs[kind].pid)
+                    for kind, (_, op_name) in KINDS.items():
+                        rate = await measure(sims[kind], op_name, n, procs[kind].pid)
                         results.setdefault((kind, n), []).append(rate)
         finally:
             for proc in procs.values():
@@ -163,10 +178,14 @@ def main() -> None:
             cpu = statistics.median(c for _, c in runs)
             best, med = max(rates), statistics.median(rates)
             print(f"{n:>9}  {kind:>8}  {best:>8.0f}  {med:>8.0f}  {cpu:>9.1f}")
-        ours, base = results[("daqd", n)], results[("baseline", n)]
-        best_ratio = max(r for r, _ in ours) / max(r for r, _ in base)
-        med_ratio = statistics.median(r for r, _ in ours) / statistics.median(r for r, _ in base)
-        print(f"{n:>9}  {'ratio':>8}  {best_ratio:>7.2f}x  {med_ratio:>7.2f}x")
+        base = results[("baseline", n)]
+        for kind in ("daqd", "daqd def"):
+            ours = results[(kind, n)]
+            best_ratio = max(r for r, _ in ours) / max(r for r, _ in base)
+            med = statistics.median(r for r, _ in ours) / statistics.median(r for r, _ in base)
+            print(
+                f"{n:>9}  {kind + ' /':>8}  {best_ratio:>7.2f}x  {med:>7.2f}x  (ratio to baseline)"
+            )
 
 
 if __name__ == "__main__":
