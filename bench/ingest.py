@@ -55,6 +55,11 @@ def sender(addr: tuple[str, int], rate: int, count: int, size: int, done: Any) -
     start = time.perf_counter()
     while sent < count:
         due = min(count, int((time.perf_counter() - start) * rate) + 1)
+        if sent >= due:
+            # ahead of the pace: sleep, not spin, so the sender leaves the CPU to what it
+            # measures (the kernel's timer slack turns this into short bursts, tens of µs long)
+            time.sleep(max(0.0, sent / rate - (time.perf_counter() - start)))
+            continue
         while sent < due:
             try:
                 sock.sendto(payload, addr)
