@@ -14,14 +14,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PEERS_DIR = ROOT / ".venv-peers"
-SHARED = ROOT.parent / "shared" / "peers"
+# The pins of ../shared/peers/ (the team's pinned peer installs), copied here so that a clone
+# anywhere installs the same versions.
+PINS = Path(__file__).resolve().parent / "peer-requirements"
 
 # name -> list of pip argument lists, run in order inside the new venv
 RECIPES: dict[str, list[list[str]]] = {
     "constellation": [["constellationdaq==1.0.2"]],
     "packetstream": [
-        ["--no-deps", "-r", str(SHARED / "cs-packetstream-requirements.txt")],
-        ["-r", str(SHARED / "cs-packetstream-requirements-other.txt")],
+        ["--no-deps", "-r", str(PINS / "cs-packetstream.txt")],
+        ["-r", str(PINS / "cs-packetstream-other.txt")],
     ],
 }
 
