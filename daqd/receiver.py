@@ -214,18 +214,13 @@ class ReceiverServer:
             for r in records:
                 self.host.tap(self.name, r)
 
-    async def publish_many(self, records: Sequence[Record]) -> None:
-        """Hand a batch on in order: one queue operation per publisher instead of one per record
-        where every queue has room for all of it; otherwise record by record, as publish()."""
+    async def publish_many(self, records: Sequence[Record], nbytes: int | None = None) -> None:
+        """Hand a batch on in order (`nbytes`: its payload size, if the caller has it): one
+        queue operation per publisher where every queue has room for all of it; otherwise record
+        by record, as publish()."""
         n = len(records)
         if all(q.size - q.depth >= n for q in self.queues):
-            nbytes = sum(r.nbytes for r in records)
-            self.counters.count(nbytes, n)
-            for q in self.queues:
-                q.put_many(records, nbytes)
-            if self.host.taps_active:
-                for r in records:
-                    self.host.tap(self.name, r)
+            self.publish_many_nowait(records, nbytes)  # room everywhere: nothing waits or drops
             return
         for i, r in enumerate(records):
             try:

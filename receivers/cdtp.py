@@ -422,17 +422,7 @@ class CdtpReceiver(ReceiverServer):
         stalled publisher cannot hold up stopping. `nbytes`: the records' payload bytes where the
         message gave them at once (a plain table), which saves publish_many adding them up."""
         n = len(records)
-        queues = self.queues
-        if nbytes is not None and all(q.size - q.depth >= n for q in queues):
-            # publish_many's one queue operation per publisher, with the size already known
-            self.counters.count(nbytes, n)
-            for q in queues:
-                q.put_many(records, nbytes)
-            if self.host.taps_active:
-                for r in records:
-                    self.host.tap(self.name, r)
-            return
-        if self._closing and not all(q.size - q.depth >= n for q in queues):
+        if self._closing and not all(q.size - q.depth >= n for q in self.queues):
             self.counters.drop("shutdown", n)
             self.limited.warning(
                 "shutdown",
@@ -441,7 +431,7 @@ class CdtpReceiver(ReceiverServer):
                 n,
             )
             return
-        await self.publish_many(records)
+        await self.publish_many(records, nbytes)
 
     def _sequence_break(self, sender: Sender, seq: int, last: int) -> None:
         name = sender.name
