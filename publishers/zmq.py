@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import os
+import threading
 from typing import Any, Literal
 
 import msgpack
@@ -25,6 +27,30 @@ _HEAD_SEQ = b"\x83\xa3seq"
 _HEAD_TIME = b"\xa7time_ns"
 _HEAD_TAGS = b"\xa4tags"
 _SCHED_BATCH: int | None = getattr(os, "SCHED_BATCH", None)  # Linux
+
+
+@functools.cache
+def _batch_policy_allowed() -> bool:
+    """Whether a new thread of this process may switch itself to SCHED_BATCH. libzmq aborts
+    the whole process when it cannot set its I/O thread's policy, and the kernel refuses under
+    a seccomp filter without @resources (our own systemd unit) or for a SCHED_IDLE process
+    without CAP_SYS_NICE: ask first, from a throwaway thread, as libzmq's thread would."""
+    if _SCHED_BATCH is None:
+        return False
+    allowed: list[bool] = []
+
+    def probe() -> None:
+        try:
+            os.sched_setscheduler(0, _SCHED_BATCH, os.sched_param(0))
+        except OSError:
+            allowed.append(False)
+        else:
+            allowed.append(True)
+
+    thread = threading.Thread(target=probe, name="daqd-sched-probe")
+    thread.start()
+    thread.join()
+    return allowed == [True]
 
 
 def _endpoint_host(endpoint: str) -> str:
@@ -80,7 +106,7 @@ class ZmqPublisher(Publisher):
         ctx: zmq.Context[Any] = self.host.zmq_context
         if not s.endpoint.startswith("inproc://"):
             ctx = self._ctx = zmq.Context()
-            if _SCHED_BATCH is not None:
+            if _SCHED_BATCH is not None and _batch_policy_allowed():
                 ctx.set(zmq.THREAD_SCHED_POLICY, _SCHED_BATCH)
         try:
             self.sock = ctx.socket(zmq.PUB)

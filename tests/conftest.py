@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +55,11 @@ async def wait_for(
 class Daemon:
     """A `daqd serve CONFIG` subprocess, reached through its control socket."""
 
-    def __init__(self, workdir: Path, runtime: Path, config: str, name: str) -> None:
+    def __init__(
+        self, workdir: Path, runtime: Path, config: str, name: str, prefix: Sequence[str] = ()
+    ) -> None:
         self.workdir = workdir
+        self.prefix = list(prefix)  # a command to run daqd under (e.g. chrt, setpriv)
         self.runtime = runtime
         self.name = name
         self.config_path = workdir / f"{name}.toml"
@@ -70,7 +73,7 @@ class Daemon:
     def start(self, timeout_s: float = 30.0) -> Daemon:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(
-            [DAQD, "serve", str(self.config_path)],
+            [*self.prefix, DAQD, "serve", str(self.config_path)],
             cwd=self.workdir,
             env=self.env,
             stdout=self._log,
@@ -141,13 +144,16 @@ def workdir() -> Iterator[Path]:
 
 @pytest.fixture
 def daemon(workdir: Path) -> Iterator[Callable[..., Daemon]]:
-    """daemon(config_text, name="t") -> a started Daemon; stopped at the end of the test."""
+    """daemon(config_text, name="t", prefix=()) -> a started Daemon; stopped at the end of the
+    test. `prefix`: a command to run `daqd serve` under."""
     started: list[Daemon] = []
     runtime = workdir / "run"
     runtime.mkdir(mode=0o700)
 
-    def make(config: str, name: str = "t", start: bool = True) -> Daemon:
-        d = Daemon(workdir, runtime, config, name)
+    def make(
+        config: str, name: str = "t", start: bool = True, prefix: Sequence[str] = ()
+    ) -> Daemon:
+        d = Daemon(workdir, runtime, config, name, prefix)
         started.append(d)
         return d.start() if start else d
 

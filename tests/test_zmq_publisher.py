@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +18,7 @@ from daqd.config import parse_config
 from daqd.host import Host
 from daqd.record import Block, Record
 
-from .conftest import wait_for
+from .conftest import wait_for, wait_until
 
 CONFIG = """
 [daemon]
@@ -163,3 +166,60 @@ async def test_tcp_publisher_has_its_own_batch_scheduled_io_thread() -> None:
     await host.stop()
     assert batch[0] not in zmq_io_threads()  # its context has ended
     sub.close()
+
+
+# Run daqd where the kernel refuses a thread's switch to SCHED_BATCH: a SCHED_IDLE process without
+# CAP_SYS_NICE and with RLIMIT_NICE 0 (a systemd SystemCallFilter without @resources, as in our
+# unit, refuses the same call). libzmq aborts the process when it cannot set its I/O thread's
+# policy, so the publisher must not ask for it there.
+REFUSING = [
+    "setpriv", "--bounding-set=-sys_nice", "--inh-caps=-sys_nice",
+    "prlimit", "--nice=0",
+    "chrt", "--idle", "0",
+]  # fmt: skip
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "SCHED_BATCH")
+    or os.geteuid() != 0
+    or not all(shutil.which(tool) for tool in ("setpriv", "prlimit", "chrt")),
+    reason="needs Linux, root (to drop CAP_SYS_NICE) and util-linux's setpriv, prlimit, chrt",
+)
+def test_a_daemon_refused_thread_policies_still_publishes(daemon: Callable[..., Any]) -> None:
+    config = """
+[daemon]
+name = "refused"
+
+[[receiver]]
+type = "udp"
+name = "u"
+listen = "127.0.0.1:0"
+publish_to = ["z"]
+
+[[publisher]]
+type = "zmq"
+name = "z"
+endpoint = "tcp://127.0.0.1:0"
+"""
+    d = daemon(config, name="refused", prefix=REFUSING)  # waits until it answers, or fails
+    status = d.status()
+    udp_port = int(status["receivers"]["u"]["addresses"]["listen"].rpartition(":")[2])
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(status["publishers"]["z"]["addresses"]["endpoint"])
+    out = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        # a PUB sends only to subscribers it knows: send until one datagram comes through
+        def arrived() -> bool:
+            out.sendto(b"still here", ("127.0.0.1", udp_port))
+            return bool(sub.poll(200))
+
+        wait_until(arrived, 30, "a datagram through the daemon's zmq publisher")
+        assert sub.recv_multipart()[2] == b"still here"
+        assert d.status()["state"] == "ORBIT"
+    finally:
+        out.close()
+        sub.close(linger=0)
+        ctx.term()
+    assert d.stop() == 0
