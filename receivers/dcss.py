@@ -2,7 +2,7 @@
 
 It dials DCSS, answers the v1 handshake at once, then speaks the configured protocol level. It
 never stops reading (DCSS blocks all its hardware clients while one does not read), runs each
-operation as its own task, and reconnects after any error, EOF, reset or framing fault with a
+`async def` operation as its own eagerly started task (a plain `def` one at once), and reconnects after any error, EOF, reset or framing fault with a
 capped backoff. A new connection starts clean: the outgoing queue and every operation of the old
 connection are dropped (DCSS has already failed them). Every message received is published as a
 record (tags: command, device, handle; payload: the message text, then its binary part if any).
