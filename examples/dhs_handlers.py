@@ -4,7 +4,8 @@
     type = "dcss"
     handlers = ["examples/dhs_handlers.py"]
 
-Operations are `async def` functions taking an `Operation`; devices are classes. See daqd.dhs.
+Operations are functions taking an `Operation`: `async def` when they wait for something, a plain
+`def` when they answer at once (it runs with no task); devices are classes. See daqd.dhs.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from daqd.dhs import Motor, MotorError, Operation, device, operation
 
 
 @operation("readTemperature")
-async def read_temperature(op: Operation) -> float:
-    """readTemperature [sensor]: one value back (a returned value completes with `normal`)."""
+def read_temperature(op: Operation) -> float:
+    """readTemperature [sensor]: one value back (a returned value completes with `normal`); it
+    waits for nothing, so a plain def."""
     sensor = op.args[0] if op.args else "cryojet"
     readings = {"cryojet": 100.2, "room": 295.4}
     if sensor not in readings:
