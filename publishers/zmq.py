@@ -30,13 +30,13 @@ _SCHED_BATCH: int | None = getattr(os, "SCHED_BATCH", None)  # Linux
 
 
 @functools.cache
-def _batch_policy_allowed() -> bool:
-    """Whether a new thread of this process may switch itself to SCHED_BATCH. libzmq aborts
+def _batch_policy() -> int | None:
+    """SCHED_BATCH, if a new thread of this process may switch itself to it, else None. libzmq aborts
     the whole process when it cannot set its I/O thread's policy, and the kernel refuses under
     a seccomp filter without @resources (our own systemd unit) or for a SCHED_IDLE process
     without CAP_SYS_NICE: ask first, from a throwaway thread, as libzmq's thread would."""
     if _SCHED_BATCH is None:
-        return False
+        return None
     allowed: list[bool] = []
 
     def probe() -> None:
@@ -50,7 +50,7 @@ def _batch_policy_allowed() -> bool:
     thread = threading.Thread(target=probe, name="daqd-sched-probe")
     thread.start()
     thread.join()
-    return allowed == [True]
+    return _SCHED_BATCH if allowed == [True] else None
 
 
 def _endpoint_host(endpoint: str) -> str:
@@ -106,8 +106,9 @@ class ZmqPublisher(Publisher):
         ctx: zmq.Context[Any] = self.host.zmq_context
         if not s.endpoint.startswith("inproc://"):
             ctx = self._ctx = zmq.Context()
-            if _SCHED_BATCH is not None and _batch_policy_allowed():
-                ctx.set(zmq.THREAD_SCHED_POLICY, _SCHED_BATCH)
+            policy = _batch_policy()
+            if policy is not None:
+                ctx.set(zmq.THREAD_SCHED_POLICY, policy)
         try:
             self.sock = ctx.socket(zmq.PUB)
             self.sock.setsockopt(zmq.LINGER, 0)
