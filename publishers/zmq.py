@@ -31,10 +31,11 @@ _SCHED_BATCH: int | None = getattr(os, "SCHED_BATCH", None)  # Linux
 
 @functools.cache
 def _batch_policy() -> int | None:
-    """SCHED_BATCH, if a new thread of this process may switch itself to it, else None. libzmq aborts
-    the whole process when it cannot set its I/O thread's policy, and the kernel refuses under
-    a seccomp filter without @resources (our own systemd unit) or for a SCHED_IDLE process
-    without CAP_SYS_NICE: ask first, from a throwaway thread, as libzmq's thread would."""
+    """SCHED_BATCH, if a new thread of this process may switch itself to it, else None.
+
+    libzmq aborts the whole process when it cannot set its I/O thread's policy, and the kernel
+    refuses under a seccomp filter without @resources or for a SCHED_IDLE process without
+    CAP_SYS_NICE: ask first, from a throwaway thread, as libzmq's thread would."""
     if _SCHED_BATCH is None:
         return None
     allowed: list[bool] = []
