@@ -815,7 +815,7 @@ class Dhs:
         except Exception as exc:
             self._operation_failed(op, exc)
             return
-        if inspect.isawaitable(result):
+        if result is not None and inspect.isawaitable(result):
             # Its first step runs now: a handler that answers at once is answered in this turn.
             # Named after the operation: cheaper than asyncio's numbered default, more telling.
             loop = self._loop or asyncio.get_running_loop()

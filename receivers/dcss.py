@@ -189,7 +189,7 @@ class DcssReceiver(ReceiverServer):
         self._transport = writer.transport
         self._loop = asyncio.get_running_loop()
         self.connections += 1
-        self.dhs.connected(self._send_text, self._flush_now, self._send_now)
+        self.dhs.connected(self._send_text, self._flush, self._send_now)
         self.online.set()
         self.counters.extra["online"] = True
         self.log.info(
@@ -222,7 +222,7 @@ class DcssReceiver(ReceiverServer):
             self._dispatch(codec.feed(data), codec)
         finally:
             self._dispatching = False
-            self._flush_now()
+            self._flush()
 
     def _dispatch(self, messages: list[d.Message], codec: d.DcssCodec) -> None:
         if codec.bad_bytes:
@@ -261,11 +261,11 @@ class DcssReceiver(ReceiverServer):
         tags = {"command": m.verb, "device": m.device, "handle": getattr(m, "handle", None)}
         self.publish_nowait(self.new_record(payload, tags))
 
-    # ---- sending: coalesced into one write per event-loop turn
+    # ---- sending: coalesced into one write per dispatched read or event-loop turn
     def _queue(self, text: str) -> bool:
         """Frame one text into the outgoing queue; False (counted) if it cannot be sent."""
         codec = self.codec
-        if self._writer is None or codec is None:
+        if self._transport is None or codec is None:
             self.counters.drop("not_connected")
             return False
         try:
@@ -278,37 +278,30 @@ class DcssReceiver(ReceiverServer):
 
     def _send_text(self, text: str) -> None:
         """Queue one text; the queue is written at the end of this dispatch or loop turn."""
-        if (
-            self._queue(text)
-            and not self._dispatching
-            and not self._flush_scheduled
-            and self._loop is not None
-        ):
+        loop = self._loop
+        if self._queue(text) and not self._dispatching and not self._flush_scheduled and loop:
             self._flush_scheduled = True
-            self._loop.call_soon(self._scheduled_flush, self._writer)
+            loop.call_soon(self._scheduled_flush)
 
     def _send_now(self, text: str) -> None:
         """Queue one text and write the queue at once (an operation's completion), or at the end
         of the dispatch under way."""
         if self._queue(text) and not self._dispatching:
-            self._flush_now()
+            self._flush()
 
-    def _scheduled_flush(self, writer: asyncio.StreamWriter | None) -> None:
+    def _scheduled_flush(self) -> None:
         self._flush_scheduled = False
-        if writer is not None:
-            self._flush(writer)
+        self._flush()
 
     def _abort(self) -> None:
         if self._writer is not None:
             self._writer.transport.abort()
 
-    def _flush_now(self) -> None:
-        if self._writer is not None:
-            self._flush(self._writer)
-
-    def _flush(self, writer: asyncio.StreamWriter) -> None:
+    def _flush(self) -> None:
+        """Write the outgoing queue. It is dropped with its connection (`_disconnected`), so what
+        is queued always belongs to the connection that is up."""
         transport = self._transport
-        if writer is not self._writer or not self._out or transport is None:
+        if not self._out or transport is None:
             return
         out = self._out
         self._out = []
@@ -318,9 +311,9 @@ class DcssReceiver(ReceiverServer):
             self.log.error(
                 "%s: DCSS is not reading (%d bytes unsent); dropping the connection",
                 self.name,
-                writer.transport.get_write_buffer_size(),
+                transport.get_write_buffer_size(),
             )
-            writer.transport.abort()
+            transport.abort()
 
     def _disconnected(self, writer: asyncio.StreamWriter) -> None:
         if self._writer is writer:

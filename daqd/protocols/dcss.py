@@ -374,13 +374,15 @@ def _from_match(
 ) -> _M:
     """A message from its fast pattern's match. A frozen dataclass's __init__ sets each field
     through object.__setattr__; filling the instance dict at once is the same object, faster."""
+    # One group and one converter per field, by construction (_fast_pattern). No strict= for
+    # zip: in 3.11 any keyword argument to zip costs ~180 ns, a third of this function.
     if converters is None:  # only words and the rest of the line
         values: Iterable[Any] = m.groups("")
     else:
-        values = [c(g) for c, g in zip(converters, m.groups(), strict=True)]
+        values = [c(g) for c, g in zip(converters, m.groups())]  # noqa: B905
     obj = _new_object(cls)
     fields = obj.__dict__
-    fields.update(zip(_NAMES[cls], values, strict=True))
+    fields.update(zip(_NAMES[cls], values))  # noqa: B905
     fields["binary"] = binary
     fields["raw"] = raw
     return obj
@@ -973,7 +975,7 @@ def _parse_configure_device(tail: str, **extra: Any) -> Message:
     )
 
 
-def parse_message(text: str, *, binary: bytes = b"", raw: bytes = b"") -> Message:
+def parse_message(text: str, binary: bytes = b"", raw: bytes = b"") -> Message:
     """Parse one message text. Unknown commands give `Unknown`; bad arguments raise ProtocolError."""
     # Fast path: a known command word (never whitespace) followed by a space or the end.
     cut = text.find(" ")
@@ -1139,11 +1141,8 @@ class DcssCodec:
                     stop = start + text_len
                     if end - stop < bin_len:
                         break
-                    text = buf[start:stop]
-                    cut = text.find(0)
-                    if cut >= 0:
-                        text = text[:cut]
-                    text = text.rstrip(_STRIP)
+                    cut = buf.find(0, start, stop)  # the counted NUL, or one before it
+                    text = buf[start : stop if cut < 0 else cut].rstrip(_STRIP)
                     if bin_len:
                         binary = buf[stop : stop + bin_len]
                         pos = stop + bin_len
@@ -1166,7 +1165,7 @@ class DcssCodec:
             text, bad = decode_text(raw)
             self.bad_bytes += bad
         try:
-            return parse_message(text, binary=binary, raw=raw)
+            return parse_message(text, binary, raw)
         except ProtocolError as exc:
             self.malformed += 1
             command = next_token(text)[0] or ""
