@@ -190,10 +190,10 @@ class Operation:
     __slots__ = (
         "_args",
         "_conn",
+        "_data",
         "_dhs",
         "_stop",
         "args_raw",
-        "data",
         "handle",
         "message",
         "name",
@@ -209,7 +209,7 @@ class Operation:
         self.handle: str = message.handle
         self.args_raw: str = message.args
         self._args: list[str] | None = None
-        self.data: dict[str, Any] = {}  # per-operation state for the handler's own use
+        self._data: dict[str, Any] | None = None
         self.status: str | None = None  # the completion status once completed
         self._stop: asyncio.Event | None = None
         self.task: asyncio.Task[None] | None = None
@@ -221,6 +221,13 @@ class Operation:
         if self._args is None:
             self._args = tcl_split(self.args_raw)
         return self._args
+
+    @property
+    def data(self) -> dict[str, Any]:
+        """A dict for the handler's own per-operation state (made on first use)."""
+        if self._data is None:
+            self._data = {}
+        return self._data
 
     @property
     def stop_requested(self) -> asyncio.Event:
@@ -259,13 +266,14 @@ class Operation:
                 "no update after completion"
             )
         dhs = self._dhs
-        if self._conn != dhs.connection_id or dhs._send is None:
+        send = dhs._send
+        if self._conn != dhs.connection_id or send is None:
             dhs.stats["stale"] += 1
             return
         if values:
-            dhs._send(f"htos_operation_update {self.name} {self.handle} {tcl_join(values)}")
+            send(f"htos_operation_update {self.name} {self.handle} {tcl_join(values)}", False)
         else:
-            dhs._send(f"htos_operation_update {self.name} {self.handle}")
+            send(f"htos_operation_update {self.name} {self.handle}", False)
         dhs.stats["operation_updates"] += 1
 
     def complete(self, status: str = "normal", *values: Any) -> None:
@@ -285,14 +293,15 @@ class Operation:
         dhs = self._dhs
         if dhs.operations.get(self.handle) is self:
             del dhs.operations[self.handle]
-        if self._conn != dhs.connection_id or dhs._send is None:
+        send = dhs._send
+        if self._conn != dhs.connection_id or send is None:
             dhs.stats["stale"] += 1
             return
         if values:
             text = f"htos_operation_completed {self.name} {self.handle} {status} {tcl_join(values)}"
         else:
             text = f"htos_operation_completed {self.name} {self.handle} {status}"
-        dhs._send_now(text)  # the end of an operation: out now, not at the end of the loop turn
+        send(text, True)  # the end of an operation: out now, not at the end of the loop turn
         dhs.stats["operations_completed"] += 1
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
@@ -702,9 +711,9 @@ class Dhs:
         self.connection_id = 0
         # cached: on Python 3.11 every get_running_loop() costs a getpid() system call
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._send: Callable[[str], None] | None = None
-        self._send_now: Callable[[str], None] = self._queue_and_flush
-        self._flush: Callable[[], None] | None = None
+        # the connection's send(text, now): queue one text, written at the end of the dispatch
+        # under way, else at once (now) or at the end of the event-loop turn
+        self._send: Callable[[str, bool], None] | None = None
         self._dispatch: dict[type[d.Message], Callable[[Any], None]] = {
             d.StohStartOperation: self._start_operation,
             d.StohAbortAll: self._abort_all,
@@ -729,32 +738,17 @@ class Dhs:
             self._dispatch[cls] = self._register_device
 
     # ---- connection life
-    def connected(
-        self,
-        send_text: Callable[[str], None],
-        flush: Callable[[], None] | None = None,
-        send_now: Callable[[str], None] | None = None,
-    ) -> None:
-        """A new connection: `send_text` queues one message text, `flush` writes the queue now,
-        `send_now` does both for one text (default: the two calls)."""
+    def connected(self, send: Callable[[str, bool], None]) -> None:
+        """A new connection: `send(text, now)` queues one message text for it; `now` asks for it
+        to be written before the event loop turns (an operation's completion)."""
         self.connection_id += 1
         self._loop = asyncio.get_running_loop()
-        self._send = send_text
-        self._flush = flush
-        self._send_now = send_now or self._queue_and_flush
-
-    def _queue_and_flush(self, text: str) -> None:
-        if self._send is not None:
-            self._send(text)
-        if self._flush is not None:
-            self._flush()
+        self._send = send
 
     def disconnected(self) -> None:
         """Forget the connection: cancel every operation and device task, send nothing more."""
         self.connection_id += 1
         self._send = None
-        self._flush = None
-        self._send_now = self._queue_and_flush
         dropped = list(self.operations.values())
         self.operations.clear()
         for op in dropped:
@@ -769,14 +763,10 @@ class Dhs:
         if self._send is None:
             self.stats["stale"] += 1
             return
-        self._send(text)
+        self._send(text, False)
 
     def send(self, message: d.Message) -> None:
         self.send_text(message.to_text())
-
-    def flush(self) -> None:
-        if self._flush is not None:
-            self._flush()
 
     # ---- dispatch
     def handle(self, message: d.Message) -> None:
@@ -820,7 +810,7 @@ class Dhs:
             # Named after the operation: cheaper than asyncio's numbered default, more telling.
             loop = self._loop or asyncio.get_running_loop()
             op.task = start_eagerly(loop, self._run_operation(op, result), name=m.name)
-        else:
+        elif op.status is None:  # (most handlers complete their operation themselves)
             self._operation_returned(op, result)
 
     def _operation_task_done(self, op: Operation) -> None:

@@ -189,7 +189,7 @@ class DcssReceiver(ReceiverServer):
         self._transport = writer.transport
         self._loop = asyncio.get_running_loop()
         self.connections += 1
-        self.dhs.connected(self._send_text, self._flush, self._send_now)
+        self.dhs.connected(self._send)
         self.online.set()
         self.counters.extra["online"] = True
         self.log.info(
@@ -262,32 +262,27 @@ class DcssReceiver(ReceiverServer):
         self.publish_nowait(self.new_record(payload, tags))
 
     # ---- sending: coalesced into one write per dispatched read or event-loop turn
-    def _queue(self, text: str) -> bool:
-        """Frame one text into the outgoing queue; False (counted) if it cannot be sent."""
+    def _send(self, text: str, now: bool) -> None:
+        """Frame one text into the outgoing queue (a text that cannot be framed or sent is
+        counted). The queue is written at the end of the dispatch under way, else at once if
+        `now` (an operation's completion), else at the end of this event-loop turn."""
         codec = self.codec
         if self._transport is None or codec is None:
             self.counters.drop("not_connected")
-            return False
+            return
         try:
             self._out.append(codec.encode_text(text))
         except ProtocolError as exc:
             self.counters.error("encode")
             self.limited.warning("encode", "%s: not sent: %s", self.name, exc)
-            return False
-        return True
-
-    def _send_text(self, text: str) -> None:
-        """Queue one text; the queue is written at the end of this dispatch or loop turn."""
-        loop = self._loop
-        if self._queue(text) and not self._dispatching and not self._flush_scheduled and loop:
-            self._flush_scheduled = True
-            loop.call_soon(self._scheduled_flush)
-
-    def _send_now(self, text: str) -> None:
-        """Queue one text and write the queue at once (an operation's completion), or at the end
-        of the dispatch under way."""
-        if self._queue(text) and not self._dispatching:
+            return
+        if self._dispatching:
+            return
+        if now:
             self._flush()
+        elif not self._flush_scheduled and self._loop is not None:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._scheduled_flush)
 
     def _scheduled_flush(self) -> None:
         self._flush_scheduled = False

@@ -1018,13 +1018,14 @@ _V2_TEXT_HEADERS = [b"%12d %12d " % (n, 0) for n in range(1024)]
 
 def encode_v2(text: str | bytes, binary: bytes = b"") -> bytes:
     """One v2 frame in DCSS's own form: `%12d %12d ` header, text + NUL (counted), binary."""
-    data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
-    if b"\0" in data:
+    # the text with its NUL, encoded in one go (a third faster than adding the NUL after)
+    data = (text + "\0").encode() if isinstance(text, str) else bytes(text) + b"\0"
+    n = len(data)  # DCSS counts the NUL
+    if data.find(0) != n - 1:
         raise ProtocolError("DCS text must not contain NUL")
-    n = len(data) + 1
     if not binary and n < 1024:
-        return _V2_TEXT_HEADERS[n] + data + b"\0"
-    return b"%12d %12d " % (n, len(binary)) + data + b"\0" + binary
+        return _V2_TEXT_HEADERS[n] + data
+    return b"%12d %12d " % (n, len(binary)) + data + binary
 
 
 def _fast_v2_lengths(header: bytes | bytearray | memoryview) -> tuple[int, int] | None:
@@ -1150,7 +1151,10 @@ class DcssCodec:
                         binary = b""
                         pos = stop
                     pending = None
-                out.append(message(text, binary))
+                try:  # the usual case, without a call more: UTF-8 text that parses
+                    out.append(parse_message(text.decode(), binary, text))
+                except (UnicodeDecodeError, ProtocolError):
+                    out.append(message(text, binary))  # bad bytes replaced, or Malformed
         finally:
             self._pending = pending
             self.frames_in += len(out)
