@@ -14,7 +14,7 @@ import dataclasses
 import functools
 import math
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar, dataclass_transform
 
@@ -356,8 +356,8 @@ def _wire_fields(cls: type) -> tuple[dataclasses.Field[Any], ...]:
 
 MESSAGES: dict[str, type[Message]] = {}
 _FAST: dict[type, tuple[re.Pattern[str], tuple[Callable[[Any], Any], ...] | None]] = {}
-# every message class's field names in order, for building an instance without its __init__
-_NAMES: dict[type, tuple[str, ...]] = {}
+# every message class's fill(fields, values): its instance dict's fields, in order, from values
+_FILL: dict[type, Callable[[dict[str, Any], Sequence[Any]], None]] = {}
 # registered commands whose class parses with Message.from_args: class, pattern, converters
 _FAST_COMMANDS: dict[
     str, tuple[type[Message], re.Pattern[str], tuple[Callable[[Any], Any], ...] | None]
@@ -377,15 +377,27 @@ def _from_match(
     # One group and one converter per field, by construction (_fast_pattern). No strict= for
     # zip: in 3.11 any keyword argument to zip costs ~180 ns, a third of this function.
     if converters is None:  # only words and the rest of the line
-        values: Iterable[Any] = m.groups("")
+        values: Sequence[Any] = m.groups("")
     else:
         values = [c(g) for c, g in zip(converters, m.groups())]  # noqa: B905
     obj = _new_object(cls)
     fields = obj.__dict__
-    fields.update(zip(_NAMES[cls], values))  # noqa: B905
+    _FILL[cls](fields, values)
     fields["binary"] = binary
     fields["raw"] = raw
     return obj
+
+
+def _fill_function(names: tuple[str, ...]) -> Callable[[dict[str, Any], Sequence[Any]], None]:
+    """`fill(fields, values)` sets fields[names[i]] = values[i] in one unpacking assignment.
+    Generated, the way dataclasses generates __init__: half the time of update(zip(...))."""
+    if not names:
+        return lambda fields, values: None
+    targets = "".join(f"f[{name!r}], " for name in names)  # field names are identifiers
+    namespace: dict[str, Any] = {}
+    exec(f"def fill(f, values):\n    {targets}= values\n", namespace)
+    fill: Callable[[dict[str, Any], Sequence[Any]], None] = namespace["fill"]
+    return fill
 
 
 _WS = "[ \t\n\v\f\r]"
@@ -444,7 +456,7 @@ def message(command: str, *, register: bool = True) -> Callable[[type[_M]], type
         _WIRE_FIELDS[dc] = fields
         _FIELD_KINDS[dc] = kinds
         _FAST[dc] = _fast_pattern(dc, fields, kinds)
-        _NAMES[dc] = tuple(f.name for f in fields)
+        _FILL[dc] = _fill_function(tuple(f.name for f in fields))
         if register:
             MESSAGES[command] = dc
             if all("from_args" not in vars(k) for k in dc.__mro__ if k is not Message):
