@@ -20,6 +20,9 @@ _T = TypeVar("_T")
 
 _enter_task = asyncio.tasks._enter_task
 _leave_task = asyncio.tasks._leave_task
+# what asyncio.current_task(loop) reads, without its call
+_current_tasks: dict[asyncio.AbstractEventLoop, asyncio.Task[Any]]
+_current_tasks = asyncio.tasks._current_tasks  # type: ignore[attr-defined]
 
 _NATIVE = sys.version_info >= (3, 12)
 
@@ -34,7 +37,7 @@ def start_eagerly(
     context = contextvars.copy_context()
     task = loop.create_task(rest, name=name, context=context)
     # asyncio's own hooks for "this task is running", as Task.__step uses them around each step
-    outer = asyncio.current_task(loop)  # set when called from inside another task
+    outer = _current_tasks.get(loop)  # set when called from inside another task
     if outer is not None:
         _leave_task(loop, outer)
     _enter_task(loop, task)

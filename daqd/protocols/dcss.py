@@ -242,6 +242,8 @@ def tcl_quote(value: Any) -> str:
 
 def tcl_join(values: Iterable[Any]) -> str:
     """Values as a Tcl list (the inverse of tcl_split for strings)."""
+    if type(values) is tuple and len(values) == 1:  # an operation's usual one value: 3x faster
+        return tcl_quote(values[0])
     return " ".join(map(tcl_quote, values))
 
 
