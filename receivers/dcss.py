@@ -165,7 +165,7 @@ class DcssReceiver(ReceiverServer):
 
     async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One connection: handshake, then read and dispatch until it ends (sets _handshake_at
-        once handshaken and _heard once anything arrived after the handshake)."""
+        once handshaken and _heard once a message arrived after the handshake)."""
         s = self.settings
         codec = d.DcssCodec(
             s.protocol_level, max_text_bytes=s.max_text_bytes, max_binary_bytes=s.max_binary_bytes
@@ -199,7 +199,6 @@ class DcssReceiver(ReceiverServer):
             s.dhs_name,
             s.protocol_level,
         )
-        self._heard = bool(pending)
         # From here on bytes are handled in the transport's data callback: one event-loop turn
         # less per message than a reader task. No await since the last read, so the stream
         # reader holds no unread bytes; it may only have seen the end of the stream.
@@ -213,18 +212,12 @@ class DcssReceiver(ReceiverServer):
         self._dispatch(pending, codec)
         await protocol.closed
 
-    def _data_received(self, data: bytes, codec: d.DcssCodec) -> None:
-        self._heard = True
-        # What handlers send while these messages are dispatched goes out in one write at the end
-        # (operations start eagerly, so a quick one is answered in this same write).
-        self._dispatching = True
-        try:
-            self._dispatch(codec.feed(data), codec)
-        finally:
-            self._dispatching = False
-            self._flush()
-
     def _dispatch(self, messages: list[d.Message], codec: d.DcssCodec) -> None:
+        """Publish and handle the messages `codec` decoded. What handlers send meanwhile goes out
+        in one write at the end (operations start eagerly: a quick one is answered in it)."""
+        if not messages:
+            return
+        self._heard = True
         if codec.bad_bytes:
             self.counters.error("bad_bytes", codec.bad_bytes)
             self.limited.warning(
@@ -234,21 +227,26 @@ class DcssReceiver(ReceiverServer):
         handle = self.dhs.handle
         counters = self.counters
         publish = self._publish if self.queues or self.host.taps_active else None
-        for m in messages:
-            if publish is not None:
-                publish(m)
-            else:  # nobody to hand a record to: count the message, build nothing
-                counters.records += 1
-                counters.bytes += len(m.raw) + len(m.binary)
-            if isinstance(m, d.Malformed):
-                self.counters.error("malformed")
-            try:
-                handle(m)
-            except Exception as exc:  # one message must never stop the reader
-                self.counters.error("dispatch")
-                self.limited.warning(
-                    "dispatch", "%s: handling %s failed: %r", self.name, m.verb, exc
-                )
+        self._dispatching = True
+        try:
+            for m in messages:
+                if publish is not None:
+                    publish(m)
+                else:  # nobody to hand a record to: count the message, build nothing
+                    counters.records += 1
+                    counters.bytes += len(m.raw) + len(m.binary)
+                if isinstance(m, d.Malformed):
+                    counters.error("malformed")
+                try:
+                    handle(m)
+                except Exception as exc:  # one message must never stop the reader
+                    counters.error("dispatch")
+                    self.limited.warning(
+                        "dispatch", "%s: handling %s failed: %r", self.name, m.verb, exc
+                    )
+        finally:
+            self._dispatching = False
+            self._flush()
 
     def _publish(self, m: d.Message) -> None:
         if not self.queues and not self.host.taps_active:
@@ -372,7 +370,7 @@ class _DcssProtocol(asyncio.Protocol):
         if self.closed.done():
             return
         try:
-            self.receiver._data_received(data, self.codec)
+            self.receiver._dispatch(self.codec.feed(data), self.codec)
         except ProtocolError as exc:
             self.closed.set_exception(exc)
             self.receiver._abort()

@@ -1122,7 +1122,6 @@ class DcssCodec:
         else:
             buf = data if isinstance(data, bytes) else bytes(data)
         out: list[Message] = []
-        message = self._message
         pending = self._pending
         pos = 0
         end = len(buf)
@@ -1168,7 +1167,7 @@ class DcssCodec:
                 try:  # the usual case, without a call more: UTF-8 text that parses
                     out.append(parse_message(text.decode(), binary, text))
                 except (UnicodeDecodeError, ProtocolError):
-                    out.append(message(text, binary))  # bad bytes replaced, or Malformed
+                    out.append(self._message(text, binary))  # bad bytes replaced, or Malformed
         finally:
             self._pending = pending
             self.frames_in += len(out)
