@@ -659,3 +659,14 @@ async def test_example_config_runs_its_handlers() -> None:
             assert end == d.HtosMotorMoveCompleted("detector_z", 400.0, "normal")
         finally:
             await h.stop()
+
+
+def test_every_dhs_counter_used_is_declared() -> None:
+    # stats is a plain dict of the declared counters (no Counter default): a counter bumped
+    # somewhere but missing from STATS would raise KeyError on that (possibly rare) path
+    import daqd.dhs
+
+    source = Path(daqd.dhs.__file__).read_text()
+    used = set(re.findall(r"stats\[\"(\w+)\"\]", source))
+    assert used and used <= set(daqd.dhs.STATS), used - set(daqd.dhs.STATS)
+    assert len(set(daqd.dhs.STATS)) == len(daqd.dhs.STATS)
