@@ -110,6 +110,7 @@ class DcssReceiver(ReceiverServer):
         self._out: list[bytes] = []
         self._flush_scheduled = False
         self._dispatching = False  # while received messages are being dispatched
+        self._more_to_dispatch = False  # ... and the one being handled is not the last of them
         self._handshake_at: float | None = None
         self._heard = False
         self.counters.extra["dhs"] = self.dhs.stats
@@ -214,7 +215,8 @@ class DcssReceiver(ReceiverServer):
 
     def _dispatch(self, messages: list[d.Message], codec: d.DcssCodec) -> None:
         """Publish and handle the messages `codec` decoded. What handlers send meanwhile goes out
-        in one write at the end (operations start eagerly: a quick one is answered in it)."""
+        in one write: at the end, or when the last message's operation completes (operations
+        start eagerly, so a quick one is answered in it)."""
         if not messages:
             return
         self._heard = True
@@ -227,9 +229,12 @@ class DcssReceiver(ReceiverServer):
         handle = self.dhs.handle
         counters = self.counters
         publish = self._publish if self.queues or self.host.taps_active else None
-        self._dispatching = True
+        last = messages[-1]
+        self._dispatching = self._more_to_dispatch = True
         try:
             for m in messages:
+                if m is last:
+                    self._more_to_dispatch = False
                 if publish is not None:
                     publish(m)
                 else:  # nobody to hand a record to: count the message, build nothing
@@ -245,7 +250,7 @@ class DcssReceiver(ReceiverServer):
                         "dispatch", "%s: handling %s failed: %r", self.name, m.verb, exc
                     )
         finally:
-            self._dispatching = False
+            self._dispatching = self._more_to_dispatch = False
             self._flush()
 
     def _publish(self, m: d.Message) -> None:
@@ -262,8 +267,9 @@ class DcssReceiver(ReceiverServer):
     # ---- sending: coalesced into one write per dispatched read or event-loop turn
     def _send(self, text: str, now: bool) -> None:
         """Frame one text into the outgoing queue (a text that cannot be framed or sent is
-        counted). The queue is written at the end of the dispatch under way, else at once if
-        `now` (an operation's completion), else at the end of this event-loop turn."""
+        counted). If `now` (an operation's completion) the queue is written at once, unless more
+        messages of the read under way are still to be handled; otherwise at the end of that
+        dispatch, or of this event-loop turn."""
         codec = self.codec
         if self._transport is None or codec is None:
             self.counters.drop("not_connected")
@@ -274,11 +280,9 @@ class DcssReceiver(ReceiverServer):
             self.counters.error("encode")
             self.limited.warning("encode", "%s: not sent: %s", self.name, exc)
             return
-        if self._dispatching:
-            return
-        if now:
+        if now and not self._more_to_dispatch:
             self._flush()
-        elif not self._flush_scheduled and self._loop is not None:
+        elif not self._dispatching and not self._flush_scheduled and self._loop is not None:
             self._flush_scheduled = True
             self._loop.call_soon(self._scheduled_flush)
 
