@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -169,7 +170,10 @@ def main() -> None:
 
     results = uvloop.run(run_bench())
     print("DCSS operation round trips/s (1 start in, 1 update + 1 completion out);")
-    print(f"DCSS simulator on uvloop in this process; {ROUNDS} alternating rounds of {MEASURE_S} s")
+    print(
+        f"DCSS simulator on uvloop in this process; {ROUNDS} alternating rounds of {MEASURE_S} s;"
+    )
+    print(f"Python {platform.python_version()} (eager tasks native from 3.12)")
     print(f"{'in flight':>9}  {'DHS':>8}  {'best/s':>8}  {'median/s':>8}  {'CPU us/op':>9}")
     for n in IN_FLIGHT:
         for kind in KINDS:
