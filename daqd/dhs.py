@@ -736,8 +736,8 @@ class Dhs:
         self.connection_id = 0
         # cached: on Python 3.11 every get_running_loop() costs a getpid() system call
         self._loop: asyncio.AbstractEventLoop | None = None
-        # the connection's send(text, now): queue one text, written at the end of the dispatch
-        # under way, else at once (now) or at the end of the event-loop turn
+        # the connection's send(text, now): queue one text for DCSS; `now` (a completion) has it
+        # written before the event loop turns, else it may wait for the end of the turn
         self._send: Callable[[str, bool], None] | None = None
         self._dispatch: dict[type[d.Message], Callable[[Any], None]] = {
             d.StohStartOperation: self._start_operation,
