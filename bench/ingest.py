@@ -99,7 +99,7 @@ def sub_counter(endpoint: str, count: Any, ready: Any) -> None:
     sub.connect(endpoint)
     ready.set()
     while True:
-        sub.recv_multipart(copy=False)
+        sub.recv_multipart()
         count.value += 1
 
 
