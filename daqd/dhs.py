@@ -731,7 +731,7 @@ class Dhs:
         self.devices: dict[str, Device] = {}
         self.registered_operations: dict[str, str] = {}
         self.operations: dict[str, Operation] = {}  # active, by handle
-        # every counter there is, from 0 (a plain dict: += costs a third of a Counter's)
+        # every counter there is, from 0 (a plain dict: += costs 46 ns, on a Counter 109)
         self.stats: dict[str, int] = dict.fromkeys(STATS, 0)
         self.connection_id = 0
         # cached: on Python 3.11 every get_running_loop() costs a getpid() system call
