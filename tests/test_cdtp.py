@@ -11,7 +11,8 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -261,10 +262,12 @@ async def test_receive_from_refuses_other_senders(tmp_path: Path) -> None:
         await sim.stop()
 
 
+@asynccontextmanager
 async def bridge(
     tmp_path: Path, sim_args: list[str], tx_extra: str = ""
-) -> tuple[Host, Host, Proc]:
-    """sim → [host A: rx1 → tx] → [host B: rx2 → file]: both hosts in a run, sim waiting."""
+) -> AsyncIterator[tuple[Host, Host, Proc]]:
+    """sim → [host A: rx1 → tx] → [host B: rx2 → file]: both hosts in a run, sim waiting;
+    all three stopped on leaving."""
     sim, endpoint = await start_sim(*sim_args)
     a = await start_host(receiver_toml("rx1", [endpoint], ["tx"]) + tx_toml("tx", tx_extra), "a")
     tx_endpoint = a.publishers["tx"].addresses["endpoint"]
@@ -273,16 +276,20 @@ async def bridge(
         + file_toml("disk", tmp_path),
         "b",
     )
-    await b.begin_run("bridged")
-    await a.begin_run("upstream")
-    return a, b, sim
+    try:
+        await b.begin_run("bridged")
+        await a.begin_run("upstream")
+        yield a, b, sim
+    finally:
+        await a.stop()
+        await b.stop()
+        await sim.stop()
 
 
 async def test_transmitter_to_receiver_64k_batches_and_run_metadata(tmp_path: Path) -> None:
-    a, b, sim = await bridge(
+    async with bridge(
         tmp_path, ["--name", "Sim.big", "--records", "20", "--size", "65536"], "bor_tags = {u = 1}"
-    )
-    try:
+    ) as (a, b, sim):
         rx1, rx2 = a.receivers["rx1"], b.receivers["rx2"]
         assert isinstance(rx1, CdtpReceiver) and isinstance(rx2, CdtpReceiver)
         await wait_for(lambda: "daqd.tx" in rx2.senders, what="the BOR")
@@ -294,10 +301,6 @@ async def test_transmitter_to_receiver_64k_batches_and_run_metadata(tmp_path: Pa
         await wait_for(lambda: ended(rx2, "daqd.tx"), what="EOR from our transmitter")
         await b.end_run()
         await b.queues["disk"].drained()
-    finally:
-        await a.stop()
-        await b.stop()
-        await sim.stop()
     tx = a.publishers["tx"]
     assert tx.counters.extra["messages"] == 10  # 64 KiB records go two per 128 KiB message
     sender = rx2.senders["daqd.tx"]
@@ -315,17 +318,16 @@ async def test_transmitter_to_receiver_64k_batches_and_run_metadata(tmp_path: Pa
 
 
 async def test_tag_only_records_leave_on_the_flush_timer(tmp_path: Path) -> None:
-    a, b, sim = await bridge(tmp_path, ["--name", "Sim.tags", "--records", "5", "--blocks", "0"])
-    try:
+    async with bridge(tmp_path, ["--name", "Sim.tags", "--records", "5", "--blocks", "0"]) as (
+        a,
+        b,
+        sim,
+    ):
         rx2 = b.receivers["rx2"]
         await sim.say("go")
         # no end of run yet: only the flush timer can have sent them
         await wait_for(lambda: rx2.counters.records == 5, what="5 tag-only records")
         assert a.run is not None
-    finally:
-        await a.stop()
-        await b.stop()
-        await sim.stop()
     _, records, _ = run_file(tmp_path, "bridged")
     assert [(r.tags["k"], list(r.payload)) for r in records] == [(k, []) for k in range(1, 6)]
 
@@ -333,22 +335,17 @@ async def test_tag_only_records_leave_on_the_flush_timer(tmp_path: Path) -> None
 async def test_a_record_too_big_for_a_message_is_refused_and_shows_as_a_gap(
     tmp_path: Path,
 ) -> None:
-    a, b, sim = await bridge(
+    async with bridge(
         tmp_path,
         ["--name", "Sim.huge", "--records", "3", "--size", "9000"],
         "max_message_bytes = 8192",
-    )
-    try:
+    ) as (a, b, sim):
         rx1, rx2 = a.receivers["rx1"], b.receivers["rx2"]
         assert isinstance(rx1, CdtpReceiver) and isinstance(rx2, CdtpReceiver)
         await sim.say("go")
         await wait_for(lambda: ended(rx1, "Sim.huge"), what="upstream EOR")
         await a.end_run()
         await wait_for(lambda: ended(rx2, "daqd.tx"), what="our EOR")
-    finally:
-        await a.stop()
-        await b.stop()
-        await sim.stop()
     tx = a.publishers["tx"]
     assert tx.counters.drops["refused"] == 3
     assert rx2.senders["daqd.tx"].records == 0
@@ -356,22 +353,17 @@ async def test_a_record_too_big_for_a_message_is_refused_and_shows_as_a_gap(
 
 
 async def test_batches_are_split_to_stay_under_max_message_bytes(tmp_path: Path) -> None:
-    a, b, sim = await bridge(
+    async with bridge(
         tmp_path,
         ["--name", "Sim.split", "--records", "10", "--size", "3000"],
         "max_message_bytes = 8192",
-    )
-    try:
+    ) as (a, b, sim):
         rx1, rx2 = a.receivers["rx1"], b.receivers["rx2"]
         assert isinstance(rx1, CdtpReceiver) and isinstance(rx2, CdtpReceiver)
         await sim.say("go")
         await wait_for(lambda: ended(rx1, "Sim.split"), what="upstream EOR")
         await a.end_run()
         await wait_for(lambda: ended(rx2, "daqd.tx"), what="our EOR")
-    finally:
-        await a.stop()
-        await b.stop()
-        await sim.stop()
     assert a.publishers["tx"].counters.extra["messages"] == 5  # two 3 kB records per 8 KiB
     sender = rx2.senders["daqd.tx"]
     assert (sender.records, sender.missed, sender.condition) == (10, 0, RunCondition.GOOD)

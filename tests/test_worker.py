@@ -177,17 +177,7 @@ async def test_parent_gives_up_on_a_worker_that_never_says_ready(
     mute = [sys.executable, "-c", "import time; time.sleep(60)"]
     monkeypatch.setattr(WorkerReceiver, "worker_argv", lambda self, controller: mute)
     monkeypatch.setattr(WorkerReceiver, "start_timeout_s", 0.5)
-    spawned: list[int] = []
-    real_setup = WorkerReceiver.setup
-
-    async def setup(self: WorkerReceiver) -> None:
-        try:
-            await real_setup(self)
-        finally:
-            if self.proc is not None:
-                spawned.append(self.proc.pid)
-
-    monkeypatch.setattr(WorkerReceiver, "setup", setup)
+    spawned = record_worker_pids(monkeypatch)
     host = Host(parse_config(host_config(), "<test>"))
     with pytest.raises(ConfigError, match=r"receiver 'raw' cannot start: worker sent no READY"):
         await host.start()
@@ -312,6 +302,11 @@ def fake_worker(monkeypatch: pytest.MonkeyPatch, mode: str) -> list[int]:
     monkeypatch.setattr(
         WorkerReceiver, "worker_argv", lambda self, controller: [*argv, controller, mode]
     )
+    return record_worker_pids(monkeypatch)
+
+
+def record_worker_pids(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The pids of the worker processes receivers spawn from now on (to check they are gone)."""
     spawned: list[int] = []
     real_setup = WorkerReceiver.setup
 
