@@ -282,13 +282,30 @@ def start(c: Ctx, run_id: str | None) -> None:
 def stop(c: Ctx) -> None:
     """End the run: publishers get end_run with its condition."""
     result = c.request("CTRL", {"transition": "stop"}, timeout=max(c.timeout, 60))
-    last = c.request("STAT").get("last_run") or {}
-    records = last.get("records") or {}
+    last = result.get("run") if isinstance(result, dict) else None
+    if not isinstance(last, dict):
+        last = c.request("STAT").get("last_run") or {}
+    click.echo(render_run_end(last, f"; state {_state(result)}"))
+
+
+def render_run_end(run: dict[str, Any], suffix: str = "") -> str:
+    """`run ID ended: CONDITION, N records`; for a run that is not GOOD, the counts behind it."""
+    records = run.get("records") or {}
     total = sum(records.values()) if isinstance(records, dict) else 0
-    click.echo(
-        f"run {last.get('run_id')} ended: {last.get('condition')}, {total} records; "
-        f"state {_state(result)}"
-    )
+    line = f"run {run.get('run_id')} ended: {run.get('condition')}, {total} records{suffix}"
+    if run.get("condition") == "GOOD":
+        return line
+    accounting = run.get("accounting") or {}
+    for name, p in sorted((accounting.get("publishers") or {}).items()):
+        drops = p.get("drops") or {}
+        dropped = ", ".join(f"{n} {k}" for k, n in sorted(drops.items()))
+        line += (
+            f"\n  publisher {name}: offered {p.get('offered')}, delivered {p.get('delivered')}"
+            + (f", dropped {dropped}" if dropped else "")
+        )
+    for reason in run.get("reasons") or []:
+        line += f"\n  why: {reason}"
+    return line
 
 
 @main.command()

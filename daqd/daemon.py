@@ -61,8 +61,26 @@ async def serve(config: Config) -> int:
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
-    loop.add_signal_handler(signal.SIGTERM, host.request_stop, RunCondition.INTERRUPTED)
-    loop.add_signal_handler(signal.SIGINT, host.request_stop, RunCondition.INTERRUPTED)
+    forced: list[str] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        if not host.stop_requested.is_set():
+            log.info(
+                "%s received: stopping (a second SIGTERM or SIGINT forces an exit at once)",
+                sig.name,
+            )
+            host.request_stop(RunCondition.INTERRUPTED)
+        elif not forced:
+            forced.append(sig.name)
+            log.warning(
+                "second signal (%s): exiting at once; what is not delivered yet is counted as "
+                "dropped 'forced_exit'",
+                sig.name,
+            )
+            host.force()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
     loop.add_signal_handler(signal.SIGHUP, reload)
     watchdog = asyncio.create_task(notifier.run_watchdog(lambda: host.state != State.ERROR))
     status_task = asyncio.create_task(_status_forever(host, notifier))
@@ -71,14 +89,18 @@ async def serve(config: Config) -> int:
     try:
         await host.stop_requested.wait()
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
+        loop.remove_signal_handler(signal.SIGHUP)
         notifier.stopping("draining")
         watchdog.cancel()
         status_task.cancel()
         await host.stop(host.stop_reason)
         await server.close()
         notifier.close()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    if forced:
+        log.warning("exited early on a second %s (exit code 1)", forced[0])
+        return 1
     return 0
 
 

@@ -15,6 +15,7 @@ import zmq
 import zmq.asyncio
 
 from daqd.config import Config, parse_config, publisher_class, receiver_class
+from daqd.deadline import Deadline
 from daqd.errors import ConfigError, ControlError
 from daqd.publisher import Publisher, PublisherQueue, PublisherSettings
 from daqd.receiver import ReceiverServer, ReceiverSettings
@@ -26,6 +27,7 @@ from daqd.runstate import (
     StateMachine,
     TransitionRefused,
     default_run_id,
+    judge,
 )
 
 log = logging.getLogger("daqd.host")
@@ -39,6 +41,15 @@ def current_host() -> Host:
         return _hosts[asyncio.get_running_loop()]
     except (KeyError, RuntimeError):
         raise RuntimeError("no daqd host is running in this event loop") from None
+
+
+def _minus(now: dict[str, int], then: dict[str, int]) -> dict[str, int]:
+    return {k: n - then.get(k, 0) for k, n in now.items() if n - then.get(k, 0)}
+
+
+def _reasons(counts: dict[str, int]) -> str:
+    shown = {k: n for k, n in counts.items() if n}
+    return ", ".join(f"{n} {k}" for k, n in sorted(shown.items())) if shown else "none"
 
 
 class Host:
@@ -97,7 +108,9 @@ class Host:
                 await self._start_receiver(rs)
         except Exception as exc:
             self.machine.fail(f"launch: {exc}")
-            await self._shutdown_components(RunCondition.ABORTED)
+            await self._shutdown_components(
+                RunCondition.ABORTED, Deadline(self.config.daemon.drain_timeout_s)
+            )
             raise
         self.machine.finish()
         self._sampler = asyncio.create_task(self._sample_forever(), name="sampler")
@@ -143,13 +156,20 @@ class Host:
                 pub.counters.sample()
 
     async def stop(self, condition: RunCondition = RunCondition.INTERRUPTED) -> None:
-        """Stop receiving, end the run with `condition` (OR'd with what happened), drain, close."""
+        """Stop receiving, end the run with `condition` (OR'd with what happened), drain, close.
+
+        One deadline (`drain_timeout_s`) covers it all; `force()` (a second signal) cuts it
+        short. Whatever is not delivered by then is counted under the deadline's reason.
+        """
         if self.stopped.is_set():
             return
+        self.deadline = Deadline(self.config.daemon.drain_timeout_s)
+        if self._force_requested:
+            self.deadline.force()
         log.info(
             "stopping: no more input; draining within %.1f s", self.config.daemon.drain_timeout_s
         )
-        await self._shutdown_components(condition)
+        await self._shutdown_components(condition, self.deadline)
         if self._sampler is not None:
             self._sampler.cancel()
         if self._tap_task is not None:
@@ -161,23 +181,61 @@ class Host:
                     os.unlink(self.tap_endpoint[6:])
         self.zmq_context.destroy(linger=0)
         _hosts.pop(asyncio.get_running_loop(), None)
+        self.log_accounting()
         self.stopped.set()
         log.info("stopped")
 
-    async def _shutdown_components(self, condition: RunCondition) -> None:
-        await asyncio.gather(*(r.stop_receiving() for r in self.receivers.values()))
+    deadline: Deadline | None = None
+    _force_requested = False
+
+    def force(self) -> None:
+        """Cut the shutdown's drain short (a second SIGTERM/SIGINT)."""
+        self._force_requested = True
+        if self.deadline is not None:
+            self.deadline.force()
+
+    async def _shutdown_components(self, condition: RunCondition, deadline: Deadline) -> None:
+        await asyncio.gather(*(r.stop_receiving(deadline) for r in self.receivers.values()))
         if self.run is not None:
-            await self._end_run(condition)
-        timeout = self.config.daemon.drain_timeout_s
-        await asyncio.gather(*(q.close(timeout) for q in self.queues.values()))
+            await self._end_run(condition, deadline)
+        await asyncio.gather(*(q.close(deadline) for q in self.queues.values()))
 
     def request_stop(self, condition: RunCondition = RunCondition.INTERRUPTED) -> None:
         """Ask the daemon's main loop to stop (signal handlers, `daqctl shutdown`)."""
         self.stop_reason = condition
         self.stop_requested.set()
 
+    def log_accounting(self) -> None:
+        """One line per receiver and publisher with what it counted since start; WARNING if
+        anything was dropped. The same totals are in `daqctl status`."""
+        for name, rec in self.receivers.items():
+            c = rec.counters
+            level = logging.WARNING if any(c.drops.values()) else logging.INFO
+            log.log(
+                level,
+                "accounting: receiver %s: received %d, input dropped %s, errors %s",
+                name,
+                c.records,
+                _reasons(c.drops),
+                _reasons(c.errors),
+            )
+        for name, q in self.queues.items():
+            a = q.accounting()
+            level = logging.WARNING if any(a["drops"].values()) or a["queued"] else logging.INFO
+            log.log(
+                level,
+                "accounting: publisher %s: offered %d, delivered %d, dropped %s%s",
+                name,
+                a["offered"],
+                a["delivered"],
+                _reasons(a["drops"]),
+                f", {a['queued']} still queued" if a["queued"] else "",
+            )
+
     # ----- runs ------------------------------------------------------------------------------
     async def begin_run(self, run_id: str | None = None) -> RunInfo:
+        """Start a run; every publisher must take its begin (else the run does not start, the
+        state stays ORBIT, and the refusal names the publisher and its reason)."""
         run_id = run_id or default_run_id()
         if not re.fullmatch(r"[\w.-]{1,80}", run_id):
             raise TransitionRefused(
@@ -187,66 +245,122 @@ class Host:
         run = RunInfo(run_id, time.time_ns())
         self._run_base = {
             "seq": {n: dict(r._seq) for n, r in self.receivers.items()},
-            "drops": self._total_drops(),
+            "receivers": {n: self._receiver_tally(r) for n, r in self.receivers.items()},
         }
         self.run = run
         for rec in self.receivers.values():
             await rec.begin_run(run)
-        for queue in self.queues.values():
-            queue.put_marker("begin", run)
+        markers = {n: q.put_marker("begin", run) for n, q in self.queues.items()}
+        timeout = self.config.daemon.drain_timeout_s
+        refusals: list[str] = []
+        for name, marker in markers.items():
+            try:
+                exc = await asyncio.wait_for(asyncio.shield(marker.done), timeout)
+            except TimeoutError:
+                refusals.append(f"publisher {name}: did not begin within {timeout:g} s")
+                continue
+            if exc is not None:
+                refusals.append(f"publisher {name}: {exc}")
+        if refusals:
+            await self._end_run(RunCondition.ABORTED, None, quiet=True)
+            self.machine.abandon(f"run {run_id} not started")
+            raise TransitionRefused(f"run {run_id} not started: " + "; ".join(refusals))
         self.machine.finish()
         log.info("run %s started", run.run_id)
         return run
 
     async def end_run(self, condition: RunCondition = RunCondition.GOOD) -> RunInfo:
         self.machine.begin("stop")
-        run = await self._end_run(condition)
+        run = await self._end_run(condition, None)
         self.machine.finish()
         return run
 
-    async def _end_run(self, condition: RunCondition) -> RunInfo:
+    def _receiver_tally(self, rec: ReceiverServer) -> dict[str, Any]:
+        rec.sample()  # the kernel's drop count is read here
+        c = rec.counters
+        return {"received": c.records, "drops": dict(c.drops), "errors": dict(c.errors)}
+
+    async def _end_run(
+        self, condition: RunCondition, deadline: Deadline | None, quiet: bool = False
+    ) -> RunInfo:
+        """End the run: receivers hand over what they hold, every publisher accounts for the
+        run's records (waiting up to drain_timeout_s, or the shutdown deadline), the condition is
+        decided by the one rule table from those counts, then publishers get end_run."""
         run = self.run
         assert run is not None
         for rec in self.receivers.values():
             try:
-                await rec.end_run(run)  # a receiver may OR flags into run.condition here
+                await rec.end_run(run)  # a receiver may OR protocol-level flags in here
             except Exception as exc:
-                condition |= RunCondition.TAINTED
+                rec.counters.error("end_run")
                 log.error("receiver %s: end_run failed: %r", rec.name, exc)
-        condition |= run.condition
-        for rec in self.receivers.values():
-            rec.sample()
-            if rec.state == "failed":
-                condition |= RunCondition.DEGRADED
-        if self._total_drops() > self._run_base.get("drops", 0):
-            condition |= RunCondition.INCOMPLETE
-        run.end_ns = time.time_ns()
-        run.condition = condition
-        base = self._run_base.get("seq", {})
+        # From here to the markers nothing awaits: the run's records are exactly those before them.
+        base = self._run_base
+        receivers: dict[str, Any] = {}
         for name, rec in self.receivers.items():
-            before = base.get(name, {})
+            now = self._receiver_tally(rec)
+            then = base.get("receivers", {}).get(name, {"received": 0, "drops": {}, "errors": {}})
+            receivers[name] = {
+                "received": now["received"] - then["received"],
+                "drops": _minus(now["drops"], then["drops"]),
+                "errors": _minus(now["errors"], then["errors"]),
+                **({"failed": True} if rec.state == "failed" else {}),
+            }
+            before = base.get("seq", {}).get(name, {})
             for source, seq in rec._seq.items():
                 if seq - before.get(source, 0):
                     run.records[source] = seq - before.get(source, 0)
-        for queue in self.queues.values():
-            queue.put_marker("end", run)
+        markers = {n: q.put_marker("end", run) for n, q in self.queues.items()}
         self.run = None
-        self.last_run = run
-        log.info(
-            "run %s ended: %s, %d records",
-            run.run_id,
-            run.condition.describe(),
-            sum(run.records.values()),
-        )
-        return run
+        run.end_ns = time.time_ns()
 
-    def _total_drops(self) -> int:
-        total = 0
-        for rec in self.receivers.values():
-            total += sum(rec.counters.drops.values())
-        for pub in self.publishers.values():
-            total += sum(pub.counters.drops.values())
-        return total
+        publishers: dict[str, Any] = {}
+        wait_s = self.config.daemon.drain_timeout_s
+        for name, marker in markers.items():
+            queue = self.queues[name]
+            if deadline is not None:
+                ok, _ = await deadline.wait(asyncio.shield(marker.ledger))
+                if not ok:
+                    await queue.abandon(deadline.reason)
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(marker.ledger), wait_s)
+            if marker.ledger.done():
+                publishers[name] = marker.ledger.result()
+            else:  # still delivering the run's records: account for it as it stands
+                ledger = queue.ledger(marker)
+                ledger["late"] = (
+                    ledger["offered"] - ledger["delivered"] - sum(ledger["drops"].values())
+                )
+                publishers[name] = ledger
+        run.accounting = {"receivers": receivers, "publishers": publishers}
+        flags, reasons = judge(run.accounting)
+        run.condition = condition | run.condition | flags
+        run.reasons = reasons
+        for marker in markers.values():
+            marker.decided.set()
+        # end_run (EOR, end marker): bounded like the rest; a publisher error there is counted
+        for name, marker in markers.items():
+            queue = self.queues[name]
+            remaining = deadline.remaining() if deadline is not None else wait_s
+            try:
+                await asyncio.wait_for(asyncio.shield(marker.done), max(remaining, 0.001))
+            except TimeoutError:
+                await queue.end_orphan(marker, 2.0)
+        self.last_run = run
+        if not quiet:
+            total = sum(run.records.values())
+            if run.condition == RunCondition.GOOD:
+                log.info("run %s ended: GOOD, %d records", run.run_id, total)
+            else:
+                log.warning(
+                    "run %s ended: %s, %d records: %s",
+                    run.run_id,
+                    run.condition.describe(),
+                    total,
+                    "; ".join(reasons) or "as requested",
+                )
+        return run
 
     async def transition(self, name: str, args: dict[str, Any]) -> State:
         """Drive a state transition by name (the CTRL request)."""
@@ -257,7 +371,7 @@ class Host:
         elif name == "interrupt":
             self.machine.begin("interrupt")
             if self.run is not None:
-                await self._end_run(RunCondition.INTERRUPTED)
+                await self._end_run(RunCondition.INTERRUPTED, None)
             await asyncio.gather(*(r.stop_receiving() for r in self.receivers.values()))
             self.machine.finish()
         elif name == "land":
@@ -299,7 +413,6 @@ class Host:
         gone_p = [n for n, p in old_p.items() if new_p.get(n) != p]
         add_r = [n for n, r in new_r.items() if old_r.get(n) != r]  # changed or added
         add_p = [n for n, p in new_p.items() if old_p.get(n) != p]
-        timeout = self.config.daemon.drain_timeout_s
         # What changes must release its sockets before its replacement binds them: stop changed
         # receivers, then drain and close changed publishers (records that still reach a closing
         # queue are counted as drops "reconfigure").
@@ -310,7 +423,7 @@ class Host:
         retired: dict[str, Publisher] = {}
         for n in gone_p:
             retired[n] = self.publishers.pop(n)
-            await self.queues.pop(n).close(timeout, "reconfigure")
+            await self.queues.pop(n).close(self._reconfigure_deadline(), "reconfigure")
         started_p: list[str] = []
         started_r: list[str] = []
         try:
@@ -331,6 +444,9 @@ class Host:
         log.info("reconfigured: %s", ", ".join(changed) or "nothing changed")
         return changed
 
+    def _reconfigure_deadline(self) -> Deadline:
+        return Deadline(self.config.daemon.drain_timeout_s)
+
     async def _roll_back(
         self,
         started_r: list[str],
@@ -341,13 +457,12 @@ class Host:
         old_p: dict[str, PublisherSettings],
     ) -> None:
         """Undo a reconfiguration that failed part-way: back to the settings that were running."""
-        timeout = self.config.daemon.drain_timeout_s
         try:
             for n in started_r:
                 await self.receivers.pop(n).stop_receiving()
             for n in started_p:
                 self.publishers.pop(n)
-                await self.queues.pop(n).close(timeout, "reconfigure")
+                await self.queues.pop(n).close(self._reconfigure_deadline(), "reconfigure")
             for n, pub in retired.items():
                 await self._start_publisher(old_p[n], pub)
             for rec in self.receivers.values():
@@ -369,7 +484,10 @@ class Host:
                 if not isinstance(transition, str):
                     raise ControlError('CTRL needs {"transition": <name>}')
                 state = await self.transition(transition, args.get("args") or {})
-                return {"state": state.name}
+                reply: dict[str, Any] = {"state": state.name}
+                if transition in ("stop", "interrupt") and self.last_run is not None:
+                    reply["run"] = self.last_run.metadata()  # daqctl shows why it is not GOOD
+                return reply
             if code == "CMD ":
                 return await self._command(args)
             if code == "CONF":

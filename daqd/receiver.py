@@ -16,6 +16,7 @@ import zmq
 import zmq.asyncio
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from daqd.deadline import Deadline
 from daqd.logs import LimitedLogger
 from daqd.monitor import Counters
 from daqd.record import Block, Record
@@ -234,8 +235,14 @@ class ReceiverServer:
         nbytes = record.nbytes
         self.counters.count(nbytes)
         ok = True
-        for q in self.queues:
-            ok = await q.put(record, nbytes) and ok
+        queues = self.queues
+        for i, q in enumerate(queues):
+            try:
+                ok = await q.put(record, nbytes) and ok
+            except asyncio.CancelledError:  # stopped while waiting: counted, not lost
+                for rest in queues[i:]:
+                    rest.refuse("cancelled")
+                raise
         if self.host.taps_active:
             self.host.tap(self.name, record)
         return ok
@@ -398,15 +405,33 @@ class ReceiverServer:
     # kernel drops of UDP sockets already closed (restarts), so the counter never goes back
     _kernel_base = 0
 
-    def _drain_udp(self) -> None:
+    async def _drain_udp(self, deadline: Deadline | None) -> None:
         """Deliver what is still in the kernel's buffers before a UDP socket closes: at shutdown
-        'stop receiving' means taking no new datagrams, not discarding the ones already here."""
-        for sock, on_datagram in self._udp:
+        'stop receiving' means taking no new datagrams, not discarding the ones already here.
+
+        With a deadline (shutdown), a full `block` queue is waited for until it passes; what is
+        left then is read and counted as dropped under the deadline's reason, never left
+        uncounted in a closing socket. Without one (a restart), the queues' policies apply as is.
+        """
+        # The loop must not read these sockets beside us: keep each socket open through a dup
+        # of its descriptor, and close the transports (uvloop's cannot pause reading).
+        socks = [(sock.dup(), on_datagram) for sock, on_datagram in self._udp]
+        for transport in self._transports:
+            transport.close()
+        for sock, on_datagram in socks:
+            sock.setblocking(False)
             for _ in range(1 << 20):
+                if deadline is not None and not deadline.expired:
+                    for q in self.queues:
+                        if q.full and not await q.wait_room(deadline):
+                            break
                 try:
                     data, addr = sock.recvfrom(65536)
                 except OSError:  # BlockingIOError: empty
                     break
+                if deadline is not None and deadline.expired and any(q.full for q in self.queues):
+                    self.counters.drop(deadline.reason)
+                    continue
                 try:
                     on_datagram(data, addr)
                 except Exception as exc:
@@ -416,6 +441,7 @@ class ReceiverServer:
                         "drain", "%s: datagram from %s failed: %r", self.name, addr, exc
                     )
             self._kernel_base += kernel_udp_drops(sock) or 0
+            sock.close()
         if self._udp:
             self.counters.drops["kernel"] = self._kernel_base
 
@@ -478,24 +504,25 @@ class ReceiverServer:
                     return task.exception()
         return None
 
-    async def stop_receiving(self) -> None:
-        """Close every socket and stop every task: nothing more comes in."""
+    async def stop_receiving(self, deadline: Deadline | None = None) -> None:
+        """Close every socket and stop every task: nothing more comes in. What the kernel still
+        holds for a UDP socket is delivered, waiting for `block` queues until `deadline`."""
         if self._supervisor is not None:
             self._supervisor.cancel()
             await asyncio.gather(self._supervisor, return_exceptions=True)
             self._supervisor = None
-        await self._teardown()
+        await self._teardown(deadline)
         if self.state != "failed":
             self.state = "stopped"
 
-    async def _teardown(self) -> None:
+    async def _teardown(self, deadline: Deadline | None = None) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
         for server in self._servers:
             server.close()
-        self._drain_udp()
+        await self._drain_udp(deadline)
         for transport in self._transports:
             transport.close()
         for writer in list(self._writers):

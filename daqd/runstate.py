@@ -75,6 +75,9 @@ class RunInfo:
     end_ns: int | None = None
     condition: RunCondition = RunCondition.GOOD
     records: dict[str, int] = field(default_factory=dict)
+    # what was counted in this run (see judge()); filled when the run ends
+    accounting: dict[str, Any] = field(default_factory=dict)
+    reasons: list[str] = field(default_factory=list)  # one line per flag: why it is not GOOD
 
     def metadata(self) -> dict[str, Any]:
         return {
@@ -84,7 +87,64 @@ class RunInfo:
             "condition_code": int(self.condition),
             "condition": self.condition.describe(),
             "records": dict(self.records),
+            "accounting": self.accounting,
+            "reasons": list(self.reasons),
         }
+
+
+# ----- the one rule table: what was counted in a run -> its condition -------------------------
+# Receiver errors that say a link or the receiver itself broke, not that its input was bad.
+RECEIVER_FAULTS = frozenset(
+    {"crash", "socket", "connect", "connection", "link_dropped", "handshake_timeout", "rejected"}
+)
+# Publisher drops that mean the destination failed (not that it was merely busy or absent).
+PUBLISHER_FAULTS = frozenset({"write_error", "send_error"})
+
+
+def judge(accounting: dict[str, Any]) -> tuple[RunCondition, list[str]]:
+    """The run's condition by the README's table, from what each part counted during the run.
+
+    `accounting` = {"receivers": {name: {"received", "drops", "errors", "failed"?}},
+    "publishers": {name: {"offered", "delivered", "drops", "errors", "late"?}}}. Returns the
+    flags and one line per finding, in the user's words.
+    """
+    flags = RunCondition.GOOD
+    reasons: list[str] = []
+
+    def flag(f: RunCondition, text: str) -> None:
+        nonlocal flags
+        flags |= f
+        reasons.append(f"{text} -> {f.describe()}")
+
+    for name, r in sorted(accounting.get("receivers", {}).items()):
+        for reason, n in sorted(r.get("drops", {}).items()):
+            flag(RunCondition.INCOMPLETE, f"receiver {name}: {n} input lost ({reason})")
+        for reason, n in sorted(r.get("errors", {}).items()):
+            if reason in RECEIVER_FAULTS or reason.startswith("worker."):
+                bad = RunCondition.DEGRADED
+            else:
+                bad = RunCondition.TAINTED
+            flag(bad, f"receiver {name}: {n} errors ({reason})")
+        if r.get("failed"):
+            flag(RunCondition.DEGRADED, f"receiver {name}: failed")
+    for name, p in sorted(accounting.get("publishers", {}).items()):
+        for reason, n in sorted(p.get("drops", {}).items()):
+            bad = RunCondition.INCOMPLETE
+            if reason in PUBLISHER_FAULTS:
+                bad |= RunCondition.DEGRADED
+            flag(bad, f"publisher {name}: {n} records dropped ({reason})")
+        for reason, n in sorted(p.get("errors", {}).items()):
+            flag(RunCondition.DEGRADED, f"publisher {name}: {n} errors ({reason})")
+        late = p.get("late", 0)
+        if late:
+            flag(
+                RunCondition.INCOMPLETE | RunCondition.DEGRADED,
+                f"publisher {name}: {late} records of the run not delivered within the stop deadline",
+            )
+        missing = p.get("offered", 0) - p.get("delivered", 0) - sum(p.get("drops", {}).values())
+        if missing and not late:
+            flag(RunCondition.INCOMPLETE, f"publisher {name}: {missing} records unaccounted for")
+    return flags, reasons
 
 
 def default_run_id() -> str:
@@ -100,6 +160,7 @@ class StateMachine:
         self.since_ns = time.time_ns()
         self._began = 0.0
         self._target: State | None = None
+        self._source: State | None = None
 
     def allowed(self) -> list[str]:
         return [name for name, (sources, _, _) in TRANSITIONS.items() if self.state in sources]
@@ -117,6 +178,7 @@ class StateMachine:
                 f"cannot {transition} in state {self.state.name}; allowed here: {allowed}"
             )
         log.info("transition %s: %s -> %s", transition, self.state.name, via.name)
+        self._source = self.state
         self._set(via)
         self._target = target
         self._began = time.monotonic()
@@ -128,6 +190,13 @@ class StateMachine:
         log.info("reached %s (%.1f ms)", target.name, (time.monotonic() - self._began) * 1000.0)
         self._set(target)
         return target
+
+    def abandon(self, reason: str) -> None:
+        """The transition could not be done and changed nothing: back to where it began."""
+        assert self._source is not None, "abandon() without begin()"
+        source, self._target = self._source, None
+        log.warning("%s: back to %s", reason, source.name)
+        self._set(source)
 
     def fail(self, reason: str) -> None:
         """Any failure goes to ERROR, logged with its reason."""

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, field_validator
 
+from daqd.deadline import Deadline
 from daqd.packetstream import PacketConnection, RequestFailed, start_server
 from daqd.protocols.packetstream import DEFAULT_MAX_PACKET_BYTES, Request
 from daqd.receiver import (
@@ -165,14 +166,14 @@ class PacketStreamReceiver(ReceiverServer):
             return None
         return self._answer(rq)
 
-    async def stop_receiving(self) -> None:
+    async def stop_receiving(self, deadline: Deadline | None = None) -> None:
         """Stop accepting, say goodbye to every client with the close handshake, then close."""
         if self._server is not None:
             self._server.close()
         conns = list(self._conns)
         if conns:
             await asyncio.gather(*(c.close() for c in conns), return_exceptions=True)
-        await super().stop_receiving()
+        await super().stop_receiving(deadline)
 
     async def close(self) -> None:
         """Release the server and any client left (after a crash, without the handshake)."""
