@@ -1,8 +1,10 @@
 """The `cdtp` publisher: a Constellation-compatible data transmitter (PUSH; BOR, DATA, EOR).
 
 Any Constellation receiver (a C++ or Python receiver satellite, or daqd's `cdtp` receiver)
-connects a PULL socket to `endpoint`. A daqd run is one CDTP run: `begin_run` sends BOR, records
-go out batched into DATA messages, `end_run` sends EOR with the run's metadata and condition.
+connects a PULL socket to `endpoint`. A daqd run is one CDTP run: `begin_run` queues the BOR (a
+task waits up to bor_timeout_s for a receiver to take it), records go out batched into DATA
+messages, `flush_run` sends what is pending, `end_run` sends EOR with the run's final condition.
+A record counts as delivered only when the DATA message holding it left (libzmq took it).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from daqd import __version__
 from daqd.errors import ProtocolError
+from daqd.logs import LimitedLogger
 from daqd.protocols import cdtp
 from daqd.publisher import Publisher, PublisherSettings
 from daqd.record import Block, Record
@@ -103,11 +106,13 @@ class CdtpPublisher(Publisher):
 
     Settings = CdtpSettings
     settings: CdtpSettings
+    confirms_delivery = True  # records wait in a DATA message being built after send() returns
 
     async def start(self) -> None:
         s = self.settings
         self.sender_name = s.sender_name or f"daqd.{self.name}"
         self.encoder = cdtp.Encoder(self.sender_name)
+        self.limited = LimitedLogger(self.log)
         sock = self.host.zmq_context.socket(zmq.PUSH)
         sock.setsockopt(zmq.LINGER, int(s.eor_timeout_s * 1000))
         sock.setsockopt(zmq.SNDHWM, s.sndhwm)
@@ -136,6 +141,7 @@ class CdtpPublisher(Publisher):
         self._last_flush = time.monotonic()
         self._flusher: asyncio.Task[None] | None = None
         self._sending: asyncio.Task[None] | None = None  # a DATA message waiting for room
+        self._bor_task: asyncio.Task[None] | None = None  # a BOR waiting for a receiver
         self._closed = False
         self._threshold = s.payload_threshold_kib * 1024
         # the longest message header: protocol, sender name, type and the records' array header
@@ -183,7 +189,10 @@ class CdtpPublisher(Publisher):
         return {**s.configuration, "_data": {**data, **s.configuration.get("_data", {})}}
 
     async def begin_run(self, run: RunInfo) -> None:
+        """Queue the BOR and return at once: where no receiver takes it right away, a task waits
+        for one up to bor_timeout_s (records meanwhile wait in the queue: send() waits for it)."""
         if self._run is not None:  # a begin without an end: close the old run first
+            await self.flush_run(self._run)
             await self.end_run(self._run)
         self._run = run
         self._seq = 0
@@ -192,22 +201,52 @@ class CdtpPublisher(Publisher):
         [frame] = self.encoder.encode(
             cdtp.BeginOfRun(self.sender_name, dict(self.settings.bor_tags), self._configuration())
         )
-        if await self._send_frame(frame, self.settings.bor_timeout_s):
-            self._set_state("running")
-            self._last_flush = time.monotonic()
-            self._flusher = asyncio.create_task(self._flush_timer(), name=f"{self.name}.flush")
-            self.log.info("%s: run %s: BOR sent on %s", self.name, run.run_id, self.addresses)
-        else:
-            self._set_state("no_receiver")
-            self.counters.error("bor_timeout")
-            self.log.error(
-                "%s: run %s: no CDTP receiver took the BOR on %s within bor_timeout_s=%s; "
-                "this run's records are dropped (counted as drops 'no_receiver')",
+        try:
+            self._sync.send(frame, zmq.NOBLOCK, copy=True)
+        except zmq.Again:
+            self._set_state("waiting")
+            self._bor_task = asyncio.create_task(
+                self._send_bor(run, frame, time.monotonic() + self.settings.bor_timeout_s),
+                name=f"{self.name}.bor",
+            )
+            self.log.info(
+                "%s: run %s: BOR waits for a CDTP receiver on %s (bor_timeout_s=%s)",
                 self.name,
                 run.run_id,
                 self.addresses["endpoint"],
                 self.settings.bor_timeout_s,
             )
+            return
+        self._bor_taken(run)
+
+    def _bor_taken(self, run: RunInfo) -> None:
+        self._set_state("running")
+        self._last_flush = time.monotonic()
+        self._flusher = asyncio.create_task(self._flush_timer(), name=f"{self.name}.flush")
+        self.log.info("%s: run %s: BOR sent on %s", self.name, run.run_id, self.addresses)
+
+    async def _send_bor(self, run: RunInfo, frame: bytes, deadline: float) -> None:
+        """Wait for a receiver to take the BOR, until `deadline` (monotonic)."""
+        if await self._send_frame(frame, deadline - time.monotonic()):
+            self._bor_taken(run)
+            return
+        self._set_state("no_receiver")
+        self.counters.error("bor_timeout")
+        self.log.error(
+            "%s: run %s: no CDTP receiver took the BOR on %s within bor_timeout_s=%s; "
+            "this run's records are dropped (counted as drops 'no_receiver')",
+            self.name,
+            run.run_id,
+            self.addresses["endpoint"],
+            self.settings.bor_timeout_s,
+        )
+
+    async def _bor_settled(self) -> None:
+        """Return once the BOR of this run was taken, or bor_timeout_s has passed."""
+        task = self._bor_task
+        if task is not None:
+            await asyncio.shield(task)
+            self._bor_task = None
 
     async def _stop_flush_timer(self) -> None:
         """Stop the flush timer; a flush it started runs to its end (see _flush)."""
@@ -216,14 +255,26 @@ class CdtpPublisher(Publisher):
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
+    async def flush_run(self, run: RunInfo) -> None:
+        """The run's last record was handed over: wait for the BOR (up to bor_timeout_s from
+        the run's begin), then send what is pending; what cannot leave is counted as dropped."""
+        await self._bor_settled()
+        await self._stop_flush_timer()
+        if self._state == "running":
+            await self._flush()
+        if self._count:  # not in a run that can take them (aborted): never delivered
+            self.counters.drop(self._state, self._count)
+            self._discard()
+
     async def end_run(self, run: RunInfo) -> None:
+        """Send the EOR with the run's final condition; count errors["eor_timeout"] (and flag
+        the run DEGRADED) if no receiver takes it within eor_timeout_s."""
+        await self._bor_settled()
         await self._stop_flush_timer()
         state = self._state
-        if state == "running":
-            await self._flush()
-            state = self._state
         self._run = None
         if state in ("running", "aborted"):
+            # the CDTP run's own flags (ABORTED|TAINTED after a data timeout) go to the EOR too
             condition = RunCondition(int(run.condition)) | self._flags
             metadata: dict[str, Any] = {
                 "version": f"daqd {__version__}",
@@ -249,6 +300,12 @@ class CdtpPublisher(Publisher):
                 )
             else:
                 self.counters.error("eor_timeout")
+                # the run's accounting was taken before the EOR could be sent: say it here
+                run.condition |= RunCondition.DEGRADED
+                run.reasons.append(
+                    f"publisher {self.name}: no receiver took the EOR within eor_timeout_s="
+                    f"{self.settings.eor_timeout_s:g} -> DEGRADED"
+                )
                 self.log.error(
                     "%s: run %s: the EOR could not be sent within eor_timeout_s=%s",
                     self.name,
@@ -265,6 +322,8 @@ class CdtpPublisher(Publisher):
     # ----- records ---------------------------------------------------------------------------
     async def send(self, records: list[Record]) -> None:
         i, n = 0, len(records)
+        if self._bor_task is not None:  # records wait here (and in the queue) for the BOR
+            await self._bor_settled()
         while True:
             if self._state != "running":
                 if i < n:
@@ -399,10 +458,10 @@ class CdtpPublisher(Publisher):
         return i
 
     def _refuse(self, record: Record, why: str) -> None:
-        self.counters.drop("refused")
-        self.counters.error("refused")
+        self.counters.drop("refused")  # a drop, not a publisher error: the receiver is fine
         self._flags |= RunCondition.INCOMPLETE
-        self.log.error(
+        self.limited.warning(
+            "refused",
             "%s: record %s#%d (CDTP seq %d) refused: %s",
             self.name,
             record.source,
@@ -445,28 +504,30 @@ class CdtpPublisher(Publisher):
         try:
             if not self._count or self._state != "running":
                 return
-            count = self._count
+            count, payload = self._count, self._payload
             frame = self._frame()
             self._discard()
             self._last_flush = time.monotonic()
             try:
                 self._sync.send(frame, zmq.NOBLOCK, copy=True)
             except zmq.Again:
-                task = asyncio.create_task(self._send_waiting(frame, count))
+                task = asyncio.create_task(self._send_waiting(frame, count, payload))
                 self._sending = task
                 handed = True  # the task releases the lock
                 await asyncio.shield(task)
                 return
-            self._sent()
+            self._sent(count, payload)
         finally:
             if not handed:
                 lock.release()
 
-    def _sent(self) -> None:
+    def _sent(self, count: int, payload: int) -> None:
+        """A DATA message left (libzmq took it): its records are delivered."""
+        self.delivered(count, payload)
         self.counters.extra["messages"] += 1
         self.counters.extra["seq"] = self._seq
 
-    async def _send_waiting(self, frame: Block, count: int) -> None:
+    async def _send_waiting(self, frame: Block, count: int, payload: int) -> None:
         """Send a DATA message once the socket has room; after data_timeout_s the run aborts."""
         try:
             try:
@@ -476,7 +537,7 @@ class CdtpPublisher(Publisher):
             except TimeoutError:
                 pass
             else:
-                self._sent()
+                self._sent(count, payload)
                 return
             self._flags |= RunCondition.ABORTED | RunCondition.TAINTED
             self._set_state("aborted")
@@ -518,11 +579,17 @@ class CdtpPublisher(Publisher):
         if self._closed:
             return
         self._closed = True
+        task, self._bor_task = self._bor_task, None
+        if task is not None:  # closing: a BOR still waiting will not be taken now
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            if self._state == "waiting":
+                self._set_state("no_receiver")
         await self._stop_flush_timer()
         # a flush under way ends first; what is still pending leaves as one last DATA message
         # (or, if the receiver takes nothing for data_timeout_s, is counted as dropped)
         await self._flush()
-        if self._count:  # not in a run that can take them (aborted)
+        if self._count:  # not in a run that can take them (aborted, no receiver)
             self.counters.drop("shutdown", self._count)
             self._discard()
         self._monitor_task.cancel()
