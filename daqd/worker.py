@@ -25,7 +25,8 @@ import os
 import signal
 import socket
 import sys
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgpack
 import zmq
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
     from daqd.host import Host
 
 log = logging.getLogger("daqd.worker")
+T = TypeVar("T")
 
 LINK = "parent"  # the worker's one publisher: the PUSH to its parent
 _codec = iccp.IccpCodec()
@@ -62,7 +64,9 @@ class WorkerReceiver(ReceiverServer):
     start_timeout_s = 10.0  # READY, and the answer to CONF
     request_timeout_s = 5.0
     stop_timeout_extra_s = 10.0  # FINISHED after STOP: this plus the drain timeout
-    data_hwm = 10000
+    data_hwm = 10000  # records in flight on the data link, each way (PUSH and PULL)
+    stat_interval_s = 1.0  # how often the worker's own counters are fetched (STAT)
+    salvage_quiet_s = 0.2  # after a worker died: its records still arriving stop for this long
 
     def __init__(self, settings: ReceiverSettings, host: Host) -> None:
         super().__init__(settings, host)
@@ -75,6 +79,10 @@ class WorkerReceiver(ReceiverServer):
         self._lock = asyncio.Lock()
         self._marks: dict[tuple[str, str], asyncio.Event] = {}
         self._generation = itertools.count(1)
+        self._run: RunInfo | None = None  # the run the worker must be in (a restarted one too)
+        self._from_worker = 0  # records that arrived from the current worker
+        # worker.<reason> counts of the workers before the current one: a new worker counts from 0
+        self._worker_base: dict[tuple[str, str], int] = {}
 
     def worker_argv(self, controller: str) -> list[str]:
         """The command that runs the worker; a test may replace it."""
@@ -88,6 +96,16 @@ class WorkerReceiver(ReceiverServer):
         base = runtime_dir()
         base.mkdir(mode=0o700, parents=True, exist_ok=True)
         stem = f"{base / self.host.name}.{self.name}.{next(self._generation)}"
+        # A new worker counts its drops and errors from 0: what its predecessors counted (shown
+        # as worker.<reason>, also after a reconfiguration that kept these counters) stays.
+        self._worker_base = {
+            (kind, reason): n
+            for kind, counts in (("drops", self.counters.drops), ("errors", self.counters.errors))
+            for reason, n in counts.items()
+            if reason.startswith("worker.")
+        }
+        self.worker_status = {}
+        self._from_worker = 0
         self._ctx = zmq.asyncio.Context()
         self._ctl = self._ctx.socket(zmq.PAIR)
         self._ctl.setsockopt(zmq.LINGER, 0)
@@ -107,14 +125,14 @@ class WorkerReceiver(ReceiverServer):
         )
         self.outcome = ""
         try:
-            await self._handshake(data)
+            async with self._lock:  # no request reaches the worker before its CONF
+                await self._handshake(data)
         except BaseException:
             await self._abort()
             raise
         self.log.info("%s: worker pid %d ready", self.name, self.proc.pid)
 
     async def _handshake(self, data: str) -> None:
-        assert self._ctl is not None
         first = await self._receive(self.start_timeout_s, "READY")
         if isinstance(first, iccp.Error):
             raise ControlError(f"worker could not start: {first.message}")
@@ -126,16 +144,46 @@ class WorkerReceiver(ReceiverServer):
             "drain_timeout_s": self.host.config.daemon.drain_timeout_s,
             "log_level": self.host.config.daemon.log_level,
         }
-        args = {"receiver": settings, "daemon": daemon, "data": data}
-        result = await self._request("CONF", args, self.start_timeout_s)
+        args: dict[str, Any] = {
+            "receiver": settings,
+            "daemon": daemon,
+            "data": data,
+            "data_hwm": self.data_hwm,
+            # A restarted worker numbers on from the last record that reached us (no seq is
+            # used twice), and is in the run that is going on, if one is.
+            "seq": dict(self._seq),
+            **({"run": {"run_id": self._run.run_id}} if self._run is not None else {}),
+        }
+        result = await self._exchange("CONF", args, self.start_timeout_s)
         if isinstance(result, dict) and isinstance(result.get("addresses"), dict):
             self.addresses.update(result["addresses"])
         self.addresses["worker"] = f"pid {self.proc.pid if self.proc else '?'}"
 
+    async def _unless_exited(self, what: Awaitable[T], timeout_s: float, waiting_for: str) -> T:
+        """Await `what`, but not past `timeout_s` (TimeoutError) nor past the worker's death
+        (ControlError): a dead worker answers nothing."""
+        task = asyncio.ensure_future(what)
+        tasks: set[asyncio.Future[Any]] = {task}
+        exited: asyncio.Future[int] | None = None
+        if self.proc is not None:
+            exited = asyncio.ensure_future(self.proc.wait())
+            tasks.add(exited)
+        try:
+            await asyncio.wait(tasks, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in tasks:
+                if not t.done():
+                    t.cancel()
+        if task.done() and not task.cancelled():
+            return task.result()
+        if exited is not None and exited.done() and not exited.cancelled():
+            raise ControlError(f"worker exited with code {exited.result()} before {waiting_for}")
+        raise TimeoutError(f"no {waiting_for} within {timeout_s:g} s")
+
     async def _receive(self, timeout_s: float, what: str) -> iccp.Message:
         assert self._ctl is not None
         try:
-            frames = await asyncio.wait_for(self._ctl.recv_multipart(), timeout_s)
+            frames = await self._unless_exited(self._ctl.recv_multipart(), timeout_s, what)
         except TimeoutError:
             raise ControlError(f"worker sent no {what} within {timeout_s:g} s") from None
         try:
@@ -148,16 +196,19 @@ class WorkerReceiver(ReceiverServer):
     ) -> Any:
         """One REQUEST → OK/ERROR exchange with the worker (one at a time)."""
         async with self._lock:
-            if self._ctl is None:
-                raise ControlError(f"receiver {self.name!r}: its worker is not running")
-            while await self._ctl.poll(0):  # nothing is due: a late reply, or a protocol error
-                stale = await self._ctl.recv_multipart()
-                with contextlib.suppress(ProtocolError):
-                    if isinstance(_codec.decode(stale), iccp.Ready):
-                        raise ControlError("worker sent READY after READY: protocol error")
-                self.counters.error("late_worker_reply")
-            await self._ctl.send_multipart(_codec.encode(iccp.Request(code, args)))
-            reply = await self._receive(timeout_s or self.request_timeout_s, f"reply to {code}")
+            return await self._exchange(code, args, timeout_s)
+
+    async def _exchange(self, code: str, args: dict[str, Any], timeout_s: float | None) -> Any:
+        if self._ctl is None:
+            raise ControlError(f"receiver {self.name!r}: its worker is not running")
+        while await self._ctl.poll(0):  # nothing is due: a late reply, or a protocol error
+            stale = await self._ctl.recv_multipart()
+            with contextlib.suppress(ProtocolError):
+                if isinstance(_codec.decode(stale), iccp.Ready):
+                    raise ControlError("worker sent READY after READY: protocol error")
+            self.counters.error("late_worker_reply")
+        await self._ctl.send_multipart(_codec.encode(iccp.Request(code, args)))
+        reply = await self._receive(timeout_s or self.request_timeout_s, f"reply to {code}")
         if isinstance(reply, iccp.Ok):
             return reply.result
         if isinstance(reply, iccp.Error):
@@ -179,20 +230,31 @@ class WorkerReceiver(ReceiverServer):
 
     async def ct_worker_status(self) -> None:
         while True:
-            await asyncio.sleep(1.0)
-            with contextlib.suppress(ControlError):
-                self._absorb(await self._request("STAT", {}))
+            await asyncio.sleep(self.stat_interval_s)
+            await self.refresh_worker_status()
+
+    async def refresh_worker_status(self) -> bool:
+        """Fetch the worker's counters (STAT) and show them here; False if it did not answer."""
+        try:
+            self._absorb(await self._request("STAT", {}))
+        except ControlError:
+            return False
+        return True
 
     def _absorb(self, status: Any) -> None:
-        """Show the worker's own drops and errors here, so status and run conditions see them."""
+        """Show the worker's own drops and errors here as worker.<reason>, so that status and
+        run conditions see them; records its link to us dropped are worker.link.<reason>."""
         if not isinstance(status, dict):
             return
         self.worker_status = status
         receiver = status.get("receiver") or {}
+        link = status.get("link") or {}
         for kind, target in (("drops", self.counters.drops), ("errors", self.counters.errors)):
-            for reason, n in (receiver.get(kind) or {}).items():
-                if isinstance(n, int) and n:
-                    target[f"worker.{reason}"] = n
+            for prefix, part in (("worker.", receiver), ("worker.link.", link)):
+                for reason, n in (part.get(kind) or {}).items():
+                    if isinstance(n, int) and n:
+                        key = f"{prefix}{reason}"
+                        target[key] = self._worker_base.get((kind, key), 0) + n
 
     async def _on_data(self, frames: list[bytes]) -> None:
         if not frames[0]:
@@ -204,6 +266,7 @@ class WorkerReceiver(ReceiverServer):
                 return
             self._marks.setdefault(key, asyncio.Event()).set()
             return
+        self._from_worker += 1
         try:
             source, seq, time_ns, tags = msgpack.unpackb(frames[0], raw=False)
             record = Record(str(source), int(seq), int(time_ns), dict(tags), frames[1:])
@@ -216,16 +279,19 @@ class WorkerReceiver(ReceiverServer):
     async def _wait_mark(self, kind: str, ident: str, timeout_s: float) -> None:
         event = self._marks.setdefault((kind, ident), asyncio.Event())
         try:
-            await asyncio.wait_for(event.wait(), timeout_s)
+            await self._unless_exited(event.wait(), timeout_s, f"the {kind} marker")
         finally:
             self._marks.pop((kind, ident), None)
 
     async def begin_run(self, run: RunInfo) -> None:
-        with contextlib.suppress(ControlError):  # a worker being restarted has no run to begin
+        self._run = run  # a worker restarted from now on begins in this run
+        with contextlib.suppress(ControlError):  # one being restarted gets the run in its CONF
             await self._request("CTRL", {"transition": "start", "args": {"run_id": run.run_id}})
 
     async def end_run(self, run: RunInfo) -> None:
-        """Have the worker end its run and wait until everything it published has arrived."""
+        """Have the worker end its run, wait until everything it published has arrived, and
+        take its final counts: the host decides the run's condition once this returns."""
+        self._run = None
         if self._ctl is None or self.proc is None or self.proc.returncode is not None:
             return  # stopped already: its STOP drained and flushed everything
         try:
@@ -233,16 +299,22 @@ class WorkerReceiver(ReceiverServer):
             await self._wait_mark("end", run.run_id, self.stop_timeout_s)
         except ControlError as exc:
             self.log.warning("%s: worker could not end run %s: %s", self.name, run.run_id, exc)
+            return
         except TimeoutError:
             self.log.warning("%s: worker's end-of-run marker did not arrive", self.name)
             raise
+        if not await self.refresh_worker_status():
+            self.log.warning(
+                "%s: no STAT from the worker at the end of run %s", self.name, run.run_id
+            )
 
     async def call_command(self, name: str, args: Any, kwargs: dict[str, Any]) -> Any:
         request = {"target": self.name, "name": name, "args": list(args), "kwargs": kwargs}
         return await self._request("CMD ", request, max(self.request_timeout_s, 30.0))
 
     async def close(self) -> None:
-        """STOP → the worker drains → FINISHED; the records it flushes are published here."""
+        """STOP → the worker drains → FINISHED; the records it flushes are published here. A
+        worker that died: what it sent is taken, what it had and we never got is counted."""
         if self.proc is None:
             self._close_sockets()
             return
@@ -252,8 +324,32 @@ class WorkerReceiver(ReceiverServer):
             except (ControlError, TimeoutError) as exc:
                 self.outcome = "ERROR"
                 self.log.error("%s: worker did not finish: %s; killing it", self.name, exc)
+        elif self.proc.returncode is not None and self._data is not None:
+            await self._salvage()
         await self._kill()
         self._close_sockets()
+
+    async def _salvage(self) -> None:
+        """The worker died. Publish the records it sent that are still on their way to us; then
+        the records its last STAT says its link had taken in and that never arrived were lost
+        with it: count them as dropped "worker_lost" (records taken in after that STAT, and
+        datagrams in its socket, cannot be known)."""
+        assert self._data is not None
+        while await self._data.poll(self.salvage_quiet_s * 1000):
+            await self._on_data(await self._data.recv_multipart())
+        link = self.worker_status.get("link") or {}
+        offered, drops = link.get("offered"), link.get("drops") or {}
+        if not isinstance(offered, int):
+            return
+        dropped = sum(n for n in drops.values() if isinstance(n, int))
+        lost = offered - dropped - self._from_worker
+        if lost > 0:
+            self.counters.drop("worker_lost", lost)
+            self.log.error(
+                "%s: worker died holding at least %d records; counted as dropped (worker_lost)",
+                self.name,
+                lost,
+            )
 
     async def _stop_worker(self) -> None:
         assert self._ctl is not None and self._data is not None
@@ -453,7 +549,8 @@ class Component:
             raise ControlError(f"{code.strip()}: not configured yet (send CONF first)")
         if code == "STAT":
             rec = next(iter(self.host.receivers.values()))
-            return {"state": self.host.state.name, "receiver": rec.status()}
+            link = self.host.queues[LINK].accounting()
+            return {"state": self.host.state.name, "receiver": rec.status(), "link": link}
         if code == "CTRL" and args.get("transition") in ("start", "stop"):
             state = await self.host.transition(str(args["transition"]), args.get("args") or {})
             return {"state": state.name}
@@ -464,13 +561,21 @@ class Component:
 
     async def _configure(self, args: dict[str, Any]) -> Any:
         from daqd.config import Config, DaemonSettings, receiver_class
-        from daqd.host import Host
 
         if self.host is not None:
             raise ControlError("already configured: a worker takes one CONF")
         settings, daemon, data = args.get("receiver"), args.get("daemon"), args.get("data")
         if not isinstance(settings, dict) or not isinstance(data, str):
             raise ControlError('CONF needs {"receiver": {...}, "daemon": {...}, "data": endpoint}')
+        seq, run, hwm = args.get("seq") or {}, args.get("run"), args.get("data_hwm", 10000)
+        if not isinstance(seq, dict) or not all(
+            isinstance(k, str) and isinstance(n, int) and n >= 0 for k, n in seq.items()
+        ):
+            raise ControlError('CONF "seq" must map source names to the last seq used (>= 0)')
+        if run is not None and not (isinstance(run, dict) and isinstance(run.get("run_id"), str)):
+            raise ControlError('CONF "run" must be {"run_id": <id>}')
+        if not isinstance(hwm, int) or hwm < 1:
+            raise ControlError('CONF "data_hwm" must be a positive number of records')
         try:
             cls = receiver_class(str(settings.get("type")))
         except KeyError:
@@ -483,9 +588,9 @@ class Component:
         except ValidationError as exc:
             raise ControlError(f"receiver settings: {exc}") from None
         logging.getLogger().setLevel(ds.log_level)
-        host = Host(Config(path="<worker>", text="", daemon=ds, receivers=[rs]))
+        host = _worker_host(Config(path="<worker>", text="", daemon=ds, receivers=[rs]), seq)
         self.data = self.ctx.socket(zmq.PUSH)
-        self.data.setsockopt(zmq.SNDHWM, 10000)
+        self.data.setsockopt(zmq.SNDHWM, hwm)
         self.data.connect(data)
         link = LinkPublisher(host, self.data)
         host.publishers[LINK] = link
@@ -495,7 +600,15 @@ class Component:
         await host.start()  # on failure it closes every queue, ours too
         self.host = host
         rec = host.receivers[rs.name]
-        log.info("worker %d: receiver %s (%s) running", os.getpid(), rs.name, rs.type)
+        if run is not None:  # restarted while the parent is in a run: be in it too
+            await host.begin_run(run["run_id"])
+        log.info(
+            "worker %d: receiver %s (%s) running%s",
+            os.getpid(),
+            rs.name,
+            rs.type,
+            f" in run {run['run_id']}" if run is not None else "",
+        )
         return {"addresses": dict(rec.addresses)}
 
     async def _stop(self) -> tuple[iccp.Outcome, list[str]]:
@@ -513,6 +626,20 @@ class Component:
             details.append(f"{dropped} records dropped: {link.drops}")
         failed = rec is not None and rec.state == "failed"
         return (iccp.Outcome.ERROR if failed or dropped else iccp.Outcome.OK), details
+
+
+def _worker_host(config: Any, seq: dict[str, int]) -> Host:
+    """The worker's Host; its receiver numbers each source on from `seq` (the parent's last)."""
+    from daqd.host import Host
+
+    class WorkerHost(Host):
+        def _make_receiver(self, settings: ReceiverSettings) -> ReceiverServer:
+            rec = super()._make_receiver(settings)
+            for source, last in seq.items():
+                rec.adopt_seq(source, last)
+            return rec
+
+    return WorkerHost(config)
 
 
 class _WorkerTag(logging.Filter):

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import os
+import re
 import shutil
 import signal
 import socket
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +27,8 @@ from daqd.config import parse_config
 from daqd.errors import ConfigError
 from daqd.host import Host
 from daqd.protocols import iccp
-from daqd.runfile import verify
+from daqd.record import Record
+from daqd.runfile import read_items, verify
 from daqd.worker import WorkerReceiver
 from tests.conftest import DAQD, Daemon, wait_until
 
@@ -350,3 +356,128 @@ async def test_ready_after_ready_is_a_protocol_error(
     with pytest.raises(ConfigError, match="worker sent READY after READY: protocol error"):
         await host.start()
     assert not alive(spawned[0])
+
+
+# ----- a worker that dies in a run ---------------------------------------------------------------
+
+
+class Sender(threading.Thread):
+    """Numbered datagrams at a steady rate to `target` (the test moves it to a restarted
+    worker's port) until stop(); `sent` counts them."""
+
+    def __init__(self, target: tuple[str, int], rate_hz: float = 500.0) -> None:
+        super().__init__(daemon=True)
+        self.target = target
+        self.period_s = 1.0 / rate_hz
+        self.sent = 0
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            due = time.monotonic()
+            while not self._halt.is_set():
+                with contextlib.suppress(OSError):  # a port nobody holds while a worker restarts
+                    s.sendto(b"n%09d" % self.sent, self.target)
+                self.sent += 1
+                due += self.period_s
+                self._halt.wait(max(0.0, due - time.monotonic()))
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(10)
+
+
+def hostport(address: str) -> tuple[str, int]:
+    host, port = address.rsplit(":", 1)
+    return host, int(port)
+
+
+def records_in(path: Path) -> list[Record]:
+    return [r for r in read_items(path) if isinstance(r, Record)]
+
+
+ENDED = re.compile(r"^run (\S+) ended: (\S+), (\d+) records")
+
+
+WORKER_RUN_CONFIG = """
+[daemon]
+name = "wk"
+drain_timeout_s = 5
+
+[[receiver]]
+type = "udp"
+name = "raw"
+listen = "127.0.0.1:0"
+publish_to = ["disk"]
+process = true
+
+[[publisher]]
+type = "file"
+name = "disk"
+directory = "{data}"
+"""
+
+
+def test_worker_killed_in_a_run_comes_back_in_it(
+    daemon: Callable[..., Daemon], workdir: Path
+) -> None:
+    data = workdir / "data"
+    d = daemon(WORKER_RUN_CONFIG.format(data=data), name="wk")
+    raw = d.status()["receivers"]["raw"]
+    first_pid = raw["worker"]["pid"]
+
+    def received() -> int:
+        return int(d.status()["receivers"]["raw"]["records"])
+
+    assert d.ctl("start", "wk2").returncode == 0
+    sender = Sender(hostport(raw["addresses"]["listen"]))
+    sender.start()
+    try:
+        wait_until(lambda: received() >= 300, what="300 records before the kill")
+        os.kill(first_pid, signal.SIGKILL)
+
+        def restarted() -> Any:
+            r = d.status()["receivers"]["raw"]
+            ok = r["state"] == "running" and r["worker"]["running"]
+            return ok and r["worker"]["pid"] != first_pid and r["errors"].get("crash") == 1 and r
+
+        raw = wait_until(restarted, what="the worker restarted, crash counted once")
+        sender.target = hostport(raw["addresses"]["listen"])  # port 0: a new port
+        # the new worker is in the run (its STAT says RUN), and records flow again
+        wait_until(
+            lambda: d.status()["receivers"]["raw"]["worker"]["state"] == "RUN",
+            what="the restarted worker in RUN",
+        )
+        again = received()
+        wait_until(lambda: received() >= again + 300, what="300 records after the restart")
+    finally:
+        sender.stop()
+    result = d.ctl("stop")
+    assert result.returncode == 0, result.stderr
+    ended = ENDED.match(result.stdout)
+    assert ended is not None, result.stdout
+    assert ended.group(1) == "wk2"
+    assert ended.group(2) != "GOOD" and "DEGRADED" in ended.group(2).split("|"), result.stdout
+    assert "crash" in result.stdout, result.stdout  # the reason is shown
+
+    records = records_in(data / "run-wk2.daqd")
+    seqs = [r.seq for r in records]
+    assert all(b > a for a, b in itertools.pairwise(seqs)), "seq went back"
+    assert len(set(seqs)) == len(seqs)
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "seq has gaps"
+    assert int(ended.group(3)) == len(records) >= 600
+    assert "could not end run" not in d.log()
+
+    # the next run is GOOD, with exact counts, in the same file format
+    status = d.status()
+    addr = hostport(status["receivers"]["raw"]["addresses"]["listen"])
+    before = status["receivers"]["raw"]["records"]
+    assert d.ctl("start", "wk3").returncode == 0
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for i in range(200):
+            s.sendto(b"m%03d" % i, addr)
+    wait_until(lambda: received() == before + 200, what="200 records in run wk3")
+    result = d.ctl("stop")
+    assert result.stdout.startswith("run wk3 ended: GOOD, 200 records"), result.stdout
+    next_seqs = [r.seq for r in records_in(data / "run-wk3.daqd")]
+    assert next_seqs == list(range(seqs[-1] + 1, seqs[-1] + 201))
