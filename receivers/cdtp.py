@@ -5,14 +5,20 @@ its messages, as Constellation does) has its own run state: NOT_CONNECTED, BOR_R
 EOR_RECEIVED, the last sequence number and the records missed. Every DATA record becomes a daqd
 Record with source = the sender's name, the sender's tags (plus `seq_tag`: its CDTP sequence
 number) and its blocks as payload, memoryviews of the received message. A bad message from one
-sender is counted and taints that sender's run; it never stops the receiver or the other senders.
+sender is counted under a named reason (which flags the daqd run by the host's rule table) and
+taints that sender's run; it never stops the receiver or the other senders.
+
+State is bounded: at most `max_senders` names are tracked besides those in `receive_from`; a
+sender not in a run is forgotten after `sender_idle_s`, or at once when a new one needs its place.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
@@ -33,6 +39,16 @@ if TYPE_CHECKING:
 RELINK_AFTER_S = 1.0  # a link silent this long after a disconnect was given up by ZeroMQ
 DRAIN_BATCH = 16  # messages taken per wake-up before letting other tasks run
 CLOSE_DRAIN_S = 2.0  # at most this long handling what is waiting in a socket when closing
+STATUS_SENDERS = 64  # senders status shows at most (those in a run first, then the latest)
+REPORTED = 16  # flawed sender runs, and names without a BOR, kept per daqd run for the report
+
+
+class Refused(ProtocolError):
+    """A well-formed message that cannot be taken here; `reason` names the error counted."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class SenderState(enum.Enum):
@@ -64,6 +80,8 @@ class Sender:
     back: bool = False  # reconnected since it vanished: its next message cancels abort_at
     first_data_ns: int = 0  # arrival of the run's first and last DATA message
     last_data_ns: int = 0
+    active: float = field(default_factory=time.monotonic)  # last message (monotonic)
+    configured: bool = False  # named in receive_from: never forgotten
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -94,6 +112,8 @@ class CdtpReceiverSettings(ReceiverSettings):
     max_message_bytes: int = Field(cdtp.MAX_MESSAGE_BYTES, ge=4096, le=(1 << 31) - 1)
     rcvhwm: int = Field(1000, ge=0)
     seq_tag: str = "cdtp_seq"  # tag holding the CDTP sequence number; "" keeps tags untouched
+    max_senders: int = Field(64, ge=1)  # names tracked besides receive_from's
+    sender_idle_s: float = Field(600.0, gt=0)  # a sender not in a run is forgotten after this
 
     @field_validator("senders")
     @classmethod
@@ -109,8 +129,19 @@ class CdtpReceiver(ReceiverServer):
 
     def __init__(self, settings: CdtpReceiverSettings, host: Host) -> None:
         super().__init__(settings, host)
-        self.senders: dict[str, Sender] = {n: Sender(n) for n in settings.receive_from or ()}
+        self.senders: dict[str, Sender] = {
+            n: Sender(n, configured=True) for n in settings.receive_from or ()
+        }
         self._allowed = frozenset(settings.receive_from) if settings.receive_from else None
+        self._others = 0  # tracked senders not named in receive_from (at most max_senders)
+        # this daqd run: what the sender runs that ended in it add up to, and what to report
+        self._run: RunInfo | None = None
+        self._run_flags = RunCondition.GOOD
+        self._run_ended = 0
+        self._flawed: deque[dict[str, Any]] = deque(maxlen=REPORTED)
+        self._without_bor: dict[str, int] = {}  # name -> messages without a BOR (REPORTED names)
+        self._without_bor_total = 0
+        self.last_report: dict[str, Any] | None = None  # the last daqd run's (see _report)
         self._changed = asyncio.Event()  # set whenever a sender's run ends
         self._sockets: list[tuple[str, zmq.asyncio.Socket, zmq.asyncio.Socket]] = []
         self._pullers: list[asyncio.Task[None]] = []  # the receive loops, one per socket
@@ -221,12 +252,15 @@ class CdtpReceiver(ReceiverServer):
             while frame.more:
                 frame = sync.recv(copy=False)
                 parts += 1
-            self._bad(endpoint, f"expected 1 frame, got {parts}")
+            self._bad(endpoint, "malformed", f"expected 1 frame, got {parts}")
             return
         try:
             message = cdtp.decode_frame_plain(frame.buffer, max_message_bytes=self._limit)
+        except cdtp.WrongProtocol as exc:
+            self._bad(endpoint, "protocol", str(exc))
+            return
         except ProtocolError as exc:
-            self._bad(endpoint, str(exc))
+            self._bad(endpoint, "malformed", str(exc))
             return
         try:
             if type(message) is cdtp.PlainData:
@@ -238,8 +272,10 @@ class CdtpReceiver(ReceiverServer):
             else:
                 assert isinstance(message, cdtp.EndOfRun)
                 self._eor(endpoint, message)
+        except Refused as exc:
+            self._bad(endpoint, exc.reason, str(exc), message.sender)
         except ProtocolError as exc:
-            self._bad(endpoint, str(exc), getattr(message, "sender", None))
+            self._bad(endpoint, "malformed", str(exc), message.sender)
 
     @property
     def _limit(self) -> int:
@@ -263,7 +299,8 @@ class CdtpReceiver(ReceiverServer):
             except TimeoutError:
                 silent_after_disconnect = False
                 self.counters.error("link_dropped")
-                self.log.warning(
+                self.limited.warning(
+                    f"link_dropped:{endpoint}",
                     "%s: ZeroMQ dropped the link to %s and gave up (a message over "
                     "max_message_bytes=%d?); connecting again",
                     self.name,
@@ -295,7 +332,7 @@ class CdtpReceiver(ReceiverServer):
                     # message after a reconnection shows the sender is back
                     sender.abort_at = time.monotonic() + self.settings.eor_timeout_s
                     sender.back = False
-                    self.log.info(
+                    self.log.debug(
                         "%s: %s (%s) disconnected before its EOR was handled; its run ends "
                         "ABORTED unless an EOR or new data follows within eor_timeout_s=%s",
                         self.name,
@@ -305,7 +342,9 @@ class CdtpReceiver(ReceiverServer):
                     )
 
     async def ct_abort_vanished(self) -> None:
-        """Substitute an ABORTED EOR for senders that left mid-run and did not come back."""
+        """Substitute an ABORTED EOR for senders that left mid-run and did not come back; once
+        a second, forget senders idle for longer than sender_idle_s."""
+        next_sweep = time.monotonic() + 1.0
         while True:
             await asyncio.sleep(min(0.1, self.settings.eor_timeout_s / 4))
             now = time.monotonic()
@@ -314,41 +353,100 @@ class CdtpReceiver(ReceiverServer):
                     sender.abort_at = None
                     if sender.state is SenderState.BOR_RECEIVED:
                         self._substitute_eor(sender, "it disconnected and did not come back")
+            if now >= next_sweep:
+                next_sweep = now + 1.0
+                idle_since = now - self.settings.sender_idle_s
+                for sender in list(self.senders.values()):
+                    if self._evictable(sender) and sender.active < idle_since:
+                        self._evict(sender)
 
     # ----- messages --------------------------------------------------------------------------
-    def _bad(self, endpoint: str, why: str, name: str | None = None) -> None:
-        """A message we cannot use: counted, logged (rate-limited), and the sender's run tainted."""
-        self.counters.error("protocol")
+    def _bad(self, endpoint: str, reason: str, why: str, name: str | None = None) -> None:
+        """A message we cannot use: counted as errors[reason], logged (rate-limited), and the
+        sender's open run tainted."""
+        self.counters.error(reason)
         for sender in self.senders.values():
             if (sender.name == name or (name is None and sender.endpoint == endpoint)) and (
                 sender.state is SenderState.BOR_RECEIVED
             ):
                 sender.flags |= RunCondition.TAINTED
         self.limited.warning(
-            f"protocol:{endpoint}", "%s: bad CDTP message from %s: %s", self.name, endpoint, why
+            f"{reason}:{endpoint}",
+            "%s: bad CDTP message from %s (%s): %s",
+            self.name,
+            endpoint,
+            reason,
+            why,
         )
 
-    def _sender(self, name: str, kind: str) -> Sender:
+    def _refuse_without_bor(self, name: str, kind: str, state: str) -> Refused:
+        """DATA or EOR from a sender not in a run: remembered for this daqd run's report (a
+        few names), never as sender state."""
+        if self._run is not None:
+            self._without_bor_total += 1
+            if name in self._without_bor or len(self._without_bor) < REPORTED:
+                self._without_bor[name] = self._without_bor.get(name, 0) + 1
+        return Refused(
+            f"{kind.lower()}_without_bor", f"{kind} from {name!r} without a BOR ({state})"
+        )
+
+    def _known(self, name: str, kind: str) -> Sender | None:
+        """The sender of a DATA or EOR message, if tracked; refuses names outside receive_from."""
         if self._allowed is not None and name not in self._allowed:
-            raise ProtocolError(
+            raise Refused(
+                "not_in_receive_from",
                 f"{kind} from {name!r}, which is not in receive_from "
-                f"({', '.join(sorted(self._allowed))})"
+                f"({', '.join(sorted(self._allowed))})",
             )
-        sender = self.senders.get(name)
-        if sender is None:
-            sender = self.senders[name] = Sender(name)
+        return self.senders.get(name)
+
+    def _full(self) -> bool:
+        return self._allowed is None and self._others >= self.settings.max_senders
+
+    def _evictable(self, sender: Sender) -> bool:
+        return not sender.configured and sender.state is not SenderState.BOR_RECEIVED
+
+    def _evict(self, sender: Sender) -> None:
+        del self.senders[sender.name]
+        self._others -= 1
+        self.counters.extra["senders_evicted"] = self.counters.extra.get("senders_evicted", 0) + 1
+
+    def _track(self, name: str) -> Sender:
+        """The state of a sender that sent a BOR: made if new. At max_senders the sender idle
+        the longest is forgotten; if every one is in a run, the new one is refused."""
+        sender = self._known(name, "BOR")
+        if sender is not None:
+            return sender
+        if self._full():
+            idle = [s for s in self.senders.values() if self._evictable(s)]
+            if not idle:
+                raise Refused(
+                    "too_many_senders",
+                    f"BOR from {name!r} refused: max_senders={self.settings.max_senders} "
+                    "senders are all in a run",
+                )
+            self._evict(min(idle, key=lambda s: s.active))
+        sender = self.senders[name] = Sender(name)
+        self._others += 1
         return sender
 
     async def _data(self, endpoint: str, message: cdtp.Data, nbytes: int) -> None:
-        sender = self._sender(message.sender, "DATA")
+        sender = self._known(message.sender, "DATA")
         records = message.records
-        if sender.state is not SenderState.BOR_RECEIVED:
-            self.counters.drop("no_bor", len(records))
-            raise ProtocolError(
-                f"DATA from {sender.name} without a BOR ({sender.state.value}); "
-                f"{len(records)} records dropped"
+        if sender is None and self._full():
+            self.counters.drop("too_many_senders", len(records))
+            raise Refused(
+                "too_many_senders",
+                f"DATA from {message.sender!r}, not tracked: max_senders="
+                f"{self.settings.max_senders} senders are all in a run; "
+                f"{len(records)} records dropped",
             )
+        if sender is None or sender.state is not SenderState.BOR_RECEIVED:
+            self.counters.drop("no_bor", len(records))
+            state = "unknown" if sender is None else sender.state.value
+            raise self._refuse_without_bor(message.sender, "DATA", state)
         sender.endpoint = endpoint
+        sender.active = time.monotonic()
         if sender.back:
             sender.abort_at = None
             sender.back = False
@@ -390,6 +488,7 @@ class CdtpReceiver(ReceiverServer):
             await self._data(endpoint, message.data(), nbytes)
             return
         sender.endpoint = endpoint
+        sender.active = time.monotonic()
         now = time.time_ns()
         name = sender.name
         n = len(seqs)
@@ -440,7 +539,7 @@ class CdtpReceiver(ReceiverServer):
             sender.missed += gap
             self.counters.drop("missed", gap)
             self.limited.warning(
-                f"missed:{name}",
+                "missed",
                 "%s: %d records missed from %s (seq %d after %d)",
                 self.name,
                 gap,
@@ -452,7 +551,7 @@ class CdtpReceiver(ReceiverServer):
             sender.flags |= RunCondition.TAINTED
             self.counters.error("sequence")
             self.limited.warning(
-                f"sequence:{name}",
+                "sequence",
                 "%s: %s sent seq %d after %d (duplicate or out of order)",
                 self.name,
                 name,
@@ -461,17 +560,26 @@ class CdtpReceiver(ReceiverServer):
             )
 
     def _bor(self, endpoint: str, message: cdtp.BeginOfRun) -> None:
-        sender = self._sender(message.sender, "BOR")
+        sender = self._track(message.sender)
         if sender.state is SenderState.BOR_RECEIVED:
+            # its open run ends here, as it stands (ABORTED, TAINTED: it never sent an EOR)
             sender.flags |= RunCondition.TAINTED
+            self.counters.error("bor_twice")
+            self.limited.warning(
+                "bor_twice",
+                "%s: a second BOR from %s (%s) before its EOR; its open run ends ABORTED",
+                self.name,
+                sender.name,
+                endpoint,
+            )
             self._substitute_eor(sender, "a new BOR arrived before its EOR")
-            self.counters.error("protocol")
         sender.state = SenderState.BOR_RECEIVED
         sender.seq = sender.missed = sender.records = sender.bytes = 0
         sender.first_data_ns = sender.last_data_ns = 0
         sender.flags = RunCondition.GOOD
         sender.condition = None
         sender.endpoint = endpoint
+        sender.active = time.monotonic()
         # a run whose sender disconnected before its BOR was handled ends ABORTED unless it
         # comes back in time, as one that disconnects later does (_watch)
         if endpoint in self._down:
@@ -484,18 +592,26 @@ class CdtpReceiver(ReceiverServer):
         sender.eor_tags = {}
         sender.configuration = message.configuration
         sender.run_metadata = {}
-        self.log.info("%s: BOR from %s (%s)", self.name, sender.name, endpoint)
+        self.log.debug("%s: BOR from %s (%s)", self.name, sender.name, endpoint)
 
     def _eor(self, endpoint: str, message: cdtp.EndOfRun) -> None:
-        sender = self._sender(message.sender, "EOR")
-        if sender.state is not SenderState.BOR_RECEIVED:
-            raise ProtocolError(f"EOR from {sender.name} without a BOR ({sender.state.value})")
+        sender = self._known(message.sender, "EOR")
+        if sender is None or sender.state is not SenderState.BOR_RECEIVED:
+            state = "unknown" if sender is None else sender.state.value
+            raise self._refuse_without_bor(message.sender, "EOR", state)
+        sender.active = time.monotonic()
         metadata = dict(message.run_metadata)
         code = metadata.get("condition_code", 0)
         if type(code) is not int or not 0 <= code < 1 << 32:
             sender.flags |= RunCondition.TAINTED
-            self.counters.error("protocol")
-            self.log.warning("%s: EOR from %s has condition_code %r", self.name, sender.name, code)
+            self.counters.error("condition_code")
+            self.limited.warning(
+                "condition_code",
+                "%s: EOR from %s has condition_code %r",
+                self.name,
+                sender.name,
+                code,
+            )
             code = 0
         condition = RunCondition(code) | sender.flags
         if sender.missed:
@@ -503,7 +619,8 @@ class CdtpReceiver(ReceiverServer):
         announced = metadata.get("data_records")
         if announced is not None and announced != sender.seq:
             condition |= RunCondition.INCOMPLETE
-            self.log.warning(
+            self.limited.warning(
+                "data_records",
                 "%s: %s says its last record was %r, the last received was %d",
                 self.name,
                 sender.name,
@@ -513,11 +630,13 @@ class CdtpReceiver(ReceiverServer):
         self._end_sender_run(sender, message.user_tags, metadata, condition)
 
     def _substitute_eor(self, sender: Sender, why: str) -> None:
+        """End a sender's run that got no EOR: ABORTED; the EOR counts as input lost."""
         condition = RunCondition.ABORTED | sender.flags
         if sender.missed:
             condition |= RunCondition.INCOMPLETE
-        self.counters.error("eor_missing")
-        self.log.error(
+        self.counters.drop("eor_missing")
+        self.limited.warning(
+            "eor_missing",
             "%s: run of %s ends ABORTED without an EOR: %s (last seq %d, %d missed)",
             self.name,
             sender.name,
@@ -542,7 +661,7 @@ class CdtpReceiver(ReceiverServer):
         sender.abort_at = None
         sender.run_metadata = metadata
         sender.eor_tags = user_tags
-        self.log.info(
+        self.log.debug(
             "%s: EOR from %s: %s, %d records, %d missed",
             self.name,
             sender.name,
@@ -550,14 +669,39 @@ class CdtpReceiver(ReceiverServer):
             sender.records,
             sender.missed,
         )
+        if self._run is not None:
+            # the daqd run holds the senders' data: a sender's flawed run makes ours flawed
+            # too (an aborted sender means records are missing here, not that ours was aborted)
+            self._run_ended += 1
+            flags = condition
+            if flags & RunCondition.ABORTED:
+                flags = (flags & ~RunCondition.ABORTED) | RunCondition.INCOMPLETE
+            self._run_flags |= flags
+            if condition != RunCondition.GOOD:
+                self._flawed.append(
+                    {
+                        "sender": sender.name,
+                        "run": sender.runs,
+                        "run_id": metadata.get("run_id"),
+                        "condition": condition.describe(),
+                        "records": sender.records,
+                        "missed": sender.missed,
+                    }
+                )
         self._changed.set()
 
     # ----- runs and status -------------------------------------------------------------------
+    async def begin_run(self, run: RunInfo) -> None:
+        self._run = run
+        self._run_flags = RunCondition.GOOD
+        self._run_ended = 0
+        self._flawed.clear()
+        self._without_bor = {}
+        self._without_bor_total = 0
+
     async def end_run(self, run: RunInfo) -> None:
-        """Wait up to eor_timeout_s for every sender's EOR, then end the rest ABORTED."""
-        for sender in self.senders.values():
-            if sender.state is SenderState.NOT_CONNECTED:
-                self.log.warning("%s: %s never sent a BOR", self.name, sender.name)
+        """Wait up to eor_timeout_s for every sender's EOR, then end the rest ABORTED; the
+        sender runs that ended in this daqd run flag it, and are reported."""
         # once the sockets are closed (the daemon is stopping) nothing more can arrive
         wait_s = self.settings.eor_timeout_s if self._sockets else 0.0
         deadline = time.monotonic() + wait_s
@@ -576,26 +720,65 @@ class CdtpReceiver(ReceiverServer):
             if wait_s:
                 why = f"no EOR within eor_timeout_s={self.settings.eor_timeout_s}"
             self._substitute_eor(sender, why)
-        # the daqd run holds the senders' data: a sender's flawed run makes ours flawed too (an
-        # aborted sender means records are missing here, not that this run was aborted)
-        for sender in self.senders.values():
-            flags = sender.condition
-            if flags and sender.ended_ns >= run.start_ns:
-                if flags & RunCondition.ABORTED:
-                    flags = (flags & ~RunCondition.ABORTED) | RunCondition.INCOMPLETE
-                run.condition |= flags
+        run.condition |= self._run_flags
+        self._report(run)
+        self._run = None
+
+    def _report(self, run: RunInfo) -> None:
+        """One line per daqd run: the sender runs that ended in it, the flawed ones, configured
+        senders that sent no BOR, and names that sent data without one."""
+        silent = [
+            s.name
+            for s in self.senders.values()
+            if s.configured
+            and s.state is not SenderState.BOR_RECEIVED
+            and (s.state is SenderState.NOT_CONNECTED or s.ended_ns < run.start_ns)
+        ]
+        parts = [f"{self._run_ended} sender runs ended"]
+        if self._flawed:
+            flawed = ", ".join(f"{f['sender']} {f['condition']}" for f in self._flawed)
+            parts.append(f"not GOOD: {flawed}")
+        if silent:
+            parts.append(f"never sent a BOR: {', '.join(sorted(silent)[:REPORTED])}")
+        if self._without_bor_total:
+            names = ", ".join(sorted(self._without_bor))
+            more = "" if len(self._without_bor) < REPORTED else " ..."
+            parts.append(f"{self._without_bor_total} messages without a BOR from {names}{more}")
+        level = logging.WARNING if len(parts) > 1 else logging.INFO
+        self.log.log(level, "%s: run %s: %s", self.name, run.run_id, "; ".join(parts))
+        self.last_report = {
+            "run_id": run.run_id,
+            "sender_runs_ended": self._run_ended,
+            "not_good": list(self._flawed),
+            "never_sent_bor": sorted(silent)[:REPORTED],
+            "without_bor": dict(self._without_bor),
+            "without_bor_messages": self._without_bor_total,
+        }
 
     def sender_status(self) -> dict[str, dict[str, Any]]:
-        return {name: sender.snapshot() for name, sender in self.senders.items()}
+        """At most STATUS_SENDERS senders: those in a run first, then the latest active."""
+        senders: list[Sender] = list(self.senders.values())
+        if len(senders) > STATUS_SENDERS:
+            senders.sort(key=lambda s: (s.state is SenderState.BOR_RECEIVED, s.active))
+            senders = senders[-STATUS_SENDERS:]
+        return {sender.name: sender.snapshot() for sender in senders}
 
     def cmd_senders(self) -> dict[str, dict[str, Any]]:
         """Each sender's run state, last seq, missed records and last run condition."""
         return self.sender_status()
 
+    def _extra(self) -> None:
+        extra = self.counters.extra
+        extra["senders"] = self.sender_status()
+        extra["senders_tracked"] = len(self.senders)
+        extra.setdefault("senders_evicted", 0)
+        if self.last_report is not None:
+            extra["last_run"] = self.last_report
+
     def sample(self) -> None:
         super().sample()
-        self.counters.extra["senders"] = self.sender_status()
+        self._extra()
 
     def status(self) -> dict[str, Any]:
-        self.counters.extra["senders"] = self.sender_status()
+        self._extra()
         return super().status()

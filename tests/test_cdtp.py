@@ -173,7 +173,8 @@ async def test_a_sender_that_vanishes_mid_run_ends_aborted(tmp_path: Path) -> No
         assert sender.records == 100 and sender.seq == 100
         assert sender.condition == RunCondition.ABORTED
         assert sender.run_metadata["substitute"] is True
-        assert rx.counters.errors["eor_missing"] == 1
+        assert rx.counters.drops["eor_missing"] == 1  # input lost: INCOMPLETE, not TAINTED
+        assert run.reasons == ["receiver rx: 1 input lost (eor_missing) -> INCOMPLETE"]
         assert rx.state == "running"
     finally:
         await host.stop()
@@ -227,17 +228,20 @@ async def test_bad_messages_are_counted_and_other_senders_carry_on(tmp_path: Pat
             await bad.send(enc.data_message(1, parts))
         await bad.send(enc.encode(cdtp.EndOfRun("Bad.one", {}, {"data_records": 3}))[0])
         await wait_for(lambda: ended(rx, "Bad.one") and ended(rx, "Sim.good"), what="both EORs")
-        await host.end_run()
+        run = await host.end_run()
         await host.queues["disk"].drained()
     finally:
         await host.stop()
         await sim.stop()
         bad.close()
         ctx.term()
-    assert rx.counters.errors["protocol"] == 4
-    assert rx.counters.errors["sequence"] == 1
-    assert rx.counters.drops["no_bor"] == 1
+    assert rx.counters.errors == {"malformed": 3, "data_without_bor": 1, "sequence": 1}
+    assert rx.counters.drops == {"no_bor": 1}
     assert rx.senders["Bad.one"].condition == RunCondition.TAINTED
+    # each counted reason flags the daqd run by the host's table, and says why
+    assert run.condition == RunCondition.TAINTED | RunCondition.INCOMPLETE
+    assert "receiver rx: 3 errors (malformed) -> TAINTED" in run.reasons
+    assert "receiver rx: 1 input lost (no_bor) -> INCOMPLETE" in run.reasons
     assert rx.senders["Sim.good"].condition == RunCondition.GOOD
     _, records, _ = run_file(tmp_path, "mixed")
     good = [r.tags["k"] for r in records if r.source == "Sim.good"]
@@ -253,7 +257,9 @@ async def test_receive_from_refuses_other_senders(tmp_path: Path) -> None:
         assert isinstance(rx, CdtpReceiver)
         await sim.say("go")
         await sim.line()
-        await wait_for(lambda: rx.counters.errors.get("protocol", 0) >= 2, what="refusals")
+        await wait_for(
+            lambda: rx.counters.errors.get("not_in_receive_from", 0) >= 2, what="refusals"
+        )
         assert rx.counters.records == 0
         assert set(rx.senders) == {"Sim.wanted"}
         assert rx.cmd_senders()["Sim.wanted"]["state"] == "NOT_CONNECTED"
@@ -453,7 +459,8 @@ async def test_a_message_over_the_limit_is_refused_and_the_link_comes_back(
         await wait_for(lambda: ended(rx, "Raw.big") and rx.senders["Raw.big"].runs == 2, what="EOR")
         sender = rx.senders["Raw.big"]
         assert sender.condition == RunCondition.GOOD and sender.records == 1
-        assert rx.counters.errors["eor_missing"] == 1  # the first run's substitute EOR
+        assert rx.counters.drops["eor_missing"] == 1  # the first run's substitute EOR
+        assert rx.counters.errors["bor_twice"] == 1
         assert rx.counters.records == 2  # the 100-byte records of both runs, never the big one
         assert rx.counters.extra["disconnects"] >= 1
     finally:

@@ -135,6 +135,11 @@ def _seq_reader(count: int, stride: int, offset: int, code: str) -> struct.Struc
     return struct.Struct(">" + f"{offset}x{code}{rest}x" * count)
 
 
+class WrongProtocol(ProtocolError):
+    """The message starts with another identifier than "CDTP\\x02": another protocol, or
+    another version of CDTP (also raised for the right one encoded as bin)."""
+
+
 def decode(frames: Sequence[Block], *, max_message_bytes: int = MAX_MESSAGE_BYTES) -> Message:
     """Decode one received ZeroMQ message (a list of frames); CDTP2 allows exactly one frame."""
     if len(frames) != 1:
@@ -247,7 +252,11 @@ class _Reader:
             pos = 6
         else:
             protocol, pos = self.obj(0)
-            if type(protocol) is not str or protocol != PROTOCOL:
+            if type(protocol) in (str, bytes) and protocol != PROTOCOL:
+                raise WrongProtocol(
+                    f"CDTP2: message does not start with the str 'CDTP\\x02' (got {protocol!r:.40})"
+                )
+            if type(protocol) is not str:
                 raise ProtocolError(
                     f"CDTP2: message does not start with the str 'CDTP\\x02' (got {protocol!r:.40})"
                 )
