@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import os
 import re
@@ -29,8 +30,10 @@ from daqd.host import Host
 from daqd.protocols import iccp
 from daqd.record import Record
 from daqd.runfile import read_items, verify
+from daqd.runstate import RunCondition
 from daqd.worker import WorkerReceiver
-from tests.conftest import DAQD, Daemon, wait_until
+from publishers.file import FilePublisher
+from tests.conftest import DAQD, Daemon, wait_for, wait_until
 
 
 @pytest.fixture
@@ -481,3 +484,161 @@ def test_worker_killed_in_a_run_comes_back_in_it(
     assert result.stdout.startswith("run wk3 ended: GOOD, 200 records"), result.stdout
     next_seqs = [r.seq for r in records_in(data / "run-wk3.daqd")]
     assert next_seqs == list(range(seqs[-1] + 1, seqs[-1] + 201))
+
+
+STALL_CONFIG = """
+[daemon]
+name = "par"
+drain_timeout_s = 5
+
+[[receiver]]
+type = "udp"
+name = "raw"
+listen = "127.0.0.1:0"
+publish_to = ["disk"]
+process = true
+
+[[publisher]]
+type = "file"
+name = "disk"
+directory = "{data}"
+queue_size = 20
+"""
+
+
+async def test_records_a_dead_worker_held_are_counted_as_worker_lost(
+    short_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk is stalled, so the records back up into the worker's own queue; the worker is
+    killed: what its last STAT said it had taken in and never reached the parent is counted."""
+    gate = asyncio.Event()
+    real_send = FilePublisher.send
+
+    async def stalled_send(self: FilePublisher, records: list[Record]) -> None:
+        await gate.wait()
+        await real_send(self, records)
+
+    monkeypatch.setattr(FilePublisher, "send", stalled_send)
+    monkeypatch.setattr(WorkerReceiver, "data_hwm", 20)
+    monkeypatch.setattr(WorkerReceiver, "stat_interval_s", 0.02)
+    host = Host(parse_config(STALL_CONFIG.format(data=short_dir / "data"), "<test>"))
+    await host.start()
+    try:
+        rec = host.receivers["raw"]
+        assert isinstance(rec, WorkerReceiver) and rec.proc is not None
+        first_pid = rec.proc.pid
+        await host.begin_run("lost1")
+
+        def link_offered(n: int) -> bool:
+            link = rec.worker_status.get("link") or {}
+            return int(link.get("offered", 0)) == n
+
+        sent = 0
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            for _ in range(20):  # 400 datagrams of 8 kB, 20 at a time: the socket loses none
+                for _ in range(20):
+                    s.sendto(b"%08d" % sent + bytes(8000), hostport(rec.addresses["listen"]))
+                    sent += 1
+                await wait_for(functools.partial(link_offered, sent), what=f"{sent} in worker")
+        assert not any(rec.worker_status["receiver"]["drops"].values())
+        assert rec.counters.records < sent  # most are held in the worker, behind the stall
+        os.kill(first_pid, signal.SIGKILL)
+        gate.set()
+
+        def restarted() -> bool:
+            return rec.state == "running" and rec.proc is not None and rec.proc.pid != first_pid
+
+        await wait_for(restarted, what="the restarted worker")
+        arrived = rec.counters.records
+        lost = sent - arrived
+        assert lost > 0
+        assert rec.counters.drops == {"worker_lost": lost}
+        assert rec.counters.errors == {"crash": 1}
+
+        # the new worker is in the run and numbers on from the last seq that arrived
+        await wait_for(lambda: rec.worker_status.get("state") == "RUN", what="worker in RUN")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            for i in range(10):
+                s.sendto(b"after%d" % i, hostport(rec.addresses["listen"]))
+        await wait_for(lambda: rec.counters.records == arrived + 10, what="10 more records")
+        run = await host.end_run()
+    finally:
+        gate.set()
+        await host.stop()
+
+    assert run.condition & RunCondition.INCOMPLETE and run.condition & RunCondition.DEGRADED
+    accounting = run.accounting["receivers"]["raw"]
+    assert accounting["received"] == arrived + 10
+    assert accounting["drops"] == {"worker_lost": lost}
+    assert accounting["errors"] == {"crash": 1}
+    assert any("worker_lost" in reason for reason in run.reasons)
+    records = records_in(short_dir / "data" / "run-lost1.daqd")
+    seqs = [r.seq for r in records]
+    assert all(b > a for a, b in itertools.pairwise(seqs))
+    assert seqs[-10:] == list(range(arrived + 1, arrived + 11))  # on from what arrived
+    assert [bytes(r.payload[0]) for r in records[-10:]] == [b"after%d" % i for i in range(10)]
+    # every record that reached the parent is in the file or counted by the publisher
+    disk = run.accounting["publishers"]["disk"]
+    assert run.records == {"raw": arrived + 10}
+    assert len(records) + sum(disk["drops"].values()) == arrived + 10
+
+
+SLOW_CONFIG = """
+[daemon]
+name = "par"
+drain_timeout_s = 5
+
+[[receiver]]
+type = "slowsignal"
+name = "ss"
+listen = "127.0.0.1:0"
+process = true
+"""
+
+
+async def test_worker_counts_reach_the_run_at_its_end_and_survive_restarts(
+    short_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No periodic STAT here: the worker's drop must reach the run through end_run's own STAT.
+    Then a restarted worker counts from 0, and the parent's worker.<reason> goes on from 1."""
+    monkeypatch.setattr(WorkerReceiver, "stat_interval_s", 3600.0)
+    host = Host(parse_config(SLOW_CONFIG, "<test>"))
+    await host.start()
+    try:
+        rec = host.receivers["ss"]
+        assert isinstance(rec, WorkerReceiver) and rec.proc is not None
+        first_pid = rec.proc.pid
+
+        async def worker_drops() -> dict[str, int]:
+            status = await rec._request("STAT", {})  # looked at, not absorbed
+            return dict(status["receiver"]["drops"])
+
+        async def send_bad_and_wait(total: int) -> None:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.sendto(b"12345", hostport(rec.addresses["listen"]))  # not whole blocks
+            deadline = time.monotonic() + 30
+            while (await worker_drops()).get("bad_size") != total:
+                assert time.monotonic() < deadline, "the worker did not count the datagram"
+                await asyncio.sleep(0.01)
+
+        await host.begin_run("c1")
+        await send_bad_and_wait(1)
+        assert "worker.bad_size" not in rec.counters.drops  # not fetched yet
+        run = await host.end_run()
+        assert run.accounting["receivers"]["ss"]["drops"] == {"worker.bad_size": 1}
+        assert run.condition == RunCondition.INCOMPLETE
+        assert rec.counters.drops == {"worker.bad_size": 1}
+
+        os.kill(first_pid, signal.SIGKILL)
+        await wait_for(
+            lambda: rec.state == "running" and rec.proc is not None and rec.proc.pid != first_pid,
+            what="the restarted worker",
+        )
+        await send_bad_and_wait(1)  # the new worker's own count starts again at 1
+        assert await rec.refresh_worker_status()
+        assert rec.counters.drops == {"worker.bad_size": 2}
+        assert rec.counters.errors == {"crash": 1}
+        assert rec.worker_status["state"] == "ORBIT"  # no run was going on when it restarted
+    finally:
+        await host.stop()
+    assert rec.counters.drops == {"worker.bad_size": 2}
