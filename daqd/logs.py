@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
 import time
+from collections import deque
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -17,27 +19,123 @@ def setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr, force=True)
 
 
-class LimitedLogger:
-    """Logs at most one message per key every `interval_s`, then says how many it held back.
+def _render(msg: str, args: tuple[object, ...]) -> str:
+    try:
+        return msg % args if args else msg
+    except (TypeError, ValueError):
+        return f"{msg} {args!r}"
 
-    A flood of bad packets must be counted and visible, but must not flood the journal or cost the
-    receiver its throughput.
+
+class LimitedLogger:
+    """Logging for problems that input can trigger: the first lines, then a summary per interval.
+
+    Each kind of problem has a key. The first `burst` lines of a key are logged as they come (at
+    most `max_burst_lines` such lines a minute for the whole logger), so the first instances are
+    seen with their details; later lines are held back and counted, and once per `interval_s`
+    one summary line says how many of each key were held and repeats the last of them. A key
+    quiet for `quiet_s` gets its burst again. So a flood of bad input costs at most
+    `max_burst_lines + 60 / interval_s` lines a minute per logger (12 with the defaults), while
+    every problem stays counted where the caller counts it.
+
+    With an asyncio loop running, the summary is written when the interval ends; without one, it
+    is written by the next call after that.
     """
 
-    def __init__(self, log: logging.Logger, interval_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        log: logging.Logger,
+        interval_s: float = 15.0,
+        *,
+        burst: int = 2,
+        max_burst_lines: int = 8,
+        quiet_s: float = 60.0,
+    ) -> None:
         self.log = log
         self.interval_s = interval_s
-        self._last: dict[str, float] = {}
+        self.burst = burst
+        self.max_burst_lines = max_burst_lines
+        self.quiet_s = quiet_s
+        self._passed: dict[str, int] = {}  # lines of a key let through since it was last quiet
+        self._seen: dict[str, float] = {}
+        self._burst_times: deque[float] = deque()
         self._held: dict[str, int] = {}
+        self._held_since = 0.0
+        self._last: tuple[int, str, tuple[object, ...]] = (logging.WARNING, "", ())
+        self._level = logging.NOTSET
+        self._report_at: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    @property
+    def held(self) -> int:
+        """Lines held back since the last summary."""
+        return sum(self._held.values())
 
     def warning(self, key: str, msg: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self._last.get(key, -1e9) < self.interval_s:
-            self._held[key] = self._held.get(key, 0) + 1
+        self.emit(logging.WARNING, key, msg, *args)
+
+    def info(self, key: str, msg: str, *args: object) -> None:
+        self.emit(logging.INFO, key, msg, *args)
+
+    def error(self, key: str, msg: str, *args: object) -> None:
+        self.emit(logging.ERROR, key, msg, *args)
+
+    def emit(self, level: int, key: str, msg: str, *args: object) -> None:
+        """Log `msg % args` at `level` if the key's burst allows, else hold it for the summary."""
+        if not self.log.isEnabledFor(level):
             return
-        held = self._held.pop(key, 0)
-        self._last[key] = now
-        if held:
-            self.log.warning(msg + " (and %d more like it since the last report)", *args, held)
-        else:
-            self.log.warning(msg, *args)
+        now = time.monotonic()
+        if self._report_at is not None and now >= self._report_at:
+            self.report(now)
+        if now - self._seen.get(key, -1e18) > self.quiet_s:
+            self._passed[key] = 0
+        self._seen[key] = now
+        if len(self._seen) > 4096:  # keys are kinds of problems; never let them pile up
+            self._seen.clear()
+            self._passed.clear()
+        times = self._burst_times
+        while times and now - times[0] >= 60.0:
+            times.popleft()
+        passed = self._passed.get(key, 0)
+        if passed < self.burst and len(times) < self.max_burst_lines:
+            self._passed[key] = passed + 1
+            times.append(now)
+            self.log.log(level, msg, *args)
+            return
+        if not self._held:
+            self._held_since = now
+        self._held[key] = self._held.get(key, 0) + 1
+        self._last = (level, msg, args)
+        self._level = max(self._level, level)
+        if self._report_at is None:
+            self._report_at = now + self.interval_s
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return
+            self._timer = loop.call_later(self.interval_s, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.report(time.monotonic())
+
+    def report(self, now: float | None = None) -> None:
+        """Write the summary of what was held back now (also called at the interval's end)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._report_at = None
+        if not self._held:
+            return
+        now = time.monotonic() if now is None else now
+        held, self._held = self._held, {}
+        level, self._level = self._level, logging.NOTSET
+        kinds = ", ".join(f"{n} x {key}" for key, n in sorted(held.items()))
+        _, msg, args = self._last
+        self.log.log(
+            level,
+            "%d more lines like these held back in the last %.0f s (%s); the last: %s",
+            sum(held.values()),
+            max(now - self._held_since, 0.0),
+            kinds,
+            _render(msg, args),
+        )
