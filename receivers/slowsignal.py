@@ -4,6 +4,8 @@ Each 144-byte block carries its own TACK, so blocks (not datagrams) are matched 
 a TACK-sorted map. A readout is published as soon as every expected module is in, or incomplete when
 it is `flush_after_s` old (wall clock), when TACK time has moved `buffer_ns` past it, at a run
 boundary and at shutdown. Nothing is held forever, and every discarded block or datagram is counted.
+Duplicates and late blocks are judged within a run and within `tack_reset_ns` of the newest TACK; a
+block further behind means the camera restarted its TACK count, which starts the matching afresh.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from daqd.protocols.slowsignal import (
     MV_PER_COUNT,
     N_MODULES,
     N_PIXELS,
+    Blocks,
     DatagramError,
     check_datagram_size,
     decode_datagram,
@@ -54,6 +57,8 @@ class SlowSignalSettings(ReceiverSettings):
     flush_after_s: float = Field(3.0, gt=0)
     buffer_ns: int = Field(5_000_000_000, gt=0)
     max_pending_readouts: int = Field(10_000, ge=1)
+    # a block this far behind the newest TACK means the camera's TACK count restarted
+    tack_reset_ns: int = Field(60_000_000_000, gt=0)
     format: Literal["record", "ssdaq"] = "record"
     payload: Literal["counts", "mv"] = "counts"
 
@@ -79,6 +84,11 @@ class SlowSignalSettings(ReceiverSettings):
     def _table_needed(self) -> SlowSignalSettings:
         if self.module_from == "table" and not self.module_table:
             raise ValueError('module_from = "table" needs a module_table {address = module}')
+        if self.tack_reset_ns <= self.buffer_ns:
+            raise ValueError(
+                f"tack_reset_ns ({self.tack_reset_ns}) must exceed buffer_ns ({self.buffer_ns}): "
+                "a block later than buffer_ns is late, one this far behind starts a new TACK count"
+            )
         return self
 
     def expected_modules(self) -> list[int]:
@@ -121,6 +131,11 @@ class SlowSignalReceiver(ReceiverServer):
         self.recent_keys: list[int] = []
         self.recent_limit = max(4096, 2 * s.max_pending_readouts)
         self.watermark = -1  # readouts at or below this TACK were flushed by TACK progress
+        # the newest TACK seen; a block reset_after far behind it restarts the TACK count. It
+        # outlives runs, so that a camera restarting its TACKs between runs is reported too.
+        self.newest = -1
+        self.reset_after = s.tack_reset_ns
+        self.tack_resets = 0
         self.next_readout = 1
         self.paused = False
         self.complete = 0
@@ -162,7 +177,8 @@ class SlowSignalReceiver(ReceiverServer):
         )
 
     async def ct_flush(self) -> None:
-        """Publish readouts older than flush_after_s of wall-clock time."""
+        """Publish readouts older than flush_after_s of wall-clock time; forget TACKs that are
+        so far behind the newest that a block carrying one would restart the TACK count."""
         age = self.settings.flush_after_s
         while True:
             await asyncio.sleep(min(age / 4, 0.25))
@@ -170,13 +186,16 @@ class SlowSignalReceiver(ReceiverServer):
             old = [t for t, ro in self.pending.items() if ro.created <= cutoff]
             for tack in sorted(old):
                 self._flush(tack)
+            self._forget_before(self.newest - self.reset_after)
 
     async def begin_run(self, run: RunInfo) -> None:
         self.flush_all()  # what was pending belongs before the run
+        self._forget()  # duplicates and late blocks are judged within one run
         self.next_readout = 1
 
     async def end_run(self, run: RunInfo) -> None:
         self.flush_all()
+        self._forget()
         self.next_readout = 1
 
     async def close(self) -> None:
@@ -228,7 +247,7 @@ class SlowSignalReceiver(ReceiverServer):
             self.process_batch()
 
     def _bad(self, reason: str, addr: tuple[str, int], message: str) -> None:
-        self.counters.drop(reason)
+        self.counters.error(reason)  # refused input (the run is TAINTED), not a lost readout
         self.limited.warning(reason, "%s: bad datagram from %s:%d: %s", self.name, *addr, message)
 
     def process_batch(self) -> None:
@@ -256,6 +275,28 @@ class SlowSignalReceiver(ReceiverServer):
             blocks = decode_datagram(b"".join(datagrams), max_blocks=len(datagrams) * MAX_BLOCKS)
             sizes = [len(d) // BLOCK_BYTES for d in datagrams]
         tacks: list[int] = blocks.tack.tolist()
+        starts = [0] * len(sizes)
+        for k in range(1, len(sizes)):
+            starts[k] = starts[k - 1] + sizes[k - 1]
+        d, i = self._match(blocks, tacks, module_list, starts, 0, 0, False, mono, now_ns)
+        while d < len(sizes):  # the TACK count restarted at block i of datagram d: go on there
+            d, i = self._match(blocks, tacks, module_list, starts, d, i, True, mono, now_ns)
+
+    def _match(
+        self,
+        blocks: Blocks,
+        tacks: list[int],
+        module_list: list[int],
+        starts: list[int],
+        d0: int,
+        i0: int,
+        resumed: bool,
+        mono: float,
+        now_ns: int,
+    ) -> tuple[int, int]:
+        """Match and store the blocks from block i0 (of datagram d0) on. Stops at a block that
+        restarts the TACK count: publishes what is pending, forgets the earlier TACKs, and
+        returns (datagram, block) to go on from; else returns (datagrams, blocks)."""
         pending = self.pending
         expected = self.expected
         pm_datagrams = self.per_module["datagrams"]
@@ -265,14 +306,24 @@ class SlowSignalReceiver(ReceiverServer):
         refused: list[int] = []  # indices of the blocks not stored (duplicate, late)
         done: list[Readout] = []
         newest_new = -1
-        start = 0
-        for module, n in zip(module_list, sizes, strict=True):
-            pm_datagrams[module] += 1
-            pm_blocks[module] += n
+        newest = self.newest
+        floor = newest - self.reset_after
+        restart = -1
+        d = d0
+        n_blocks = len(tacks)
+        for d in range(d0, len(starts)):
+            module = module_list[d]
+            end = starts[d + 1] if d + 1 < len(starts) else n_blocks
+            first = i0 if d == d0 else starts[d]
+            if d > d0 or not resumed:  # a resumed datagram was counted when it was begun
+                pm_datagrams[module] += 1
+                pm_blocks[module] += end - first
             bit = 1 << module
             needed = bit & expected
-            end = start + n
-            for i, tack in enumerate(tacks[start:end], start):
+            for i, tack in enumerate(tacks[first:end], first):
+                if tack < floor:
+                    restart = i
+                    break
                 ro = pending.get(tack)
                 if ro is None:
                     # a datagram is sent after its last block: date TACKs back from the arrival
@@ -293,14 +344,23 @@ class SlowSignalReceiver(ReceiverServer):
                 store_row(ro.row + module)
                 if needed and mask & expected == expected:
                     done.append(ro)
-            start = end
+            if restart >= 0:
+                break
+            top = max(tacks[first:end])
+            if top > newest:
+                newest = top
+                floor = newest - self.reset_after
+        self.newest = newest
+        stop = restart if restart >= 0 else n_blocks
         if rows:
             index = np.array(rows, dtype=np.intp)
-            if not refused:
+            if not refused and i0 == 0 and stop == n_blocks:
                 self.store_rows[index] = blocks.counts
                 self.seconds_flat[index] = blocks.second
             else:
-                kept = np.delete(np.arange(len(tacks)), refused)
+                kept = np.arange(i0, stop)
+                if refused:
+                    kept = np.delete(kept, np.array(refused, dtype=np.intp) - i0)
                 self.store_rows[index] = blocks.counts[kept]
                 self.seconds_flat[index] = blocks.second[kept]
         # flushing frees slots, so it waits until every block of the batch is stored
@@ -316,6 +376,10 @@ class SlowSignalReceiver(ReceiverServer):
             self.counters.error("overflow")
             self.watermark = max(self.watermark, keys[0])
             self._flush(keys[0])
+        if restart < 0:
+            return len(starts), n_blocks
+        self._tack_reset(tacks[restart], module_list[d])
+        return d, restart
 
     def _find(self, tack: int, module: int, mono: float, cpu_ns: int) -> Readout | None:
         """The readout for a block: within the window, or new; None if refused (counted)."""
@@ -378,6 +442,8 @@ class SlowSignalReceiver(ReceiverServer):
             self.complete += 1
         else:
             self.incomplete += 1
+            # published without some modules' blocks: input lost, so the run is INCOMPLETE
+            self.counters.drop("incomplete_readout")
             missing = self.per_module["missing"]
             gone = self.expected & ~mask
             while gone:
@@ -395,6 +461,42 @@ class SlowSignalReceiver(ReceiverServer):
         self.process_batch()
         for tack in list(self.keys):
             self._flush(tack)
+
+    def _tack_reset(self, tack: int, module: int) -> None:
+        """Block `tack` is far behind the newest: the camera restarted its TACK count. Publish
+        what is pending (it belongs to the old count) and forget the old TACKs, so that the new
+        count's blocks are assembled, not refused as duplicates or late."""
+        behind = self.newest - tack
+        self.tack_resets += 1
+        pending = len(self.keys)
+        for key in list(self.keys):
+            self._flush(key)
+        self._forget()
+        self.newest = tack
+        self.limited.info(
+            "tack_reset",
+            "%s: TACK count restarted: module %d sent TACK %d, %.3f s behind the newest; "
+            "published the %d pending readouts and forgot the earlier TACKs",
+            self.name,
+            module,
+            tack,
+            behind / 1e9,
+            pending,
+        )
+
+    def _forget(self) -> None:
+        """Forget published TACKs: nothing earlier counts as a duplicate or as late any more."""
+        self.recent.clear()
+        self.recent_keys.clear()
+        self.watermark = -1
+
+    def _forget_before(self, tack: int) -> None:
+        rk = self.recent_keys
+        if rk and rk[0] < tack:
+            cut = bisect.bisect_left(rk, tack)
+            for old in rk[:cut]:
+                del self.recent[old]
+            del rk[:cut]
 
     def _remember(self, tack: int, mask: int) -> None:
         self.recent[tack] = mask
@@ -445,6 +547,8 @@ class SlowSignalReceiver(ReceiverServer):
         extra["readouts_complete"] = self.complete
         extra["readouts_incomplete"] = self.incomplete
         extra["pending_readouts"] = len(self.pending)
+        extra["tack_resets"] = self.tack_resets
+        extra["remembered_tacks"] = len(self.recent)
         extra["next_readout"] = self.next_readout
         extra["paused"] = self.paused
         extra["modules"] = {k: list(v) for k, v in self.per_module.items()}
@@ -486,6 +590,7 @@ class SlowSignalReceiver(ReceiverServer):
             "readouts_complete": self.complete,
             "readouts_incomplete": self.incomplete,
             "pending_readouts": len(self.pending),
+            "tack_resets": self.tack_resets,
             "next_readout": self.next_readout,
             "paused": self.paused,
             "drops": dict(self.counters.drops),

@@ -160,13 +160,15 @@ async def test_faults_are_counted_and_assembly_goes_on(rig_factory: Callable[...
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as stray:
             stray.bind(("127.0.0.150", 0))
             stray.sendto(sim.round_datagrams(0)[0], rig.target)
-            await rig.wait("unknown module", lambda: "unknown_module" in rig.rec.counters.drops)
+            await rig.wait("unknown module", lambda: "unknown_module" in rig.rec.counters.errors)
         # the receiver still assembles after every fault
         for r in range(5, 8):
             sim.send_round(r)
         await rig.wait("80 complete readouts", lambda: rig.rec.complete == 80)
     c = rig.rec.counters
-    assert c.drops["empty"] == 1 and c.drops["bad_size"] == 1 and c.drops["unknown_module"] == 1
+    # junk is refused input (errors: the run is TAINTED), not lost readouts (drops)
+    assert c.errors["empty"] == 1 and c.errors["bad_size"] == 1
+    assert c.errors["unknown_module"] == 1 and not c.drops
     assert c.errors["duplicate"] == 2 * P
     assert sum(rig.rec.per_module["duplicates"]) == 2 * P
     assert rig.rec.unknown_sources == {"127.0.0.150": 1}
@@ -177,7 +179,7 @@ async def test_faults_are_counted_and_assembly_goes_on(rig_factory: Callable[...
     assert datagrams[1] >= 2 * 5 + 3 and datagrams[3] >= 2 * 5 + 3
     status = rig.host.status()["receivers"]["ss"]
     assert status["extra"]["readouts_complete"] == 80
-    assert status["drops"]["empty"] == 1
+    assert status["errors"]["empty"] == 1
 
 
 async def test_relaxed_module_range_maps_out_of_range_senders(
@@ -197,7 +199,7 @@ async def test_module_table_maps_addresses(rig_factory: Callable[..., Any]) -> N
     with rig.sim(modules=2) as sim:
         sim.send_round(0)  # .100 is module 7; .101 is not in the table
         await rig.wait("complete readouts", lambda: rig.rec.complete == P)
-        await rig.wait("unknown", lambda: rig.rec.counters.drops.get("unknown_module") == 1)
+        await rig.wait("unknown", lambda: rig.rec.counters.errors.get("unknown_module") == 1)
     assert rig.rec.unknown_sources == {"127.0.0.101": 1}
 
 
@@ -409,7 +411,7 @@ directory = "{workdir}/data"
     out = d.ctl("cmd", "chec", "stats", "--json")
     stats = json.loads(out.stdout)
     assert stats["readouts_complete"] == 100 and stats["readouts_incomplete"] == 0
-    assert stats["drops"]["empty"] == 1 and stats["drops"]["bad_size"] == 1
+    assert stats["errors"]["empty"] == 1 and stats["errors"]["bad_size"] == 1
     assert stats["errors"]["duplicate"] == P
     assert stats["modules"]["31"]["blocks"] == 10 * P
     assert "true" in d.ctl("cmd", "chec", "pause").stdout
@@ -517,3 +519,132 @@ async def test_pending_readouts_are_bounded(rig_factory: Callable[..., Any]) -> 
     assert len(rig.rec.pending) == 5
     assert rig.rec.counters.errors["overflow"] == 25 and rig.rec.incomplete == 25
     assert rig.rec.store.shape[0] == 64  # the store never grew past its first size
+
+
+async def test_a_tack_restart_within_a_run_is_assembled_and_counted(
+    rig_factory: Callable[..., Any],
+) -> None:
+    """The camera restarts its TACK count mid-run and re-sends TACKs already published: the new
+    readouts are assembled and published (not refused as duplicates), the restart is counted."""
+    rig = await rig_factory(buffer_ns=2_000_000_000, tack_reset_ns=3_000_000_000)
+    await rig.host.begin_run("restart")
+    with rig.sim() as before, rig.sim() as after:  # the same TACKs, 0.1 s apart
+        for r in range(5):  # TACKs T .. T + 4.9 s
+            before.send_round(r)
+        await rig.wait("50 complete", lambda: rig.rec.complete == 5 * P)
+        after.send_round(0)
+        after.send_round(1)
+        await rig.wait("20 more complete", lambda: rig.rec.complete == 7 * P)
+        await rig.host.end_run()
+    rec = rig.rec
+    assert rec.tack_resets == 1 and rec.incomplete == 0
+    assert not rec.counters.errors and "late" not in rec.counters.drops
+    assert rec.status()["extra"]["tack_resets"] == 1
+    run = rig.records("run")
+    assert [tags["tack"] for *_, tags, _p in run] == [
+        *(before.tack(k) for k in range(5 * P)),
+        *(after.tack(k) for k in range(2 * P)),
+    ]
+    assert all(tags["complete"] for *_, tags, _p in run)
+
+
+async def test_remembered_tacks_are_bounded_by_the_restart_window(
+    rig_factory: Callable[..., Any],
+) -> None:
+    rig = await rig_factory(buffer_ns=1_050_000_000, tack_reset_ns=1_500_000_000)
+    with rig.sim() as sim:
+        for r in range(6):  # 60 readouts over 6 s of TACK time
+            sim.send_round(r)
+        await rig.wait("60 complete", lambda: rig.rec.complete == 6 * P)
+        # TACKs more than 1.5 s behind the newest are forgotten: 15 of them 0.1 s apart remain
+        await rig.wait("memory pruned", lambda: len(rig.rec.recent) <= 16)
+        sim.send(0, sim.round_datagrams(5)[0])  # the newest round again: still a duplicate
+        await rig.wait("duplicates", lambda: rig.rec.counters.errors.get("duplicate") == P)
+    assert rig.rec.tack_resets == 0
+
+
+def test_run_conditions_through_the_daemon(daemon: Callable[..., Any], workdir: Path) -> None:
+    """One daemon, four runs: a TACK restart between runs loses nothing (GOOD); readouts
+    published without a module make the run INCOMPLETE; junk datagrams with every readout
+    complete make it TAINTED, not INCOMPLETE."""
+    d = daemon(
+        f"""
+[daemon]
+name = "ssr"
+
+[[receiver]]
+type = "slowsignal"
+name = "cam"
+listen = "127.0.0.1:0"
+publish_to = ["disk"]
+modules = 4
+flush_after_s = 30.0
+buffer_ns = 2_000_000_000
+tack_reset_ns = 3_000_000_000
+
+[[publisher]]
+type = "file"
+name = "disk"
+directory = "{workdir}/data"
+fsync = "never"
+""",
+        name="ssr",
+    )
+    host, port = d.status()["receivers"]["cam"]["addresses"]["listen"].rsplit(":", 1)
+    target = (host, int(port))
+
+    def cam() -> dict[str, Any]:
+        result: dict[str, Any] = d.status()["receivers"]["cam"]
+        return result
+
+    def run(
+        run_id: str, send: Callable[[TargetModules], None], complete: int, errors: int = 0
+    ) -> str:
+        assert d.ctl("start", run_id).returncode == 0
+        with TargetModules(target, 4, P) as sim:
+            send(sim)
+            wait_until(
+                lambda: (
+                    cam()["extra"]["readouts_complete"] == complete
+                    and sum(cam()["errors"].values()) == errors
+                ),
+                what=f"{complete} complete readouts and {errors} errors",
+            )
+        stopped = d.ctl("stop")
+        assert stopped.returncode == 0, stopped.stderr
+        return stopped.stdout
+
+    def five_rounds(sim: TargetModules) -> None:
+        for r in range(5):
+            sim.send_round(r)
+
+    out = run("r1", five_rounds, 5 * P)  # TACKs T .. T + 4.9 s
+    assert "run r1 ended: GOOD, 50 records" in out, out
+    out = run("r2", five_rounds, 10 * P)  # the camera starts again from T
+    assert "run r2 ended: GOOD, 50 records" in out, out
+    assert cam()["extra"]["tack_resets"] == 1
+    assert "duplicate" not in cam()["errors"] and "late" not in cam()["drops"]
+    with open(workdir / "data" / "run-r2.daqd", "rb") as f:
+        items = list(msgpack.Unpacker(f, raw=False, strict_map_key=False))
+    with TargetModules(target, 4, P) as sim:
+        assert [i[3]["tack"] for i in items[1:-1]] == [sim.tack(k) for k in range(5 * P)]
+    assert items[-1]["end"]["condition"] == "GOOD"
+
+    def one_module_short(sim: TargetModules) -> None:
+        sim.send_round(5, skip=frozenset({(5, 3)}))  # published incomplete at the run's end
+        sim.send_round(6)
+
+    out = run("r3", one_module_short, 11 * P)
+    assert "run r3 ended: INCOMPLETE, 20 records" in out, out
+    assert "receiver cam: 10 input lost (incomplete_readout)" in out, out
+
+    def junk(sim: TargetModules) -> None:
+        sim.send_round(7)
+        for m in range(4):
+            sim.send(m, b"")
+        sim.send(0, b"x" * 100)
+
+    out = run("r4", junk, 12 * P, errors=5)
+    assert "run r4 ended: TAINTED, 10 records" in out, out
+    assert "receiver cam: 4 errors (empty)" in out and "1 errors (bad_size)" in out, out
+    assert "INCOMPLETE" not in out, out
