@@ -108,36 +108,30 @@ def _where(fields: dict[str, Any]) -> str:
 
 @main.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
-@click.option("--verify", is_flag=True, help="Check the whole file; report gaps in seq per source.")
+@click.option(
+    "--verify",
+    is_flag=True,
+    help="Check the whole file against its end marker; exit 1 naming every problem.",
+)
 @click.option("--limit", type=int, default=0, help="Print at most this many records.")
 @click.option("--payload", is_flag=True, help="Also print the first bytes of each payload (hex).")
 def dump(file: str, verify: bool, limit: int, payload: bool) -> None:
-    """Print the records of a run file, or verify it."""
-    from daqd.runfile import read_items
-    from daqd.runfile import verify as verify_file
+    """Print the records of a run file, or verify it.
 
+    A cut file is read up to its last whole record; then dump says where and why it ends and
+    exits 1, as it does for a file without an end marker or one that is not a run file.
+    """
     if verify:
-        s = verify_file(file)
-        kind = (s.header or {}).get("kind", "?")
-        click.echo(f"{file}: {kind} file, {sum(s.records.values())} records")
-        for src, n in sorted(s.records.items()):
-            gaps = s.gaps.get(src, [])
-            missing = sum(b - a - 1 for a, b in gaps if b > a)
-            click.echo(
-                f"  {src}: {n} records, seq {s.first_seq[src]}..{s.first_seq[src] + n + missing - 1}"
-                f", {len(gaps)} gaps ({missing} missing)"
-            )
-            for a, b in gaps[:10]:
-                click.echo(f"    gap: after {a} comes {b}")
-        if s.end is not None:
-            click.echo(f"  end: {s.end.get('condition', 'live file')}")
-        for p in s.problems:
-            click.echo(f"  problem: {p}")
-        sys.exit(1 if s.problems or s.gaps else 0)
+        _verify_file(file)
+    from daqd.runfile import CutFile, NotARunFile, RunFileReader
+
+    reader = RunFileReader(file)
     shown = 0
+    ended = False
     try:
-        for item in read_items(file):
+        for item in reader:
             if isinstance(item, dict):
+                ended = ended or (reader.items > 1 and "end" in item)
                 click.echo(f"# {item}")
                 continue
             line = f"{item.source} {item.seq} {item.time_ns} {item.tags} {item.nbytes}B"
@@ -146,9 +140,63 @@ def dump(file: str, verify: bool, limit: int, payload: bool) -> None:
             click.echo(line)
             shown += 1
             if limit and shown >= limit:
-                break
+                return
+    except NotARunFile:
+        fail(f"{file}: not a daqd run file", 1)
+    except CutFile:
+        fail(
+            f"{file}: cut inside an item at byte {reader.offset} (size {reader.size}): "
+            f"read up to its last whole record ({shown} records)",
+            1,
+        )
     except (ValueError, EOFError) as exc:
-        fail(str(exc), 1)
+        fail(f"{exc} (read up to byte {reader.offset}, {shown} records)", 1)
+    if not ended:
+        fail(
+            f"{file}: no end marker: the file was not closed cleanly; it ends after its last "
+            f"whole record at byte {reader.offset} ({shown} records)",
+            1,
+        )
+
+
+def _verify_file(file: str) -> NoReturn:
+    """`dump --verify`: what the file holds, what its end marker says, and every problem."""
+    from daqd.runfile import verify as verify_file
+
+    s = verify_file(file)
+    header = s.header or {}
+    part = header.get("part")
+    what = f"{header.get('kind', '?')} file" + (f", part {part}" if part else "")
+    click.echo(f"{file}: {what}, {sum(s.records.values())} records, {s.size} bytes")
+    if header.get("dropped_before"):
+        click.echo(
+            f"  header: after {header.get('previous_part') or 'the start'}"
+            f" ({header.get('previous_ended') or 'nothing written'}),"
+            f" dropped before this part: {header['dropped_before']}"
+        )
+    for src, n in sorted(s.records.items()):
+        gaps = s.gaps.get(src, [])
+        missing = sum(b - a - 1 for a, b in gaps if b > a)
+        click.echo(
+            f"  {src}: {n} records, seq {s.first_seq[src]}..{s.last_seq[src]}"
+            f", {len(gaps)} gaps ({missing} missing)"
+        )
+        for a, b in gaps[:10]:
+            click.echo(f"    gap: after {a} comes {b}")
+    if s.end is not None:
+        own = s.end.get("file")
+        drops = own.get("drops") if isinstance(own, dict) else None
+        click.echo(
+            f"  end: {s.end.get('condition', 'live file')}"
+            + (f"; publisher drops in the run: {drops}" if drops else "")
+        )
+    click.echo(f"  ends: {s.ending or '?'} (whole items up to byte {s.whole_bytes})")
+    for note in s.notes:
+        click.echo(f"  note: {note}")
+    for p in s.problems:
+        click.echo(f"  problem: {p}")
+    click.echo(f"{file}: " + (f"{len(s.problems)} problems" if s.problems else "OK"))
+    sys.exit(1 if s.problems else 0)
 
 
 @main.command()
