@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import StreamReader, web
 from aiohttp.http import HttpVersion11
+from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import Field, field_validator
 
 from daqd.http import GrabError, NextRecord
+from daqd.logs import LimitedLogger
 from daqd.receiver import (
     HostPort,
     ReceiverServer,
@@ -78,6 +82,73 @@ class _StallWatch:
             self.handle = None
 
 
+# What the router refuses before any handler of ours runs (any method but POST; a target that is
+# not a path): the counter each is kept under.
+_ROUTER_REFUSALS = {404: "not_found", 405: "method_not_allowed"}
+
+
+def _render(msg: object, args: tuple[object, ...]) -> str:
+    try:
+        return str(msg) % args if args else str(msg)
+    except (TypeError, ValueError):
+        return f"{msg} {args!r}"
+
+
+class _ServerLog:
+    """What aiohttp's request handler logs, for one receiver (its `logger=`).
+
+    aiohttp logs every malformed request (a bad request line, header or method) with a full
+    traceback on its own logger, after answering it 400 itself: here each is counted in errors
+    `malformed_request` and logged as one rate-limited line. Any other exception it reports (a
+    handler failing) is counted `http_handler`, one rate-limited line, the traceback at DEBUG.
+    """
+
+    def __init__(self, name: str, counters: Any, limited: LimitedLogger) -> None:
+        self.name = name
+        self.counters = counters
+        self.limited = limited
+        self.log = limited.log
+
+    def _problem(self, msg: object, args: tuple[object, ...], exc: object) -> None:
+        text = _render(msg, args)
+        if isinstance(exc, HttpProcessingError):
+            self.counters.error("malformed_request")
+            lines = str(exc.message or exc).splitlines()
+            remote = args[0] if args else "?"
+            self.limited.warning(
+                "malformed_request",
+                "%s: malformed request from %s refused (400): %s",
+                self.name,
+                remote,
+                lines[0] if lines else type(exc).__name__,
+            )
+            return
+        self.counters.error("http_handler")
+        self.limited.warning(
+            "http_handler", "%s: %s: %r", self.name, text, exc if exc is not None else "no answer"
+        )
+        if isinstance(exc, BaseException) and self.log.isEnabledFor(logging.DEBUG):
+            self.log.debug("%s: traceback", self.name, exc_info=exc)
+
+    def exception(self, msg: object, *args: object, exc_info: object = None, **_: Any) -> None:
+        self._problem(msg, args, exc_info)
+
+    def error(self, msg: object, *args: object, exc_info: object = None, **_: Any) -> None:
+        self._problem(msg, args, exc_info)
+
+    def warning(self, msg: object, *args: object, **_: Any) -> None:
+        self.log.warning("%s: %s", self.name, _render(msg, args))
+
+    def info(self, msg: object, *args: object, **_: Any) -> None:
+        self.log.debug("%s: %s", self.name, _render(msg, args))
+
+    def debug(self, msg: object, *args: object, exc_info: object = None, **_: Any) -> None:
+        if isinstance(exc_info, HttpProcessingError):  # a non-HTTP first line: refused too
+            self._problem(msg, args, exc_info)
+        elif self.log.isEnabledFor(logging.DEBUG):
+            self.log.debug("%s: %s", self.name, _render(msg, args))
+
+
 class HttpImageReceiver(ReceiverServer):
     """An HTTP/1.1 server: `POST <any path>` with an image body → one record → 200 {source, seq}."""
 
@@ -94,12 +165,13 @@ class HttpImageReceiver(ReceiverServer):
     # ----- life cycle ------------------------------------------------------------------------
     async def setup(self) -> None:
         s = self.settings
-        app = web.Application()
+        app = web.Application(middlewares=[self._count_router_refusals])
         app.router.add_route("POST", "/{path:.*}", self._on_post, expect_handler=self._on_expect)
         runner = web.AppRunner(
             app,
             handle_signals=False,
             access_log=None,
+            logger=_ServerLog(self.name, self.counters, self.limited),
             keepalive_timeout=s.read_timeout_s,
             # Bytes of a rejected body are read and discarded for this long so that the client
             # sees the answer instead of a reset.
@@ -183,6 +255,29 @@ class HttpImageReceiver(ReceiverServer):
         resp.force_close()
         return resp
 
+    @web.middleware
+    async def _count_router_refusals(
+        self,
+        request: web.Request,
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            reason = _ROUTER_REFUSALS.get(exc.status, f"http_{exc.status}")
+            self.counters.error(reason)
+            self.limited.warning(
+                reason,
+                "%s: %s %s from %s refused: %d %s",
+                self.name,
+                request.method,
+                request.path,
+                request.remote,
+                exc.status,
+                exc.reason,
+            )
+            raise
+
     async def _on_expect(self, request: web.Request) -> web.StreamResponse | None:
         refusal = self._refusal(request)
         if refusal is not None:
@@ -214,7 +309,13 @@ class HttpImageReceiver(ReceiverServer):
             return await self._drop_stalled(request)
         except ConnectionError as exc:
             self.counters.error("disconnected")
-            self.log.info("%s: client %s went away mid-body: %s", self.name, request.remote, exc)
+            self.limited.info(
+                "disconnected",
+                "%s: client %s went away mid-body: %s",
+                self.name,
+                request.remote,
+                exc,
+            )
             return web.Response(status=400)
         except Exception as exc:  # the parser's errors: bad chunking, short body, ...
             return self._reject(request, 400, "bad_body", f"body could not be read: {exc}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -149,7 +150,10 @@ async def test_wrong_type_is_415(host: Host) -> None:
             assert "text/plain" in (await r.json())["error"]
         async with s.get(base_url(host)) as r:
             assert r.status == 405
-    assert host.receivers["img"].counters.errors == {"unsupported_type": 1}
+    assert host.receivers["img"].counters.errors == {
+        "unsupported_type": 1,
+        "method_not_allowed": 1,
+    }
     assert host.receivers["img"].counters.records == 0
 
 
@@ -314,3 +318,45 @@ directory = "{tmp_path}"
     assert [image_bytes(r) for r in records] == images
     assert [r.tags["headers"]["x-frame"] for r in records] == ["0", "1", "2"]
     assert [r.seq for r in records] == [1, 2, 3]
+
+
+async def test_malformed_requests_are_counted_and_logged_in_a_few_lines(
+    host: Host, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiohttp answers a malformed request 400 itself: each is counted, and its traceback is
+    not logged (a flood of them gives a few lines, not one traceback per request)."""
+    caplog.set_level(logging.INFO)
+    rec = host.receivers["img"]
+    bad = [
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",  # TLS to an HTTP port
+        b"POST / HTTP/1.1\r\nContent-Type: image/jpeg\r\nContent-Length: x\r\n\r\n",
+        b"POST / HTTP/1.1\r\nBad Header\r\n\r\n",
+        b"POST /\x00 HTTP/1.1\r\n\r\n",
+        b"POST / HTTP/9\r\n\r\n",
+    ] * 20
+    for head in bad:
+        reader, writer = await raw_exchange(host, head)
+        status, _ = await read_status(reader)
+        assert status == 400
+        writer.close()
+    for method in ("GET", "PUT", "DELETE"):
+        reader, writer = await raw_exchange(
+            host, f"{method} /x HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        )
+        status, _ = await read_status(reader)
+        assert status == 405, method
+        writer.close()
+    errors = rec.counters.errors
+    assert errors == {"malformed_request": len(bad), "method_not_allowed": 3}
+    assert not [r for r in caplog.records if r.name.startswith("aiohttp")]
+    assert not [r for r in caplog.records if r.exc_info]
+    mine = [r for r in caplog.records if r.name == rec.log.name and r.levelno >= logging.INFO]
+    assert 2 <= len(mine) <= 8, [r.getMessage() for r in mine]
+    assert "img: malformed request from 127.0.0.1 refused (400): " in mine[0].getMessage()
+    # and a good image still goes in
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(base_url(host), data=b"img", headers={"Content-Type": JPEG}) as r,
+    ):
+        assert r.status == 200
+    assert rec.counters.records == 1
