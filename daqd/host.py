@@ -195,6 +195,8 @@ class Host:
             self.deadline.force()
 
     async def _shutdown_components(self, condition: RunCondition, deadline: Deadline) -> None:
+        for rec in self.receivers.values():
+            rec.stop_input()  # before anything awaits: the loop reads no more datagrams
         await asyncio.gather(*(r.stop_receiving(deadline) for r in self.receivers.values()))
         if self.run is not None:
             await self._end_run(condition, deadline)

@@ -44,6 +44,9 @@ class Publisher:
 
     Settings: ClassVar[type[PublisherSettings]] = PublisherSettings
     confirms_delivery: ClassVar[bool] = False
+    # records of the batch in send() already handled (sent, or counted as dropped): a send()
+    # that waits part-way keeps it current, so a send cut short at shutdown counts exactly
+    progress = 0
 
     def __init__(self, settings: PublisherSettings, host: Host) -> None:
         self.settings = settings
@@ -150,6 +153,8 @@ class PublisherQueue:
         self._task: asyncio.Task[None] | None = None
         self._closing = ""  # why records are refused once closing: "shutdown", "reconfigure"
         self._inflight = 0  # records handed to send() that it has not returned from
+        self._inflight_bytes = 0
+        self._dropped_before = 0  # the publisher's drops when that send() began
         self._markers = 0  # run markers in the queue
         self._bytes = 0  # payload bytes of the queued records, tallied as they come in
         self._put_base = _Tally(0, {}, {})  # put side at the current run's begin marker
@@ -277,11 +282,16 @@ class PublisherQueue:
             "send", "%s: send of %d records failed: %r", self.publisher.name, len(batch), exc
         )
 
+    def _send_drops(self) -> int:
+        """Drops counted by the publisher itself (not at the put side, which goes on while a
+        send() waits)."""
+        return sum(self.counters.drops.values()) - sum(self.put_drops.values())
+
     def _account(self, batch: list[Record], nbytes: int, dropped_before: int) -> None:
         """Count what was sent: the batch less what send() itself counted as dropped (high-water
         mark, outside a run); and show it to a live tap."""
         if not self.publisher.confirms_delivery:
-            dropped = sum(self.counters.drops.values()) - dropped_before
+            dropped = self._send_drops() - dropped_before
             sent = len(batch) - dropped
             if sent > 0:
                 self.counters.count(nbytes if not dropped else nbytes * sent // len(batch), sent)
@@ -311,17 +321,19 @@ class PublisherQueue:
                 await self._run_marker(head)
                 continue
             batch, nbytes = self._take_batch()
-            dropped_before = sum(self.counters.drops.values())
-            self._inflight = len(batch)
+            dropped_before = self._send_drops()
+            self._inflight, self._inflight_bytes = len(batch), nbytes
+            self._dropped_before = dropped_before
+            pub.progress = 0
             try:
                 await pub.send(batch)
             except asyncio.CancelledError:
-                raise
+                raise  # abandon() accounts for the batch cut short
             except Exception as exc:
+                self._inflight = 0
                 self._failed(batch, exc)
                 continue
-            finally:
-                self._inflight = 0
+            self._inflight = 0
             self._account(batch, nbytes, dropped_before)
 
     def _drain_side(self) -> _Tally:
@@ -396,7 +408,16 @@ class PublisherQueue:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        left = self._records + self._inflight
+        inflight, pub = self._inflight, self.publisher
+        if inflight and not pub.confirms_delivery:
+            # the batch cut short: what send() handled before it was cut (sent, or counted as
+            # dropped by send() itself) is not dropped again; the rest is
+            handled = min(pub.progress, inflight)
+            sent = handled - (self._send_drops() - self._dropped_before)
+            if sent > 0:
+                self.counters.count(self._inflight_bytes * sent // inflight, sent)
+            inflight -= handled
+        left = self._records + inflight
         if left:
             self.counters.drop(reason, left)
             self.publisher.log.error(

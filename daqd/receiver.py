@@ -162,6 +162,10 @@ class ReceiverServer:
     async def close(self) -> None:
         """Release the subclass's own resources; sockets from setup_* are closed by the base."""
 
+    def hand_over(self) -> None:
+        """Publish at once what input already read left pending (a receiver that batches the
+        datagrams of one loop turn): the shutdown drain calls it after each datagram."""
+
     # ----- records ---------------------------------------------------------------------------
     def new_record(
         self,
@@ -405,7 +409,23 @@ class ReceiverServer:
     # kernel drops of UDP sockets already closed (restarts), so the counter never goes back
     _kernel_base = 0
 
-    async def _drain_udp(self, deadline: Deadline | None) -> None:
+    _held_udp: list[tuple[socket.socket, Callable[[bytes, tuple[str, int]], None]]] = []
+
+    def stop_input(self) -> None:
+        """Stop the loop reading this receiver's UDP sockets, now, keeping what their buffers
+        hold for `stop_receiving` to drain: each socket stays open through a dup of its
+        descriptor and its transport closes (uvloop's cannot pause reading). The host calls it
+        for every receiver before anything awaits at shutdown."""
+        if not self._held_udp:
+            self._held_udp = [(sock.dup(), on_datagram) for sock, on_datagram in self._udp]
+        for transport in self._transports:
+            transport.close()
+
+    async def _drain_udp(
+        self,
+        socks: list[tuple[socket.socket, Callable[[bytes, tuple[str, int]], None]]],
+        deadline: Deadline | None,
+    ) -> None:
         """Deliver what is still in the kernel's buffers before a UDP socket closes: at shutdown
         'stop receiving' means taking no new datagrams, not discarding the ones already here.
 
@@ -413,11 +433,6 @@ class ReceiverServer:
         left then is read and counted as dropped under the deadline's reason, never left
         uncounted in a closing socket. Without one (a restart), the queues' policies apply as is.
         """
-        # The loop must not read these sockets beside us: keep each socket open through a dup
-        # of its descriptor, and close the transports (uvloop's cannot pause reading).
-        socks = [(sock.dup(), on_datagram) for sock, on_datagram in self._udp]
-        for transport in self._transports:
-            transport.close()
         for sock, on_datagram in socks:
             sock.setblocking(False)
             for _ in range(1 << 20):
@@ -434,6 +449,7 @@ class ReceiverServer:
                     continue
                 try:
                     on_datagram(data, addr)
+                    self.hand_over()  # one at a time, so the room just waited for is enough
                 except Exception as exc:
                     self.counters.error("datagram_handler")
                     self.counters.drop("handler_error")
@@ -516,15 +532,15 @@ class ReceiverServer:
             self.state = "stopped"
 
     async def _teardown(self, deadline: Deadline | None = None) -> None:
+        self.stop_input()
+        udp, self._held_udp = self._held_udp, []
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
         for server in self._servers:
             server.close()
-        await self._drain_udp(deadline)
-        for transport in self._transports:
-            transport.close()
+        await self._drain_udp(udp, deadline)
         for writer in list(self._writers):
             writer.close()
         for task in list(self._client_tasks):

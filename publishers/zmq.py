@@ -192,14 +192,22 @@ class ZmqPublisher(Publisher):
         done = self._send_ready(records)
         delay = 0.0005
         while done < len(records):
+            self.progress = done  # a shutdown deadline may cut the wait short
             await asyncio.sleep(delay)
             n = self._send_ready(records[done:])
             delay = 0.0005 if n else min(delay * 2, 0.05)
             done += n
 
     async def close(self) -> None:
-        # give subscribers up to drain_timeout_s to take what the socket still holds; ending our
-        # context waits for that, in a thread so that the loop goes on meanwhile
-        self.sock.close(linger=int(self.host.config.daemon.drain_timeout_s * 1000))
+        # give subscribers what is left of the shutdown deadline (drain_timeout_s; none after a
+        # second signal) to take what the socket still holds; ending our context waits for
+        # that, in a thread so that the loop goes on meanwhile
+        deadline = self.host.deadline
+        linger_s = (
+            deadline.remaining()
+            if deadline is not None
+            else self.host.config.daemon.drain_timeout_s
+        )
+        self.sock.close(linger=int(linger_s * 1000))
         if self._ctx is not None:
             await asyncio.to_thread(self._ctx.term)

@@ -55,6 +55,9 @@ class UdpReceiver(ReceiverServer):
             self._pending = []
             self.publish_many_nowait(records, sum([len(r.payload[0]) for r in records]))
 
+    def hand_over(self) -> None:
+        self._flush()
+
     async def begin_run(self, run: RunInfo) -> None:
         self._flush()  # what arrived before the run goes before its begin marker
 
