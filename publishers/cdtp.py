@@ -329,8 +329,10 @@ class CdtpPublisher(Publisher):
                 if i < n:
                     reason = "outside_run" if self._state == "idle" else self._state
                     self.counters.drop(reason, n - i)
+                    self.progress = n
                 return
             i = self._take(records, i)
+            self.progress = i  # taken into a message: delivered or dropped by this publisher
             if i < n or (self._count and self._payload >= self._threshold):
                 await self._flush()
             else:
