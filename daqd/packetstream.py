@@ -19,6 +19,7 @@ from typing import Any, BinaryIO
 import click
 
 from daqd.errors import ProtocolError
+from daqd.logs import LimitedLogger
 from daqd.protocols.packetstream import (
     DEFAULT_MAX_PACKET_BYTES,
     EOF,
@@ -45,6 +46,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("daqd.packetstream")
+# What a peer can trigger (bad packets, refused requests, failing handlers, lost connections) is
+# logged through this, by kind: a flood of bad clients costs a few lines a minute, not one each.
+limited = LimitedLogger(log)
 
 HandlerResult = None | int | bytes | bytearray | memoryview | str | tuple[int, Any]
 RequestHandler = Callable[[Request], "HandlerResult | Awaitable[HandlerResult]"]
@@ -247,7 +251,8 @@ class PacketConnection:
             await asyncio.wait_for(self._closed.wait(), self.close_timeout_s)
         except TimeoutError:
             self._count_error("close_timeout")
-            log.warning(
+            limited.warning(
+                "close_timeout",
                 "%s: peer did not end the connection within %.1f s of our EOF; closing",
                 self.name,
                 self.close_timeout_s,
@@ -384,7 +389,14 @@ class PacketConnection:
 
     def _reject(self, channel: int, tag: int, reason: str, counter: str) -> None:
         self._count_error(counter)
-        log.info("%s: rejecting request %d on channel %d: %s", self.name, tag, channel, reason)
+        limited.info(
+            counter,
+            "%s: rejecting request %d on channel %d: %s",
+            self.name,
+            tag,
+            channel,
+            reason,
+        )
         self._respond(channel, tag, False, 0, reason.encode())
 
     # ---- input ----
@@ -503,8 +515,12 @@ class PacketConnection:
         fut = self._pending.pop((rsp.channel, rsp.tag), None)
         if fut is None:
             self._count_error("unknown_response")
-            log.warning(
-                "%s: response to unknown request %d on channel %d", self.name, rsp.tag, rsp.channel
+            limited.warning(
+                "unknown_response",
+                "%s: response to unknown request %d on channel %d",
+                self.name,
+                rsp.tag,
+                rsp.channel,
             )
             return
         self.responses_received += 1
@@ -570,8 +586,13 @@ class PacketConnection:
             return
         self._count_error("handler")
         reason = _short_reason(exc)
-        log.warning(
-            "%s: handler for rq_type %d (tag %d) failed: %s", self.name, rq.rq_type, rq.tag, reason
+        limited.warning(
+            "handler",
+            "%s: handler for rq_type %d (tag %d) failed: %s",
+            self.name,
+            rq.rq_type,
+            rq.tag,
+            reason,
         )
         log.debug("handler traceback", exc_info=exc)
         self._respond(rq.channel, rq.tag, False, 0, reason.encode())
@@ -586,7 +607,8 @@ class PacketConnection:
             if gone or remaining <= 0:
                 if not gone:
                     self._count_error("close_timeout")
-                    log.warning(
+                    limited.warning(
+                        "close_timeout",
                         "%s: %d handlers still running after %.1f s; cancelling them",
                         self.name,
                         len(self._tasks),
@@ -619,7 +641,9 @@ class PacketConnection:
 
     def _protocol_error(self, exc: ProtocolError) -> None:
         self._count_error("protocol")
-        log.warning("%s: protocol error, closing the connection: %s", self.name, exc)
+        limited.warning(
+            "protocol", "%s: protocol error, closing the connection: %s", self.name, exc
+        )
         self._end(f"protocol error from peer: {exc}", abort=False)
 
     def _connection_lost(self, exc: BaseException | None) -> None:
@@ -627,7 +651,7 @@ class PacketConnection:
             return
         if exc is not None:
             self._count_error("connection")
-            log.info("%s: connection lost: %s", self.name, exc)
+            limited.info("connection", "%s: connection lost: %s", self.name, exc)
             self._end(f"connection lost: {exc}", abort=True)
         else:
             self._end("connection closed", abort=True)

@@ -117,7 +117,7 @@ class PacketStreamReceiver(ReceiverServer):
         conn.name = f"{self.name} {peer}"
         self._conns.add(conn)
         self.counters.extra["clients"] = len(self._conns)
-        self.log.info("%s: client %s connected", self.name, peer)
+        self.log.debug("%s: client %s connected", self.name, peer)  # DEBUG: one per client
         task = asyncio.get_running_loop().create_task(self._watch(conn, peer))
         self._watchers.add(task)
         task.add_done_callback(self._watchers.discard)
@@ -128,7 +128,7 @@ class PacketStreamReceiver(ReceiverServer):
         finally:
             self._conns.discard(conn)
             self.counters.extra["clients"] = len(self._conns)
-            self.log.info("%s: client %s gone", self.name, peer)
+            self.log.debug("%s: client %s gone", self.name, peer)
 
     def _can_accept_now(self) -> bool:
         return all(not q.block or q.depth < q.size for q in self.queues)
