@@ -352,7 +352,7 @@ class ReceiverServer:
         try:
             await handler(reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError) as exc:
-            self.log.info("connection %s ended: %s", peer, exc or type(exc).__name__)
+            self.log.debug("connection %s ended: %s", peer, exc or type(exc).__name__)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
