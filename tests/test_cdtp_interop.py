@@ -233,3 +233,34 @@ async def test_our_sender_vanishing_is_aborted_for_constellation(peer: str) -> N
     assert [r[1] for r in theirs["records"]] == list(range(1, 31))
     assert theirs["eor"]["metadata"]["condition_code"] == int(RunCondition.ABORTED)
     assert "timeout" in theirs  # Constellation's own words: EOR not received in time
+
+
+async def test_constellation_receiver_connecting_after_the_start_gets_the_whole_run(
+    peer: str,
+) -> None:
+    """Our BOR waits (in the background) for a receiver: Constellation's, connecting after the
+    run started and the records arrived, still gets BOR, every record and a GOOD EOR."""
+    sim, endpoint = await start_sim("--name", "Sim.late", "--records", "300", "--size", "1024")
+    a = await start_host(receiver_toml("rx1", [endpoint], ["tx"]) + tx_toml("tx"), "a")
+    tx = a.publishers["tx"]
+    proc: Proc | None = None
+    try:
+        rx1 = a.receivers["rx1"]
+        assert isinstance(rx1, CdtpReceiver)
+        await a.begin_run("late")
+        await sim.say("go")
+        await wait_for(lambda: ended(rx1, "Sim.late"), what="the simulator's EOR")
+        assert tx.counters.extra["state"] == "waiting" and tx.counters.records == 0
+        proc = await their_receiver(peer, port_of(tx.addresses["endpoint"]), "daqd.tx")
+        run = await a.end_run()
+        theirs = await proc.line()
+    finally:
+        await a.stop()
+        await sim.stop()
+        if proc is not None:
+            await proc.stop()
+    assert "error" not in theirs and "timeout" not in theirs
+    assert [r[1] for r in theirs["records"]] == list(range(1, 301))
+    assert theirs["eor"]["metadata"]["condition"] == "GOOD"
+    assert run.condition == RunCondition.GOOD
+    assert run.accounting["publishers"]["tx"]["delivered"] == 300
