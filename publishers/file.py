@@ -28,6 +28,8 @@ from daqd.record import Record
 from daqd.runfile import VERSION, create_exclusive, part_stem
 from daqd.runstate import RunCondition, RunInfo
 
+CHUNK_BYTES = 4 << 20  # a batch is written in pieces of about this size
+
 
 class FileSettings(PublisherSettings):
     directory: str
@@ -208,29 +210,8 @@ class FilePublisher(Publisher):
                 self._failed(what, f"creating a file in {where}", exc, len(packs))
                 return 0
         head = self._header(part) if part.pos == 0 else b""
-        buf = b"".join([head, *packs]) if head else b"".join(packs)
-        written, err = _write_all(part.fd, buf, part.pos)
-        cut = ""
-        if err is None:
-            part.pos += len(buf)
-            kept = len(packs)
-        else:
-            # keep the whole records that made it (and a new header only together with some)
-            kept, end = 0, part.pos
-            if records is not None and written >= len(head):
-                at = part.pos + len(head)
-                for p in packs:
-                    if at + len(p) > part.pos + written:
-                        break
-                    at += len(p)
-                    kept += 1
-                if kept:
-                    end = at
-            try:
-                os.ftruncate(part.fd, end)
-            except OSError as texc:
-                cut = f"; cutting it back to byte {end} failed ({_why(texc)})"
-            part.pos = end
+        kept, err, cut = self._write_chunks(part, head, packs, records is not None)
+        if err is not None:
             self._failed(what, f"writing {part.path}", err, len(packs) - kept, cut)
         if kept and records is not None:
             if head and self._gap:
@@ -246,6 +227,43 @@ class FilePublisher(Publisher):
         if err is not None and (part.pos or cut):
             await self._retire(part, f"write failed: {_why(err)}{cut}")
         return kept
+
+    def _write_chunks(
+        self, part: _Part, head: bytes, packs: list[bytes], records: bool
+    ) -> tuple[int, OSError | None, str]:
+        """Write `head` and `packs` at the part's end, in chunks of about CHUNK_BYTES (a batch
+        of large records is not copied into one buffer). On an error, cut the file back to the
+        last whole record (a new header stays only together with a record; an end marker is
+        whole or not at all). Returns how many packs are in the file, the error, and what went
+        wrong cutting back ("" if nothing)."""
+        fd, start, n = part.fd, part.pos, len(packs)
+        i = 0
+        while i < n:
+            j, size = i + 1, len(head) + len(packs[i])
+            while j < n and size + len(packs[j]) <= CHUNK_BYTES:
+                size += len(packs[j])
+                j += 1
+            buf = packs[i] if j == i + 1 and not head else b"".join([head, *packs[i:j]])
+            written, err = _write_all(fd, buf, part.pos)
+            if err is None:
+                part.pos += len(buf)
+                head = b""
+                i = j
+                continue
+            at = part.pos + len(head)
+            if records and written >= len(head):
+                while i < j and at + len(packs[i]) <= part.pos + written:
+                    at += len(packs[i])
+                    i += 1
+            end = at if records and i > 0 else start
+            cut = ""
+            try:
+                os.ftruncate(fd, end)
+            except OSError as texc:
+                cut = f"; cutting it back to byte {end} failed ({_why(texc)})"
+            part.pos = end
+            return i, err, cut
+        return n, None, ""
 
     def _track(self, part: _Part, records: list[Record]) -> None:
         content = part.content

@@ -9,6 +9,7 @@ exits 1, a whole file exits 0.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -226,6 +227,54 @@ def test_full_disk_cuts_to_whole_records_counts_drops_and_goes_on_in_a_new_part(
         assert plain.returncode == 1
         assert "no end marker" in plain.stderr
         assert len(plain.stdout.splitlines()) == 1 + len(contents[0][0])
+
+
+def fill(path: Path) -> None:
+    """Write `path` until the file system is full."""
+    with open(path, "wb", buffering=0) as f:
+        block = b"\0" * 4096
+        try:
+            while f.write(block):
+                pass
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+
+
+def test_full_disk_at_the_end_of_the_run_leaves_the_file_whole_without_end_marker(
+    daemon: MakeDaemon, workdir: Path
+) -> None:
+    with tmpfs(workdir / "disk") as disk:
+        data = disk / "data"
+        data.mkdir()
+        (disk / "filler").write_bytes(b"\0" * (1792 << 10))
+        d = daemon(CONFIG.format(directory=data))
+        sender = Sender(d)
+        try:
+            assert d.ctl("start", "full2").returncode == 0
+            for _ in range(40):
+                st = sender.send(100)
+                if st["publishers"]["disk"]["drops"].get("write_error"):
+                    break
+            fill(disk / "filler2")  # what cutting back freed is taken too: no room at all
+            out = d.ctl("stop")
+            assert out.returncode == 0 and "DEGRADED" in out.stdout, out.stdout
+            final = d.status()
+        finally:
+            sender.close()
+            d.stop()
+        pub = final["publishers"]["disk"]
+        assert pub["errors"]["end_marker"] == 1, pub
+        assert "no end marker written for run-full2" in d.log()
+        # the part that would have held the end marker is not left behind empty
+        assert sorted(os.listdir(data)) == ["run-full2.daqd"]
+        records, _, end = file_records(data / "run-full2.daqd")
+        assert end is None
+        assert len(records) + pub["drops"]["write_error"] == sender.sent
+        assert [r.seq for r in records] == list(range(1, len(records) + 1))
+        r = dump("--verify", data / "run-full2.daqd")
+        assert r.returncode == 1
+        problems = [line.strip() for line in r.stdout.splitlines() if "problem:" in line]
+        assert len(problems) == 1 and problems[0].startswith("problem: no end marker"), r.stdout
 
 
 def test_read_only_directory_refuses_the_run_with_the_reason(

@@ -1,0 +1,83 @@
+"""The file publisher's write path on its own: a batch of large records is written in chunks, and a
+disk that fills in the middle of one keeps every whole record before the failure, no more."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daqd.record import Record
+from daqd.runfile import read_items, verify
+from daqd.runstate import RunInfo
+from publishers.file import CHUNK_BYTES, FilePublisher, FileSettings
+
+from .test_file_faults import fill, tmpfs
+
+
+def publisher(directory: Path) -> FilePublisher:
+    settings = FileSettings(type="file", name="disk", directory=str(directory), live=False)
+    return FilePublisher(settings, host=None)  # type: ignore[arg-type]  # send() needs no host
+
+
+def items(path: Path) -> tuple[list[Record], list[dict[str, Any]]]:
+    records: list[Record] = []
+    maps: list[dict[str, Any]] = []
+    for item in read_items(path):
+        (records if isinstance(item, Record) else maps).append(item)  # type: ignore[arg-type]
+    return records, maps
+
+
+async def test_a_disk_full_in_the_second_chunk_keeps_the_whole_records_before_it(
+    tmp_path: Path,
+) -> None:
+    block = b"r" * (1 << 20)
+    per_chunk = CHUNK_BYTES // (len(block) + 64)  # records of 1 MiB in one chunk
+    with tmpfs(tmp_path / "disk", size="6m") as disk:
+        pub = publisher(disk)
+        await pub.start()
+        run = RunInfo("big1", time.time_ns())
+        await pub.begin_run(run)
+        batch = [Record("cam", i, time.time_ns(), {}, [block]) for i in range(1, 9)]
+        await pub.send(batch)
+        # 6 MiB hold the first chunk and some of the second; each record is whole or absent
+        written = pub.counters.drops.get("write_error", 0)
+        kept = len(batch) - written
+        assert per_chunk < kept < len(batch), (per_chunk, kept)
+        assert pub.counters.errors == {"write": 1}
+        path = disk / "run-big1.daqd"
+        s = verify(path)
+        assert s.records == {"cam": kept} and s.whole_bytes == s.size
+        assert [p.split(":")[0] for p in s.problems] == ["no end marker"]
+
+        # still full: the next batch goes to a part 2 that cannot be written, and is not kept
+        fill(disk / "filler")
+        await pub.send([Record("cam", 9, time.time_ns(), {}, [b"small"])])
+        assert pub.counters.drops["write_error"] == written + 1
+        (disk / "filler").unlink()
+        await pub.send([Record("cam", 10, time.time_ns(), {}, [b"small"])])
+        await pub.end_run(run)
+        await pub.close()
+        records, maps = items(disk / "run-big1.p2.daqd")
+        assert [r.seq for r in records] == [10]
+        header, end = maps[0], maps[-1]["end"]
+        assert header["part"] == 2 and header["previous_part"] == "run-big1.daqd"
+        assert header["dropped_before"] == {"write_error": written + 1}
+        assert end["file"]["content"] == {"cam": {"count": 1, "first_seq": 10, "last_seq": 10}}
+        assert end["file"]["drops"] == {"write_error": written + 1}
+        assert sorted(p.name for p in disk.iterdir()) == ["run-big1.daqd", "run-big1.p2.daqd"]
+
+
+async def test_begin_run_on_a_full_disk_raises_and_leaves_no_file(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "disk", size="1m") as disk:
+        pub = publisher(disk / "data")
+        await pub.start()
+        fill(disk / "filler")
+        with pytest.raises(Exception, match=r"cannot write the run file .*run-f1\.daqd: ENOSPC"):
+            await pub.begin_run(RunInfo("f1", time.time_ns()))
+        assert list((disk / "data").iterdir()) == []
+        await pub.end_run(RunInfo("f1", time.time_ns()))  # the host ends a refused run: no-op
+        await pub.close()
+        assert list((disk / "data").iterdir()) == []
