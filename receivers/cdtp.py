@@ -135,7 +135,6 @@ class CdtpReceiver(ReceiverServer):
         self._allowed = frozenset(settings.receive_from) if settings.receive_from else None
         self._others = 0  # tracked senders not named in receive_from (at most max_senders)
         # this daqd run: what the sender runs that ended in it add up to, and what to report
-        self._run: RunInfo | None = None
         self._run_flags = RunCondition.GOOD
         self._run_ended = 0
         self._flawed: deque[dict[str, Any]] = deque(maxlen=REPORTED)
@@ -382,10 +381,9 @@ class CdtpReceiver(ReceiverServer):
     def _refuse_without_bor(self, name: str, kind: str, state: str) -> Refused:
         """DATA or EOR from a sender not in a run: remembered for this daqd run's report (a
         few names), never as sender state."""
-        if self._run is not None:
-            self._without_bor_total += 1
-            if name in self._without_bor or len(self._without_bor) < REPORTED:
-                self._without_bor[name] = self._without_bor.get(name, 0) + 1
+        self._without_bor_total += 1
+        if name in self._without_bor or len(self._without_bor) < REPORTED:
+            self._without_bor[name] = self._without_bor.get(name, 0) + 1
         return Refused(
             f"{kind.lower()}_without_bor", f"{kind} from {name!r} without a BOR ({state})"
         )
@@ -669,30 +667,29 @@ class CdtpReceiver(ReceiverServer):
             sender.records,
             sender.missed,
         )
-        if self._run is not None:
-            # the daqd run holds the senders' data: a sender's flawed run makes ours flawed
-            # too (an aborted sender means records are missing here, not that ours was aborted)
-            self._run_ended += 1
-            flags = condition
-            if flags & RunCondition.ABORTED:
-                flags = (flags & ~RunCondition.ABORTED) | RunCondition.INCOMPLETE
-            self._run_flags |= flags
-            if condition != RunCondition.GOOD:
-                self._flawed.append(
-                    {
-                        "sender": sender.name,
-                        "run": sender.runs,
-                        "run_id": metadata.get("run_id"),
-                        "condition": condition.describe(),
-                        "records": sender.records,
-                        "missed": sender.missed,
-                    }
-                )
+        # the daqd run holds the senders' data: a sender's flawed run makes ours flawed too
+        # (an aborted sender means records are missing here, not that ours was aborted). Kept
+        # from begin_run on, or from the start of a receiver replaced in the middle of a run.
+        self._run_ended += 1
+        flags = condition
+        if flags & RunCondition.ABORTED:
+            flags = (flags & ~RunCondition.ABORTED) | RunCondition.INCOMPLETE
+        self._run_flags |= flags
+        if condition != RunCondition.GOOD:
+            self._flawed.append(
+                {
+                    "sender": sender.name,
+                    "run": sender.runs,
+                    "run_id": metadata.get("run_id"),
+                    "condition": condition.describe(),
+                    "records": sender.records,
+                    "missed": sender.missed,
+                }
+            )
         self._changed.set()
 
     # ----- runs and status -------------------------------------------------------------------
     async def begin_run(self, run: RunInfo) -> None:
-        self._run = run
         self._run_flags = RunCondition.GOOD
         self._run_ended = 0
         self._flawed.clear()
@@ -722,7 +719,6 @@ class CdtpReceiver(ReceiverServer):
             self._substitute_eor(sender, why)
         run.condition |= self._run_flags
         self._report(run)
-        self._run = None
 
     def _report(self, run: RunInfo) -> None:
         """One line per daqd run: the sender runs that ended in it, the flawed ones, configured
