@@ -79,7 +79,8 @@ class WorkerReceiver(ReceiverServer):
         self._lock = asyncio.Lock()
         self._marks: dict[tuple[str, str], asyncio.Event] = {}
         self._generation = itertools.count(1)
-        self._run: RunInfo | None = None  # the run the worker must be in (a restarted one too)
+        # the run the worker must be in: a restarted one too, and one started in a run
+        self._run: RunInfo | None = host.run
         self._from_worker = 0  # records that arrived from the current worker
         # worker.<reason> counts of the workers before the current one: a new worker counts from 0
         self._worker_base: dict[tuple[str, str], int] = {}
@@ -272,6 +273,7 @@ class WorkerReceiver(ReceiverServer):
             record = Record(str(source), int(seq), int(time_ns), dict(tags), frames[1:])
         except Exception:
             self.counters.error("bad_worker_data")
+            self.counters.drop("bad_worker_data")  # a record that cannot be read is lost
             return
         self.adopt_seq(record.source, record.seq)  # the worker numbered it; run totals use it
         await self.publish(record)
@@ -325,18 +327,28 @@ class WorkerReceiver(ReceiverServer):
                 self.outcome = "ERROR"
                 self.log.error("%s: worker did not finish: %s; killing it", self.name, exc)
         elif self.proc.returncode is not None and self._data is not None:
-            await self._salvage()
+            try:  # bounded: a stalled `block` publisher must not hold the restart or shutdown
+                await asyncio.wait_for(self._salvage(), self.stop_timeout_s)
+            except TimeoutError:
+                self.log.error(
+                    "%s: records of the dead worker not taken within %g s",
+                    self.name,
+                    self.stop_timeout_s,
+                )
+            self._count_lost()
         await self._kill()
         self._close_sockets()
 
     async def _salvage(self) -> None:
-        """The worker died. Publish the records it sent that are still on their way to us; then
-        the records its last STAT says its link had taken in and that never arrived were lost
-        with it: count them as dropped "worker_lost" (records taken in after that STAT, and
-        datagrams in its socket, cannot be known)."""
+        """The worker died: publish the records it sent that are still on their way to us."""
         assert self._data is not None
         while await self._data.poll(self.salvage_quiet_s * 1000):
             await self._on_data(await self._data.recv_multipart())
+
+    def _count_lost(self) -> None:
+        """The records the dead worker's last STAT says its link had taken in and that never
+        arrived were lost with it: count them as dropped "worker_lost" (records taken in after
+        that STAT, and datagrams in its socket, cannot be known)."""
         link = self.worker_status.get("link") or {}
         offered, drops = link.get("offered"), link.get("drops") or {}
         if not isinstance(offered, int):
