@@ -163,7 +163,8 @@ class CdtpPublisher(Publisher):
                 self._peers += 1
                 if self._peers > 1:
                     self.counters.error("second_receiver")
-                    self.log.error(
+                    self.limited.warning(
+                        "second_receiver",
                         "%s: %d CDTP receivers are connected to %s; PUSH splits every run between "
                         "them, so each sees an incomplete run. Connect exactly one receiver.",
                         self.name,

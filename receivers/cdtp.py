@@ -431,7 +431,7 @@ class CdtpReceiver(ReceiverServer):
     async def _data(self, endpoint: str, message: cdtp.Data, nbytes: int) -> None:
         sender = self._known(message.sender, "DATA")
         records = message.records
-        if sender is None and self._full():
+        if sender is None and self._full() and not any(map(self._evictable, self.senders.values())):
             self.counters.drop("too_many_senders", len(records))
             raise Refused(
                 "too_many_senders",

@@ -344,14 +344,19 @@ async def test_new_senders_are_refused_while_all_tracked_are_in_a_run_and_idle_a
         assert set(rx.senders) == {f"Busy.s{i}" for i in range(4)}
         for i in range(4):
             await push.send(eor(f"Busy.s{i}", 0))
+        await wait_for(lambda: ended(rx, "Busy.s3"), what="the EORs")
+        # a tracked sender is out of its run: a new name could take its place, so DATA from
+        # one is DATA without a BOR, not a refusal
+        await push.send(data_message(cdtp.Encoder("Busy.s5"), [4]))
+        await wait_for(lambda: rx.counters.drops.get("no_bor") == 1, what="no_bor")
         # idle for longer than sender_idle_s: forgotten
         await wait_for(lambda: not rx.senders, what="idle senders to be forgotten")
         run = await host.end_run()
     finally:
         await host.stop()
         push.close()
-    assert rx.counters.errors == {"too_many_senders": 3}
-    assert rx.counters.drops == {"too_many_senders": 3}
+    assert rx.counters.errors == {"too_many_senders": 3, "data_without_bor": 1}
+    assert rx.counters.drops == {"too_many_senders": 3, "no_bor": 1}
     assert rx.counters.extra["senders_evicted"] == 4
     assert run.condition == RunCondition.TAINTED | RunCondition.INCOMPLETE
 
