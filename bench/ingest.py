@@ -37,8 +37,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _common import cpu_s
-
 RATES = [10_000, 20_000, 40_000, 60_000, 80_000, 90_000, 100_000, 115_000, 130_000, 145_000]
 RATES += [160_000, 180_000, 200_000, 225_000, 250_000]
 GROWTH = 1.12  # above the listed rates, each step offers this much more than the last
@@ -63,19 +61,22 @@ def ladder(quick: bool) -> Iterator[int]:
         yield rate
 
 
-def zmq_io_cpu_s(pid: int) -> float:
-    """CPU seconds of a process's ZeroMQ background threads (I/O, reaper), from /proc (Linux)."""
-    total = 0.0
+def threads_cpu_s(pid: int, prefix: str = "") -> float:
+    """CPU seconds run so far by the threads of process `pid` whose name starts with `prefix`
+    (all by default), to the nanosecond from /proc/PID/task/*/schedstat (Linux): /proc/PID/stat
+    counts in 10 ms ticks, too coarse for a step at a low rate. A thread that ended is missing."""
+    total = 0
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                head, _, rest = f.read().rpartition(")")
+            if prefix:
+                with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                    if not f.read().startswith(prefix):
+                        continue
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
         except OSError:  # the thread ended
             continue
-        if head.partition("(")[2].startswith("ZMQbg/"):
-            fields = rest.split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+    return total / 1e9
 
 
 # ----- the sender -----------------------------------------------------------------------------
@@ -291,7 +292,7 @@ def bare_side() -> Iterator[Side]:
             raise RuntimeError("the bare counter did not start")
         assert proc.pid is not None
         pid = proc.pid
-        yield Side(("127.0.0.1", port.value), lambda: count.value, lambda: cpu_s(pid))
+        yield Side(("127.0.0.1", port.value), lambda: count.value, lambda: threads_cpu_s(pid))
     finally:
         proc.kill()
 
@@ -394,8 +395,11 @@ def daqd_side() -> Iterator[tuple[Side, Callable[[], dict[str, int]]]]:
         side = Side(
             addr,
             lambda: count.value,
-            lambda: cpu_s(proc.pid),
-            {"zmq_io": lambda: zmq_io_cpu_s(proc.pid), "sub": lambda: cpu_s(sub_pid)},
+            lambda: threads_cpu_s(proc.pid),
+            {
+                "zmq_io": lambda: threads_cpu_s(proc.pid, "ZMQbg/"),
+                "sub": lambda: threads_cpu_s(sub_pid),
+            },
         )
 
         def accounting() -> dict[str, int]:
