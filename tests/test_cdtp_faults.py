@@ -294,6 +294,32 @@ async def test_data_before_bor_is_reported_in_its_run_only() -> None:
     assert rx.last_report["without_bor"] == {} and rx.last_report["sender_runs_ended"] == 1
 
 
+async def test_receive_from_names_without_a_run_are_reported_per_run() -> None:
+    push = Push()
+    host = await start_host(
+        receiver_toml("rx", [push.endpoint], [], 'receive_from = ["Cfg.a", "Cfg.b"]')
+    )
+    enc = cdtp.Encoder("Cfg.a")
+    try:
+        rx = host.receivers["rx"]
+        assert isinstance(rx, CdtpReceiver)
+        await host.begin_run("one")
+        await push.send(bor("Cfg.a"))
+        await push.send(data_message(enc, [1]))
+        await push.send(eor("Cfg.a", 1))
+        await wait_for(lambda: ended(rx, "Cfg.a"), what="its EOR")
+        first = await host.end_run()
+        assert rx.last_report is not None and rx.last_report["never_sent_bor"] == ["Cfg.b"]
+        await host.begin_run("two")
+        await host.end_run()
+        assert rx.last_report["never_sent_bor"] == ["Cfg.a", "Cfg.b"]
+    finally:
+        await host.stop()
+        push.close()
+    assert first.condition == RunCondition.GOOD  # a silent sender is reported, not counted
+    assert set(rx.senders) == {"Cfg.a", "Cfg.b"}
+
+
 async def test_many_sender_names_keep_the_tracked_state_and_status_bounded() -> None:
     """5,000 distinct senders, each a whole run: at most max_senders are tracked (the idle
     ones forgotten, counted), status stays small, and every sender run is accounted for."""
