@@ -295,21 +295,39 @@ class FilePublisher(Publisher):
             self._gap["write_error"] = self._gap.get("write_error", 0) + n
 
     async def send(self, records: list[Record]) -> None:
-        if not self._kind:
+        part = self._part
+        packs = [r.pack() for r in records]
+        if part is not None and part.pos:
+            # the usual case in one go: the file is still there, one write, no header
+            buf = b"".join(packs) if len(packs) > 1 else packs[0]
+            if len(buf) <= CHUNK_BYTES:
+                try:
+                    n = os.pwrite(part.fd, buf, part.pos) if os.fstat(part.fd).st_nlink else -1
+                except OSError:
+                    n = -1  # the general path below tries again, and counts
+                if n == len(buf):
+                    part.pos += n
+                    self._track(part, records)
+                    if self.settings.fsync == "interval":
+                        await self._sync_interval(part, time.monotonic())
+                    return
+        elif not self._kind:
             if not self.settings.live:
                 self.counters.drop("outside_run", len(records))
                 return
             self._begin_series(
                 "live", f"live-{time.strftime('%Y%m%dT%H%M%S')}", {"time_start": time.time_ns()}
             )
-        kept = await self._write([r.pack() for r in records], records)
+        kept = await self._write(packs, records)
         self._lost(len(records) - kept)
         part = self._part
         if part is not None and kept and self.settings.fsync == "interval":
-            now = time.monotonic()
-            if now - self._last_sync >= self.settings.fsync_interval_s:
-                self._last_sync = now
-                await self._sync(part, "an interval")
+            await self._sync_interval(part, time.monotonic())
+
+    async def _sync_interval(self, part: _Part, now: float) -> None:
+        if now - self._last_sync >= self.settings.fsync_interval_s:
+            self._last_sync = now
+            await self._sync(part, "an interval")
 
     # ----- runs ---------------------------------------------------------------------------------
     async def _end_series(self, end: dict[str, Any], drops: dict[str, int]) -> None:
