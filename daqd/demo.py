@@ -18,6 +18,7 @@ import zmq.asyncio
 
 from daqd.config import parse_config
 from daqd.host import Host
+from daqd.receiver import ReceiverServer
 from daqd.runstate import RunCondition
 
 
@@ -70,6 +71,19 @@ def _table(host: Host, live: int) -> str:
     return "\n".join(rows)
 
 
+async def _arrived(receiver: ReceiverServer, sent: int, timeout_s: float = 10.0) -> None:
+    """Wait until every datagram sent was received or counted as dropped by the kernel (a
+    loaded machine may take a while to read the socket buffer), at most timeout_s."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout_s
+    while loop.time() < end:
+        receiver.sample()  # reads the kernel's drop count
+        c = receiver.counters
+        if c.records + c.drops.get("kernel", 0) >= sent:
+            return
+        await asyncio.sleep(0.01)
+
+
 async def run_demo(seconds: float, rate: int, directory: str) -> None:
     host = Host(parse_config(demo_config(directory), "daqd/demo.toml"))
     await host.start()
@@ -106,7 +120,7 @@ async def run_demo(seconds: float, rate: int, directory: str) -> None:
             loop.remove_signal_handler(sig)
         stop.set()
         sent = await sender
-        await asyncio.sleep(0.2)  # let the last datagrams of the socket buffer arrive
+        await _arrived(host.receivers["camera"], sent)
         await host.end_run(condition)
         files = list(host.publishers["disk"].counters.extra.get("files", []))
         await host.stop(condition)
