@@ -92,7 +92,7 @@ class FilePublisher(Publisher):
         self._previous = ""  # name of the part before the next one, and why it ended
         self._previous_ended = ""
         self._gap: dict[str, int] = {}  # dropped since the last record written, by reason
-        self._drops0: dict[str, int] = {}  # counters.drops when the run began
+        self._drops0: dict[str, int] = {}  # counters.drops when the series began
         self._last_sync = time.monotonic()
         self.counters.extra["files"] = []
 
@@ -101,6 +101,7 @@ class FilePublisher(Publisher):
         self._kind, self._stem, self._meta = kind, stem, meta
         self._part = self._first = None
         self._parts = 0
+        self._drops0 = dict(self.counters.drops)
         self._previous = self._previous_ended = ""
         self._gap = {}
 
@@ -188,6 +189,16 @@ class FilePublisher(Publisher):
             return f"the file became unusable ({_why(exc)})"
         return ""
 
+    async def _check_part(self, what: str) -> _Part | None:
+        """The current part if it can still be written; else it ends (counted) and None."""
+        part = self._part
+        if part is not None and (broken := self._unusable(part)):
+            self.counters.error("file_removed" if "removed" in broken else what)
+            self.log.error("%s: %s: %s; going on in a new part", self.name, part.path, broken)
+            await self._retire(part, broken)
+            part = None
+        return part
+
     # ----- writing ------------------------------------------------------------------------------
     async def _write(self, packs: list[bytes], records: list[Record] | None) -> int:
         """Write whole items to the current part (opening one, with its header, if needed).
@@ -196,12 +207,7 @@ class FilePublisher(Publisher):
         ending at its last whole item; a part holding anything then ends, and the next write
         goes to a new part. Failures are counted as errors "write" ("end_marker")."""
         what = "write" if records is not None else "end_marker"
-        part = self._part
-        if part is not None and (broken := self._unusable(part)):
-            self.counters.error("file_removed" if "removed" in broken else what)
-            self.log.error("%s: %s: %s; going on in a new part", self.name, part.path, broken)
-            await self._retire(part, broken)
-            part = None
+        part = await self._check_part(what)
         if part is None:
             try:
                 part = self._open_part()
@@ -334,7 +340,7 @@ class FilePublisher(Publisher):
         """Write the end marker (when there is room), fsync by policy, close."""
         if not self._kind:
             return
-        part = self._part
+        part = await self._check_part("end_marker")  # the marker describes the part it goes in
         mark = {
             **end,
             "file": {
@@ -364,7 +370,8 @@ class FilePublisher(Publisher):
             self.log.info("closed %s (%s)", part.path, end.get("condition", "live"))
 
     def _run_drops(self, run: RunInfo | None) -> dict[str, int]:
-        """This publisher's drops in the run: its ledger where the host gave one."""
+        """This publisher's drops in the run (or live series): the run's ledger where the host
+        gave one, else what was counted since the series began."""
         accounting = getattr(run, "accounting", None) or {}
         ledger = accounting.get("publishers", {}).get(self.name)
         if isinstance(ledger, dict) and isinstance(ledger.get("drops"), dict):
@@ -377,8 +384,7 @@ class FilePublisher(Publisher):
 
     async def begin_run(self, run: RunInfo) -> None:
         if self._kind:  # the live file ends where the run begins
-            await self._end_series({"time_end": time.time_ns()}, {})
-        self._drops0 = dict(self.counters.drops)
+            await self._end_series({"time_end": time.time_ns()}, self._run_drops(None))
         self._begin_series("run", f"run-{run.run_id}", run.metadata())
         try:
             part = self._open_part()
@@ -412,4 +418,4 @@ class FilePublisher(Publisher):
             meta.update(condition_code=int(cond), condition=cond.describe())
             await self._end_series(meta, self._run_drops(None))
         elif self._kind:
-            await self._end_series({"time_end": time.time_ns()}, {})
+            await self._end_series({"time_end": time.time_ns()}, self._run_drops(None))

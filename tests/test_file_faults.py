@@ -311,18 +311,29 @@ def test_run_file_removed_mid_run_goes_on_in_a_new_part(daemon: MakeDaemon, work
         sender.send(70)
         out = d.ctl("stop")
         assert out.returncode == 0 and "DEGRADED" in out.stdout, out.stdout
+        assert "file_removed" in out.stdout
         st = d.status()
+        # removed just before the end: the end marker goes to a new part, and describes that part
+        assert d.ctl("start", "rm2").returncode == 0
+        sender.send(30)
+        (data / "run-rm2.daqd").unlink()
+        assert d.ctl("stop").returncode == 0
     finally:
         sender.close()
         d.stop()
     assert st["publishers"]["disk"]["errors"]["file_removed"] == 1
-    assert sorted(os.listdir(data)) == ["run-rm1.p2.daqd"]
+    assert sorted(os.listdir(data)) == ["run-rm1.p2.daqd", "run-rm2.p2.daqd"]
     records, header, end = file_records(data / "run-rm1.p2.daqd")
     assert [r.seq for r in records] == list(range(51, 121))
     assert header["part"] == 2 and header["previous_part"] == "run-rm1.daqd"
     assert "removed" in header["previous_ended"]
     assert end is not None and end["file"]["content"]["raw"]["count"] == 70
+    assert end["file"]["part"] == 2
     assert dump("--verify", data / "run-rm1.p2.daqd").returncode == 0
+    records, header, end = file_records(data / "run-rm2.p2.daqd")
+    assert records == [] and header["previous_part"] == "run-rm2.daqd"
+    assert end is not None and end["file"]["part"] == 2 and end["file"]["content"] == {}
+    assert dump("--verify", data / "run-rm2.p2.daqd").returncode == 0
 
 
 # ----- `daqd dump` on damaged files -----------------------------------------------------------
