@@ -84,6 +84,7 @@ class WorkerReceiver(ReceiverServer):
         self._from_worker = 0  # records that arrived from the current worker
         # worker.<reason> counts of the workers before the current one: a new worker counts from 0
         self._worker_base: dict[tuple[str, str], int] = {}
+        self._closed = asyncio.Event()  # the current worker is gone and its records accounted
 
     def worker_argv(self, controller: str) -> list[str]:
         """The command that runs the worker; a test may replace it."""
@@ -107,6 +108,7 @@ class WorkerReceiver(ReceiverServer):
         }
         self.worker_status = {}
         self._from_worker = 0
+        self._closed.clear()
         self._ctx = zmq.asyncio.Context()
         self._ctl = self._ctx.socket(zmq.PAIR)
         self._ctl.setsockopt(zmq.LINGER, 0)
@@ -294,21 +296,26 @@ class WorkerReceiver(ReceiverServer):
         """Have the worker end its run, wait until everything it published has arrived, and
         take its final counts: the host decides the run's condition once this returns."""
         self._run = None
-        if self._ctl is None or self.proc is None or self.proc.returncode is not None:
-            return  # stopped already: its STOP drained and flushed everything
-        try:
-            await self._request("CTRL", {"transition": "stop"}, self.stop_timeout_s)
-            await self._wait_mark("end", run.run_id, self.stop_timeout_s)
-        except ControlError as exc:
-            self.log.warning("%s: worker could not end run %s: %s", self.name, run.run_id, exc)
-            return
-        except TimeoutError:
-            self.log.warning("%s: worker's end-of-run marker did not arrive", self.name)
-            raise
-        if not await self.refresh_worker_status():
-            self.log.warning(
-                "%s: no STAT from the worker at the end of run %s", self.name, run.run_id
-            )
+        if self._ctl is not None and self.proc is not None and self.proc.returncode is None:
+            try:
+                await self._request("CTRL", {"transition": "stop"}, self.stop_timeout_s)
+                await self._wait_mark("end", run.run_id, self.stop_timeout_s)
+            except ControlError as exc:
+                self.log.warning("%s: worker could not end run %s: %s", self.name, run.run_id, exc)
+            except TimeoutError:
+                self.log.warning("%s: worker's end-of-run marker did not arrive", self.name)
+                raise
+            else:
+                if not await self.refresh_worker_status():
+                    self.log.warning(
+                        "%s: no STAT from the worker at the end of run %s", self.name, run.run_id
+                    )
+                return
+        if self.proc is not None and self.proc.returncode is not None and self.state == "running":
+            # It died just now: the supervisor is counting the crash, taking what the worker
+            # sent and counting what it lost. That belongs to this run: wait for it.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closed.wait(), self.stop_timeout_s + 1.0)
 
     async def call_command(self, name: str, args: Any, kwargs: dict[str, Any]) -> Any:
         request = {"target": self.name, "name": name, "args": list(args), "kwargs": kwargs}
@@ -338,6 +345,7 @@ class WorkerReceiver(ReceiverServer):
             self._count_lost()
         await self._kill()
         self._close_sockets()
+        self._closed.set()
 
     async def _salvage(self) -> None:
         """The worker died: publish the records it sent that are still on their way to us."""

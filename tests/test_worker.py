@@ -506,11 +506,9 @@ queue_size = 20
 """
 
 
-async def test_records_a_dead_worker_held_are_counted_as_worker_lost(
-    short_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The disk is stalled, so the records back up into the worker's own queue; the worker is
-    killed: what its last STAT said it had taken in and never reached the parent is counted."""
+def stall_disk(monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
+    """The file publisher writes nothing until the returned event is set; the worker's data
+    link is short and its STAT frequent, so records back up into the worker's own queue."""
     gate = asyncio.Event()
     real_send = FilePublisher.send
 
@@ -521,6 +519,31 @@ async def test_records_a_dead_worker_held_are_counted_as_worker_lost(
     monkeypatch.setattr(FilePublisher, "send", stalled_send)
     monkeypatch.setattr(WorkerReceiver, "data_hwm", 20)
     monkeypatch.setattr(WorkerReceiver, "stat_interval_s", 0.02)
+    return gate
+
+
+async def fill_worker(rec: WorkerReceiver, n: int) -> None:
+    """Send n datagrams of 8 kB, 20 at a time (the socket loses none), until the worker's STAT
+    says its link took all of them."""
+
+    def link_offered(n: int) -> bool:
+        link = rec.worker_status.get("link") or {}
+        return int(link.get("offered", 0)) == n
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for sent in range(1, n + 1):
+            s.sendto(b"%08d" % sent + bytes(8000), hostport(rec.addresses["listen"]))
+            if sent % 20 == 0 or sent == n:
+                await wait_for(functools.partial(link_offered, sent), what=f"{sent} in worker")
+    assert not any(rec.worker_status["receiver"]["drops"].values())
+
+
+async def test_records_a_dead_worker_held_are_counted_as_worker_lost(
+    short_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk is stalled, so the records back up into the worker's own queue; the worker is
+    killed: what its last STAT said it had taken in and never reached the parent is counted."""
+    gate = stall_disk(monkeypatch)
     host = Host(parse_config(STALL_CONFIG.format(data=short_dir / "data"), "<test>"))
     await host.start()
     try:
@@ -528,19 +551,8 @@ async def test_records_a_dead_worker_held_are_counted_as_worker_lost(
         assert isinstance(rec, WorkerReceiver) and rec.proc is not None
         first_pid = rec.proc.pid
         await host.begin_run("lost1")
-
-        def link_offered(n: int) -> bool:
-            link = rec.worker_status.get("link") or {}
-            return int(link.get("offered", 0)) == n
-
-        sent = 0
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            for _ in range(20):  # 400 datagrams of 8 kB, 20 at a time: the socket loses none
-                for _ in range(20):
-                    s.sendto(b"%08d" % sent + bytes(8000), hostport(rec.addresses["listen"]))
-                    sent += 1
-                await wait_for(functools.partial(link_offered, sent), what=f"{sent} in worker")
-        assert not any(rec.worker_status["receiver"]["drops"].values())
+        sent = 400
+        await fill_worker(rec, sent)
         assert rec.counters.records < sent  # most are held in the worker, behind the stall
         os.kill(first_pid, signal.SIGKILL)
         gate.set()
@@ -654,3 +666,45 @@ async def test_worker_counts_reach_the_run_at_its_end_and_survive_restarts(
     finally:
         await host.stop()
     assert here()[kind].get("worker.bad_size") == 2
+
+
+async def test_a_worker_killed_as_its_run_ends_is_counted_in_that_run(
+    short_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run is stopped right as its worker dies, holding records behind a stalled disk: the
+    crash, the records it had sent and those it lost all belong to that run, and the restarted
+    worker is not in a run."""
+    gate = stall_disk(monkeypatch)
+    host = Host(parse_config(STALL_CONFIG.format(data=short_dir / "data"), "<test>"))
+    await host.start()
+    try:
+        rec = host.receivers["raw"]
+        assert isinstance(rec, WorkerReceiver) and rec.proc is not None
+        first_pid = rec.proc.pid
+        await host.begin_run("e1")
+        await fill_worker(rec, 200)
+        os.kill(first_pid, signal.SIGKILL)
+        gate.set()
+        run = await host.end_run()
+        arrived = rec.counters.records
+        assert 0 < arrived < 200
+        receiver = run.accounting["receivers"]["raw"]
+        assert receiver["errors"] == {"crash": 1}
+        assert receiver["drops"] == {"worker_lost": 200 - arrived}
+        assert receiver["received"] == arrived and run.records == {"raw": arrived}
+        assert run.condition & RunCondition.DEGRADED and run.condition & RunCondition.INCOMPLETE
+        disk = run.accounting["publishers"]["disk"]
+        assert disk["offered"] == arrived
+        assert disk["delivered"] + sum(disk["drops"].values()) == arrived
+        await wait_for(
+            lambda: rec.state == "running" and rec.proc is not None and rec.proc.pid != first_pid,
+            what="the restarted worker",
+        )
+        assert await rec.refresh_worker_status()
+        assert rec.worker_status["state"] == "ORBIT"
+    finally:
+        gate.set()
+        await host.stop()
+    records = records_in(short_dir / "data" / "run-e1.daqd")
+    assert len(records) == disk["delivered"]
+    assert all(b > a for a, b in itertools.pairwise([r.seq for r in records]))
