@@ -92,7 +92,7 @@ class RunFileReader:
                         obj = next(unpacker)
                     except StopIteration:
                         break
-                    except (ValueError, msgpack.UnpackException) as exc:
+                    except (ValueError, TypeError, msgpack.UnpackException) as exc:
                         if not self.items:
                             raise NotARunFile(f"{path}: not a daqd run file ({exc})") from None
                         raise ValueError(

@@ -7,7 +7,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from daqd.record import Record
 from daqd.runfile import read_items, verify
@@ -81,3 +84,64 @@ async def test_begin_run_on_a_full_disk_raises_and_leaves_no_file(tmp_path: Path
         await pub.end_run(RunInfo("f1", time.time_ns()))  # the host ends a refused run: no-op
         await pub.close()
         assert list((disk / "data").iterdir()) == []
+
+
+async def write_run_file(directory: Path, n: int = 12) -> Path:
+    """A whole run file of `n` records from two sources, written by the publisher."""
+    pub = publisher(directory)
+    await pub.start()
+    run = RunInfo("cut1", time.time_ns())
+    await pub.begin_run(run)
+    seq = {"a": 0, "b": 0}
+    for i in range(1, n + 1):
+        source = "a" if i % 3 else "b"
+        seq[source] += 1
+        await pub.send([Record(source, seq[source], i, {"i": i}, [b"p" * i])])
+    await pub.end_run(run)
+    await pub.close()
+    return directory / "run-cut1.daqd"
+
+
+async def test_a_file_cut_at_any_byte_reads_up_to_its_last_whole_item(tmp_path: Path) -> None:
+    path = await write_run_file(tmp_path)
+    data = path.read_bytes()
+    unpacker = msgpack.Unpacker(raw=False)
+    unpacker.feed(data)
+    bounds = [0]
+    for _ in unpacker:
+        bounds.append(unpacker.tell())
+    assert bounds[-1] == len(data) and len(bounds) == 12 + 3  # header, 12 records, end marker
+    whole = verify(path)
+    assert whole.ok and whole.records == {"a": 8, "b": 4} and whole.ending == "end marker"
+    cut = tmp_path / "cut.daqd"
+    for size in range(len(data)):
+        cut.write_bytes(data[:size])
+        s = verify(cut)
+        last = max(b for b in bounds if b <= size)  # where the last whole item ends
+        names = [p.split(":")[0] for p in s.problems]
+        assert s.whole_bytes == last and s.size == size, size
+        if last == 0:  # not even the header
+            assert names == ["no header"], (size, s.problems)
+            continue
+        items = bounds.index(last)  # whole items: the header and items - 1 records
+        assert sum(s.records.values()) == items - 1, size
+        assert names == (["no end marker"] if size == last else ["cut tail", "no end marker"])
+        assert s.end is None and s.header is not None and not s.gaps
+
+
+@settings(deadline=None, max_examples=300)
+@given(st.binary(max_size=300), st.integers(0, 3))
+def test_any_bytes_give_a_summary_with_problems_never_an_exception(
+    tmp_path_factory: pytest.TempPathFactory, junk: bytes, where: int
+) -> None:
+    """Garbage alone, or garbage spliced into a real file: verify names problems, and the
+    records it counts are whole ones (each a well-formed Record)."""
+    base = tmp_path_factory.getbasetemp() / "junk"
+    base.mkdir(exist_ok=True)
+    path = base / "junk.daqd"
+    header = msgpack.packb({"daqd": "runfile", "version": 2, "kind": "run"})
+    record = Record("a", 1, 1, {}, [b"x"]).pack()
+    path.write_bytes([junk, header + junk, header + record + junk, header + junk + record][where])
+    s = verify(path)
+    assert s.problems or s.end is not None  # only an end map in the junk makes it whole
+    assert s.whole_bytes <= s.size == path.stat().st_size
