@@ -49,11 +49,11 @@ live = false
 
 
 @contextmanager
-def tmpfs(path: Path, size: str = "2m") -> Iterator[Path]:
+def tmpfs(path: Path, size: str = "2m", options: str = "") -> Iterator[Path]:
     """A small tmpfs mounted at `path` (skips the test where mounting is not permitted)."""
     path.mkdir()
     r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755{options}", "tmpfs", str(path)],
         capture_output=True,
         text=True,
     )

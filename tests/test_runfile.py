@@ -145,3 +145,36 @@ def test_any_bytes_give_a_summary_with_problems_never_an_exception(
     s = verify(path)
     assert s.problems or s.end is not None  # only an end map in the junk makes it whole
     assert s.whole_bytes <= s.size == path.stat().st_size
+
+
+async def test_a_new_part_that_cannot_be_created_drops_and_retries(tmp_path: Path) -> None:
+    # three inodes: the root, the run file, the filler; part 2 cannot be created until the
+    # filler goes
+    with tmpfs(tmp_path / "disk", size="1m", options=",nr_inodes=3") as disk:
+        pub = publisher(disk)
+        await pub.start()
+        run = RunInfo("ino1", time.time_ns())
+        await pub.begin_run(run)
+        await pub.send([Record("cam", 1, 1, {}, [b"first"])])
+        fill(disk / "filler")
+        big = [Record("cam", i, i, {}, [b"b" * 4096]) for i in range(2, 5)]
+        await pub.send(big)  # fails: part 1 ends at its last whole record
+        dropped = pub.counters.drops["write_error"]
+        assert dropped >= 1
+        await pub.send([Record("cam", 5, 5, {}, [b"x"])])  # part 2 cannot even be created
+        await pub.send([Record("cam", 6, 6, {}, [b"x"])])
+        assert pub.counters.drops["write_error"] == dropped + 2
+        assert sorted(p.name for p in disk.iterdir()) == ["filler", "run-ino1.daqd"]
+        (disk / "filler").unlink()
+        await pub.send([Record("cam", 7, 7, {}, [b"x"])])
+        await pub.end_run(run)
+        await pub.close()
+        assert pub.counters.errors["write"] == 3
+        records, maps = items(disk / "run-ino1.p2.daqd")
+        assert [r.seq for r in records] == [7]
+        assert maps[0]["dropped_before"] == {"write_error": dropped + 2}
+        first, _ = items(disk / "run-ino1.daqd")  # whole up to its last record: no CutFile
+        assert [r.seq for r in first] == list(range(1, 5 - dropped))
+        problems = verify(disk / "run-ino1.daqd").problems
+        assert [p.split(":")[0] for p in problems] == ["no end marker"]
+        assert verify(disk / "run-ino1.p2.daqd").ok
