@@ -3,6 +3,8 @@ disk that fills in the middle of one keeps every whole record before the failure
 
 from __future__ import annotations
 
+import asyncio
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -178,3 +180,46 @@ async def test_a_new_part_that_cannot_be_created_drops_and_retries(tmp_path: Pat
         problems = verify(disk / "run-ino1.daqd").problems
         assert [p.split(":")[0] for p in problems] == ["no end marker"]
         assert verify(disk / "run-ino1.p2.daqd").ok
+
+
+@pytest.mark.parametrize("policy", ["never", "per_run", "interval"])
+async def test_fsync_policy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, policy: str) -> None:
+    """never: no fsync; per_run: the records at the end of the run (before the run's ledger is
+    taken) and the file with its end marker; interval: also every fsync_interval_s."""
+    synced: list[int] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.fstat(fd).st_size)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    settings = FileSettings(
+        type="file",
+        name="disk",
+        directory=str(tmp_path),
+        live=False,
+        fsync=policy,
+        fsync_interval_s=0.05,
+    )
+    pub = FilePublisher(settings, host=None)  # type: ignore[arg-type]
+    await pub.start()
+    run = RunInfo("s1", time.time_ns())
+    await pub.begin_run(run)
+    deadline = time.monotonic() + 0.3
+    seq = 0
+    while time.monotonic() < deadline:
+        seq += 1
+        await pub.send([Record("a", seq, seq, {}, [b"x" * 100])])
+        await asyncio.sleep(0.01)
+    await pub.flush_run(run)
+    records_end = (tmp_path / "run-s1.daqd").stat().st_size
+    await pub.end_run(run)
+    size = (tmp_path / "run-s1.daqd").stat().st_size
+    if policy == "never":
+        assert synced == []
+    elif policy == "per_run":
+        assert synced == [records_end, size]
+    else:
+        assert len(synced) >= 3 and synced[-2:] == [records_end, size]
+        assert synced[:-2] == sorted(synced[:-2]) and synced[0] < records_end
