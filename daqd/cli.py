@@ -75,7 +75,12 @@ def serve(config: str | None, log_level: str | None, controller: str | None) -> 
 @main.command()
 @click.argument("config", type=click.Path(dir_okay=False))
 def check(config: str) -> None:
-    """Validate CONFIG and print what it would run."""
+    """Validate CONFIG and print what it would run.
+
+    Refuses (exit 2) whatever `daqd serve` would refuse, with the same message: besides the
+    settings, the files and directories the [daemon] table names and the code the configuration
+    loads. Warnings (e.g. a CURVE secret key others can read) are printed; the exit code stays 0.
+    """
     from daqd.config import load_config
     from daqd.control import control_endpoint
 
@@ -84,8 +89,12 @@ def check(config: str) -> None:
     except DaqdError as exc:
         fail(str(exc))
     d = cfg.daemon
-    click.echo(f"{config}: OK")
-    click.echo(f"daemon {d.name}: control {control_endpoint(d.name)}, drain {d.drain_timeout_s} s")
+    n = len(cfg.warnings)
+    click.echo(f"{config}: OK" + (f", {n} warning{'s' if n > 1 else ''}" if n else ""))
+    for warning in cfg.warnings:
+        click.echo(f"warning: {warning}")
+    endpoint = f"ipc://{d.runtime_dir}/{d.name}.ctl" if d.runtime_dir else control_endpoint(d.name)
+    click.echo(f"daemon {d.name}: control {endpoint}, drain {d.drain_timeout_s} s")
     for r in cfg.receivers:
         where = _where(r.model_dump())
         to = ", ".join(r.publish_to) or "(nowhere)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -12,7 +13,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from daqd.errors import ConfigError
+from daqd import trust
+from daqd.errors import ConfigError, ControlError
 from daqd.publisher import Publisher, PublisherSettings
 from daqd.receiver import ReceiverServer, ReceiverSettings
 
@@ -45,6 +47,8 @@ class Config:
     daemon: DaemonSettings
     receivers: list[ReceiverSettings] = field(default_factory=list)
     publishers: list[PublisherSettings] = field(default_factory=list)
+    # what `daqd check` prints and `daqd serve` logs: settings that work but should be fixed
+    warnings: list[str] = field(default_factory=list)
 
     def receiver(self, name: str) -> ReceiverSettings:
         return next(r for r in self.receivers if r.name == name)
@@ -94,15 +98,29 @@ def _describe(err: Any) -> str:
 
 
 def load_config(path: str | Path) -> Config:
+    """Read, validate and check a configuration file: what `daqd serve` and `daqd check` refuse.
+
+    Besides the settings themselves, this checks what the [daemon] table names on this machine
+    (`check_daemon`): both commands refuse the same files with the same words.
+    """
     p = Path(path)
     try:
         text = p.read_text()
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read: {exc.strerror or exc}") from None
-    return parse_config(text, str(p))
+    config = parse_config(text, str(p), from_file=True)
+    config.warnings.extend(check_daemon(config))
+    return config
 
 
-def parse_config(text: str, path: str = "<config>") -> Config:
+def parse_config(text: str, path: str = "<config>", *, from_file: bool = False) -> Config:
+    """Validate configuration `text`; `path` names it in errors and places relative handler files.
+
+    Settings that load code (a type's `code_settings`) are checked before anything is imported:
+    each file they name must pass `daqd.trust.file_problem`. So must the configuration itself when
+    it was read from a file (`from_file`, as `load_config` does) or when it arrived over the
+    control socket: then it must be the content of the file at `path`, word for word.
+    """
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -119,12 +137,14 @@ def parse_config(text: str, path: str = "<config>") -> Config:
         daemon = DaemonSettings.model_validate(daemon_doc)
     except ValidationError as exc:
         raise ConfigError(f"{path}: [daemon]: {_describe(exc.errors()[0])}") from None
+    _check_daemon_settings(path, daemon)
+    code = _CodeTrust(text, path, from_file)
     receivers = [
-        _entry(path, "receiver", i, e, RECEIVER_GROUP)
+        _entry(path, "receiver", i, e, RECEIVER_GROUP, code)
         for i, e in enumerate(_array(path, doc, "receiver"), 1)
     ]
     publishers = [
-        _entry(path, "publisher", i, e, PUBLISHER_GROUP)
+        _entry(path, "publisher", i, e, PUBLISHER_GROUP, code)
         for i, e in enumerate(_array(path, doc, "publisher"), 1)
     ]
     config = Config(path, text, daemon, receivers, publishers)  # type: ignore[arg-type]
@@ -139,7 +159,117 @@ def _array(path: str, doc: dict[str, Any], table: str) -> list[Any]:
     return entries
 
 
-def _entry(path: str, table: str, index: int, entry: Any, group: str) -> BaseModel:
+def _check_daemon_settings(path: str, d: DaemonSettings) -> None:
+    """[daemon] settings that cannot work together (the control server refuses them too)."""
+    if d.control_tcp and not (d.curve_server_key_file and d.curve_authorized_keys_dir):
+        missing = [
+            k for k in ("curve_server_key_file", "curve_authorized_keys_dir") if not getattr(d, k)
+        ]
+        raise ConfigError(
+            f'{path}: [daemon]: key "control_tcp": {d.control_tcp} needs CURVE keys: set '
+            f"{' and '.join(missing)} (the daemon's secret certificate, and a directory of the "
+            "public certificates of the clients allowed in); the daemon never listens on TCP "
+            "without them"
+        )
+
+
+def check_daemon(config: Config) -> list[str]:
+    """Check what the [daemon] table names on this machine, as `daqd serve` will use it.
+
+    Raises ConfigError for what serve refuses (a control group that does not exist, a runtime
+    directory others could write to, CURVE files that cannot be used); returns warnings for what
+    it accepts but should be fixed (a CURVE secret key others can read).
+    """
+    from daqd import control
+
+    d = config.daemon
+    where = f"{config.path}: [daemon]"
+    warnings: list[str] = []
+    try:
+        if d.control_group is not None:
+            control.group_id(d.control_group)
+    except ControlError as exc:
+        raise ConfigError(f'{where}: key "control_group": {exc}') from None
+    runtime = Path(d.runtime_dir) if d.runtime_dir else control.runtime_dir()
+    problem = trust.dir_problem(runtime) if os.path.lexists(runtime) else None
+    if problem:
+        key = "runtime_dir" if d.runtime_dir else "runtime_dir (not set: the default)"
+        raise ConfigError(f'{where}: key "{key}": {problem}')
+    if d.control_tcp and d.curve_server_key_file and d.curve_authorized_keys_dir:
+        try:
+            *_, notes = control.curve_server_keys(
+                d.curve_server_key_file, d.curve_authorized_keys_dir
+            )
+        except ControlError as exc:
+            raise ConfigError(f'{where}: key "curve_server_key_file": {exc}') from None
+        warnings += [f'{where}: key "curve_server_key_file": {note}' for note in notes]
+    return warnings
+
+
+class _CodeTrust:
+    """Whether one configuration text may name code to load; decided once, when first needed."""
+
+    def __init__(self, text: str, path: str, from_file: bool) -> None:
+        self.text = text
+        self.path = path
+        self.from_file = from_file
+        self._problem: str | None = None
+        self._decided = False
+
+    def problem(self) -> str | None:
+        if not self._decided:
+            self._problem = self._decide()
+            self._decided = True
+        return self._problem
+
+    def _decide(self) -> str | None:
+        over_control = trust.CONTROL_REQUEST.get()
+        if not (self.from_file or over_control):
+            return None  # handed over by Python code, which runs as the daemon's user anyway
+        problem = trust.file_problem(self.path, "configuration file")
+        if problem:
+            return problem
+        if over_control:
+            try:
+                on_disk = Path(self.path).read_text()
+            except (OSError, UnicodeDecodeError) as exc:
+                return f"configuration file {self.path} cannot be read: {exc}"
+            if on_disk != self.text:
+                return (
+                    f"the configuration sent is not the content of {self.path}: text alone may "
+                    "not load code (send the file itself: daqctl reconfigure FILE)"
+                )
+        return None
+
+    def check(self, where: str, key: str, value: Any) -> None:
+        """Refuse `value` of code setting `key` unless the text and every file it names pass."""
+        specs = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+        specs = [s for s in specs if isinstance(s, str) and s]
+        if not specs:
+            return  # nothing to load (or not strings: the settings' validation says so)
+        rule = (
+            f"code runs as the daemon's user {trust.user_name(os.geteuid())}, so it is loaded "
+            f"only from files owned by {trust.trusted_owners()} that nobody else can write, "
+            "in directories nobody else can write"
+        )
+        problem = self.problem()
+        if problem:
+            raise ConfigError(
+                f'{where}: key "{key}": refusing to load code: {problem} ({rule}; the same goes '
+                "for the configuration that names it)"
+            )
+        base = trust.code_base(self.path)
+        for spec in specs:
+            problem = trust.code_problem(spec, base)
+            if problem:
+                raise ConfigError(
+                    f'{where}: key "{key}": refusing to load {spec!r}: {problem} ({rule})'
+                )
+
+
+def _entry(
+    path: str, table: str, index: int, entry: Any, group: str, code: _CodeTrust
+) -> BaseModel:
     where = f"{path}: [[{table}]] #{index}"
     if not isinstance(entry, dict):
         raise ConfigError(f"{where}: must be a table")
@@ -157,6 +287,9 @@ def _entry(path: str, table: str, index: int, entry: Any, group: str) -> BaseMod
         cls = load_type(group, type_name)
     except Exception as exc:
         raise ConfigError(f"{where}: {table} type {type_name!r} cannot be loaded: {exc}") from None
+    # before validation: a validator may import what these settings name
+    for key in getattr(cls.Settings, "code_settings", ()):
+        code.check(where, key, entry.get(key))
     try:
         settings: BaseModel = cls.Settings.model_validate(entry)
     except ValidationError as exc:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
+from daqd import trust
 from daqd.errors import ControlError, ProtocolError
 from daqd.protocols import iccp
 
@@ -27,6 +28,8 @@ if TYPE_CHECKING:  # asyncio costs daqctl ~35 ms of start-up; the server imports
 
     import zmq.asyncio
 
+    from daqd.logs import LimitedLogger
+
 log = logging.getLogger("daqd.control")
 
 Handler = Callable[[str, dict[str, Any]], Awaitable[Any]]
@@ -34,9 +37,15 @@ Handler = Callable[[str, dict[str, Any]], Awaitable[Any]]
 StopHandler = Callable[[], Awaitable[tuple[iccp.Outcome, Sequence[str]]]]
 
 DEFAULT_TIMEOUT_S = 5.0
-# ZeroMQ drops a connection whose frame exceeds this factor of the limit; bodies between the limit
-# and the cut-off are read and answered with ERROR, so a client learns why it was refused.
+# On TCP, ZeroMQ cuts a connection whose frame exceeds this factor of the limit (before CURVE has
+# authenticated anyone, nothing else bounds what a peer makes us buffer); bodies between the limit
+# and the cut-off are read and answered with ERROR, so a client learns why it was refused, and a
+# cut connection is counted ("connections_cut"). The ipc socket has no cut-off: whoever reaches it
+# passed the file's permissions (and may stop the daemon anyway), and every request, of any size,
+# is answered.
 _TRANSPORT_FACTOR = 2
+# Log lines that input can cause are rate-limited per kind, so a flood costs a few lines a minute.
+_LOG_INTERVAL_S = 15.0
 
 
 def runtime_dir() -> Path:
@@ -94,21 +103,98 @@ def _one_line(text: str) -> str:
     return " ".join(text.split()) or "error"
 
 
+def group_id(group: str) -> int:
+    """The gid of `group`; ControlError if there is no such group."""
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ControlError(f"control socket group {group!r} does not exist") from None
+
+
+def check_runtime_dir(path: Path) -> None:
+    """Refuse a runtime directory another user could write to (they could move our sockets away
+    or put theirs in their place): it must belong to the daemon's user, writable by nobody else.
+    The same check for $RUNTIME_DIRECTORY, $XDG_RUNTIME_DIR/daqd and `runtime_dir` in the config."""
+    problem = trust.dir_problem(path)
+    if problem:
+        raise ControlError(f"{problem}; refusing to put control sockets there")
+
+
 def _ensure_private_dir(path: Path, gid: int) -> None:
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
         raise ControlError(f"cannot create runtime directory {path}: {exc.strerror}") from None
-    info = path.stat()
-    if info.st_uid != os.getuid():
-        if not os.environ.get("RUNTIME_DIRECTORY"):
-            raise ControlError(
-                f"runtime directory {path} belongs to another user; refusing to use it"
-            )
-    elif gid >= 0:
+    check_runtime_dir(path)
+    if gid >= 0:
         # Members of the control group must be able to reach the socket inside.
+        try:
+            os.chown(path, -1, gid)
+        except OSError as exc:
+            raise ControlError(
+                f"cannot give runtime directory {path} to group {gid}: {exc.strerror}"
+            ) from None
+        os.chmod(path, stat.S_IMODE(path.stat().st_mode) | 0o010)
+
+
+def secure_ipc_path(path: Path | str, group: str | None) -> None:
+    """Give a socket file the access of the control socket: 0600, or 0660 with group `group`.
+
+    The control socket and the live tap (`daqctl tap`) both use it, so whoever may control the
+    daemon may also watch its data."""
+    if group is None:
+        os.chmod(path, 0o600)
+        return
+    gid = group_id(group)
+    try:
         os.chown(path, -1, gid)
-        os.chmod(path, stat.S_IMODE(info.st_mode) | 0o010)
+    except OSError as exc:
+        raise ControlError(f"cannot give {path} to group {group!r}: {exc.strerror}") from None
+    os.chmod(path, 0o660)
+
+
+def bind_ipc(sock: zmq.Socket[Any], endpoint: str, group: str | None) -> None:
+    """Bind `sock` to `endpoint`; an ipc socket file is private from the moment it exists (umask)
+    and then follows `group` as `secure_ipc_path` says. Other transports are bound as they are."""
+    path = ipc_path(endpoint)
+    if path is None:
+        sock.bind(endpoint)
+        return
+    old = os.umask(0o117 if group is not None else 0o177)
+    try:
+        sock.bind(endpoint)
+    finally:
+        os.umask(old)
+    secure_ipc_path(path, group)
+
+
+def curve_server_keys(
+    secret_key_file: str | os.PathLike[str], clients_dir: str | os.PathLike[str]
+) -> tuple[bytes, bytes, list[str]]:
+    """The server's CURVE (public, secret) keys and warnings about the files; ControlError if they
+    cannot be used. `daqd check` and `daqd serve` both ask this."""
+    import zmq.auth
+
+    secret_file = Path(secret_key_file)
+    clients = Path(clients_dir)
+    try:
+        public, secret = zmq.auth.load_certificate(secret_file)
+    except (OSError, ValueError) as exc:
+        raise ControlError(f"cannot read CURVE certificate {secret_file}: {exc}") from None
+    if not secret:
+        raise ControlError(f"CURVE certificate {secret_file} holds no secret key")
+    if not clients.is_dir():
+        raise ControlError(f"curve_clients_dir {clients} is not a directory")
+    warnings: list[str] = []
+    mode = stat.S_IMODE(secret_file.stat().st_mode)
+    if mode & 0o044:
+        who = "every user" if mode & 0o004 else "its group"
+        warnings.append(
+            f"the CURVE secret key {secret_file} is readable by {who} (mode {mode:04o}): "
+            "whoever reads it can pose as this daemon; make it readable by its owner only "
+            f"(chmod 600 {secret_file})"
+        )
+    return public, secret, warnings
 
 
 class ControlServer:
@@ -116,7 +202,8 @@ class ControlServer:
 
     Each request runs in its own task, so a slow one (a reconfigure, a run stop that drains) does
     not hold up `daqctl status` from another client. Anything malformed gets an ERROR reply and is
-    counted in `counters`; the server keeps serving.
+    counted in `counters`; the server keeps serving. Log lines that clients can cause are
+    rate-limited; what happens per connection is logged at DEBUG.
     """
 
     def __init__(
@@ -134,6 +221,8 @@ class ControlServer:
         on_stop: StopHandler | None = None,
         max_inflight: int = 64,
     ) -> None:
+        from daqd.logs import LimitedLogger
+
         if endpoint is None:
             if name is None:
                 raise ControlError("ControlServer needs a daemon name or an endpoint")
@@ -155,8 +244,12 @@ class ControlServer:
         self.max_inflight = max_inflight
         self.codec = iccp.IccpCodec(max_request_bytes)
         self.max_request_bytes = max_request_bytes
+        self.transport_limit = max(max_request_bytes * _TRANSPORT_FACTOR, max_request_bytes + 4096)
         self.endpoints: list[str] = []
+        # Every message received is answered and counted once: as a request (then as ok, refused,
+        # internal_errors, unknown_codes or busy), or as bad_messages or oversize.
         self.counters: dict[str, int] = {
+            "messages": 0,
             "requests": 0,
             "ok": 0,
             "refused": 0,
@@ -165,9 +258,16 @@ class ControlServer:
             "oversize": 0,
             "unknown_codes": 0,
             "busy": 0,
+            # TCP connections ZeroMQ closed before a whole request arrived (a frame over
+            # transport_limit, or a client gone mid-request): nothing could be answered
+            "connections_cut": 0,
+            "curve_rejected": 0,  # TCP clients whose CURVE key is not among the authorised
+            "handshakes_failed": 0,  # TCP connections closed in the handshake (wrong keys, ...)
         }
+        self.limited: LimitedLogger = LimitedLogger(log, _LOG_INTERVAL_S)
         self._ctx: zmq.asyncio.Context | None = None
         self._sockets: list[zmq.asyncio.Socket] = []
+        self._monitors: dict[zmq.asyncio.Socket, zmq.asyncio.Socket] = {}
         self._readers: list[asyncio.Task[None]] = []
         self._inflight: set[asyncio.Task[None]] = set()
         self._auth: Any = None
@@ -187,26 +287,21 @@ class ControlServer:
             await self.close()
             raise
         for sock in self._sockets:
-            self._readers.append(asyncio.create_task(self._serve(sock), name="control-server"))
+            serve = self._serve(sock, self._monitors.get(sock))
+            self._readers.append(asyncio.create_task(serve, name="control-server"))
         log.info("control socket listening on %s", ", ".join(self.endpoints))
 
-    def _new_router(self) -> zmq.asyncio.Socket:
+    def _new_router(self, limit: int) -> zmq.asyncio.Socket:
         assert self._ctx is not None
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 1000)
-        limit = max(self.max_request_bytes * _TRANSPORT_FACTOR, self.max_request_bytes + 4096)
         sock.setsockopt(zmq.MAXMSGSIZE, limit)
         self._sockets.append(sock)
         return sock
 
     def _bind_ipc_or_other(self) -> None:
         path = ipc_path(self.endpoint)
-        gid = -1
-        if self.group is not None:
-            try:
-                gid = grp.getgrnam(self.group).gr_gid
-            except KeyError:
-                raise ControlError(f"control socket group {self.group!r} does not exist") from None
+        gid = group_id(self.group) if self.group is not None else -1
         if path is not None:
             _ensure_private_dir(path.parent, gid)
             if path.exists() or path.is_symlink():
@@ -218,43 +313,31 @@ class ControlServer:
                     raise ControlError(
                         f"a daemon already answers on {path}; stop it or choose another name"
                     )
-        sock = self._new_router()
-        # The umask makes the file private from the moment it exists; chmod below states it again.
-        old = os.umask(0o117 if gid >= 0 else 0o177)
+        # ipc peers passed the file's permissions: no cut-off (see _TRANSPORT_FACTOR)
+        limit = -1 if self.endpoint.startswith("ipc://") else self.transport_limit
+        sock = self._new_router(limit)
         try:
-            sock.bind(self.endpoint)
+            bind_ipc(sock, self.endpoint, self.group)
         except zmq.ZMQError as exc:
             raise ControlError(f"cannot bind control socket {self.endpoint}: {exc}") from None
-        finally:
-            os.umask(old)
         if path is not None:
             self._ipc_file = path
-            if gid >= 0:
-                os.chown(path, -1, gid)
-                os.chmod(path, 0o660)
-            else:
-                os.chmod(path, 0o600)
+        if limit >= 0:
+            self._monitors[sock] = sock.get_monitor_socket()
         self.endpoints.append(sock.getsockopt_string(zmq.LAST_ENDPOINT))
 
     def _bind_tcp(self) -> None:
-        import zmq.auth
-        from zmq.auth.asyncio import AsyncioAuthenticator
-
         assert self._ctx is not None and self.tcp is not None
-        secret_file = Path(str(self.curve_secret_key_file))
-        clients = Path(str(self.curve_clients_dir))
-        try:
-            public, secret = zmq.auth.load_certificate(secret_file)
-        except (OSError, ValueError) as exc:
-            raise ControlError(f"cannot read CURVE certificate {secret_file}: {exc}") from None
-        if not secret:
-            raise ControlError(f"CURVE certificate {secret_file} holds no secret key")
-        if not clients.is_dir():
-            raise ControlError(f"curve_clients_dir {clients} is not a directory")
-        self._auth = AsyncioAuthenticator(self._ctx)
+        assert self.curve_secret_key_file is not None and self.curve_clients_dir is not None
+        public, secret, warnings = curve_server_keys(
+            self.curve_secret_key_file, self.curve_clients_dir
+        )
+        for warning in warnings:
+            log.warning("control: %s", warning)
+        self._auth = _authenticator(self._ctx, self._curve_rejected)
         self._auth.start()
-        self._auth.configure_curve(domain="*", location=str(clients))
-        sock = self._new_router()
+        self._auth.configure_curve(domain="*", location=str(self.curve_clients_dir))
+        sock = self._new_router(self.transport_limit)
         sock.curve_server = True
         sock.curve_publickey = public
         sock.curve_secretkey = secret
@@ -262,7 +345,18 @@ class ControlServer:
             sock.bind(self.tcp)
         except zmq.ZMQError as exc:
             raise ControlError(f"cannot bind control TCP endpoint {self.tcp}: {exc}") from None
+        self._monitors[sock] = sock.get_monitor_socket()
         self.endpoints.append(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+
+    def _curve_rejected(self, peer: str, reason: str) -> None:
+        self.counters["curve_rejected"] += 1
+        self.limited.warning(
+            "curve_rejected",
+            "control: CURVE client from %s rejected: %s (%d rejected so far)",
+            peer or "an unknown address",
+            reason,
+            self.counters["curve_rejected"],
+        )
 
     async def close(self) -> None:
         """Stop serving; replies already being prepared get up to a second to go out."""
@@ -281,9 +375,15 @@ class ControlServer:
         if self._auth is not None:
             self._auth.stop()
             self._auth = None
+        for sock, monitor in self._monitors.items():
+            with contextlib.suppress(zmq.ZMQError):
+                sock.disable_monitor()
+            monitor.close(linger=0)
+        self._monitors.clear()
         for sock in self._sockets:
             sock.close()
         self._sockets.clear()
+        self.limited.report()
         if self._ctx is not None:
             self._ctx.term()
             self._ctx = None
@@ -291,14 +391,22 @@ class ControlServer:
             self._ipc_file.unlink(missing_ok=True)
             self._ipc_file = None
 
-    async def _serve(self, sock: zmq.asyncio.Socket) -> None:
-        while True:
-            frames = await sock.recv_multipart()
-            try:
-                self._dispatch(sock, frames)
-            except Exception:  # a bug here must not end the control socket
-                log.exception("control: failed to dispatch a message")
-                self.counters["internal_errors"] += 1
+    async def _serve(
+        self, sock: zmq.asyncio.Socket, monitor: zmq.asyncio.Socket | None = None
+    ) -> None:
+        if monitor is None:
+            while True:
+                self._receive(sock, await sock.recv_multipart())
+        await _Connections(self, sock, monitor).run()
+
+    def _receive(self, sock: zmq.asyncio.Socket, frames: list[bytes]) -> None:
+        self.counters["messages"] += 1
+        try:
+            self._dispatch(sock, frames)
+        except Exception as exc:  # a bug here must not end the control socket
+            self.counters["internal_errors"] += 1
+            self.limited.error("internal", "control: failed to dispatch a message: %r", exc)
+            log.debug("control: failed to dispatch a message", exc_info=True)
 
     def _dispatch(self, sock: zmq.asyncio.Socket, frames: list[bytes]) -> None:
         envelope, body = frames[:1], frames[1:]
@@ -309,7 +417,7 @@ class ControlServer:
         except ProtocolError as exc:
             key = "oversize" if "over the limit" in str(exc) else "bad_messages"
             self.counters[key] += 1
-            log.warning("control: %s", exc)
+            self.limited.warning(key, "control: %s", exc)
             self._reply(sock, envelope, iccp.Error(_one_line(str(exc)), "protocol"))
             return
         if isinstance(message, iccp.Request):
@@ -318,6 +426,7 @@ class ControlServer:
                 self.counters["unknown_codes"] += 1
                 known = ", ".join(repr(c) for c in self.codes)
                 text = f"unknown request code {message.code!r}; known codes: {known}"
+                self.limited.warning("unknown_codes", "control: %s", text)
                 self._reply(sock, envelope, iccp.Error(text, "protocol"))
                 return
             self._spawn(sock, envelope, self._run_request(message))
@@ -332,6 +441,7 @@ class ControlServer:
             self.counters["bad_messages"] += 1
             name = type(message).__name__.upper()
             text = f"unexpected {name} on a control socket: send REQUEST or STOP"
+            self.limited.warning("bad_messages", "control: %s", text)
             self._reply(sock, envelope, iccp.Error(text, "protocol"))
 
     def _spawn(
@@ -347,6 +457,7 @@ class ControlServer:
             if asyncio.iscoroutine(work):
                 work.close()
             text = f"busy: {self.max_inflight} requests in progress, try again"
+            self.limited.warning("busy", "control: %s", text)
             self._reply(sock, envelope, iccp.Error(text, "busy"))
             return
 
@@ -358,15 +469,18 @@ class ControlServer:
         task.add_done_callback(self._inflight.discard)
 
     async def _run_request(self, request: iccp.Request) -> iccp.Message:
+        # what this request does (a reconfigure) knows its text came over the control socket
+        trust.CONTROL_REQUEST.set(True)
         try:
             result = await self.handler(request.code, dict(request.args))
         except ControlError as exc:
             self.counters["refused"] += 1
-            log.info("control: %s refused: %s", request.code.strip(), exc)
+            self.limited.info("refused", "control: %s refused: %s", request.code.strip(), exc)
             return iccp.Error(_one_line(str(exc)), "refused")
         except Exception as exc:
             self.counters["internal_errors"] += 1
-            log.exception("control: %s failed", request.code.strip())
+            self.limited.error("internal", "control: %s failed: %r", request.code.strip(), exc)
+            log.debug("control: %s failed", request.code.strip(), exc_info=True)
             return iccp.Error(_one_line(f"internal error: {type(exc).__name__}: {exc}"), "internal")
         self.counters["ok"] += 1
         return iccp.Ok(result)
@@ -394,7 +508,116 @@ class ControlServer:
             sock.send_multipart([*envelope, *frames], flags=zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             if exc.errno != errno.EAGAIN:
-                log.warning("control: reply not sent: %s", exc)
+                self.limited.warning("reply", "control: reply not sent: %s", exc)
+
+
+class _Connections:
+    """Serves a ROUTER that has a transport cut-off, and counts the connections ZeroMQ cut.
+
+    ZeroMQ closes a connection whose frame is over MAXMSGSIZE and tells nobody. Its monitor says
+    when a connection was accepted and when it was closed (by file descriptor), and each message
+    says which descriptor it came from (SRCFD). A connection closed without a whole message, and
+    not for a failed handshake, is counted as cut. Messages are always read before the monitor's
+    events, so a request that arrived just before its connection closed is seen first.
+    """
+
+    def __init__(
+        self, server: ControlServer, sock: zmq.asyncio.Socket, monitor: zmq.asyncio.Socket
+    ) -> None:
+        self.server = server
+        self.sock = sock
+        self.monitor = monitor
+        self.sent: dict[int, bool] = {}  # fd -> a whole message came from it
+        self.failed_handshake = False
+
+    async def run(self) -> None:
+        import zmq.asyncio
+
+        poller = zmq.asyncio.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.monitor, zmq.POLLIN)
+        while True:
+            await poller.poll()
+            await self._read_messages()
+            while True:
+                try:
+                    frames = await self.monitor.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                await self._on_event(frames)
+
+    async def _read_messages(self) -> None:
+        while True:
+            try:
+                frames = await self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            fd = frames[-1].get(zmq.SRCFD)
+            if isinstance(fd, int) and fd in self.sent:
+                self.sent[fd] = True
+            self.server._receive(self.sock, [f.bytes for f in frames])
+
+    async def _on_event(self, frames: list[bytes]) -> None:
+        from zmq.utils.monitor import parse_monitor_message
+
+        event = parse_monitor_message(frames)
+        kind, value = event["event"], event["value"]
+        if kind == zmq.EVENT_ACCEPTED:
+            self.sent[value] = False
+            log.debug("control: connection accepted on %s (fd %d)", event["endpoint"], value)
+        elif kind in (
+            zmq.EVENT_HANDSHAKE_FAILED_AUTH,
+            zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+            zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
+        ):
+            # ZeroMQ reports the failure, then the closing of that same connection
+            self.failed_handshake = True
+            log.debug("control: handshake failed on %s (event %s)", event["endpoint"], kind)
+        elif kind == zmq.EVENT_DISCONNECTED:
+            await self._read_messages()  # whatever that connection delivered before it closed
+            sent = self.sent.pop(value, None)
+            if self.failed_handshake:
+                self.failed_handshake = False
+                self.server.counters["handshakes_failed"] += 1
+            elif sent is False:
+                server = self.server
+                server.counters["connections_cut"] += 1
+                server.limited.warning(
+                    "connections_cut",
+                    "control: a connection to %s closed before a whole request arrived (a frame "
+                    "over the limit of %d bytes, or the client went away): nothing was answered "
+                    "(%d such connections so far)",
+                    event["endpoint"],
+                    server.transport_limit,
+                    server.counters["connections_cut"],
+                )
+            log.debug("control: connection closed on %s (fd %d)", event["endpoint"], value)
+
+
+def _authenticator(ctx: zmq.asyncio.Context, on_reject: Callable[[str, str], None]) -> Any:
+    """pyzmq's asyncio ZAP authenticator, telling `on_reject(peer address, reason)` whom it
+    turned away."""
+    from zmq.auth.asyncio import AsyncioAuthenticator
+
+    class CountingAuthenticator(AsyncioAuthenticator):
+        peer = ""
+
+        async def handle_zap_message(self, msg: list[bytes]) -> None:
+            self.peer = msg[3].decode("utf-8", "replace") if len(msg) > 3 else ""
+            await super().handle_zap_message(msg)
+
+        def _send_zap_reply(
+            self,
+            request_id: bytes,
+            status_code: bytes,
+            status_text: bytes,
+            user_id: str = "anonymous",
+        ) -> None:
+            if status_code != b"200":
+                on_reject(self.peer, status_text.decode("utf-8", "replace"))
+            super()._send_zap_reply(request_id, status_code, status_text, user_id)
+
+    return CountingAuthenticator(ctx)
 
 
 class ControlClient:

@@ -461,8 +461,14 @@ def tap(c: Ctx, name: str, count: int, raw: bool) -> None:
     if names and name not in names:
         fail(f"nothing named {name!r} to tap; known: {', '.join(names)}")
     path = ipc_path(endpoint)
-    if path is not None and not path.exists():
-        fail(f"tap socket {path} does not exist")
+    if path is not None:
+        if not path.exists():
+            fail(f"tap socket {path} does not exist")
+        # ZeroMQ would retry a connection it may not make, silently and for ever: ask first.
+        try:
+            probe_ipc(path)
+        except ControlError as exc:
+            fail(f"cannot tap {name}: {exc}")
     write: Callable[[bytes], Any] = sys.stdout.buffer.write
     seen = 0
     try:

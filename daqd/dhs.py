@@ -72,6 +72,7 @@ from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from daqd import trust
 from daqd.eager import start_eagerly
 from daqd.errors import ConfigError, DaqdError
 from daqd.protocols import dcss as d
@@ -127,7 +128,14 @@ def device(name: str) -> Callable[[type[_DevT]], type[_DevT]]:
 
 
 def load_handler_module(spec: str) -> Any:
-    """Import a handler module by dotted name, or from a file path ending in `.py`."""
+    """Import a handler module by dotted name, or from a file path ending in `.py`.
+
+    Refused (ConfigError) unless every file the import would run passes daqd.trust's owner and
+    mode check: the configuration checked it already, and this holds for any other caller too.
+    """
+    problem = trust.code_problem(spec, Path.cwd())
+    if problem:
+        raise ConfigError(f"refusing to load handler module {spec!r}: {problem}")
     if spec.endswith(".py"):
         path = Path(spec).resolve()
         modname = f"daqd_handlers_{path.stem}_{abs(hash(str(path))):x}"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, JsonValue
 
@@ -30,12 +30,16 @@ from daqd.dhs import (
 from daqd.errors import ProtocolError
 from daqd.protocols import dcss as d
 from daqd.receiver import ReceiverServer, ReceiverSettings, parse_hostport
+from daqd.trust import code_base
 
 # A connection that lasted this long after its handshake resets the reconnect backoff.
 STABLE_S = 10.0
 
 
 class DcssSettings(ReceiverSettings):
+    # settings that name code to import: daqd.config checks who may have written it, first
+    code_settings: ClassVar[tuple[str, ...]] = ("handlers",)
+
     connect: str  # DCSS's hardware port, conventionally host:14242
     dhs_name: str = Field(min_length=1, max_length=79, pattern=r"^\S+$")
     protocol_level: Literal[1, 2] = 2  # as in the DHS's database entry (`localhost 2`)
@@ -73,7 +77,7 @@ class DcssReceiver(ReceiverServer):
         parse_hostport(settings.connect)
         # a relative handler file is found next to the config file (systemd runs us from /)
         config_path = str(getattr(getattr(host, "config", None), "path", "") or "")
-        base = Path(config_path).parent if config_path.endswith(".toml") else Path.cwd()
+        base = code_base(config_path)
         modules = [
             load_handler_module(
                 str(base / spec) if spec.endswith(".py") and not Path(spec).is_absolute() else spec

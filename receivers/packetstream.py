@@ -12,7 +12,7 @@ import importlib
 import inspect
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import Field, field_validator
 
@@ -53,6 +53,9 @@ def load_handler(path: str) -> Callable[[Request], Any]:
 
 
 class PacketStreamSettings(ReceiverSettings):
+    # settings that name code to import: daqd.config checks who may have written it, first
+    code_settings: ClassVar[tuple[str, ...]] = ("handler",)
+
     listen: HostPort
     max_packet_bytes: int = Field(DEFAULT_MAX_PACKET_BYTES, gt=0)
     # async work per connection at once; more requests wait unread (TCP backpressure)

@@ -28,6 +28,8 @@ from daqd.control import (
 from daqd.errors import ControlError
 from daqd.protocols import iccp
 
+from .conftest import wait_for
+
 
 @pytest.fixture
 def rundir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
@@ -180,20 +182,21 @@ async def test_garbage_gets_error_and_is_counted(
     assert (await ask(control_endpoint("t1"), "STAT"))["state"] == "ORBIT"
 
 
-async def test_frames_far_over_the_limit_drop_the_connection_not_the_server(
+async def test_requests_far_over_the_limit_get_error_on_ipc(
     server: tuple[ControlServer, Daemonish],
 ) -> None:
+    # The ipc socket has no transport cut-off: every size is read, refused with ERROR, counted.
     srv, _ = server
-    ctx = zmq.asyncio.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(control_endpoint("t1"))
-    await sock.send_multipart([b"\x00\x02", b"CONF", b"\x00" * (1 << 20)])
+    sizes = [4097, 2 * 4096 + 1, 64 << 10, 4 << 20]
+    for size in sizes:
+        reply = iccp.decode(
+            await raw_exchange(control_endpoint("t1"), [b"\x00\x02", b"CONF", b"\x00" * size])
+        )
+        assert isinstance(reply, iccp.Error) and reply.kind == "protocol"
+        assert f"body of {size} bytes is over the limit of 4096 bytes" in reply.message
+    assert srv.counters["oversize"] == len(sizes)
+    assert srv.counters["messages"] == len(sizes)
     assert (await ask(control_endpoint("t1"), "STAT"))["state"] == "ORBIT"
-    # ZeroMQ cut the frame off at the transport: it never reached the codec, nothing came back.
-    assert await sock.poll(0) == 0
-    assert srv.counters["oversize"] == 0 and srv.counters["bad_messages"] == 0
-    sock.close()
 
 
 async def test_req_clients_with_an_empty_delimiter_are_answered(
@@ -348,3 +351,71 @@ async def test_tcp_with_curve_admits_only_authorised_clients(rundir: Path, tmp_p
             curve_secret_key_file=server_public,
             curve_clients_dir=clients,
         ).start()
+
+
+def curve_dealer(endpoint: str, server_public: Path, client_secret: Path) -> zmq.asyncio.Socket:
+    """A CURVE client that does not reconnect, so that each connection is one attempt."""
+    sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RECONNECT_IVL, -1)
+    sock.curve_serverkey = zmq.auth.load_certificate(server_public)[0]
+    public, secret = zmq.auth.load_certificate(client_secret)
+    assert secret is not None
+    sock.curve_publickey, sock.curve_secretkey = public, secret
+    sock.connect(endpoint)
+    return sock
+
+
+async def test_tcp_cut_connections_and_rejected_curve_clients_are_counted(
+    rundir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    keys, clients, strangers = tmp_path / "keys", tmp_path / "clients", tmp_path / "strangers"
+    for d in (keys, clients, strangers):
+        d.mkdir()
+    server_public, server_secret = zmq.auth.create_certificates(keys, "server")
+    client_public, client_secret = zmq.auth.create_certificates(keys, "client")
+    _, stranger_secret = zmq.auth.create_certificates(strangers, "stranger")
+    shutil.copy(client_public, clients)
+    srv = ControlServer(
+        Daemonish(),
+        name="cut",
+        tcp="tcp://127.0.0.1:0",
+        curve_secret_key_file=server_secret,
+        curve_clients_dir=clients,
+        max_request_bytes=4096,
+    )
+    await srv.start()
+    try:
+        tcp = srv.endpoints[1]
+        # Over the transport cut-off: ZeroMQ closes the connection; each one is counted.
+        for n in range(1, 6):
+            sock = curve_dealer(tcp, server_public, client_secret)
+            await sock.send_multipart([b"\x00\x02", b"CONF", b"\x00" * (srv.transport_limit + n)])
+            await wait_for(lambda n=n: srv.counters["connections_cut"] == n, 30, "a cut counted")
+            assert await sock.poll(0) == 0
+            sock.close()
+        # Between the limit and the cut-off: answered with ERROR.
+        sock = curve_dealer(tcp, server_public, client_secret)
+        await sock.send_multipart([b"\x00\x02", b"CONF", b"\x00" * 5000])
+        reply = iccp.decode(await asyncio.wait_for(sock.recv_multipart(), 10))
+        assert isinstance(reply, iccp.Error) and "over the limit of 4096" in reply.message
+        sock.close()
+        # An unknown key: rejected by ZAP, counted with its address, not counted as a cut.
+        stranger = curve_dealer(tcp, server_public, stranger_secret)
+        await stranger.send_multipart(iccp.encode(iccp.Request("STAT", {})))
+        await wait_for(lambda: srv.counters["handshakes_failed"] >= 1, 30, "the rejection")
+        assert srv.counters["curve_rejected"] == 1
+        assert await stranger.poll(0) == 0
+        stranger.close()
+        status = await ask(
+            tcp, "STAT", server_public_key_file=server_public, client_key_file=client_secret
+        )
+        assert status["state"] == "ORBIT"
+        assert srv.counters["connections_cut"] == 5
+        assert srv.counters["oversize"] == 1 and srv.counters["ok"] == 1
+    finally:
+        await srv.close()
+    rejected = [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()]
+    assert rejected and "CURVE client from 127.0.0.1 rejected" in rejected[0]
+    cut = [r.getMessage() for r in caplog.records if "before a whole request" in r.getMessage()]
+    assert 1 <= len(cut) <= 3  # rate-limited: the first ones, then a summary
