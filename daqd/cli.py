@@ -199,6 +199,13 @@ def _verify_file(file: str) -> NoReturn:
             f"  end: {s.end.get('condition', 'live file')}"
             + (f"; publisher drops in the run: {drops}" if drops else "")
         )
+        before = own.get("previous_parts") if isinstance(own, dict) else None
+        for p in before if isinstance(before, list) else []:
+            if isinstance(p, dict) and isinstance(p.get("content"), dict):
+                counts = {
+                    k: v.get("count") if isinstance(v, dict) else v for k, v in p["content"].items()
+                }
+                click.echo(f"  part before: {p.get('file')} {counts}, ended: {p.get('ended')}")
     click.echo(f"  ends: {s.ending or '?'} (whole items up to byte {s.whole_bytes})")
     for note in s.notes:
         click.echo(f"  note: {note}")

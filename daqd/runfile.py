@@ -223,7 +223,7 @@ def verify(path: str | os.PathLike[str]) -> FileSummary:
             f"no end marker: the file was not closed cleanly; its last whole item ends at byte "
             f"{reader.offset}"
         )
-        s.notes.extend(_next_part_note(Path(path), s.header))
+        s.notes.extend(_next_part_note(Path(path)))
     else:
         s.ending = "end marker"
         s.problems.extend(_compare_with_end(s))
@@ -267,14 +267,13 @@ def _compare_with_end(s: FileSummary) -> list[str]:
 _PART = re.compile(r"\.p(\d+)(?:-\d+)?$")
 
 
-def _next_part_note(path: Path, header: dict[str, Any]) -> list[str]:
+def _next_part_note(path: Path) -> list[str]:
     """If a later part of the same series names this file as its predecessor, say so."""
     stem = path.name.removesuffix(SUFFIX)
     m = _PART.search(stem)
     base = stem[: m.start()] if m else stem
-    part = int(header.get("part", 1)) if isinstance(header.get("part"), int) else 1
     try:
-        candidates = sorted(path.parent.glob(f"{glob_escape(base)}.p{part + 1}*{SUFFIX}"))
+        candidates = sorted(path.parent.glob(f"{glob_escape(base)}.p*{SUFFIX}"))
     except OSError:
         return []
     for cand in candidates:

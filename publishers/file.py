@@ -59,6 +59,12 @@ def _write_all(fd: int, buf: bytes, offset: int) -> tuple[int, OSError | None]:
     return done, None
 
 
+def _summary(part: _Part) -> dict[str, dict[str, int]]:
+    return {
+        src: {"count": c[0], "first_seq": c[1], "last_seq": c[2]} for src, c in part.content.items()
+    }
+
+
 @dataclass
 class _Part:
     """One file of a series: `pos` bytes of whole items are in it (0: not even its header)."""
@@ -91,6 +97,7 @@ class FilePublisher(Publisher):
         self._parts = 0  # parts created in this series
         self._previous = ""  # name of the part before the next one, and why it ended
         self._previous_ended = ""
+        self._ended: list[dict[str, Any]] = []  # the parts of the series that ended on an error
         self._gap: dict[str, int] = {}  # dropped since the last record written, by reason
         self._drops0: dict[str, int] = {}  # counters.drops when the series began
         self._last_sync = time.monotonic()
@@ -103,6 +110,7 @@ class FilePublisher(Publisher):
         self._parts = 0
         self._drops0 = dict(self.counters.drops)
         self._previous = self._previous_ended = ""
+        self._ended = []
         self._gap = {}
 
     def _open_part(self) -> _Part:
@@ -160,7 +168,11 @@ class FilePublisher(Publisher):
     async def _retire(self, part: _Part, why: str) -> None:
         """The part ended on an error: close it; the next write opens the next part."""
         self._part = None
-        self._previous, self._previous_ended = part.path.name, why
+        if part.pos:
+            self._previous, self._previous_ended = part.path.name, why
+            self._ended.append({"file": part.path.name, "content": _summary(part), "ended": why})
+        else:  # a part with nothing in it is removed: its number is free again
+            self._parts -= 1
         if self.settings.fsync != "never" and part.pos:
             await self._sync(part, "the end of a part")
         self._close_fd(part)
@@ -345,11 +357,9 @@ class FilePublisher(Publisher):
             **end,
             "file": {
                 "part": part.number if part is not None else self._parts + 1,
-                "content": {
-                    src: {"count": c[0], "first_seq": c[1], "last_seq": c[2]}
-                    for src, c in (part.content.items() if part is not None else ())
-                },
+                "content": _summary(part) if part is not None else {},
                 "drops": drops,
+                "previous_parts": self._ended,
             },
         }
         if not await self._write([self._packer.pack({"end": mark})], None):

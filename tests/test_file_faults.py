@@ -211,9 +211,23 @@ def test_full_disk_cuts_to_whole_records_counts_drops_and_goes_on_in_a_new_part(
             }
         }
         assert end["accounting"]["publishers"]["disk"]["drops"] == {"write_error": dropped}
+        # ... and lists the parts before it, with what each holds
+        before = end["file"]["previous_parts"]
+        assert [p["file"] for p in before] == [f.name for f in files[:-1]]
+        for p, (records, _, _) in zip(before, contents, strict=False):
+            if records:
+                assert p["content"] == {
+                    "raw": {
+                        "count": len(records),
+                        "first_seq": records[0].seq,
+                        "last_seq": records[-1].seq,
+                    }
+                }
+            assert p["ended"].startswith("write failed: ENOSPC")
         ok = dump("--verify", files[-1])
         assert ok.returncode == 0, ok.stdout
         assert ok.stdout.rstrip().endswith("OK")
+        assert f"part before: {files[0].name} {{'raw': {len(contents[0][0])}}}" in ok.stdout
 
         # the first part ended on the error: no end marker, but whole up to its last record
         first = verify(files[0])
