@@ -197,11 +197,13 @@ def check_daemon(config: Config) -> list[str]:
         raise ConfigError(f'{where}: key "{key}": {problem}')
     if d.control_tcp and d.curve_server_key_file and d.curve_authorized_keys_dir:
         try:
-            *_, notes = control.curve_server_keys(
-                d.curve_server_key_file, d.curve_authorized_keys_dir
-            )
+            *_, notes = control.curve_server_keys(d.curve_server_key_file)
         except ControlError as exc:
             raise ConfigError(f'{where}: key "curve_server_key_file": {exc}') from None
+        try:
+            control.check_curve_clients(d.curve_authorized_keys_dir)
+        except ControlError as exc:
+            raise ConfigError(f'{where}: key "curve_authorized_keys_dir": {exc}') from None
         warnings += [f'{where}: key "curve_server_key_file": {note}' for note in notes]
     return warnings
 

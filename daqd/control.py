@@ -168,23 +168,37 @@ def bind_ipc(sock: zmq.Socket[Any], endpoint: str, group: str | None) -> None:
     secure_ipc_path(path, group)
 
 
+def check_curve_clients(clients_dir: str | os.PathLike[str]) -> None:
+    """Refuse (ControlError) a directory of authorised client keys that others could write to:
+    whoever can add a key there lets themselves in (sshd's StrictModes for authorized_keys)."""
+    clients = Path(clients_dir)
+    if not clients.is_dir():
+        raise ControlError(f"curve_clients_dir {clients} is not a directory")
+    problem = trust.stat_problem(
+        clients, clients.stat(), "the directory of authorised keys", sticky_ok=False
+    )
+    for entry in sorted(clients.iterdir()) if problem is None else []:
+        problem = trust.stat_problem(entry, entry.stat(), "authorised key file")
+        if problem:
+            break
+    if problem:
+        raise ControlError(f"{problem}: others could authorise themselves; refusing to use it")
+
+
 def curve_server_keys(
-    secret_key_file: str | os.PathLike[str], clients_dir: str | os.PathLike[str]
+    secret_key_file: str | os.PathLike[str],
 ) -> tuple[bytes, bytes, list[str]]:
-    """The server's CURVE (public, secret) keys and warnings about the files; ControlError if they
+    """The server's CURVE (public, secret) keys and warnings about the file; ControlError if it
     cannot be used. `daqd check` and `daqd serve` both ask this."""
     import zmq.auth
 
     secret_file = Path(secret_key_file)
-    clients = Path(clients_dir)
     try:
         public, secret = zmq.auth.load_certificate(secret_file)
     except (OSError, ValueError) as exc:
         raise ControlError(f"cannot read CURVE certificate {secret_file}: {exc}") from None
     if not secret:
         raise ControlError(f"CURVE certificate {secret_file} holds no secret key")
-    if not clients.is_dir():
-        raise ControlError(f"curve_clients_dir {clients} is not a directory")
     warnings: list[str] = []
     mode = stat.S_IMODE(secret_file.stat().st_mode)
     if mode & 0o044:
@@ -329,9 +343,8 @@ class ControlServer:
     def _bind_tcp(self) -> None:
         assert self._ctx is not None and self.tcp is not None
         assert self.curve_secret_key_file is not None and self.curve_clients_dir is not None
-        public, secret, warnings = curve_server_keys(
-            self.curve_secret_key_file, self.curve_clients_dir
-        )
+        public, secret, warnings = curve_server_keys(self.curve_secret_key_file)
+        check_curve_clients(self.curve_clients_dir)
         for warning in warnings:
             log.warning("control: %s", warning)
         self._auth = _authenticator(self._ctx, self._curve_rejected)

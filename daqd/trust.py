@@ -44,16 +44,19 @@ def _writable_by_others(mode: int) -> str:
     return "group-writable" if mode & 0o020 else "world-writable"
 
 
-def stat_problem(path: Path | str, info: os.stat_result, what: str) -> str | None:
+def stat_problem(
+    path: Path | str, info: os.stat_result, what: str, *, sticky_ok: bool = True
+) -> str | None:
     """Why `path` (with `info` from stat) is not to be trusted, or None.
 
     Owned by root or by us, and writable by nobody else; a sticky directory may be writable by
-    others (they cannot rename or remove what they do not own in it).
+    others (they cannot rename or remove what they do not own in it) unless not `sticky_ok`
+    (for a directory where a file someone else adds would count).
     """
     if info.st_uid not in (0, os.geteuid()):
         return f"{what} {path} is owned by {user_name(info.st_uid)}, not by {trusted_owners()}"
     mode = stat.S_IMODE(info.st_mode)
-    if mode & 0o022 and not (stat.S_ISDIR(info.st_mode) and mode & stat.S_ISVTX):
+    if mode & 0o022 and not (sticky_ok and stat.S_ISDIR(info.st_mode) and mode & stat.S_ISVTX):
         return f"{what} {path} is {_writable_by_others(mode)} (mode {mode:04o})"
     return None
 

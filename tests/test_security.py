@@ -292,6 +292,15 @@ def test_curve_secret_readable_by_others_warns_and_rejected_clients_are_counted(
     os.chmod(server_secret, 0o600)
     result = run(DAQD, "check", str(d.config_path), env=d.env)
     assert result.returncode == 0 and "warning" not in result.stdout, result.stdout
+    # whoever may add a key to the authorised ones lets themselves in: refused, sticky or not
+    clients = workdir / "clients"
+    for mode in (0o775, 0o1777):
+        os.chmod(clients, mode)
+        line = one_line_error(run(DAQD, "check", str(d.config_path), env=d.env), code=2)
+        assert (
+            f'key "curve_authorized_keys_dir": the directory of authorised keys {clients}' in line
+        )
+        assert f"(mode {mode:04o}): others could authorise themselves" in line
 
 
 # ----- code is loaded only from files nobody else can write ----------------------------------
