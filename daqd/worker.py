@@ -85,6 +85,7 @@ class WorkerReceiver(ReceiverServer):
         # worker.<reason> counts of the workers before the current one: a new worker counts from 0
         self._worker_base: dict[tuple[str, str], int] = {}
         self._closed = asyncio.Event()  # the current worker is gone and its records accounted
+        self._exited: asyncio.Future[int] | None = None  # the current worker's exit code
 
     def worker_argv(self, controller: str) -> list[str]:
         """The command that runs the worker; a test may replace it."""
@@ -126,6 +127,8 @@ class WorkerReceiver(ReceiverServer):
         self.proc = await asyncio.create_subprocess_exec(
             *self.worker_argv(controller), stdin=asyncio.subprocess.DEVNULL
         )
+        # one waiter per worker for every request to race (a waiter per request would pile up)
+        self._exited = asyncio.ensure_future(self.proc.wait())
         self.outcome = ""
         try:
             async with self._lock:  # no request reaches the worker before its CONF
@@ -166,17 +169,13 @@ class WorkerReceiver(ReceiverServer):
         """Await `what`, but not past `timeout_s` (TimeoutError) nor past the worker's death
         (ControlError): a dead worker answers nothing."""
         task = asyncio.ensure_future(what)
-        tasks: set[asyncio.Future[Any]] = {task}
-        exited: asyncio.Future[int] | None = None
-        if self.proc is not None:
-            exited = asyncio.ensure_future(self.proc.wait())
-            tasks.add(exited)
+        exited = self._exited
+        waits: set[asyncio.Future[Any]] = {task} if exited is None else {task, exited}
         try:
-            await asyncio.wait(tasks, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for t in tasks:
-                if not t.done():
-                    t.cancel()
+            if not task.done():
+                task.cancel()
         if task.done() and not task.cancelled():
             return task.result()
         if exited is not None and exited.done() and not exited.cancelled():
