@@ -13,6 +13,7 @@ import asyncio
 import itertools
 import operator
 import time
+from collections import deque
 from typing import Any
 
 import msgpack
@@ -129,7 +130,6 @@ class CdtpPublisher(Publisher):
         self._monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         self._monitor_task = asyncio.create_task(self._watch_peers(), name=f"{self.name}.peers")
         self._peers = 0
-        self._lock = asyncio.Lock()
         self._run: RunInfo | None = None
         self._state = "idle"  # idle, running, no_receiver, aborted
         self._flags = RunCondition.GOOD
@@ -140,7 +140,9 @@ class CdtpPublisher(Publisher):
         self._size = 0
         self._last_flush = time.monotonic()
         self._flusher: asyncio.Task[None] | None = None
-        self._sending: asyncio.Task[None] | None = None  # a DATA message waiting for room
+        # DATA messages waiting for room in the socket, in order: (frame, records, payload)
+        self._outbox: deque[tuple[Block, int, int]] = deque()
+        self._outbox_task: asyncio.Task[None] | None = None  # sends them, one at a time
         self._bor_task: asyncio.Task[None] | None = None  # a BOR waiting for a receiver
         self._closed = False
         self._threshold = s.payload_threshold_kib * 1024
@@ -250,7 +252,7 @@ class CdtpPublisher(Publisher):
             self._bor_task = None
 
     async def _stop_flush_timer(self) -> None:
-        """Stop the flush timer; a flush it started runs to its end (see _flush)."""
+        """Stop the flush timer (its flushes never wait: see _emit)."""
         task, self._flusher = self._flusher, None
         if task is not None:
             task.cancel()
@@ -261,8 +263,8 @@ class CdtpPublisher(Publisher):
         the run's begin), then send what is pending; what cannot leave is counted as dropped."""
         await self._bor_settled()
         await self._stop_flush_timer()
-        if self._state == "running":
-            await self._flush()
+        self._emit()
+        await self._outbox_sent()
         if self._count:  # not in a run that can take them (aborted): never delivered
             self.counters.drop(self._state, self._count)
             self._discard()
@@ -272,6 +274,7 @@ class CdtpPublisher(Publisher):
         the run DEGRADED) if no receiver takes it within eor_timeout_s."""
         await self._bor_settled()
         await self._stop_flush_timer()
+        await self._outbox_sent()
         state = self._state
         self._run = None
         if state in ("running", "aborted"):
@@ -322,20 +325,23 @@ class CdtpPublisher(Publisher):
 
     # ----- records ---------------------------------------------------------------------------
     async def send(self, records: list[Record]) -> None:
-        i, n = 0, len(records)
+        """Take the batch into DATA messages. It waits only before taking any record of it
+        (for the BOR, for messages still waiting for room), so a send() cut short at shutdown
+        holds none of its batch; from then on each record is this publisher's to count."""
         if self._bor_task is not None:  # records wait here (and in the queue) for the BOR
             await self._bor_settled()
+        if self._outbox:  # the receiver is slow: the batch waits here, and in the queue
+            await self._outbox_sent()
+        i, n = 0, len(records)
         while True:
             if self._state != "running":
                 if i < n:
                     reason = "outside_run" if self._state == "idle" else self._state
                     self.counters.drop(reason, n - i)
-                    self.progress = n
                 return
             i = self._take(records, i)
-            self.progress = i  # taken into a message: delivered or dropped by this publisher
             if i < n or (self._count and self._payload >= self._threshold):
-                await self._flush()
+                self._emit()
             else:
                 return
 
@@ -493,36 +499,28 @@ class CdtpPublisher(Publisher):
         parts[0] = memoryview(run)[lead:]
         return b"".join((header, *parts))
 
-    async def _flush(self) -> None:
-        """Send the pending records as one DATA message (never an empty one).
-
-        Once it has taken the pending records, a flush is never cut short: where the socket has
-        no room, the send waits in a task of its own, shielded from the caller's cancellation
-        (end of run, close, a queue cut off at shutdown), and holds the lock until the message
-        is sent or its records are counted as dropped. close() waits for it.
-        """
-        lock = self._lock
-        await lock.acquire()  # never waits when no flush is under way
-        handed = False
-        try:
-            if not self._count or self._state != "running":
-                return
-            count, payload = self._count, self._payload
-            frame = self._frame()
-            self._discard()
-            self._last_flush = time.monotonic()
+    def _emit(self) -> None:
+        """The pending records as one DATA message (never an empty one): sent at once if the
+        socket has room and no message waits before it, else put in the outbox, which a task
+        sends in order as room comes. Never waits."""
+        if not self._count or self._state != "running":
+            return
+        count, payload = self._count, self._payload
+        frame = self._frame()
+        self._discard()
+        self._last_flush = time.monotonic()
+        outbox = self._outbox
+        if not outbox:
             try:
                 self._sync.send(frame, zmq.NOBLOCK, copy=True)
             except zmq.Again:
-                task = asyncio.create_task(self._send_waiting(frame, count, payload))
-                self._sending = task
-                handed = True  # the task releases the lock
-                await asyncio.shield(task)
+                pass
+            else:
+                self._sent(count, payload)
                 return
-            self._sent(count, payload)
-        finally:
-            if not handed:
-                lock.release()
+        outbox.append((frame, count, payload))
+        if self._outbox_task is None:
+            self._outbox_task = asyncio.create_task(self._send_outbox(), name=f"{self.name}.out")
 
     def _sent(self, count: int, payload: int) -> None:
         """A DATA message left (libzmq took it): its records are delivered."""
@@ -530,40 +528,65 @@ class CdtpPublisher(Publisher):
         self.counters.extra["messages"] += 1
         self.counters.extra["seq"] = self._seq
 
-    async def _send_waiting(self, frame: Block, count: int, payload: int) -> None:
-        """Send a DATA message once the socket has room; after data_timeout_s the run aborts."""
+    async def _outbox_sent(self) -> None:
+        """Return once every DATA message in the outbox left, or was counted as dropped."""
+        task = self._outbox_task
+        if task is not None:
+            await asyncio.shield(task)
+
+    def _drop_outbox(self, reason: str) -> int:
+        count = sum(c for _, c, _ in self._outbox)
+        self._outbox.clear()
+        if count:
+            self.counters.drop(reason, count)
+        return count
+
+    async def _send_outbox(self) -> None:
+        """Send the waiting DATA messages in order; one that waits for data_timeout_s aborts
+        the run. Cancelled (close, at the shutdown deadline): what waits is counted as dropped."""
+        outbox = self._outbox
         try:
-            try:
-                await asyncio.wait_for(
-                    self.sock.send(frame, copy=True), self.settings.data_timeout_s
-                )
-            except TimeoutError:
-                pass
-            else:
+            while outbox:
+                frame, count, payload = outbox[0]
+                try:
+                    await asyncio.wait_for(
+                        self.sock.send(frame, copy=True), self.settings.data_timeout_s
+                    )
+                except TimeoutError:
+                    self._abort()
+                    return
+                outbox.popleft()
                 self._sent(count, payload)
-                return
-            self._flags |= RunCondition.ABORTED | RunCondition.TAINTED
-            self._set_state("aborted")
-            self.counters.error("data_timeout")
-            self.counters.drop("aborted", count)
-            run_id = self._run.run_id if self._run else "?"
-            self.log.error(
-                "%s: run %s ABORTED: the CDTP receiver took nothing for data_timeout_s=%s; "
-                "%d pending records and the rest of the run are dropped (drops 'aborted')",
-                self.name,
-                run_id,
-                self.settings.data_timeout_s,
-                count,
-            )
+        except asyncio.CancelledError:
+            deadline = self.host.deadline
+            self._drop_outbox(deadline.reason if deadline else "shutdown")
+            raise
         finally:
-            self._lock.release()
+            self._outbox_task = None
+
+    def _abort(self) -> None:
+        """The receiver took nothing for data_timeout_s: the run is ABORTED, what waits and the
+        rest of the run are dropped."""
+        self._flags |= RunCondition.ABORTED | RunCondition.TAINTED
+        self._set_state("aborted")
+        self.counters.error("data_timeout")
+        count = self._drop_outbox("aborted")
+        run_id = self._run.run_id if self._run else "?"
+        self.log.error(
+            "%s: run %s ABORTED: the CDTP receiver took nothing for data_timeout_s=%s; "
+            "%d waiting records and the rest of the run are dropped (drops 'aborted')",
+            self.name,
+            run_id,
+            self.settings.data_timeout_s,
+            count,
+        )
 
     async def _flush_timer(self) -> None:
         interval = self.settings.flush_interval_s
         while True:
             await asyncio.sleep(interval)
             if self._count and time.monotonic() - self._last_flush >= interval:
-                await self._flush()
+                self._emit()
 
     async def _send_frame(self, frame: bytes, timeout_s: float) -> bool:
         """Send without waiting if the socket has room; else wait up to timeout_s. False: timed out."""
@@ -589,9 +612,18 @@ class CdtpPublisher(Publisher):
             if self._state == "waiting":
                 self._set_state("no_receiver")
         await self._stop_flush_timer()
-        # a flush under way ends first; what is still pending leaves as one last DATA message
-        # (or, if the receiver takes nothing for data_timeout_s, is counted as dropped)
-        await self._flush()
+        # what is pending leaves as one last DATA message, after those waiting for room (or,
+        # if the receiver takes nothing for data_timeout_s, is counted as dropped); at shutdown
+        # only within what is left of the daemon's deadline
+        self._emit()
+        task = self._outbox_task
+        if task is not None:
+            deadline = self.host.deadline
+            if deadline is None:  # reconfigure: no shutdown deadline
+                await asyncio.shield(task)
+            elif not (await deadline.wait(asyncio.shield(task)))[0]:
+                task.cancel()  # what waits is counted as dropped under deadline.reason
+                await asyncio.gather(task, return_exceptions=True)
         if self._count:  # not in a run that can take them (aborted, no receiver)
             self.counters.drop("shutdown", self._count)
             self._discard()
@@ -599,5 +631,10 @@ class CdtpPublisher(Publisher):
         await asyncio.gather(self._monitor_task, return_exceptions=True)
         self.sock.disable_monitor()
         self._monitor.close(linger=0)
-        # what is queued in the socket (the last DATA, the EOR) still leaves, within eor_timeout_s
-        self.sock.close(linger=int(self.settings.eor_timeout_s * 1000))
+        # what is queued in the socket (the last DATA, the EOR) still leaves, within
+        # eor_timeout_s (at shutdown, within what is left of the deadline)
+        linger_s = self.settings.eor_timeout_s
+        deadline = self.host.deadline
+        if deadline is not None:
+            linger_s = min(linger_s, deadline.remaining())
+        self.sock.close(linger=int(linger_s * 1000))

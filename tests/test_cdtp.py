@@ -580,7 +580,7 @@ async def test_close_finishes_a_flush_that_waits_for_a_slow_receiver() -> None:
         bor = cdtp.decode([await asyncio.wait_for(pull.recv(), 30)])
         assert isinstance(bor, cdtp.BeginOfRun)
         # the receiver reads nothing more: feed 1 MiB at a time until a flush by the timer has
-        # taken the pending records and waits for room in the socket
+        # made a DATA message that waits for room in the socket
         queue = host.queues["tx"]
         block = bytes(65536)
         fed = 0
@@ -590,11 +590,11 @@ async def test_close_finishes_a_flush_that_waits_for_a_slow_receiver() -> None:
                 queue.put_nowait(Record("src", fed, 0, {}, [block]))
             await queue.drained()
             await wait_for(lambda: tx._count == 0, what="the timer to flush")
-            if tx._lock.locked():
+            if tx._outbox:
                 break
-        assert tx._lock.locked(), "the socket never filled up"
+        assert tx._outbox, "the socket never filled up"
         closing = asyncio.create_task(tx.close())
-        await asyncio.sleep(0)  # close() starts while that flush still waits
+        await asyncio.sleep(0)  # close() starts while that message still waits
         last = 0
         async with asyncio.timeout(60):
             while last < fed:

@@ -24,6 +24,7 @@ from publishers.cdtp import CdtpPublisher
 from receivers.cdtp import CdtpReceiver
 
 from .conftest import wait_for, wait_until
+from .test_accounting import accounting_lines
 from .test_cdtp import DAQD, ended, receiver_toml, start_host, tx_toml
 
 
@@ -62,6 +63,7 @@ class Push:
 
 SIM_N = ["--records", "1000", "--size", "256"]
 BOR_S = 6.0
+SIM_64K = ["--records", "300", "--size", "65536"]
 
 
 # ----- the transmitter --------------------------------------------------------------------------
@@ -490,3 +492,67 @@ def test_fuzzing_the_pull_socket_counts_every_bad_input_and_logs_little(
     lines = [line for line in d.log().splitlines() if "daqd.receiver.rx" in line]
     print(f"{len(lines)} log lines from the receiver:", *lines, sep="\n")
     assert len(lines) <= 20, "\n".join(lines)
+
+
+def test_sigterm_with_a_stalled_receiver_ends_within_the_deadline_and_accounts_exactly(
+    daemon: Callable[..., Any],
+) -> None:
+    """The receiver took the BOR, then stopped reading: at SIGTERM the transmitter gives up
+    within drain_timeout_s (not data_timeout_s), and every record is delivered or counted."""
+    sim = subprocess.Popen(
+        [
+            DAQD,
+            "sim",
+            "cdtp",
+            "--bind",
+            "tcp://127.0.0.1:0",
+            "--wait",
+            "--name",
+            "Sim.st",
+            *SIM_64K,
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    pull.setsockopt(zmq.RCVHWM, 1)
+    pull.setsockopt(zmq.RCVBUF, 65536)
+    pull.setsockopt(zmq.LINGER, 0)
+    try:
+        assert sim.stdout is not None and sim.stdin is not None
+        endpoint = json.loads(sim.stdout.readline())["endpoint"]
+        d = daemon(
+            '[daemon]\nname = "t"\ndrain_timeout_s = 2\n'
+            + receiver_toml("rx", [endpoint], ["tx"])
+            + tx_toml("tx", "sndhwm = 1\ndata_timeout_s = 60\neor_timeout_s = 60")
+        )
+        pull.connect(d.status()["publishers"]["tx"]["addresses"]["endpoint"])
+        wait_until(
+            lambda: d.status()["publishers"]["tx"]["extra"]["receivers_connected"] == 1,
+            what="the receiver to connect",
+        )
+        assert d.ctl("start", "stalled").returncode == 0
+        assert pull.poll(30_000), "no BOR"
+        assert isinstance(cdtp.decode([pull.recv()]), cdtp.BeginOfRun)
+        sim.stdin.write("go\n")
+        sim.stdin.flush()
+        wait_until(lambda: d.status()["receivers"]["rx"]["records"] == 300, what="300 records")
+        tx = d.status()["publishers"]["tx"]
+        assert tx["records"] < 300  # the receiver stalled: most of the run is still here
+        began = time.monotonic()
+        code = d.stop()
+        took = time.monotonic() - began
+    finally:
+        sim.kill()
+        sim.wait()
+        pull.close()
+        ctx.term()
+    assert code == 0
+    assert took < 2 + 10, took  # data_timeout_s (60) and eor_timeout_s (60) did not hold it
+    counts = accounting_lines(d.log())["tx"]
+    print(f"stop took {took:.2f} s; tx: {counts}")
+    assert counts["offered"] == 300
+    assert counts["delivered"] + sum(counts["drops"].values()) == 300, counts
+    assert counts["drops"], counts
