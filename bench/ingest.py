@@ -1,19 +1,25 @@
-"""Ingest benchmark: UDP datagrams through daqd's `udp` receiver -> `zmq` publisher -> a SUB counter,
-against a bare uvloop datagram counter measured in the same run.
+"""Ingest benchmark: UDP datagrams through daqd's `udp` receiver -> `zmq` publisher -> a SUB
+counter, against a bare uvloop datagram counter measured in the same run.
 
 For each datagram size, a sender process offers rising paced rates for one second each; a rate is
-lossless when every datagram arrived in one of two trials (the same rule for both sides). Both
+lossless when every datagram arrived in one of two trials (the same rule for every side). The
 sides take the ladder in turns, rate by rate, so that changes in the machine's other load fall on
-both alike. The ladder goes on rising (x1.12 a step above 250k/s) until the side loses, so that
-the baseline's own limit is measured, not the top of a ladder; if the sender cannot keep the pace
+all alike. The ladder goes on rising (x1.12 a step above 250k/s) until the side loses, so that the
+baseline's own limit is measured, not the top of a ladder; if the sender cannot keep the pace
 first, the output says that the sender is the limit. The sender hands the kernel up to 32
-datagrams per sendmmsg(2) call (Linux), so that it outruns the bare counter. We print the highest lossless rate of each side, their ratio,
-and the CPU per datagram of each side over the rates both passed, with its ratio: the rate ratio
-moves with the machine (how the sender, daqd and the SUB counter share its cores), the CPU ratio
-much less. For daqd we check that every datagram lost at the first lossy rate is explained by a
-counter (kernel drops, queue drops, high-water-mark drops).
+datagrams per sendmmsg(2) call (Linux), so that it outruns the bare counter.
 
-    .venv/bin/python bench/ingest.py [--quick] [--json FILE]
+We print the highest lossless rate of each side and their ratio, and the CPU per datagram of each
+side over the rates all sides passed, with its ratio: the rate ratio moves with the machine (how
+the sender, daqd and the SUB counter share its cores, and what else runs), the CPU ratio less.
+For daqd we check that every datagram lost at the first lossy rate is explained by a counter
+(kernel drops, queue drops, high-water-mark drops).
+
+With `--other-tree DIR`, a second `daqd serve` importing daqd from another checkout (DIR, e.g. a
+`git worktree` of an older commit) takes the ladder as a third side, in turns with the other two:
+a before/after comparison measured rate by rate, seconds apart.
+
+    .venv/bin/python bench/ingest.py [--quick] [--json FILE] [--other-tree DIR]
 """
 
 from __future__ import annotations
@@ -334,16 +340,44 @@ sndhwm = 100000
 """
 
 
+def daqd_env(tree: str | None) -> dict[str, str]:
+    """The environment of a `daqd serve` child: ours, or importing daqd from the tree `tree`
+    (PYTHONPATH comes before the venv's own, editable, install)."""
+    if tree is None:
+        return dict(os.environ)
+    return {**os.environ, "PYTHONPATH": tree}
+
+
+def daqd_source(env: dict[str, str]) -> str:
+    """Where `daqd serve` with `env` imports daqd, receivers and publishers from (one folder, or
+    the three paths if they differ): a python with `env` whose sys.path starts, as the script's
+    does, with no source tree (-P: not the current folder)."""
+    code = (
+        "import daqd, receivers as r, publishers as p; print(daqd.__file__, r.__file__, p.__file__)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-P", "-c", code],
+        env=env,
+        cwd="/",
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    roots = {str(Path(f).parent.parent) for f in out.stdout.split()}
+    return roots.pop() if len(roots) == 1 else out.stdout.strip()
+
+
 @contextlib.contextmanager
-def daqd_side() -> Iterator[tuple[Side, Callable[[], dict[str, int]]]]:
-    """`daqd serve` with a SUB counter on its publisher, as a Side (parts: the ZeroMQ I/O
-    thread, the SUB counter), and a function returning the accounting of what it lost."""
+def daqd_side(tree: str | None = None) -> Iterator[tuple[Side, Callable[[], dict[str, int]]]]:
+    """`daqd serve` (from the source tree `tree` if given) with a SUB counter on its publisher,
+    as a Side (parts: the ZeroMQ I/O thread, the SUB counter), and a function returning the
+    accounting of what it lost."""
     from daqd.control import ControlClient
 
     work = Path(tempfile.mkdtemp(prefix="bi"))
     cfg = work / "bench.toml"
     cfg.write_text(CONFIG.format(rcvbuf=RCVBUF))
-    env = {**os.environ, "RUNTIME_DIRECTORY": str(work)}
+    env = {**daqd_env(tree), "RUNTIME_DIRECTORY": str(work)}
     daqd = Path(sys.executable).parent / "daqd"
     proc = subprocess.Popen([str(daqd), "serve", str(cfg), "--log-level", "WARNING"], env=env)
     client = None
@@ -428,64 +462,95 @@ def daqd_side() -> Iterator[tuple[Side, Callable[[], dict[str, int]]]]:
 
 
 # ----- main -----------------------------------------------------------------------------------
-def measure(size: int, quick: bool) -> dict[str, Any]:
-    """Both ladders at `size`, printed; returns the figures."""
-    with bare_side() as bare, daqd_side() as (ours, accounting):
-        climb([bare, ours], size, quick)
-        acct = accounting() if ours.ended == "loss" else {}
-    both = sorted(set(bare.steps) & set(ours.steps))
-    bare_us, our_us = bare.cpu_us(both), ours.cpu_us(both)
-    rate_ratio = ours.best / bare.best if bare.best else float("nan")
-    cpu_ratio = bare_us["all"] / our_us["all"] if our_us["all"] else float("nan")
-    span = f"{both[0] // 1000}k-{both[-1] // 1000}k/s" if both else "none"
-    print(f"  {size:>5} B: bare uvloop counter {bare.limit()}")
-    print(f"           daqd udp->zmq->SUB {ours.limit()}")
-    print(f"           rate ratio {rate_ratio:.2f} (daqd / bare)")
+def report(label: str, side: Side, bare: Side, rates: list[int], acct: dict[str, int]) -> None:
+    bare_us, us = bare.cpu_us(rates), side.cpu_us(rates)
+    print(f"           {label} udp->zmq->SUB {side.limit()}")
     print(
-        f"           CPU ratio  {cpu_ratio:.2f} (bare / daqd, CPU per datagram over the "
-        f"{len(both)} rates both passed, {span}): bare {bare_us['all']:.2f} us, daqd "
-        f"{our_us['all']:.2f} us ({our_us['all'] - our_us['zmq_io']:.2f} event loop + "
-        f"{our_us['zmq_io']:.2f} ZeroMQ I/O thread; the SUB counter {our_us['sub']:.2f} more)"
+        f"             rate ratio {side.best / bare.best if bare.best else float('nan'):.2f}"
+        f" | CPU ratio {bare_us['all'] / us['all'] if us['all'] else float('nan'):.2f}"
+        f" (bare {bare_us['all']:.2f} us / daqd {us['all']:.2f} us: "
+        f"{us['all'] - us['zmq_io']:.2f} event loop + {us['zmq_io']:.2f} ZeroMQ I/O thread; "
+        f"the SUB counter {us['sub']:.2f} more)"
     )
     if acct:
-        print(f"           first lossy step, daqd accounting: {acct}")
+        print(f"             first lossy step, daqd accounting: {acct}")
     else:
-        print("           daqd lost nothing at any offered rate")
+        print("             daqd lost nothing at any offered rate")
+
+
+def measure(size: int, quick: bool, other: str | None) -> dict[str, Any]:
+    """The ladders at `size` (bare, daqd, and daqd from the tree `other` if given), printed;
+    returns the figures."""
+    with contextlib.ExitStack() as stack:
+        bare = stack.enter_context(bare_side())
+        daqds = [stack.enter_context(daqd_side())]
+        if other is not None:
+            daqds.append(stack.enter_context(daqd_side(other)))
+        sides = [bare, *(side for side, _ in daqds)]
+        climb(sides, size, quick)
+        accts = [accounting() if side.ended == "loss" else {} for side, accounting in daqds]
+    rates = sorted(set.intersection(*(set(side.steps) for side in sides)))
+    span = f"{rates[0] // 1000}k-{rates[-1] // 1000}k/s" if rates else "none"
+    print(f"  {size:>5} B: bare uvloop counter {bare.limit()}")
+    print(
+        f"           (ratios: daqd / bare for rates, bare / daqd for CPU per datagram over the "
+        f"{len(rates)} rates all sides passed, {span})"
+    )
+    labels = ["daqd", "other daqd"]
+    for label, (side, _), acct in zip(labels, daqds, accts, strict=False):
+        report(label, side, bare, rates, acct)
     if bare.ended == "sender":
         print(
             "           NOTE: the sender, not the baseline, ended the baseline's ladder: "
-            "the rate ratio is an upper bound; the CPU ratio stands"
+            "the rate ratios are upper bounds; the CPU ratios stand"
         )
-    return {
-        "bare": bare.figures(),
-        "daqd": ours.figures(),
-        "rate_ratio": rate_ratio,
-        "cpu_ratio": cpu_ratio,
-        "common_rates": both,
-        "bare_cpu_us": bare_us,
-        "daqd_cpu_us": our_us,
-        "accounting": acct,
-    }
+    figures: dict[str, Any] = {"rates": rates, "bare": bare.figures()}
+    for key, (side, _), acct in zip(("daqd", "other"), daqds, accts, strict=False):
+        figures[key] = {
+            **side.figures(),
+            "rate_ratio": side.best / bare.best if bare.best else None,
+            "cpu_us": side.cpu_us(rates),
+            "cpu_ratio": bare.cpu_us(rates)["all"] / max(side.cpu_us(rates)["all"], 1e-9),
+            "accounting": acct,
+        }
+    figures["bare"]["cpu_us"] = bare.cpu_us(rates)
+    if other is not None:
+        ours, theirs = figures["daqd"]["cpu_us"]["all"], figures["other"]["cpu_us"]["all"]
+        rate = daqds[0][0].best / max(daqds[1][0].best, 1)
+        print(
+            f"           daqd vs other daqd: CPU per datagram {ours:.2f} / {theirs:.2f} us = "
+            f"{ours / theirs:.3f} ({(ours / theirs - 1) * 100:+.1f}%), "
+            f"highest lossless rate {rate:.2f}"
+        )
+    return figures
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="four low rates only (a smoke run)")
     ap.add_argument("--json", metavar="FILE", help="also write the figures to FILE as JSON")
+    ap.add_argument(
+        "--other-tree",
+        metavar="DIR",
+        help="also run `daqd serve` importing daqd from the source tree DIR (PYTHONPATH=DIR), "
+        "as a third side in turns with the others: a before/after comparison, rate by rate",
+    )
     args = ap.parse_args()
-    import daqd
-
+    other = str(Path(args.other_tree).resolve()) if args.other_tree else None
     started = time.monotonic()
+    sources = {"daqd": daqd_source(daqd_env(None))}
+    if other is not None:
+        sources["other daqd"] = daqd_source(daqd_env(other))
     print(
         f"ingest: highest lossless datagram rate, {STEP_S:g} s per step, {TRIES} trials, "
-        f"8 MiB SO_RCVBUF, both sides in turns at each rate; daqd from "
-        f"{Path(daqd.__file__).parent}"
+        f"8 MiB SO_RCVBUF, all sides in turns at each rate; "
+        + "; ".join(f"{k} from {v}" for k, v in sources.items())
     )
     figures: dict[str, Any] = {
-        "daqd": str(Path(daqd.__file__).parent),
+        "sources": sources,
         "load_start": os.getloadavg()[0],
         "cpus": os.cpu_count(),
-        "sizes": {str(size): measure(size, args.quick) for size in (64, 1400)},
+        "sizes": {str(size): measure(size, args.quick, other) for size in (64, 1400)},
     }
     figures["wall_s"] = time.monotonic() - started
     figures["load_end"] = os.getloadavg()[0]
