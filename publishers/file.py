@@ -1,7 +1,8 @@
 """The `file` publisher: one run file per run, a live file outside runs, fsync by policy.
 
-Delivered means written: each batch is packed into one buffer and handed to the kernel with
-os.write on the file's descriptor (no user-space buffer that could hide an error). A write that
+Delivered means written: each batch is packed and handed to the kernel with os.pwrite on the
+file's descriptor, in one piece (up to 4 MiB; larger batches in pieces of that size), looping on
+short writes: no user-space buffer that could hide an error. A write that
 fails (disk full, I/O error, read-only) is cut back to the last whole record; what did not make it
 is counted as dropped "write_error", and the next batch goes to a new part of the file
 (`run-ID.p2.daqd`, ...), whose header names the part before, why it ended, and how many records
@@ -116,10 +117,11 @@ class FilePublisher(Publisher):
     def _open_part(self) -> _Part:
         """Create the next part of the series (OSError if it cannot be created)."""
         number = self._parts + 1
-        stem = self._stem if self._first is None else part_stem(self._first, number)
+        first = self._first if number > 1 else None
+        stem = part_stem(first, number) if first is not None else self._stem
         path, fd = create_exclusive(self.directory, stem)
         self._parts = number
-        if self._first is None:
+        if number == 1:
             self._first = path
         part = self._part = _Part(path, fd, number)
         files: list[str] = self.counters.extra["files"]

@@ -223,3 +223,26 @@ async def test_fsync_policy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pol
     else:
         assert len(synced) >= 3 and synced[-2:] == [records_end, size]
         assert synced[:-2] == sorted(synced[:-2]) and synced[0] < records_end
+
+
+async def test_live_file_on_a_full_disk_starts_when_room_returns_naming_the_drops(
+    tmp_path: Path,
+) -> None:
+    with tmpfs(tmp_path / "disk", size="1m") as disk:
+        settings = FileSettings(type="file", name="disk", directory=str(disk / "d"), live=True)
+        pub = FilePublisher(settings, host=None)  # type: ignore[arg-type]
+        await pub.start()
+        fill(disk / "filler")
+        await pub.send([Record("a", 1, 1, {}, [b"x"]), Record("a", 2, 2, {}, [b"y"])])
+        assert pub.counters.drops == {"write_error": 2}
+        (disk / "filler").unlink()
+        await pub.send([Record("a", 3, 3, {}, [b"z"])])
+        await pub.begin_run(RunInfo("after", time.time_ns()))  # ends the live file
+        [live] = (disk / "d").glob("live-*.daqd")
+        assert ".p" not in live.name  # the first part that got written is part 1
+        records, maps = items(live)
+        assert [r.seq for r in records] == [3]
+        assert maps[0]["kind"] == "live" and maps[0]["dropped_before"] == {"write_error": 2}
+        assert maps[-1]["end"]["file"]["drops"] == {"write_error": 2}
+        assert verify(live).ok
+        await pub.close()
