@@ -176,6 +176,8 @@ def _verify_file(file: str) -> NoReturn:
     header = s.header or {}
     part = header.get("part")
     what = f"{header.get('kind', '?')} file" + (f", part {part}" if part else "")
+    if s.header is None:
+        what = "no run file header"
     click.echo(f"{file}: {what}, {sum(s.records.values())} records, {s.size} bytes")
     if header.get("dropped_before"):
         click.echo(
@@ -211,7 +213,8 @@ def _verify_file(file: str) -> NoReturn:
         click.echo(f"  note: {note}")
     for p in s.problems:
         click.echo(f"  problem: {p}")
-    click.echo(f"{file}: " + (f"{len(s.problems)} problems" if s.problems else "OK"))
+    n = len(s.problems)
+    click.echo(f"{file}: " + (f"{n} problem{'s' if n > 1 else ''}" if n else "OK"))
     sys.exit(1 if s.problems else 0)
 
 
