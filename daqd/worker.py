@@ -322,17 +322,21 @@ class WorkerReceiver(ReceiverServer):
 
     async def close(self) -> None:
         """STOP → the worker drains → FINISHED; the records it flushes are published here. A
-        worker that died: what it sent is taken, what it had and we never got is counted."""
+        worker that died (or was killed for not finishing): what it sent is taken, and what it
+        had taken in and we never got is counted."""
         if self.proc is None:
             self._close_sockets()
             return
+        finished = False
         if self.proc.returncode is None and self._ctl is not None:
             try:
                 await self._stop_worker()
+                finished = True
             except (ControlError, TimeoutError) as exc:
                 self.outcome = "ERROR"
                 self.log.error("%s: worker did not finish: %s; killing it", self.name, exc)
-        elif self.proc.returncode is not None and self._data is not None:
+                await self._kill()
+        if not finished and self.proc.returncode is not None and self._data is not None:
             try:  # bounded: a stalled `block` publisher must not hold the restart or shutdown
                 await asyncio.wait_for(self._salvage(), self.stop_timeout_s)
             except TimeoutError:

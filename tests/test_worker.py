@@ -708,3 +708,31 @@ async def test_a_worker_killed_as_its_run_ends_is_counted_in_that_run(
     records = records_in(short_dir / "data" / "run-e1.daqd")
     assert len(records) == disk["delivered"]
     assert all(b > a for a, b in itertools.pairwise([r.seq for r in records]))
+
+
+async def test_a_worker_that_never_finishes_is_killed_and_what_it_held_counted(
+    short_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A frozen worker (SIGSTOP) holding records does not answer STOP: it is killed when its
+    time is up, what it had sent is still written, and what it held is counted as lost."""
+    gate = stall_disk(monkeypatch)
+    monkeypatch.setattr(WorkerReceiver, "stop_timeout_extra_s", 0.5)
+    config = STALL_CONFIG.replace("drain_timeout_s = 5", "drain_timeout_s = 1")
+    host = Host(parse_config(config.format(data=short_dir / "data"), "<test>"))
+    await host.start()
+    rec = host.receivers["raw"]
+    assert isinstance(rec, WorkerReceiver) and rec.proc is not None
+    pid = rec.proc.pid
+    try:
+        await host.begin_run("h1")
+        await fill_worker(rec, 200)
+        os.kill(pid, signal.SIGSTOP)
+        gate.set()
+    finally:
+        await host.stop()
+    assert rec.outcome == "ERROR" and not alive(pid)
+    arrived = rec.counters.records
+    assert 0 < arrived < 200
+    assert rec.counters.drops == {"worker_lost": 200 - arrived}
+    assert host.last_run is not None and host.last_run.run_id == "h1"
+    assert host.last_run.accounting["receivers"]["raw"]["drops"] == {"worker_lost": 200 - arrived}
