@@ -345,6 +345,28 @@ def test_serve_and_check_refuse_handlers_others_could_write(workdir: Path, defec
 
 
 @needs_root
+def test_sticky_directories_are_accepted_and_symlinks_are_followed(workdir: Path) -> None:
+    sticky = workdir / "sticky"
+    sticky.mkdir()
+    os.chmod(sticky, 0o1777)  # like /tmp: others may add files, not replace ours
+    module = sticky / "handlers.py"
+    module.write_text(GOOD_HANDLERS)
+    path = workdir / "sticky.toml"
+    path.write_text(dcss_config([str(module)], closed_port()))
+    result = run(DAQD, "check", str(path))
+    assert result.returncode == 0, result.stderr
+    # a trusted name that points at a file of someone else's is judged by that file
+    theirs = sticky / "theirs.py"
+    theirs.write_text(GOOD_HANDLERS)
+    os.chown(theirs, NOBODY, -1)
+    link = code_dir(workdir) / "link.py"
+    link.symlink_to(theirs)
+    path.write_text(dcss_config([str(link)], closed_port()))
+    check = one_line_error(run(DAQD, "check", str(path)), code=2)
+    assert f"code file {theirs} is owned by nobody" in check
+
+
+@needs_root
 def test_a_package_init_owned_by_another_user_is_refused(workdir: Path) -> None:
     package = code_dir(workdir) / "sitehandlers"
     package.mkdir()
