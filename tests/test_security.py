@@ -410,6 +410,12 @@ def test_reconfigure_and_sighup_refuse_code_others_could_write(daemon: Any, work
         line = one_line_error(d.ctl("reconfigure", str(new)))
         assert f'{new}: [[receiver]] #2 (name "dhs"): key "handlers"' in line and words in line
         assert not bad.with_suffix(".ran").exists()
+    # a trusted module, named by a configuration file of someone else's: refused too
+    theirs = workdir / "theirs.toml"
+    theirs.write_text(dcss_config([str(good)], port))
+    os.chown(theirs, NOBODY, -1)
+    line = one_line_error(d.ctl("reconfigure", str(theirs)))
+    assert f"configuration file {theirs} is owned by nobody (uid {NOBODY})" in line
     # SIGHUP re-reads the daemon's own file: now naming a module others can write
     os.chmod(code / "bad_group-writable.py", 0o664)
     d.config_path.write_text(dcss_config([str(code / "bad_group-writable.py")], port))
