@@ -341,7 +341,8 @@ class Host:
         run.reasons = reasons
         for marker in markers.values():
             marker.decided.set()
-        # end_run (EOR, end marker): bounded like the rest; a publisher error there is counted
+        errors_then = {n: dict(self.publishers[n].counters.errors) for n in markers}
+        # end_run (EOR, end marker): bounded like the rest
         for name, marker in markers.items():
             queue = self.queues[name]
             remaining = deadline.remaining() if deadline is not None else wait_s
@@ -349,6 +350,20 @@ class Host:
                 await asyncio.wait_for(asyncio.shield(marker.done), max(remaining, 0.001))
             except TimeoutError:
                 await queue.end_orphan(marker, 2.0)
+        # An error in end_run itself (an EOR nobody took) comes after the ledger: the same
+        # table judges it. (A run file whose end marker was already written cannot show it.)
+        late: dict[str, Any] = {}
+        for name in markers:
+            errors = _minus(self.publishers[name].counters.errors, errors_then[name])
+            if errors:
+                late[name] = {"errors": errors}
+                counted = publishers[name].setdefault("errors", {})
+                for reason, n in errors.items():
+                    counted[reason] = counted.get(reason, 0) + n
+        if late:
+            more, why = judge({"publishers": late})
+            run.condition |= more
+            run.reasons.extend(why)
         self.last_run = run
         if not quiet:
             total = sum(run.records.values())

@@ -409,13 +409,15 @@ class PublisherQueue:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         inflight, pub = self._inflight, self.publisher
-        if inflight and not pub.confirms_delivery:
-            # the batch cut short: what send() handled before it was cut (sent, or counted as
-            # dropped by send() itself) is not dropped again; the rest is
+        if inflight:
+            # the batch cut short: what send() handled before it was cut (sent, counted as
+            # dropped by send() itself, or taken by a publisher that confirms delivery itself)
+            # is not dropped again; the rest is
             handled = min(pub.progress, inflight)
-            sent = handled - (self._send_drops() - self._dropped_before)
-            if sent > 0:
-                self.counters.count(self._inflight_bytes * sent // inflight, sent)
+            if not pub.confirms_delivery:
+                sent = handled - (self._send_drops() - self._dropped_before)
+                if sent > 0:
+                    self.counters.count(self._inflight_bytes * sent // inflight, sent)
             inflight -= handled
         left = self._records + inflight
         if left:

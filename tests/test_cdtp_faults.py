@@ -192,9 +192,8 @@ async def test_an_eor_nobody_takes_is_counted_and_flags_the_run() -> None:
         ctx.term()
     assert tx.counters.errors == {"eor_timeout": 1}
     assert run.condition == RunCondition.DEGRADED
-    assert run.reasons == [
-        "publisher tx: no receiver took the EOR within eor_timeout_s=0.5 -> DEGRADED"
-    ]
+    assert run.reasons == ["publisher tx: 1 errors (eor_timeout) -> DEGRADED"]
+    assert run.accounting["publishers"]["tx"]["errors"] == {"eor_timeout": 1}
 
 
 # ----- the receiver ---------------------------------------------------------------------------
