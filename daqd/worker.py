@@ -86,6 +86,7 @@ class WorkerReceiver(ReceiverServer):
         self._worker_base: dict[tuple[str, str], int] = {}
         self._closed = asyncio.Event()  # the current worker is gone and its records accounted
         self._exited: asyncio.Future[int] | None = None  # the current worker's exit code
+        self._starting: asyncio.Task[None] | None = None  # the worker's begin of the run
 
     def worker_argv(self, controller: str) -> list[str]:
         """The command that runs the worker; a test may replace it."""
@@ -287,7 +288,13 @@ class WorkerReceiver(ReceiverServer):
             self._marks.pop((kind, ident), None)
 
     async def begin_run(self, run: RunInfo) -> None:
+        """Not awaited: the host puts its begin markers at once, so a record that arrives from
+        the worker meanwhile is both counted in the run and filed in it. (The worker's own run
+        only makes it mark where its records of the run end.)"""
         self._run = run  # a worker restarted from now on begins in this run
+        self._starting = asyncio.create_task(self._start_worker_run(run), name=f"{self.name}.start")
+
+    async def _start_worker_run(self, run: RunInfo) -> None:
         with contextlib.suppress(ControlError):  # one being restarted gets the run in its CONF
             await self._request("CTRL", {"transition": "start", "args": {"run_id": run.run_id}})
 
@@ -295,6 +302,13 @@ class WorkerReceiver(ReceiverServer):
         """Have the worker end its run, wait until everything it published has arrived, and
         take its final counts: the host decides the run's condition once this returns."""
         self._run = None
+        starting, self._starting = self._starting, None
+        if starting is not None:  # the worker's start goes first
+            for outcome in await asyncio.gather(starting, return_exceptions=True):
+                if isinstance(outcome, Exception):
+                    self.log.warning(
+                        "%s: worker did not begin run %s: %r", self.name, run.run_id, outcome
+                    )
         if self._ctl is not None and self.proc is not None and self.proc.returncode is None:
             try:
                 await self._request("CTRL", {"transition": "stop"}, self.stop_timeout_s)

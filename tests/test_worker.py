@@ -736,3 +736,34 @@ async def test_a_worker_that_never_finishes_is_killed_and_what_it_held_counted(
     assert rec.counters.drops == {"worker_lost": 200 - arrived}
     assert host.last_run is not None and host.last_run.run_id == "h1"
     assert host.last_run.accounting["receivers"]["raw"]["drops"] == {"worker_lost": 200 - arrived}
+
+
+def test_runs_started_and_stopped_under_steady_input_hold_what_stop_reports(
+    daemon: Callable[..., Daemon], workdir: Path
+) -> None:
+    """Records keep arriving from the worker while runs start and stop: each run file holds
+    exactly the records `daqctl stop` reports, numbered on without gaps."""
+    data = workdir / "data"
+    d = daemon(WORKER_RUN_CONFIG.format(data=data), name="wk")
+
+    def received() -> int:
+        return int(d.status()["receivers"]["raw"]["records"])
+
+    def more_than(n: int) -> bool:
+        return received() >= n
+
+    sender = Sender(hostport(d.status()["receivers"]["raw"]["addresses"]["listen"]), 1000.0)
+    sender.start()
+    try:
+        wait_until(lambda: received() >= 100, what="records flowing")
+        for run_id in ("s1", "s2"):
+            assert d.ctl("start", run_id).returncode == 0
+            wait_until(functools.partial(more_than, received() + 200), what=f"run {run_id}")
+            result = d.ctl("stop")
+            ended = ENDED.match(result.stdout)
+            assert ended is not None and ended.group(2) == "GOOD", result.stdout
+            seqs = [r.seq for r in records_in(data / f"run-{run_id}.daqd")]
+            assert int(ended.group(3)) == len(seqs) >= 200, (run_id, result.stdout)
+            assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+    finally:
+        sender.stop()
