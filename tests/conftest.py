@@ -15,9 +15,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from daqd.control import ControlClient
 from daqd.errors import ControlError
+
+# Hypothesis on a loaded 2-core machine: one example may take seconds (another test's daemon has the
+# CPU), so no per-example deadline and no "too slow" health check. Loaded by default (this file is
+# imported before any test module, so every @settings(...) inherits it); HYPOTHESIS_PROFILE=NAME
+# picks another registered profile ("default" is Hypothesis's own).
+settings.register_profile(
+    "daqd", deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "daqd"))
 
 BIN = Path(sys.executable).parent
 DAQD = str(BIN / "daqd")
