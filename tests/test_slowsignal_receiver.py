@@ -367,6 +367,7 @@ async def test_shutdown_publishes_what_is_pending(rig_factory: Callable[..., Any
         ("modules", [1, 1], "distinct"),
         ("module_from", "table", "module_table"),
         ("format", "hdf5", "format"),
+        ("tack_reset_ns", 5_000_000_000, "must exceed buffer_ns"),
     ],
 )
 def test_bad_settings_name_the_key(tmp_path: Path, key: str, value: Any, words: str) -> None:
