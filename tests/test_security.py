@@ -367,7 +367,9 @@ def test_sticky_directories_are_accepted_and_symlinks_are_followed(workdir: Path
 
 
 @needs_root
-def test_a_package_init_owned_by_another_user_is_refused(workdir: Path) -> None:
+def test_a_package_init_owned_by_another_user_is_refused_for_dcss_and_packetstream(
+    workdir: Path,
+) -> None:
     package = code_dir(workdir) / "sitehandlers"
     package.mkdir()
     (package / "__init__.py").write_text("raise SystemExit('must not run')\n")
@@ -378,6 +380,18 @@ def test_a_package_init_owned_by_another_user_is_refused(workdir: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(workdir / "code")}
     check = one_line_error(run(DAQD, "check", str(path), env=env), code=2)
     assert f"code file {package / '__init__.py'} is owned by nobody" in check
+    # the packetstream receiver's handler is checked before its validator imports it
+    path.write_text(
+        BASE.format(daemon="")
+        + '[[receiver]]\ntype = "packetstream"\nname = "ps"\nlisten = "127.0.0.1:0"\n'
+        + 'handler = "sitehandlers.ops:ping"\n'
+    )
+    check = one_line_error(run(DAQD, "check", str(path), env=env), code=2)
+    assert '[[receiver]] #2 (name "ps"): key "handler": refusing to load' in check
+    assert f"code file {package / '__init__.py'} is owned by nobody" in check
+    os.chown(package / "__init__.py", 0, -1)
+    (package / "__init__.py").write_text("")
+    assert run(DAQD, "check", str(path), env=env).returncode == 0
 
 
 @needs_root
