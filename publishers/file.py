@@ -12,8 +12,10 @@ were dropped in between. See daqd.runfile for the layout.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +62,37 @@ def _write_all(fd: int, buf: bytes, offset: int) -> tuple[int, OSError | None]:
     return done, None
 
 
+def _load_fallocate() -> Any:
+    """libc's fallocate (Linux), to reserve room without changing a file's size; or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fallocate = getattr(libc, "fallocate64", None) or libc.fallocate
+    except (OSError, AttributeError):
+        return None
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fallocate.restype = ctypes.c_int
+    return fallocate
+
+
+_fallocate = _load_fallocate()
+FALLOC_FL_KEEP_SIZE = 0x01
+END_MARKER_ROOM = 4096  # reserved for the end marker beyond its estimated size
+
+
+def _reserve(fd: int, offset: int, length: int) -> OSError | None:
+    """Allocate `length` bytes at `offset` without changing the file's size. Returns the error
+    if there is no room; None if reserved, or if this file system cannot reserve (then the
+    write will tell)."""
+    if _fallocate is None or _fallocate(fd, FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        return None
+    code = ctypes.get_errno()
+    if code in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+        return None
+    return OSError(code, os.strerror(code))
+
+
 def _summary(part: _Part) -> dict[str, dict[str, int]]:
     return {
         src: {"count": c[0], "first_seq": c[1], "last_seq": c[2]} for src, c in part.content.items()
@@ -76,6 +109,7 @@ class _Part:
     pos: int = 0
     records: int = 0
     content: dict[str, list[int]] = field(default_factory=dict)  # source -> [count, first, last]
+    reserved: bool = False  # room for the end marker allocated beyond pos
 
 
 class FilePublisher(Publisher):
@@ -180,6 +214,11 @@ class FilePublisher(Publisher):
         self._close_fd(part)
 
     def _close_fd(self, part: _Part) -> None:
+        if part.reserved:  # give back the room reserved for the end marker beyond its end
+            try:
+                os.ftruncate(part.fd, part.pos)
+            except OSError as exc:
+                self.log.warning("%s: trimming %s failed: %s", self.name, part.path, _why(exc))
         try:
             os.close(part.fd)
         except OSError as exc:
@@ -413,9 +452,30 @@ class FilePublisher(Publisher):
         part.pos = written
 
     async def flush_run(self, run: RunInfo) -> None:
+        """fsync the run's records and reserve room for its end marker, before the run's
+        accounting is taken: a failure of either is then in the run's condition."""
         part = self._part
-        if self._kind == "run" and part is not None and part.pos and self.settings.fsync != "never":
+        if self._kind != "run" or part is None or not part.pos:
+            return  # no part being written: the write errors that ended it are counted
+        if self.settings.fsync != "never":
             await self._sync(part, "the end of the run")
+        # the end marker is the run's metadata, this file's summary, and the run's accounting
+        # and reasons (not known yet: a few hundred bytes per receiver and publisher)
+        known = len(self._packer.pack({**run.metadata(), "previous_parts": self._ended}))
+        parts = len(getattr(self.host, "receivers", ())) + len(getattr(self.host, "queues", ()))
+        size = known + 96 * len(part.content) + 512 * parts + END_MARKER_ROOM
+        err = _reserve(part.fd, part.pos, size)
+        if err is not None:
+            self.counters.error("end_marker_room")
+            self.log.error(
+                "%s: no room for the end marker of %s (%s); the run is marked DEGRADED, and "
+                "the end marker will be tried once more",
+                self.name,
+                part.path,
+                _why(err),
+            )
+        else:
+            part.reserved = True
 
     async def end_run(self, run: RunInfo) -> None:
         if self._kind != "run" or self._meta.get("run_id") != run.run_id:

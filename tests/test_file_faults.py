@@ -292,6 +292,40 @@ def test_full_disk_at_the_end_of_the_run_leaves_the_file_whole_without_end_marke
         assert len(problems) == 1 and problems[0].startswith("problem: no end marker"), r.stdout
 
 
+def test_no_room_for_the_end_marker_at_the_end_of_the_run_marks_it_degraded(
+    daemon: MakeDaemon, workdir: Path
+) -> None:
+    """Every record written, then the disk fills: the run cannot be GOOD, since its file may not
+    get its end marker; the room is checked (reserved) before the run's condition is decided."""
+    with tmpfs(workdir / "disk") as disk:
+        data = disk / "data"
+        data.mkdir()
+        d = daemon(CONFIG.format(directory=data))
+        sender = Sender(d)
+        try:
+            assert d.ctl("start", "room1").returncode == 0
+            st = sender.send(50)
+            assert st["publishers"]["disk"]["drops"] == {}
+            fill(disk / "filler")
+            out = d.ctl("stop")
+            assert out.returncode == 0, out.stderr
+            assert "DEGRADED" in out.stdout and "(end_marker_room)" in out.stdout, out.stdout
+            final = d.status()["publishers"]["disk"]
+        finally:
+            sender.close()
+            d.stop()
+        assert final["drops"] == {} and final["records"] == 50
+        assert final["errors"]["end_marker_room"] == 1
+        assert "no room for the end marker of" in d.log()
+        s = verify(data / "run-room1.daqd")
+        assert s.records == {"raw": 50} and s.whole_bytes == s.size
+        if s.end is None:  # the last page had no room for it either
+            assert [p.split(":")[0] for p in s.problems] == ["no end marker"]
+            assert final["errors"]["end_marker"] == 1
+        else:  # it fitted in what was left of the last page
+            assert s.ok and "DEGRADED" in s.end["condition"]
+
+
 def test_read_only_directory_refuses_the_run_with_the_reason(
     daemon: MakeDaemon, workdir: Path
 ) -> None:

@@ -246,3 +246,35 @@ async def test_live_file_on_a_full_disk_starts_when_room_returns_naming_the_drop
         assert maps[-1]["end"]["file"]["drops"] == {"write_error": 2}
         assert verify(live).ok
         await pub.close()
+
+
+async def test_room_for_the_end_marker_is_reserved_when_the_run_is_flushed(
+    tmp_path: Path,
+) -> None:
+    """flush_run reserves room for the end marker: a disk that fills up after it still gets
+    the end marker, and the file occupies no more than it holds afterwards."""
+    with tmpfs(tmp_path / "disk", size="1m") as disk:
+        pub = publisher(disk)
+        await pub.start()
+        run = RunInfo("res1", time.time_ns())
+        await pub.begin_run(run)
+        await pub.send([Record("a", i, i, {}, [b"x" * 100]) for i in range(1, 11)])
+        # one more record that ends the file at a page boundary: the end marker needs a page
+        path = disk / "run-res1.daqd"
+        room = (path.stat().st_size // 4096 + 2) * 4096 - path.stat().st_size
+        [pad] = [
+            n
+            for n in range(room - 64, room)
+            if len(Record("a", 11, 11, {}, [b"p" * n]).pack()) == room
+        ]
+        await pub.send([Record("a", 11, 11, {}, [b"p" * pad])])
+        assert path.stat().st_size % 4096 == 0
+        await pub.flush_run(run)
+        fill(disk / "filler")
+        await pub.end_run(run)
+        await pub.close()
+        assert verify(path).ok
+        assert pub.counters.errors == {}
+        (disk / "filler").unlink()
+        st = path.stat()
+        assert st.st_blocks * 512 <= (st.st_size + 4095) // 4096 * 4096  # the rest given back
