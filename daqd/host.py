@@ -15,6 +15,7 @@ import zmq
 import zmq.asyncio
 
 from daqd.config import Config, parse_config, publisher_class, receiver_class
+from daqd.control import bind_ipc
 from daqd.deadline import Deadline
 from daqd.errors import ConfigError, ControlError
 from daqd.publisher import Publisher, PublisherQueue, PublisherSettings
@@ -245,13 +246,14 @@ class Host:
             )
         self.machine.begin("start")
         run = RunInfo(run_id, time.time_ns())
+        self.run = run
+        for rec in self.receivers.values():
+            await rec.begin_run(run)  # hands on what it held from before the run
+        # From here to the markers nothing awaits: the run's counts start exactly here.
         self._run_base = {
             "seq": {n: dict(r._seq) for n, r in self.receivers.items()},
             "receivers": {n: self._receiver_tally(r) for n, r in self.receivers.items()},
         }
-        self.run = run
-        for rec in self.receivers.values():
-            await rec.begin_run(run)
         markers = {n: q.put_marker("begin", run) for n, q in self.queues.items()}
         timeout = self.config.daemon.drain_timeout_s
         refusals: list[str] = []
@@ -398,7 +400,16 @@ class Host:
         elif name in ("launch",):
             self.machine.begin("launch")
             for rec in self.receivers.values():
-                await rec.start()
+                try:
+                    await rec.start()
+                except Exception as exc:
+                    # not left half-way in "launching" (where nothing is allowed): ERROR, from
+                    # which `reset` leads back to INIT
+                    self.machine.fail(f"launch: receiver {rec.name}: {exc}")
+                    raise ControlError(
+                        f"launch failed: receiver {rec.name}: {exc}; state ERROR (reset, then "
+                        "launch again)"
+                    ) from None
             self.machine.finish()
         elif name in ("initialize", "recover", "reset"):
             self.machine.begin(name)
@@ -547,9 +558,7 @@ class Host:
         sock = self.zmq_context.socket(zmq.XPUB)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 10000)
-        sock.bind(endpoint)
-        if endpoint.startswith("ipc://"):
-            os.chmod(endpoint[6:], 0o600)
+        bind_ipc(sock, endpoint, self.config.daemon.control_group)  # as the control socket
         self._tap = sock
         self.tap_endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._tap_task = asyncio.create_task(self._tap_subscriptions(sock), name="tap")

@@ -512,3 +512,171 @@ def test_tap_ends_when_the_daemon_goes_away(daemon: MakeDaemon, workdir: Path) -
         if tap.poll() is None:
             tap.kill()
     assert tap.returncode == 1 and err.strip() == "daqctl: the daemon has gone away"
+
+
+def refused_port(address: tuple[str, int]) -> bool:
+    """True if nothing listens on UDP `address`: the kernel answers a datagram with port
+    unreachable, which a connected socket reports as ConnectionRefusedError (a positive sign,
+    not the absence of one)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(10)
+        s.connect(address)
+        s.send(b"anyone?")
+        try:
+            s.recv(1)
+        except ConnectionRefusedError:
+            return True
+        except TimeoutError:
+            return False
+        return False
+
+
+def test_transitions_stop_and_resume_receiving(daemon: MakeDaemon, workdir: Path) -> None:
+    """interrupt ends the run INTERRUPTED and closes every socket (SAFE); recover and initialize
+    lead to INIT with the sockets still closed; launch opens them again and records flow; land
+    closes them again. Each checked by what a sender sees."""
+    d = daemon(config(workdir))
+    ok(d.ctl("start", "i1"))
+    before = udp_address(d)
+    send(before, [b"a%d" % i for i in range(5)])
+    wait_until(lambda: records(d) == 5, what="5 datagrams counted")
+
+    assert ok(d.ctl("transition", "interrupt")) == "state SAFE\n"
+    status = d.status()
+    assert status["state"] == "SAFE" and status["run"] is None
+    assert status["last_run"]["condition"] == "INTERRUPTED"
+    assert {r["state"] for r in status["receivers"].values()} == {"stopped"}
+    assert refused_port(before)
+    summary = verify(workdir / "data" / "run-i1.daqd")
+    assert summary.records == {"raw": 5}
+    assert summary.end is not None and summary.end["condition"] == "INTERRUPTED"
+    assert refused(d.ctl("start")) == (
+        "daqctl: cannot start in state SAFE; allowed here: initialize, recover"
+    )
+
+    assert ok(d.ctl("transition", "recover")) == "state INIT\n"
+    assert ok(d.ctl("transition", "initialize")) == "state INIT\n"
+    assert d.status()["receivers"]["raw"]["state"] == "stopped"
+    assert refused_port(before)
+
+    assert ok(d.ctl("transition", "launch")) == "state ORBIT\n"
+    assert d.status()["receivers"]["raw"]["state"] == "running"
+    send(udp_address(d), [b"b%d" % i for i in range(3)])
+    wait_until(lambda: records(d) == 8, what="3 more datagrams after launch")
+
+    assert ok(d.ctl("transition", "land")) == "state INIT\n"
+    assert refused_port(udp_address(d))
+    assert d.status()["receivers"]["raw"]["state"] == "stopped"
+    assert ok(d.ctl("transition", "launch")) == "state ORBIT\n"
+    send(udp_address(d), [b"c"])
+    wait_until(lambda: records(d) == 9, what="a datagram after the second launch")
+
+
+def test_a_launch_that_cannot_bind_goes_to_error_and_reset_recovers(
+    daemon: MakeDaemon, workdir: Path
+) -> None:
+    """After land, another program takes a receiver's fixed port: launch fails with one line
+    naming the port, the daemon is in ERROR (not stuck half-way), reset leads to INIT, and once
+    the port is free, launch serves it again."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    fixed = (
+        f'\n[[receiver]]\ntype = "tcp"\nname = "fixed"\nlisten = "127.0.0.1:{port}"\n'
+        'framing = "line"\n'
+    )
+    d = daemon(config(workdir, extra=fixed))
+    assert ok(d.ctl("transition", "land")) == "state INIT\n"
+    squatter = socket.create_server(("127.0.0.1", port))
+    try:
+        line = refused(d.ctl("transition", "launch"))
+        assert line.startswith("daqctl: launch failed: receiver fixed: "), line
+        assert f"'127.0.0.1', {port}" in line and "address already in use" in line, line
+        assert line.endswith("; state ERROR (reset, then launch again)"), line
+        assert d.status()["state"] == "ERROR"
+        assert "cannot start in state ERROR; allowed here: initialize, reset" in refused(
+            d.ctl("start")
+        )
+        assert ok(d.ctl("transition", "reset")) == "state INIT\n"
+    finally:
+        squatter.close()
+    assert ok(d.ctl("transition", "launch")) == "state ORBIT\n"
+    with socket.create_connection(("127.0.0.1", port)) as c:
+        c.sendall(b"served again\n")
+    wait_until(lambda: records(d, "fixed") == 1, what="a line on the fixed port")
+
+
+def test_daqd_name_timeout_and_keyword_arguments(daemon: MakeDaemon, workdir: Path) -> None:
+    """DAQD_NAME picks the daemon when several run; --timeout bounds the wait for a reply (a
+    stopped daemon); `cmd NAME key=value` passes a keyword argument (the command names it)."""
+    first = daemon(config(workdir))
+    other = daemon(config(workdir, name="u"), name="u")
+
+    def daqctl(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [DAQCTL, *args],
+            env={**first.env, **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    assert "several daemons running (t, u)" in refused(daqctl("status"))
+    assert ok(daqctl("status", DAQD_NAME="u")).startswith("daqd u ")
+    assert ok(daqctl("status", DAQD_NAME="t")).startswith("daqd t ")
+    assert ok(daqctl("--name", "t", "status", DAQD_NAME="u")).startswith("daqd t ")
+
+    other.signal(signal.SIGSTOP)
+    try:
+        line = refused(daqctl("--timeout", "0.3", "status", DAQD_NAME="u"))
+    finally:
+        other.signal(signal.SIGCONT)
+    assert line == f"daqctl: no reply from ipc://{other.runtime}/u.ctl within 0.3 s"
+    assert ok(daqctl("status", DAQD_NAME="u")).startswith("daqd u ")
+
+    line = refused(first.ctl("cmd", "ss", "stats", "verbose=true"))
+    assert "unexpected keyword argument 'verbose'" in line, line
+    line = refused(first.ctl("cmd", "ss", "stats", "verbose"))  # no '=': a positional one
+    assert "takes 1 positional argument but 2 were given" in line, line
+
+
+def test_stop_of_a_run_that_is_not_good_prints_the_counts_behind_it(
+    daemon: MakeDaemon, workdir: Path
+) -> None:
+    """A queue of one that a burst overflows: `daqctl stop` prints the condition, then the
+    publisher's offered/delivered/dropped exactly as the run's accounting has them, then why."""
+    d = daemon(
+        config(workdir).replace('directory = "', 'queue_size = 1\npolicy = "drop"\ndirectory = "')
+    )
+    ok(d.ctl("start", "lossy"))
+    address = udp_address(d)
+    sent = 0
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+
+        def burst() -> bool:
+            nonlocal sent
+            for i in range(2000):
+                s.sendto(b"%d" % i, address)
+            sent += 2000
+            return bool(d.status()["publishers"]["disk"]["drops"].get("queue_full"))
+
+        wait_until(burst, 60, "queue_full drops from a burst")
+
+    def arrived() -> bool:
+        raw = d.status()["receivers"]["raw"]
+        return bool(raw["records"] + raw["drops"].get("kernel", 0) == sent)
+
+    wait_until(arrived, what="every datagram received or counted by the kernel")
+    lines = ok(d.ctl("stop")).splitlines()
+    last = d.status()["last_run"]
+    disk = last["accounting"]["publishers"]["disk"]
+    total = sum(last["records"].values())
+    assert last["condition"] == "INCOMPLETE"
+    assert lines == [
+        f"run lossy ended: INCOMPLETE, {total} records; state ORBIT",
+        f"  publisher disk: offered {disk['offered']}, delivered {disk['delivered']}, "
+        f"dropped {disk['drops']['queue_full']} queue_full",
+        *[f"  why: {reason}" for reason in last["reasons"]],
+    ]
+    assert len(last["reasons"]) == 1 and "queue_full" in last["reasons"][0]
+    assert disk["offered"] == total == disk["delivered"] + disk["drops"]["queue_full"]
