@@ -2,11 +2,12 @@
 
 Delivered means written: each batch is packed and handed to the kernel with os.pwrite on the
 file's descriptor, in one piece (up to 4 MiB; larger batches in pieces of that size), looping on
-short writes: no user-space buffer that could hide an error. A write that
-fails (disk full, I/O error, read-only) is cut back to the last whole record; what did not make it
-is counted as dropped "write_error", and the next batch goes to a new part of the file
-(`run-ID.p2.daqd`, ...), whose header names the part before, why it ended, and how many records
-were dropped in between. See daqd.runfile for the layout.
+short writes: no user-space buffer that could hide an error. A write that fails (disk full, I/O
+error, read-only) is cut back to the last whole record; what did not make it is counted as dropped
+"write_error", and the next batch goes to a new part of the file (`run-ID.p2.daqd`, ...), whose
+header names the part before, why it ended, and how many records were dropped in between. Room for
+the end marker is reserved when the run is flushed, before its condition is decided. See
+daqd.runfile for the layout.
 """
 
 from __future__ import annotations
