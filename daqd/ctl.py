@@ -182,6 +182,9 @@ def render_status(st: dict[str, Any]) -> str:
                 ("unknown_codes", "unknown code"),
                 ("internal_errors", "internal errors"),
                 ("busy", "busy"),
+                ("connections_cut", "connections cut (oversize)"),
+                ("curve_rejected", "CURVE clients rejected"),
+                ("handshakes_failed", "handshakes failed"),
             )
             if control.get(key)
         ]
