@@ -1,14 +1,17 @@
-"""The `udp` receiver hands on a loop turn's datagrams together, without moving run boundaries
-or losing what is pending when it stops, and counts what a full queue cannot take."""
+"""The `udp` receiver, fed real datagrams over 127.0.0.1: one record per datagram in order with its
+sender, run boundaries where the datagrams arrived, nothing lost of what the kernel holds when it
+stops, and what a full queue cannot take counted exactly."""
 
 from __future__ import annotations
 
+import asyncio
+import socket
 from pathlib import Path
 
 from daqd.config import parse_config
 from daqd.host import Host
 from daqd.record import Record
-from daqd.runfile import verify
+from daqd.runfile import read_items, verify
 from daqd.runstate import RunCondition
 
 from .conftest import wait_for
@@ -36,87 +39,130 @@ endpoint = "inproc://spy"
 queue_size = {queue_size}
 """
 
-ADDR = ("192.0.2.7", 4321)
-
 
 def make_host(tmp_path: Path, queue_size: int = 10000) -> Host:
     text = CONFIG.format(directory=tmp_path / "data", queue_size=queue_size)
     return Host(parse_config(text, "t.toml"))
 
 
-def spy_batches(host: Host) -> list[list[Record]]:
-    """The batches the `spy` publisher is handed, as they come."""
+def spy_batches(host: Host, gate: asyncio.Event | None = None) -> list[list[Record]]:
+    """The batches the `spy` publisher is handed, as they come (each send() waits for `gate`,
+    if given: a stalled publisher)."""
     batches: list[list[Record]] = []
     pub = host.publishers["spy"]
     original = pub.send
 
     async def spy(records: list[Record]) -> None:
         batches.append(list(records))
+        if gate is not None:
+            await gate.wait()
         await original(records)
 
     pub.send = spy  # type: ignore[method-assign]
     return batches
 
 
-def deliver(host: Host, *payloads: bytes) -> None:
-    """Hand datagrams to the receiver as its socket would, within one loop turn."""
-    protocol = host.receivers["raw"]._transports[0].get_protocol()
-    for data in payloads:
-        protocol.datagram_received(data, ADDR)  # type: ignore[attr-defined]
+class Sender:
+    """A real UDP socket towards the receiver. sendto() does not yield to the event loop: what
+    is sent in one go sits in the kernel until the loop reads it."""
+
+    def __init__(self, host: Host) -> None:
+        h, p = host.receivers["raw"].addresses["listen"].rsplit(":", 1)
+        self.target = (h, int(p))
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.peer = f"127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def send(self, *payloads: bytes) -> None:
+        for data in payloads:
+            self.sock.sendto(data, self.target)
+
+    def close(self) -> None:
+        self.sock.close()
 
 
-async def test_one_turns_datagrams_are_one_batch_in_order(tmp_path: Path) -> None:
+async def test_datagrams_become_records_in_order_with_their_sender(tmp_path: Path) -> None:
     host = make_host(tmp_path)
     await host.start()
     batches = spy_batches(host)
-    deliver(host, *(b"d%d" % i for i in range(40)))
-    await wait_for(lambda: sum(map(len, batches)) == 40)
-    assert len(batches) == 1
-    records = batches[0]
+    tx = Sender(host)
+    tx.send(*(b"d%d" % i for i in range(40)))
+    await wait_for(lambda: sum(map(len, batches)) == 40, what="40 records")
+    records = [r for batch in batches for r in batch]
     assert [r.payload for r in records] == [(b"d%d" % i,) for i in range(40)]
     assert [r.seq for r in records] == list(range(1, 41))
-    assert all(r.tags == {"peer": "192.0.2.7:4321"} for r in records)
+    assert all(r.tags == {"peer": tx.peer} for r in records)
     times = [r.time_ns for r in records]
     assert times == sorted(times)
+    rec = host.receivers["raw"]
+    assert (rec.counters.records, rec.counters.bytes) == (
+        40,
+        sum(len(b"d%d" % i) for i in range(40)),
+    )
+    tx.close()
     await host.stop()
 
 
 async def test_run_boundaries_fall_where_the_datagrams_arrived(tmp_path: Path) -> None:
     host = make_host(tmp_path)
     await host.start()
-    deliver(host, b"before the run")
-    run = await host.begin_run("r1")  # no loop turn in between: the datagram is still pending
-    deliver(host, *(b"in %d" % i for i in range(10)))
+    rec = host.receivers["raw"]
+    tx = Sender(host)
+    tx.send(b"before the run")
+    await wait_for(lambda: rec.counters.records == 1, what="the datagram before the run")
+    run = await host.begin_run("r1")
+    tx.send(*(b"in %d" % i for i in range(10)))
+    await wait_for(lambda: rec.counters.records == 11, what="10 datagrams in the run")
     await host.end_run(RunCondition.GOOD)
-    deliver(host, b"after the run")
+    tx.send(b"after the run")
+    await wait_for(lambda: rec.counters.records == 12, what="the datagram after the run")
     await host.stop()
+    tx.close()
     assert run.records == {"raw": 10}
-    summary = verify(next((tmp_path / "data").glob("run-r1*.daqd")))
+    [path] = (tmp_path / "data").glob("run-r1*.daqd")
+    summary = verify(path)
     assert summary.problems == [] and summary.gaps == {}
     assert summary.records == {"raw": 10}
     assert summary.end is not None and summary.end["records"] == {"raw": 10}
+    payloads = [bytes(r.payload[0]) for r in read_items(path) if isinstance(r, Record)]
+    assert payloads == [b"in %d" % i for i in range(10)]
 
 
-async def test_stopping_hands_on_what_is_pending(tmp_path: Path) -> None:
+async def test_stopping_hands_on_what_the_kernel_still_holds(tmp_path: Path) -> None:
+    """Datagrams sent right before stop() (the loop has not read them yet): stopping reads them
+    from the socket and hands them on; none is lost."""
     host = make_host(tmp_path)
     await host.start()
     batches = spy_batches(host)
-    deliver(host, b"a", b"b", b"c")
+    tx = Sender(host)
+    tx.send(b"a", b"b", b"c")  # no await until stop(): the kernel holds all three
     await host.stop()
+    tx.close()
     assert [r.payload[0] for batch in batches for r in batch] == [b"a", b"b", b"c"]
     assert host.publishers["spy"].counters.records == 3
+    assert host.receivers["raw"].counters.records == 3
 
 
 async def test_a_full_queue_takes_what_fits_and_counts_the_rest(tmp_path: Path) -> None:
+    """A stalled publisher with a queue of 10: after the batch it holds, 10 records fit, every
+    later one is dropped `queue_full`, exactly; the other publisher gets all of them."""
     host = make_host(tmp_path, queue_size=10)
     await host.start()
-    batches = spy_batches(host)
-    deliver(host, *(b"%d" % i for i in range(25)))
-    await wait_for(lambda: batches)
+    gate = asyncio.Event()
+    batches = spy_batches(host, gate)
+    tx = Sender(host)
+    tx.send(*(b"%d" % i for i in range(25)))
+    rec = host.receivers["raw"]
+    await wait_for(lambda: rec.counters.records == 25, what="25 datagrams read")
     spy = host.publishers["spy"]
-    assert [r.payload[0] for r in batches[0]] == [b"%d" % i for i in range(10)]
-    assert spy.counters.drops == {"queue_full": 15}
-    assert host.receivers["raw"].counters.records == 25
+    held = len(batches[0])  # the batch the stalled send() holds
+    assert spy.counters.drops == {"queue_full": 25 - held - 10}
+    gate.set()
+    await wait_for(lambda: spy.counters.records == held + 10, what="the queue drained")
+    got = [r.payload[0] for batch in batches for r in batch]
+    assert got == [b"%d" % i for i in range(held + 10)]
+    tx.close()
     await host.stop()
-    assert spy.counters.records == 10
+    assert spy.counters.records == held + 10
     assert host.publishers["disk"].counters.drops == {}
+    assert host.publishers["disk"].counters.records == 25
