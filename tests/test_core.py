@@ -11,7 +11,7 @@ import msgpack
 import pytest
 import zmq
 import zmq.asyncio
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from daqd.config import parse_config
@@ -43,6 +43,13 @@ def test_record_msgpack_round_trip(
     back = Record.unpack(rec.pack())
     assert back == Record(source, seq, time_ns, tags, blocks)
     assert back.nbytes == sum(map(len, blocks))
+
+
+def test_hypothesis_runs_without_a_deadline_on_a_slow_machine() -> None:
+    """conftest loads one profile for every property test: no per-example deadline (a loaded
+    2-core machine may pause an example for seconds), also under a test's own @settings."""
+    assert settings().deadline is None
+    assert settings(max_examples=5).deadline is None
 
 
 def test_record_unpack_rejects_wrong_shapes() -> None:
@@ -170,7 +177,7 @@ async def test_udp_kernel_drops_are_counted(tmp_path: Path) -> None:
     tx.close()
 
 
-async def test_drop_policy_counts_and_block_policy_waits(tmp_path: Path) -> None:
+async def test_drop_policy_counts_what_a_full_queue_refuses(tmp_path: Path) -> None:
     host = make_host(tmp_path, policy="drop")
     await host.start()
     rec = host.receivers["raw"]
@@ -182,6 +189,49 @@ async def test_drop_policy_counts_and_block_policy_waits(tmp_path: Path) -> None
     assert host.publishers["live"].counters.drops["queue_full"] == 90
     await host.stop()
     assert host.publishers["live"].counters.records == 10
+
+
+async def test_block_policy_waits_for_room_and_loses_nothing(tmp_path: Path) -> None:
+    """A `block` queue of 10 behind a stalled send(): the producer is held once the queue is
+    full (it has published exactly what the send holds plus 10), nothing is dropped, and when
+    the send goes on, the producer resumes and every record is delivered in order."""
+    host = make_host(tmp_path, policy="block")
+    await host.start()
+    rec = host.receivers["raw"]
+    live = host.queues["live"]
+    live.size = 10
+    pub = host.publishers["live"]
+    original = pub.send
+    gate = asyncio.Event()
+    sent: list[bytes] = []
+    held: list[int] = []
+
+    async def stalled(records: list[Record]) -> None:
+        held.append(len(records))
+        await gate.wait()
+        sent.extend(bytes(r.payload[0]) for r in records)
+        await original(records)
+
+    pub.send = stalled  # type: ignore[method-assign]
+    produced = 0
+
+    async def produce() -> None:
+        nonlocal produced
+        for i in range(30):
+            await rec.publish(rec.new_record((b"%d" % i,)))
+            produced += 1
+
+    task = asyncio.create_task(produce())
+    await wait_for(lambda: held and live.depth == 10, what="the queue full behind a stalled send")
+    # a drop policy would have run through all 30 without waiting
+    assert produced == held[0] + 10
+    assert pub.counters.drops == {}
+    gate.set()
+    await asyncio.wait_for(task, 30)
+    await wait_for(lambda: pub.counters.records == 30, what="all 30 delivered")
+    assert sent == [b"%d" % i for i in range(30)]
+    assert pub.counters.drops == {} and host.queues["live"].offered == 30
+    await host.stop()
 
 
 class Crashing(ReceiverServer):
