@@ -200,10 +200,14 @@ class Side:
     sent_total: int = 0
     # per lossless rate, of its lossless trial: datagrams, CPU seconds, CPU seconds of each part
     steps: dict[int, tuple[int, float, dict[str, float]]] = field(default_factory=dict)
+    # the same over the trials of the step that lost datagrams: the side was saturated there, so
+    # each wakeup took many datagrams, and its CPU per datagram depends little on the rate
+    saturated: tuple[int, float, dict[str, float]] | None = None
 
     def offer(self, rate: int, size: int) -> None:
         """One step of the ladder: TRIES trials at `rate`, the first lossless one counts; the
         climb ends if every trial lost datagrams or the sender could not keep the pace."""
+        lossy: list[tuple[int, float, dict[str, float]]] = []
         for _ in range(TRIES):
             before, cpu0 = self.received(), self.cpu()
             parts0 = {name: read() for name, read in self.parts.items()}
@@ -211,17 +215,23 @@ class Side:
             self.sent_total += sent
             got = settle(self.received, before + sent) - before
             lossless = got >= sent
+            trial = (got, self.cpu() - cpu0, {k: r() - parts0[k] for k, r in self.parts.items()})
             if lossless or reached < PACE_KEPT * rate:
                 break
+            lossy.append(trial)
         self.offered, self.at = rate, reached
         if not lossless:
             self.ended, self.climbing = "loss", False
+            self.saturated = (
+                sum(t[0] for t in lossy),
+                sum(t[1] for t in lossy),
+                {k: sum(t[2][k] for t in lossy) for k in self.parts},
+            )
         elif reached < PACE_KEPT * rate:
             self.ended, self.best, self.climbing = "sender", reached, False
         else:
             self.best = rate
-            parts = {name: read() - parts0[name] for name, read in self.parts.items()}
-            self.steps[rate] = (got, self.cpu() - cpu0, parts)
+            self.steps[rate] = trial
 
     def limit(self) -> str:
         if self.ended == "loss" and self.at >= PACE_KEPT * self.offered:
@@ -243,6 +253,13 @@ class Side:
             us[name] = sum(self.steps[r][2][name] for r in rates) / n * 1e6
         return us
 
+    def saturated_us(self) -> dict[str, float] | None:
+        """CPU µs per datagram received over the trials of the lossy step (None: no such step)."""
+        if self.saturated is None or not self.saturated[0]:
+            return None
+        n, cpu, parts = self.saturated
+        return {"all": cpu / n * 1e6, **{k: v / n * 1e6 for k, v in parts.items()}}
+
     def figures(self) -> dict[str, Any]:
         return {
             "limit": self.best,
@@ -253,6 +270,7 @@ class Side:
                 str(rate): {"datagrams": n, "cpu_s": cpu, **{f"{k}_cpu_s": v for k, v in p.items()}}
                 for rate, (n, cpu, p) in self.steps.items()
             },
+            "saturated_cpu_us": self.saturated_us(),
         }
 
 
@@ -462,6 +480,12 @@ def daqd_side(tree: str | None = None) -> Iterator[tuple[Side, Callable[[], dict
 
 
 # ----- main -----------------------------------------------------------------------------------
+def saturated_ratio(bare: Side, side: Side) -> float | None:
+    """Bare / daqd CPU per datagram at each one's lossy step (None if either has none)."""
+    ours, theirs = side.saturated_us(), bare.saturated_us()
+    return theirs["all"] / ours["all"] if ours and theirs else None
+
+
 def report(label: str, side: Side, bare: Side, rates: list[int], acct: dict[str, int]) -> None:
     bare_us, us = bare.cpu_us(rates), side.cpu_us(rates)
     print(f"           {label} udp->zmq->SUB {side.limit()}")
@@ -472,6 +496,13 @@ def report(label: str, side: Side, bare: Side, rates: list[int], acct: dict[str,
         f"{us['all'] - us['zmq_io']:.2f} event loop + {us['zmq_io']:.2f} ZeroMQ I/O thread; "
         f"the SUB counter {us['sub']:.2f} more)"
     )
+    sat, bare_sat = side.saturated_us(), bare.saturated_us()
+    if sat is not None and bare_sat is not None:
+        print(
+            f"             saturated (each side's lossy step, per datagram received): CPU ratio "
+            f"{saturated_ratio(bare, side):.2f} (bare {bare_sat['all']:.2f} us / daqd "
+            f"{sat['all']:.2f} us, {sat['zmq_io']:.2f} of it the ZeroMQ I/O thread)"
+        )
     if acct:
         print(f"             first lossy step, daqd accounting: {acct}")
     else:
@@ -511,6 +542,7 @@ def measure(size: int, quick: bool, other: str | None) -> dict[str, Any]:
             "rate_ratio": side.best / bare.best if bare.best else None,
             "cpu_us": side.cpu_us(rates),
             "cpu_ratio": bare.cpu_us(rates)["all"] / max(side.cpu_us(rates)["all"], 1e-9),
+            "saturated_cpu_ratio": saturated_ratio(bare, side),
             "accounting": acct,
         }
     figures["bare"]["cpu_us"] = bare.cpu_us(rates)
@@ -522,6 +554,13 @@ def measure(size: int, quick: bool, other: str | None) -> dict[str, Any]:
             f"{ours / theirs:.3f} ({(ours / theirs - 1) * 100:+.1f}%), "
             f"highest lossless rate {rate:.2f}"
         )
+        sat = [side.saturated_us() for side, _ in daqds]
+        if sat[0] is not None and sat[1] is not None:
+            x = sat[0]["all"] / sat[1]["all"]
+            print(
+                f"           daqd vs other daqd, saturated: CPU per datagram {sat[0]['all']:.2f} / "
+                f"{sat[1]['all']:.2f} us = {x:.3f} ({(x - 1) * 100:+.1f}%)"
+            )
     return figures
 
 
