@@ -246,6 +246,7 @@ class Host:
             )
         self.machine.begin("start")
         run = RunInfo(run_id, time.time_ns())
+        await asyncio.gather(*(rec.refresh_counters() for rec in self.receivers.values()))
         self.run = run
         for rec in self.receivers.values():
             await rec.begin_run(run)  # hands on what it held from before the run

@@ -162,6 +162,10 @@ class ReceiverServer:
     async def close(self) -> None:
         """Release the subclass's own resources; sockets from setup_* are closed by the base."""
 
+    async def refresh_counters(self) -> None:
+        """Bring counters kept elsewhere (a worker process's) up to date: the host calls it
+        right before it takes a run's starting counts."""
+
     def hand_over(self) -> None:
         """Publish at once what input already read left pending (a receiver that batches the
         datagrams of one loop turn): the shutdown drain calls it after each datagram."""

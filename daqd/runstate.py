@@ -120,7 +120,10 @@ def judge(accounting: dict[str, Any]) -> tuple[RunCondition, list[str]]:
         for reason, n in sorted(r.get("drops", {}).items()):
             flag(RunCondition.INCOMPLETE, f"receiver {name}: {n} input lost ({reason})")
         for reason, n in sorted(r.get("errors", {}).items()):
-            if reason in RECEIVER_FAULTS or reason.startswith("worker."):
+            # a worker process's own counts (worker.<reason>) are judged as in-process ones;
+            # its link to the parent (worker.link.<reason>) is part of the receiver
+            own = reason.removeprefix("worker.")
+            if own in RECEIVER_FAULTS or own.startswith("link."):
                 bad = RunCondition.DEGRADED
             else:
                 bad = RunCondition.TAINTED

@@ -244,6 +244,9 @@ class WorkerReceiver(ReceiverServer):
             return False
         return True
 
+    async def refresh_counters(self) -> None:
+        await self.refresh_worker_status()  # counts from before a run stay out of it
+
     def _absorb(self, status: Any) -> None:
         """Show the worker's own drops and errors here as worker.<reason>, so that status and
         run conditions see them; records its link to us dropped are worker.link.<reason>."""
