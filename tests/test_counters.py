@@ -97,7 +97,11 @@ def test_tcp_truncated_and_too_long_lines_are_counted_and_taint_the_run(
     with socket.create_connection(address(d, "line")) as c:
         c.sendall(b"first\n" + b"x" * 150)  # no newline within 101 bytes
         c.shutdown(socket.SHUT_WR)
-        assert c.recv(10) == b""  # the daemon closed it
+        c.settimeout(30)
+        try:
+            assert c.recv(10) == b""  # the daemon closed it
+        except ConnectionResetError:
+            pass  # closed with bytes of ours unread: also closed
 
     wait_until(lambda: receiver(d, "len")["errors"].get("truncated") == 2, what="2 truncated")
     wait_until(lambda: receiver(d, "line")["errors"].get("too_long") == 1, what="1 too_long")
