@@ -678,5 +678,10 @@ def test_stop_of_a_run_that_is_not_good_prints_the_counts_behind_it(
         f"dropped {disk['drops']['queue_full']} queue_full",
         *[f"  why: {reason}" for reason in last["reasons"]],
     ]
-    assert len(last["reasons"]) == 1 and "queue_full" in last["reasons"][0]
+    # (a kernel drop of the burst, on a loaded machine, would add its own reason line)
+    assert (
+        [r for r in last["reasons"] if r.startswith("publisher disk:")]
+        == [r for r in last["reasons"] if "queue_full" in r]
+        != []
+    )
     assert disk["offered"] == total == disk["delivered"] + disk["drops"]["queue_full"]
