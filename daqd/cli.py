@@ -219,6 +219,49 @@ def _verify_file(file: str) -> NoReturn:
 
 
 @main.command()
+@click.argument("runfile", type=click.Path(exists=True, dir_okay=False))
+@click.option("--to", "fmt", type=click.Choice(["hdf5"]), required=True, help="Output format.")
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option(
+    "--compression",
+    type=click.Choice(["none", "gzip", "bzip2", "blosc-lz4", "blosc-zstd", "zstd"]),
+    default="gzip",
+    show_default=True,
+)
+@click.option("--complevel", type=click.IntRange(0, 22), default=1, show_default=True)
+@click.option("--tags-format", type=click.Choice(["json", "msgpack"]), default="json")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def export(
+    runfile: str,
+    fmt: str,
+    out: str,
+    compression: Any,
+    complevel: int,
+    tags_format: Any,
+    quiet: bool,
+) -> None:
+    """Convert a run file to another format (hdf5: the hdf5 publisher's layout).
+
+    OUT must not exist. A run file without an end marker is converted up to its last whole
+    record; export then says so and exits 1.
+    """
+    from daqd.export import export_hdf5
+    from daqd.hdf5 import Options
+
+    options = Options(compression=compression, complevel=complevel, tags_format=tags_format)
+    try:
+        s = export_hdf5(runfile, out, options, progress=not quiet and sys.stderr.isatty())
+    except DaqdError as exc:
+        fail(str(exc), 1)
+    except (OSError, RuntimeError, ValueError) as exc:  # h5py's errors
+        fail(f"export to {out} failed: {exc}", 1)
+    tables = ", ".join(f"{t['rows']} in {p}" for p, t in s.tables.items()) or "no tables"
+    click.echo(f"wrote {out}: {s.records} records ({tables})")
+    if s.note:
+        fail(f"{runfile}: {s.note}", 1)
+
+
+@main.command()
 @click.option("--seconds", default=10.0, show_default=True, help="How long to run.")
 @click.option("--rate", default=5000, show_default=True, help="Datagrams per second to send.")
 @click.option(
