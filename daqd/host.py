@@ -17,7 +17,7 @@ import zmq.asyncio
 from daqd.config import Config, parse_config, publisher_class, receiver_class
 from daqd.control import bind_ipc
 from daqd.deadline import Deadline
-from daqd.errors import ConfigError, ControlError
+from daqd.errors import ConfigError, ControlError, DaqdError
 from daqd.publisher import Publisher, PublisherQueue, PublisherSettings
 from daqd.receiver import ReceiverServer, ReceiverSettings
 from daqd.record import Record
@@ -548,6 +548,12 @@ class Host:
         except KeyError as exc:
             raise ControlError(str(exc.args[0])) from None
         except TypeError as exc:
+            raise ControlError(f"{rec.name}.{args.get('name')}: {exc}") from None
+        except ControlError:
+            raise
+        except DaqdError as exc:
+            # the command ran and says why it could not do it (a camera that answers 503): the
+            # client gets that reason, not an "internal error" of the daemon
             raise ControlError(f"{rec.name}.{args.get('name')}: {exc}") from None
 
     # ----- live tap --------------------------------------------------------------------------

@@ -320,10 +320,12 @@ def test_http_poll_counts_a_garbage_answer_as_protocol_and_a_long_stream_as_too_
     )
     junk = d.ctl("cmd", "junk", "grab")
     assert junk.returncode != 0 and "Traceback" not in junk.stderr, junk.stderr
-    assert len(junk.stderr.splitlines()) == 1 and "Bad status line" in junk.stderr, junk.stderr
+    assert len(junk.stderr.splitlines()) == 1, junk.stderr
+    assert junk.stderr.startswith("daqctl: junk.grab: ClientResponseError: 400, message=")
+    assert "Bad status line" in junk.stderr
     long = d.ctl("cmd", "long", "grab")
     assert long.returncode != 0
-    assert "answer exceeds max_body_bytes=1000" in long.stdout + long.stderr
+    assert long.stderr == "daqctl: long.grab: answer exceeds max_body_bytes=1000\n"
     fits = json.loads(ok(d.ctl("cmd", "fits", "grab", "--json")))
     assert fits["length"] == 1800 and fits["status"] == 200
     status = d.status()["receivers"]
@@ -331,6 +333,9 @@ def test_http_poll_counts_a_garbage_answer_as_protocol_and_a_long_stream_as_too_
     assert (status["long"]["errors"], status["long"]["records"]) == ({"too_large": 1}, 0)
     assert (status["fits"]["errors"], status["fits"]["records"]) == ({}, 1)
     assert {r["state"] for r in status.values()} == {"running"}
+    # a camera's failure is the command's answer, not an internal error of the daemon
+    control = d.status()["control"]
+    assert control["refused"] == 2 and control.get("internal_errors", 0) == 0, control
 
 
 # ------------------------------------------------------------------ http_image: an uploader leaves

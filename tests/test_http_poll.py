@@ -357,7 +357,7 @@ async def test_daqctl_grab_against_a_running_daemon(
     camera.default = "fail"
     failed = await asyncio.to_thread(d.ctl, "cmd", "cam", "grab")
     assert failed.returncode != 0
-    assert "HTTP 503" in failed.stdout + failed.stderr
+    assert failed.stderr == "daqctl: cam.grab: HTTP 503 Service Unavailable\n"
     status = await asyncio.to_thread(d.status)
     cam = status["receivers"]["cam"]
     assert cam["state"] == "running"
