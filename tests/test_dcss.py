@@ -174,6 +174,19 @@ async def host(sim: DcssSimulator) -> AsyncIterator[Host]:
         await h.stop()
 
 
+@pytest.fixture
+async def slow_motor_host(sim: DcssSimulator) -> AsyncIterator[Host]:
+    """The host, its sample_x moving at 1 unit/s: a 40-unit move is surely still under way when
+    the test acts (at 40/s, one second on a loaded machine could see it end first)."""
+    text = dhs_config(sim).replace("speed_units_per_s = 40.0", "speed_units_per_s = 1.0")
+    h = Host(parse_config(text, "<test>"))
+    await h.start()
+    try:
+        yield h
+    finally:
+        await h.stop()
+
+
 async def online(sim: DcssSimulator, name: str = "dhs", after: int = 0) -> DhsLink:
     link = await sim.wait_online(name, timeout=T, after=after)
     # registrations are answered once the DHS is reading: wait for the configuration request
@@ -319,19 +332,9 @@ async def test_fifty_operations_in_flight_with_updates_and_completions(
     assert sim.stray_completions == []
 
 
-async def test_slow_handlers_do_not_delay_abort_all(sim: DcssSimulator) -> None:
-    # the motor moves 1 unit/s: its 40-unit move cannot end before the abort however loaded the
-    # machine is (at 40/s a one-second move could)
-    slow_motor = dhs_config(sim).replace("speed_units_per_s = 40.0", "speed_units_per_s = 1.0")
-    host = Host(parse_config(slow_motor, "<test>"))
-    await host.start()
-    try:
-        await _slow_handlers_do_not_delay_abort_all(sim)
-    finally:
-        await host.stop()
-
-
-async def _slow_handlers_do_not_delay_abort_all(sim: DcssSimulator) -> None:
+async def test_slow_handlers_do_not_delay_abort_all(
+    sim: DcssSimulator, slow_motor_host: Host
+) -> None:
     link = await online(sim)
     slow_ops = [link.start_operation("slow", str(i)) for i in range(5)]
     polite_op = link.start_operation("polite")
@@ -490,14 +493,15 @@ async def test_shutter_ion_chamber_encoder_and_string(sim: DcssSimulator, host: 
 
 @pytest.mark.parametrize("how", ["fin", "rst"])
 async def test_reconnect_after_close_sends_nothing_stale(
-    sim: DcssSimulator, host: Host, how: str
+    sim: DcssSimulator, slow_motor_host: Host, how: str
 ) -> None:
-    rx: Any = host.receivers["dhs"]
+    rx: Any = slow_motor_host.receivers["dhs"]
     link = await online(sim)
     stuck = [link.start_operation("slow", str(i)) for i in range(3)]
     await wait_for(lambda: all(op.updates for op in stuck), T, "operations running")
     link.move_motor("sample_x", 45.0)
     await link.wait_for(lambda m: isinstance(m, d.HtosUpdateMotorPosition), T)
+    assert sim.devices["sample_x"].active  # the move is under way when the link drops
     link.drop(how)
     # DCSS fails the lost DHS's operations itself
     assert await asyncio.gather(*(done(op) for op in stuck)) == ["no_hw_host_dhs"] * 3
