@@ -216,9 +216,10 @@ class Side:
             got = settle(self.received, before + sent) - before
             lossless = got >= sent
             trial = (got, self.cpu() - cpu0, {k: r() - parts0[k] for k, r in self.parts.items()})
+            if not lossless:
+                lossy.append(trial)
             if lossless or reached < PACE_KEPT * rate:
                 break
-            lossy.append(trial)
         self.offered, self.at = rate, reached
         if not lossless:
             self.ended, self.climbing = "loss", False
