@@ -20,7 +20,9 @@ Layout:
 from __future__ import annotations
 
 import base64
+import errno
 import json
+import os
 import re
 import struct
 from collections.abc import Iterable
@@ -41,6 +43,7 @@ TagsFormat = Literal["json", "msgpack"]
 LAYOUT_VERSION = 1
 SUFFIX = ".h5"
 SSDAQ_TITLE = "CHEC-S Slow signal monitor data"
+ROOM_RESERVE = 256 << 10  # free space kept for closing a file and its end attributes
 
 # SSDAQ's /SlowSignal/readout row, its fields in the order PyTables stores them (by name)
 READOUT_DTYPE = np.dtype(
@@ -307,6 +310,7 @@ class RunFileWriter:
         self._generic_dtype = generic_dtype(options.tags_format)
         self.swmr = swmr
         self.tables: dict[str, TableInfo] = {}
+        self._datasets: dict[str, Any] = {}  # open handles of the tables written to
         self._attrs = attrs
         readouts, generics = list(readout_paths), list(generic_paths)
         # 'w' on a name create_exclusive reserved for us: nothing else is ever truncated
@@ -392,6 +396,8 @@ class RunFileWriter:
         if not missing:
             return
         if self.swmr:
+            self._flush_datasets()
+            self._datasets.clear()
             self.file.close()
             self.file = _h5py().File(self.path, "r+", libver=("v110", "v110"))
         for path, (source, readout) in missing.items():
@@ -402,7 +408,12 @@ class RunFileWriter:
 
     # ----- rows -----------------------------------------------------------------------------
     def write(self, batch: Batch) -> None:
-        """Append the batch's rows and flush: when this returns, they are in the file."""
+        """Append the batch's rows and flush: when this returns, they are in the file.
+
+        Raises OSError(ENOSPC) without touching the file when the file system has less room
+        than the rows need (uncompressed) plus a reserve for closing the file: HDF5 loses rows
+        silently, or worse, when it meets a full disk while writing chunks."""
+        self._room(2 * batch.nbytes + 256 * batch.records)
         wanted = {p: (batch.sources[p], True) for p in batch.readouts}
         wanted.update({p: (batch.sources[p], False) for p in batch.generic})
         self._ensure(wanted)
@@ -410,6 +421,9 @@ class RunFileWriter:
             self._append(path, _readout_array(rows))
         for path, grows in batch.generic.items():
             self._append(path, _generic_array(grows, self._generic_dtype))
+        # each dataset explicitly: its chunk cache would otherwise be written when the handle
+        # closes, where an error cannot be reported
+        self._flush_datasets()
         self.file.flush()
         for path, (first, last) in batch.seqs.items():
             info = self.tables[path]
@@ -421,8 +435,25 @@ class RunFileWriter:
         for path, grows in batch.generic.items():
             self.tables[path].rows += len(grows)
 
+    def _room(self, need: int) -> None:
+        st = os.statvfs(self.path.parent)
+        free = st.f_bavail * st.f_frsize
+        want = need + ROOM_RESERVE + 2 * self.options.chunk_kib * 1024 * max(1, len(self.tables))
+        if free < want:
+            raise OSError(
+                errno.ENOSPC,
+                f"No space left on device ({free} bytes free, {want} needed to write and close)",
+                str(self.path),
+            )
+
+    def _flush_datasets(self) -> None:
+        for d in self._datasets.values():
+            d.flush()
+
     def _append(self, path: str, rows: np.ndarray) -> None:
-        d = self.file[path]
+        d = self._datasets.get(path)
+        if d is None:
+            d = self._datasets[path] = self.file[path]
         n = d.shape[0]
         d.resize((n + len(rows),))
         d[n:] = rows
@@ -447,12 +478,26 @@ class RunFileWriter:
         attributes, with the file opened once more outside SWMR mode (attributes are metadata
         that SWMR mode may not change)."""
         try:
+            self._flush_datasets()
             self.file.flush()
         finally:
+            self._datasets.clear()
             self.file.close()
-        if attrs is None:
-            return
-        with _h5py().File(self.path, "r+", libver=("v110", "v110")) as f:
+        if attrs is not None:
+            self.annotate(attrs)
+
+    def annotate(self, attrs: dict[str, Any]) -> None:
+        """Write `attrs` and this file's content as attributes of the closed file."""
+        h5py = _h5py()
+        try:
+            f = h5py.File(self.path, "r+", libver=("v110", "v110"))
+        except OSError as exc:
+            if "lock" not in str(exc):
+                raise
+            # a reader follows the file (SWMR readers hold a lock on it): every row is flushed
+            # and nothing else changes; attributes are added beside them
+            f = h5py.File(self.path, "r+", libver=("v110", "v110"), locking=False)
+        with f:
             end = {**attrs, "content": self.content()}
             for k, v in end.items():
                 if v is not None:
@@ -468,6 +513,7 @@ class RunFileWriter:
 
     def abandon(self) -> None:
         """Close after a failure, keeping what was flushed; errors are not raised again."""
+        self._datasets.clear()
         try:
             self.file.close()
         except Exception:

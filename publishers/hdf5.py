@@ -25,7 +25,16 @@ from typing import Any
 from pydantic import Field
 
 from daqd.errors import DaqdError
-from daqd.hdf5 import SUFFIX, Batch, Compression, Layout, Options, RunFileWriter, TagsFormat
+from daqd.hdf5 import (
+    ROOM_RESERVE,
+    SUFFIX,
+    Batch,
+    Compression,
+    Layout,
+    Options,
+    RunFileWriter,
+    TagsFormat,
+)
 from daqd.logs import LimitedLogger
 from daqd.publisher import Publisher, PublisherSettings
 from daqd.record import Record
@@ -82,6 +91,7 @@ class Hdf5Publisher(Publisher):
         self._run: RunInfo | None = None
         self._meta: dict[str, Any] = {}
         self._writer: RunFileWriter | None = None
+        self._last: RunFileWriter | None = None  # the part closed last
         self._first: Path | None = None
         self._parts = 0
         self._previous: dict[str, Any] = {}  # the part before the next one, and why it ended
@@ -117,6 +127,9 @@ class Hdf5Publisher(Publisher):
         if self._first is not None and number > 1:
             stem = f"{self._first.name.removesuffix(SUFFIX)}.p{number}"
         assert stem is not None
+        st = os.statvfs(self.directory)
+        if st.f_bavail * st.f_frsize < 4 * ROOM_RESERVE:  # HDF5 copes badly with a full disk
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.directory))
         path, fd = create_exclusive(self.directory, stem, SUFFIX)
         os.close(fd)
         attrs = {k: v for k, v in self._meta.items() if k != "stem"}
@@ -180,6 +193,7 @@ class Hdf5Publisher(Publisher):
         writer, self._writer = self._writer, None
         if writer is None:
             return
+        self._last = writer
         self._previous = {"previous_part": writer.path.name, "previous_ended": why}
         self._known.update({p: t.source for p, t in writer.tables.items()})
         try:
@@ -244,7 +258,8 @@ class Hdf5Publisher(Publisher):
             except Exception as exc:
                 self._writing = None
                 self._failed(writer, batch, exc)
-                await self._end_part(f"write failed: {_why(exc)}", None)
+                why = f"write failed: {_why(exc)}"
+                await self._end_part(why, {"ended": why})
                 return
             self._writing = None
             self.delivered(batch.records, batch.nbytes)
@@ -274,6 +289,7 @@ class Hdf5Publisher(Publisher):
             self._meta.pop(k, None)
         self._first, self._parts, self._previous, self._gap = None, 0, {}, {}
         self._known = {}
+        self._last = None
         try:
             self._writer = await self._call(self._open_part)
         except Exception as exc:
@@ -293,6 +309,19 @@ class Hdf5Publisher(Publisher):
             return  # begin_run refused this run
         await self._flush()
         self._run = None
+        if self._writer is None and self._last is not None:
+            # the last part ended on an error and none could follow: the run's end goes there
+            try:
+                await self._call(self._last.annotate, run.metadata())
+            except Exception as exc:
+                self.counters.error("end_attributes")
+                self.log.error(
+                    "%s: the end of run %s could not be written to %s (%s)",
+                    self.name,
+                    run.run_id,
+                    self._last.path,
+                    _why(exc),
+                )
         await self._end_part(run.metadata().get("condition", ""), run.metadata())
         self.log.info("closed the run %s (%s)", run.run_id, run.condition.describe())
 

@@ -23,14 +23,16 @@ from daqd.protocols.slowsignal import MV_PER_COUNT
 from daqd.sim.slowsignal import TargetModules
 
 from .conftest import DAQD, Daemon, wait_until
+from .test_file_faults import tmpfs
 
 MODULES = 4
 P = 10  # blocks (readouts) per datagram
 
 
-def config(directory: Path, **hdf5: Any) -> str:
+def config(directory: Path, disk: bool = True, **hdf5: Any) -> str:
     extra = "\n".join(f"{k} = {json.dumps(v)}" for k, v in hdf5.items())
-    return f"""
+    to = '["h5", "disk"]' if disk else '["h5"]'
+    text = f"""
 [daemon]
 name = "h5t"
 drain_timeout_s = 10
@@ -41,13 +43,13 @@ name = "ss"
 listen = "127.0.0.1:0"
 modules = {MODULES}
 flush_after_s = 30.0
-publish_to = ["h5", "disk"]
+publish_to = {to}
 
 [[receiver]]
 type = "udp"
 name = "raw"
 listen = "127.0.0.1:0"
-publish_to = ["h5", "disk"]
+publish_to = {to}
 
 [[publisher]]
 type = "hdf5"
@@ -56,6 +58,9 @@ directory = "{directory}"
 flush_interval_s = 0.2
 {extra}
 
+"""
+    if disk:
+        text += f"""
 [[publisher]]
 type = "file"
 name = "disk"
@@ -63,6 +68,7 @@ directory = "{directory}"
 fsync = "never"
 live = false
 """
+    return text
 
 
 def address(d: Daemon, receiver: str) -> tuple[str, int]:
@@ -127,11 +133,14 @@ def test_readouts_and_records_are_written_column_by_column_and_followed_live(
         assert table.shape == (60,)
         assert list(table["time"][30:]) == [sim.tack(k) for k in range(30, 60)]
         assert live["records/raw"].shape == (7,)
-        live.close()
+        # the reader still follows when the run ends: the run's end is written all the same
         stop = d.ctl("stop")
         assert stop.returncode == 0, stop.stderr
-        assert "run r1 ended: GOOD, 67 records" in stop.stdout
+        assert "run r1 ended: GOOD, 67 records" in stop.stdout, stop.stdout
         t1 = time.time_ns()
+        table.refresh()
+        assert table.shape == (60,) and table[59]["iro"] == 60
+        live.close()
 
         # the run file of the same daemon has each record's tags: the HDF5 file must agree
         records = run_file_records(out, "r1")
@@ -297,3 +306,47 @@ def test_export_converts_the_run_file_to_the_same_layout(daemon: Any, workdir: P
         timeout=60,
     )
     assert again.returncode != 0 and "exists" in again.stderr
+
+
+def test_full_disk_counts_write_errors_and_leaves_valid_files_holding_what_was_delivered(
+    daemon: Any, workdir: Path
+) -> None:
+    with tmpfs(workdir / "disk", size="2m") as disk:
+        d = daemon(config(disk, disk=False, compression="none", flush_records=10), name="h5t")
+        with TargetModules(address(d, "ss"), MODULES, P) as sim:
+            assert d.ctl("start", "r5").returncode == 0
+            r = 0
+
+            def handled() -> int:
+                p = d.status()["publishers"]["h5"]
+                return int(p["records"] + sum(p["drops"].values()))
+
+            while not d.status()["publishers"]["h5"]["drops"] and r < 40:
+                sim.send_round(r)
+                r += 1
+                wait_until(lambda r=r: handled() >= 10 * r, 60, "the round to be handled")  # type: ignore[misc]
+            pub = d.status()["publishers"]["h5"]
+            assert pub["drops"].get("write_error", 0) > 0, pub
+            assert pub["errors"].get("write", 0) >= 1, pub
+            stop = d.ctl("stop")
+            assert "run r5 ended: INCOMPLETE|DEGRADED" in stop.stdout, stop.stdout
+            assert "(write_error)" in stop.stdout
+        assert "No space left on device" in d.log() or "ENOSPC" in d.log()
+        pub = d.status()["publishers"]["h5"]
+        assert pub["records"] + pub["drops"]["write_error"] == 10 * r
+        # every file opens, and together they hold exactly the readouts counted delivered
+        iro: list[int] = []
+        for path in sorted(disk.glob("run-r5*.h5")):
+            with h5py.File(path, "r") as f:
+                rows = f["SlowSignal/readout"][:]
+                iro += [int(x) for x in rows["iro"]]
+                for row in rows:
+                    np.testing.assert_array_equal(
+                        row["data"], expected_mv(sim, int(row["iro"]) - 1)
+                    )
+        assert len(iro) == len(set(iro)) == pub["records"] > 0
+        assert iro == sorted(iro)
+        with h5py.File(disk / "run-r5.h5", "r") as f:
+            assert f.attrs["ended"].startswith("write failed: ENOSPC"), dict(f.attrs)
+            assert f.attrs["condition"] == "INCOMPLETE|DEGRADED"  # no part could follow
+            assert json.loads(f.attrs["content"])["/SlowSignal/readout"]["rows"] == len(iro)
