@@ -230,7 +230,11 @@ def _verify_file(file: str) -> NoReturn:
 )
 @click.option("--complevel", type=click.IntRange(0, 22), default=1, show_default=True)
 @click.option("--tags-format", type=click.Choice(["json", "msgpack"]), default="json")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="A progress bar on stderr (default: when stderr is a terminal).",
+)
 def export(
     runfile: str,
     fmt: str,
@@ -238,7 +242,7 @@ def export(
     compression: Any,
     complevel: int,
     tags_format: Any,
-    quiet: bool,
+    progress: bool | None,
 ) -> None:
     """Convert a run file to another format (hdf5: the hdf5 publisher's layout).
 
@@ -250,7 +254,8 @@ def export(
 
     options = Options(compression=compression, complevel=complevel, tags_format=tags_format)
     try:
-        s = export_hdf5(runfile, out, options, progress=not quiet and sys.stderr.isatty())
+        show = sys.stderr.isatty() if progress is None else progress
+        s = export_hdf5(runfile, out, options, progress=show)
     except DaqdError as exc:
         fail(str(exc), 1)
     except (OSError, RuntimeError, ValueError) as exc:  # h5py's errors
