@@ -319,9 +319,10 @@ class CdtpPublisher(Publisher):
 
     # ----- records ---------------------------------------------------------------------------
     async def send(self, records: list[Record]) -> None:
-        """Take the batch into DATA messages. It waits only before taking any record of it
-        (for the BOR, for messages still waiting for room), so a send() cut short at shutdown
-        holds none of its batch; from then on each record is this publisher's to count."""
+        """Take the batch into DATA messages. Records taken (`progress`) are this publisher's
+        to count, delivered or dropped; a send() cut short at shutdown leaves the rest to the
+        queue. While a message waits for room, the next is built only once it left: building
+        the whole batch ahead into fresh memory cost twice the CPU per 64 KiB record."""
         if self._bor_task is not None:  # records wait here (and in the queue) for the BOR
             await self._bor_settled()
         if self._outbox:  # the receiver is slow: the batch waits here, and in the queue
@@ -333,9 +334,11 @@ class CdtpPublisher(Publisher):
                     reason = "outside_run" if self._state == "idle" else self._state
                     self.counters.drop(reason, n - i)
                 return
-            i = self._take(records, i)
+            i = self.progress = self._take(records, i)
             if i < n or (self._count and self._payload >= self._threshold):
                 self._emit()
+                if self._outbox and i < n:
+                    await self._outbox_sent()
             else:
                 return
 
