@@ -172,7 +172,11 @@ def _jsonable(value: Any) -> Any:
 def encode_tags(tags: dict[str, Any], tags_format: TagsFormat) -> Any:
     """Tags as stored: JSON text (bytes values as {"$bytes": base64}), or msgpack bytes."""
     if tags_format == "json":
-        return json.dumps(tags, separators=(",", ":"), default=_jsonable)
+        try:
+            return json.dumps(tags, separators=(",", ":"), default=_jsonable)
+        except (TypeError, ValueError):  # e.g. bytes as map keys: kept whole, as msgpack
+            packed = msgpack.packb(tags, use_bin_type=True)
+            return json.dumps({"$msgpack": base64.b64encode(packed).decode()})
     return np.frombuffer(msgpack.packb(tags, use_bin_type=True), np.uint8)
 
 
@@ -399,7 +403,7 @@ class RunFileWriter:
             self._flush_datasets()
             self._datasets.clear()
             self.file.close()
-            self.file = _h5py().File(self.path, "r+", libver=("v110", "v110"))
+            self.file = _reopen(self.path)
         for path, (source, readout) in missing.items():
             self._create(path, source, readout)
         self.file.flush()
@@ -488,16 +492,7 @@ class RunFileWriter:
 
     def annotate(self, attrs: dict[str, Any]) -> None:
         """Write `attrs` and this file's content as attributes of the closed file."""
-        h5py = _h5py()
-        try:
-            f = h5py.File(self.path, "r+", libver=("v110", "v110"))
-        except OSError as exc:
-            if "lock" not in str(exc):
-                raise
-            # a reader follows the file (SWMR readers hold a lock on it): every row is flushed
-            # and nothing else changes; attributes are added beside them
-            f = h5py.File(self.path, "r+", libver=("v110", "v110"), locking=False)
-        with f:
+        with _reopen(self.path) as f:
             end = {**attrs, "content": self.content()}
             for k, v in end.items():
                 if v is not None:
@@ -520,6 +515,14 @@ class RunFileWriter:
             pass
 
 
-def part_path(first: Path, part: int) -> str:
-    """The name stem of part `part` (2, 3, ...) of the series that began with `first`."""
-    return f"{first.name.removesuffix(SUFFIX)}.p{part}"
+def _reopen(path: Path) -> Any:
+    """Open a closed file of ours for writing outside SWMR mode (to add tables or attributes)."""
+    h5py = _h5py()
+    try:
+        return h5py.File(path, "r+", libver=("v110", "v110"))
+    except OSError as exc:
+        if "lock" not in str(exc):
+            raise
+        # a reader follows the file (SWMR readers hold a lock on it): every row is flushed, and
+        # what is added goes beside them
+        return h5py.File(path, "r+", libver=("v110", "v110"), locking=False)

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from daqd.errors import DaqdError
 from daqd.hdf5 import (
@@ -54,6 +54,13 @@ class Hdf5Settings(PublisherSettings):
     flush_records: int = Field(4096, ge=1)  # write at once when this many records wait
     max_file_mib: float | None = Field(None, gt=0)  # a new part beyond this size
     swmr: bool = True
+
+    @model_validator(mode="after")
+    def _level(self) -> Hdf5Settings:
+        lo, hi = {"none": (0, 22), "zstd": (1, 22), "bzip2": (1, 9)}.get(self.compression, (0, 9))
+        if not lo <= self.complevel <= hi:
+            raise ValueError(f"complevel of {self.compression} must be {lo} to {hi}")
+        return self
 
 
 def _why(exc: BaseException) -> str:
@@ -227,7 +234,11 @@ class Hdf5Publisher(Publisher):
         while True:
             await asyncio.sleep(interval / 2)
             if self._batch and time.monotonic() - self._last_flush >= interval:
-                await self._flush()
+                try:
+                    await self._flush()
+                except Exception as exc:  # never stop flushing (_flush counts what it can)
+                    self.counters.error("flush")
+                    self._limited.error("flush", "%s: flush failed: %r", self.name, exc)
 
     async def _flush(self) -> None:
         """Write what waits; count it delivered when flushed, or dropped "write_error"."""

@@ -350,3 +350,14 @@ def test_full_disk_counts_write_errors_and_leaves_valid_files_holding_what_was_d
             assert f.attrs["ended"].startswith("write failed: ENOSPC"), dict(f.attrs)
             assert f.attrs["condition"] == "INCOMPLETE|DEGRADED"  # no part could follow
             assert json.loads(f.attrs["content"])["/SlowSignal/readout"]["rows"] == len(iro)
+
+
+def test_check_names_a_compression_level_out_of_range(workdir: Path) -> None:
+    path = workdir / "bad.toml"
+    path.write_text(config(workdir / "out", compression="gzip", complevel=12))
+    r = subprocess.run([DAQD, "check", str(path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    assert (
+        '[[publisher]] #1 (name "h5")' in r.stderr
+        and "complevel of gzip must be 0 to 9" in r.stderr
+    )

@@ -64,12 +64,19 @@ def generic(i: int) -> Record:
     )
 
 
+def odd(i: int) -> Record:
+    """Looks like a readout but its payload has the wrong size; tags with a bytes key."""
+    tags = {"tack": 5, "readout": 1, "cpu_time_ns": 1, "dtype": "<u2", b"k": 1}
+    return Record("ss", 10_000 + i, 7, tags, [b"short"])
+
+
 def write_runfile(path: Path) -> list[Record]:
     records: list[Record] = []
     for k in range(N):
         records.append(readout(k))
         if k % 20 == 0:
             records.append(generic(k // 20))
+    records.append(odd(0))
     header = {"daqd": "runfile", "version": 2, "kind": "run", "part": 1, "run_id": "x1"}
     header.update(time_start=1, time_end=None, condition="GOOD", condition_code=0)
     end = {"run_id": "x1", "time_start": 1, "time_end": 2, "condition": "TAINTED"}
@@ -89,7 +96,8 @@ def export(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def check(out: Path, records: list[Record], tags_format: str = "json") -> None:
-    readouts = [r for r in records if r.source == "ss"]
+    odds = [r for r in records if r.seq >= 10_000]
+    readouts = [r for r in records if r.source == "ss" and r.seq < 10_000]
     generics = [r for r in records if r.source == "raw"]
     with h5py.File(out, "r") as f:
         t = f["SlowSignal/readout"][:]
@@ -116,6 +124,14 @@ def check(out: Path, records: list[Record], tags_format: str = "json") -> None:
             else:
                 assert msgpack.unpackb(bytes(row["tags"]), raw=False) == r.tags
         assert g.attrs["tags_format"] == tags_format
+        if odds:  # not a readout: kept whole in the source's generic table
+            o = f["records/ss"][:]
+            assert len(o) == 1 and bytes(o[0]["payload"]) == b"short" and o[0]["seq"] == 10_000
+            if tags_format == "json":
+                packed = base64.b64decode(json.loads(o[0]["tags"])["$msgpack"])
+            else:
+                packed = bytes(o[0]["tags"])
+            assert msgpack.unpackb(packed, raw=False, strict_map_key=False) == odds[0].tags
 
 
 def test_export_converts_every_readout_payload_and_generic_records(tmp_path: Path) -> None:
