@@ -30,6 +30,7 @@ P = 10  # blocks (readouts) per datagram
 
 
 def config(directory: Path, disk: bool = True, **hdf5: Any) -> str:
+    hdf5 = {"flush_interval_s": 0.2, **hdf5}
     extra = "\n".join(f"{k} = {json.dumps(v)}" for k, v in hdf5.items())
     to = '["h5", "disk"]' if disk else '["h5"]'
     text = f"""
@@ -55,7 +56,6 @@ publish_to = {to}
 type = "hdf5"
 name = "h5"
 directory = "{directory}"
-flush_interval_s = 0.2
 {extra}
 
 """
@@ -361,3 +361,20 @@ def test_check_names_a_compression_level_out_of_range(workdir: Path) -> None:
         '[[publisher]] #1 (name "h5")' in r.stderr
         and "complevel of gzip must be 0 to 9" in r.stderr
     )
+
+
+def test_sigterm_during_a_run_closes_the_file_with_every_readout_and_interrupted(
+    daemon: Any, workdir: Path
+) -> None:
+    out = workdir / "out"
+    d = daemon(config(out, disk=False, flush_interval_s=30.0), name="h5t")
+    with TargetModules(address(d, "ss"), MODULES, P) as sim:
+        assert d.ctl("start", "r6").returncode == 0
+        sim.run(MODULES * 2, 2000.0, None)
+        wait_until(lambda: d.status()["publishers"]["h5"]["offered"] >= 20, 60, "20 offered")
+        assert d.status()["publishers"]["h5"]["records"] == 0  # held until the next flush
+        assert d.stop() == 0
+    assert "accounting: publisher h5: offered 20, delivered 20, dropped none" in d.log()
+    with h5py.File(out / "run-r6.h5", "r") as f:
+        assert "INTERRUPTED" in f.attrs["condition"]
+        assert list(f["SlowSignal/readout"]["iro"]) == list(range(1, 21))
