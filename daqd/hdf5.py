@@ -132,9 +132,16 @@ def generic_dtype(tags_format: TagsFormat) -> np.dtype[Any]:
 
 
 # ----- records -> rows ------------------------------------------------------------------------
-def readout_row(record: Record) -> tuple[int, int, int, np.ndarray] | None:
-    """(readout number, TACK, cpu time ns, float32 (32, 64) mV) of a slow-signal readout record
-    (any of the slowsignal receiver's payload settings), or None if it is not one."""
+# how a readout's payload holds its data
+_COUNTS, _MV32, _FRAME = 0, 1, 2
+# readout number, TACK, cpu time ns, payload kind, payload block, modules present (bitmask)
+ReadoutRow = tuple[int, int, int, int, Any, int]
+_FRAME_DTYPE = np.dtype([("head", "<u8", (4,)), ("mv", "<f8", (N_MODULES, N_PIXELS))])
+
+
+def readout_row(record: Record) -> ReadoutRow | None:
+    """What a slow-signal readout record (any of the slowsignal receiver's payload settings)
+    holds, to be converted with others in one go (_readout_array); None if it is not one."""
     tags = record.tags
     if len(record.payload) != 1 or "tack" not in tags or "readout" not in tags:
         return None
@@ -145,19 +152,16 @@ def readout_row(record: Record) -> tuple[int, int, int, np.ndarray] | None:
             if size != SSDAQ_FRAME_BYTES:
                 return None
             iro, tack, cpu_s, cpu_ns = _FRAME_HEAD.unpack_from(block, 0)
-            mv = np.frombuffer(block, "<f8", N_MODULES * N_PIXELS, _FRAME_HEAD.size)
-            data = mv.astype(np.float32).reshape(N_MODULES, N_PIXELS)
-            return iro, tack, cpu_s * 1_000_000_000 + cpu_ns, data
+            return iro, tack, cpu_s * 1_000_000_000 + cpu_ns, _FRAME, block, -1
         iro, tack, cpu = int(tags["readout"]), int(tags["tack"]), int(tags["cpu_time_ns"])
+        if not (0 <= iro < 2**64 and 0 <= tack < 2**64 and 0 <= cpu < 2**64):
+            return None
         dtype = tags.get("dtype")
         if dtype == "<u2" and size == _COUNTS_BYTES:
-            counts = np.frombuffer(block, "<u2").reshape(N_MODULES, N_PIXELS)
-            mv64 = counts * MV_PER_COUNT  # as SSDAQ: mV in float64, stored as float32
-            absent = (np.uint64(int(tags.get("modules_present", -1)) & (2**64 - 1)) & _BITS) == 0
-            mv64[absent] = np.nan
-            return iro, tack, cpu, mv64.astype(np.float32)
+            present = int(tags.get("modules_present", -1)) & (2**64 - 1)
+            return iro, tack, cpu, _COUNTS, block, present
         if dtype == "<f4" and size == _MV32_BYTES:
-            return iro, tack, cpu, np.frombuffer(block, "<f4").reshape(N_MODULES, N_PIXELS)
+            return iro, tack, cpu, _MV32, block, -1
     except (KeyError, TypeError, ValueError, OverflowError, struct.error):
         return None
     return None
@@ -190,7 +194,7 @@ def _safe_name(source: str) -> str:
 class Batch:
     """Rows waiting to be written, by table path; `records`/`nbytes`: what they came from."""
 
-    readouts: dict[str, list[tuple[int, int, int, np.ndarray]]] = field(default_factory=dict)
+    readouts: dict[str, list[ReadoutRow]] = field(default_factory=dict)
     generic: dict[str, list[tuple[int, int, Any, Any]]] = field(default_factory=dict)
     seqs: dict[str, list[int]] = field(default_factory=dict)  # path -> [first, last] seq
     sources: dict[str, str] = field(default_factory=dict)  # path -> source
@@ -248,16 +252,33 @@ class Layout:
             batch.nbytes += r.nbytes
 
 
-def _readout_array(rows: list[tuple[int, int, int, np.ndarray]]) -> np.ndarray:
-    a = np.empty(len(rows), READOUT_DTYPE)
+def _readout_array(rows: list[ReadoutRow]) -> np.ndarray:
+    """SSDAQ's rows, converted in bulk: counts -> mV in float64 (NaN for absent modules), as
+    SSDAQ does, stored float32; float32 mV as they are; SSDAQ frames' float64 mV as float32."""
+    n = len(rows)
+    a = np.empty(n, READOUT_DTYPE)
     cpu = np.array([r[2] for r in rows], dtype=np.uint64)
     s, ns = np.divmod(cpu, np.uint64(1_000_000_000))
     a["cpu_t"] = s + ns * 1e-9  # as SSDAQ: float(seconds) + nanoseconds * 1e-9
     a["cpu_t_ns"] = ns
     a["cpu_t_s"] = s
-    a["data"] = np.stack([r[3] for r in rows])
-    a["iro"] = [r[0] for r in rows]
-    a["time"] = [r[1] for r in rows]
+    a["iro"] = np.array([r[0] for r in rows], dtype=np.uint64)
+    a["time"] = np.array([r[1] for r in rows], dtype=np.uint64)
+    kinds = {r[3] for r in rows}
+    for kind in kinds:
+        index = slice(None) if len(kinds) == 1 else [i for i, r in enumerate(rows) if r[3] == kind]
+        part = rows if len(kinds) == 1 else [rows[i] for i in index]  # type: ignore[union-attr]
+        joined = b"".join(r[4] for r in part)
+        if kind == _COUNTS:
+            counts = np.frombuffer(joined, "<u2").reshape(-1, N_MODULES, N_PIXELS)
+            mv = counts * MV_PER_COUNT
+            masks = np.array([r[5] for r in part], dtype=np.uint64)
+            mv[(masks[:, None] & _BITS) == 0] = np.nan
+            a["data"][index] = mv
+        elif kind == _MV32:
+            a["data"][index] = np.frombuffer(joined, "<f4").reshape(-1, N_MODULES, N_PIXELS)
+        else:
+            a["data"][index] = np.frombuffer(joined, _FRAME_DTYPE)["mv"]
     return a
 
 
