@@ -146,7 +146,9 @@ def readout_row(record: Record) -> ReadoutRow | None:
     if len(record.payload) != 1 or "tack" not in tags or "readout" not in tags:
         return None
     block = record.payload[0]
-    size = block.nbytes if isinstance(block, memoryview) else len(block)
+    if type(block) is not bytes:  # held until written: a copy of what could change
+        block = bytes(block)
+    size = len(block)
     try:
         if tags.get("format") == "ssdaq":
             if size != SSDAQ_FRAME_BYTES:
@@ -236,8 +238,9 @@ class Layout:
             else:
                 path = self.generic_path(r.source)
                 p = r.payload
-                if len(p) == 1:
-                    payload = np.frombuffer(p[0], np.uint8)
+                if len(p) == 1:  # held until written: a copy unless immutable
+                    b = p[0]
+                    payload = np.frombuffer(b if type(b) is bytes else bytes(b), np.uint8)
                 else:
                     payload = np.frombuffer(b"".join(p), np.uint8)
                 row = (r.time_ns, r.seq, encode_tags(r.tags, fmt), payload)
