@@ -7,9 +7,13 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from daqd.hdf5 import Batch, Layout, Options, RunFileWriter
 from daqd.record import Record
@@ -69,3 +73,49 @@ def test_a_table_added_mid_run_and_the_end_attributes_with_a_swmr_reader_open(
         assert bytes(f["records/raw"][0]["payload"]) == b"new table"
         assert f.attrs["condition"] == "GOOD" and f.attrs["run_id"] == "w"
         assert f["SlowSignal/readout"].attrs["NROWS"] == 9
+
+
+_values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True),
+    st.text(max_size=8),
+    st.binary(max_size=8),
+)
+_tags = st.dictionaries(
+    st.sampled_from(["tack", "readout", "cpu_time_ns", "dtype", "format", "modules_present", "x"]),
+    st.one_of(_values, st.sampled_from(["<u2", "<f4", "ssdaq"])),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    records=st.lists(
+        st.tuples(
+            _tags,
+            st.lists(
+                st.one_of(st.binary(max_size=64), st.sampled_from([bytes(4096), bytes(8192)])),
+                max_size=2,
+            ),
+        ),
+        max_size=6,
+    )
+)
+def test_any_tags_and_payload_are_written_as_a_readout_or_a_generic_row(
+    tmp_path_factory: pytest.TempPathFactory, records: list[tuple[dict[str, Any], list[bytes]]]
+) -> None:
+    path = tmp_path_factory.mktemp("h") / "any.h5"
+    w = RunFileWriter(path, Options(), {}, swmr=False)
+    batch = Batch()
+    recs = [Record("s", i + 1, 1, tags, blocks) for i, (tags, blocks) in enumerate(records)]
+    Layout("json").add(batch, recs)
+    w.write(batch)
+    w.close({})
+    with h5py.File(path, "r") as f:
+        rows = sum(len(f[p]) for p in ("SlowSignal/readout", "records/s") if p in f)
+        assert rows == len(recs)
+        if "records/s" in f:
+            for row in f["records/s"][:]:
+                rec = recs[row["seq"] - 1]
+                assert bytes(row["payload"]) == b"".join(rec.payload)
