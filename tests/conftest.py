@@ -77,6 +77,7 @@ class Daemon:
         self.log_path = workdir / f"{name}.log"
         self.env = {**os.environ, "RUNTIME_DIRECTORY": str(runtime)}
         self.env.pop("NOTIFY_SOCKET", None)
+        self.env.pop("DAQD_NAME", None)  # a daqctl without --name must not find the user's daemon
         self.endpoint = f"ipc://{runtime}/{name}.ctl"
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -84,6 +84,7 @@ def refused(result: subprocess.CompletedProcess[str]) -> str:
 
 def test_no_daemon_is_one_line_and_non_zero(workdir: Path) -> None:
     env = {**os.environ, "RUNTIME_DIRECTORY": str(workdir)}
+    env.pop("DAQD_NAME", None)
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([DAQCTL, *args], env=env, capture_output=True, text=True, timeout=30)
@@ -612,10 +613,12 @@ def test_daqd_name_timeout_and_keyword_arguments(daemon: MakeDaemon, workdir: Pa
     first = daemon(config(workdir))
     other = daemon(config(workdir, name="u"), name="u")
 
+    base = {k: v for k, v in first.env.items() if k != "DAQD_NAME"}
+
     def daqctl(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [DAQCTL, *args],
-            env={**first.env, **env},
+            env={**base, **env},
             capture_output=True,
             text=True,
             timeout=60,
