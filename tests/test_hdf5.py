@@ -378,3 +378,30 @@ def test_sigterm_during_a_run_closes_the_file_with_every_readout_and_interrupted
     with h5py.File(out / "run-r6.h5", "r") as f:
         assert "INTERRUPTED" in f.attrs["condition"]
         assert list(f["SlowSignal/readout"]["iro"]) == list(range(1, 21))
+
+
+def test_read_only_directory_refuses_the_run_and_records_outside_runs_are_counted(
+    daemon: Any, workdir: Path
+) -> None:
+    with tmpfs(workdir / "ro") as ro:
+        d = daemon(config(ro, disk=False), name="h5t")
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+                u.sendto(b"before any run", address(d, "raw"))
+            wait_until(
+                lambda: d.status()["publishers"]["h5"]["drops"].get("outside_run") == 1,
+                60,
+                "the record outside a run to be counted",
+            )
+            r = subprocess.run(["mount", "-o", "remount,ro", str(ro)], capture_output=True)
+            if r.returncode != 0:
+                pytest.skip("cannot remount the tmpfs read-only")
+            out = d.ctl("start", "ro1")
+            assert out.returncode != 0, out.stdout
+            assert f"cannot create an HDF5 run file in {ro}" in out.stderr, out.stderr
+            assert "EROFS: Read-only file system" in out.stderr and "Traceback" not in out.stderr
+            st = d.status()
+            assert st["state"] == "ORBIT" and st["publishers"]["h5"]["errors"]["begin_run"] == 1
+        finally:
+            d.stop()
+        assert list(ro.iterdir()) == []
