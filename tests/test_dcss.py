@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
+import time
 import types
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -224,7 +226,23 @@ async def test_handshake_and_operation_at_each_protocol_level(level: int) -> Non
             await h.stop()
 
 
+class TimedEvents(list[tuple[int, str]]):
+    """The simulator's event list, also noting when each event happened."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.times: list[float] = []
+
+    def append(self, item: tuple[int, str]) -> None:
+        self.times.append(time.monotonic())
+        super().append(item)
+
+    def times_of(self, what: str) -> list[float]:
+        return [t for t, (_, e) in zip(self.times, self, strict=True) if e == what]
+
+
 async def test_unknown_name_is_rejected_and_retried_with_backoff(sim: DcssSimulator) -> None:
+    events = sim.events = TimedEvents()
     h = Host(
         parse_config(dhs_config(sim, dhs_name="nobody", extra="rejected_backoff_s = 0.1"), "<test>")
     )
@@ -233,18 +251,21 @@ async def test_unknown_name_is_rejected_and_retried_with_backoff(sim: DcssSimula
         rx = h.receivers["dhs"]
 
         def refusals() -> int:
-            return sum(e == "unknown_name" for _, e in sim.events)
+            return sum(e == "unknown_name" for _, e in events)
 
         # every refusal DCSS made is counted once, nothing else: exact once the DHS has seen
         # the close (it then waits its backoff before the next try)
         await wait_for(
-            lambda: refusals() >= 2 and rx.counters.errors == {"rejected": refusals()},
+            lambda: refusals() >= 3 and rx.counters.errors == {"rejected": refusals()},
             T,
-            "two attempts, each counted rejected",
+            "three attempts, each counted rejected",
         )
         assert rx.state == "running"
     finally:
         await h.stop()
+    # a refused name is retried only after rejected_backoff_s (a lower bound: load only adds)
+    tries = events.times_of("unknown_name")
+    assert all(b - a >= 0.1 for a, b in itertools.pairwise(tries)), tries
 
 
 async def test_duplicate_name_is_closed_after_a_delay_and_backed_off(
