@@ -46,12 +46,33 @@ def main() -> None:
 @click.argument("config", type=click.Path(dir_okay=False), required=False)
 @click.option("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR (default: config).")
 @click.option("--controller", help="Run as a worker of the parent daemon at this ICCP endpoint.")
-def serve(config: str | None, log_level: str | None, controller: str | None) -> None:
+@click.option(
+    "--iccp",
+    type=click.Choice(["daqd", "saturnin"]),
+    default="daqd",
+    show_default=True,
+    help="With --controller: daqd = a worker of a daqd parent (msgpack bodies); saturnin = the "
+    "daemon of CONFIG as a component of a Saturnin controller (Saturnin's protobuf bytes).",
+)
+def serve(config: str | None, log_level: str | None, controller: str | None, iccp: str) -> None:
     """Run the daemon described by CONFIG until SIGTERM, SIGINT or `daqctl shutdown`."""
     from daqd.config import load_config
     from daqd.daemon import serve as serve_daemon
     from daqd.logs import setup_logging
 
+    if controller and iccp == "saturnin":  # the daemon of CONFIG under a Saturnin controller
+        from daqd.worker import run_saturnin_component
+
+        if config is None:
+            fail("serve --iccp saturnin needs CONFIG (the daemon the component runs)")
+        try:
+            cfg = load_config(config)
+        except DaqdError as exc:
+            fail(str(exc))
+        setup_logging(log_level or cfg.daemon.log_level)
+        sys.exit(run_loop(run_saturnin_component(controller, cfg)))
+    if iccp != "daqd":
+        fail("--iccp saturnin needs --controller ENDPOINT")
     if controller:  # a worker process: its parent sends the configuration (REQUEST CONF)
         from daqd.worker import run_component
 

@@ -1,6 +1,6 @@
 """Separate virtual environments for real peer libraries, made once and cached in .venv-peers/.
 
-A peer library (constellationdaq, cs.packetstream) pins dependencies that must not leak into daqd's own
+A peer library (constellationdaq, cs.packetstream, saturnin) pins dependencies that must not leak into daqd's own
 environment, so each gets its own venv, created on first use by the test session that needs it and
 reused afterwards. Tests drive the peer as a subprocess running `peer_python(name)`.
 
@@ -28,6 +28,7 @@ PINS = Path(__file__).resolve().parent / "peer-requirements"
 RECIPES: dict[str, list[str]] = {
     "constellation": ["constellation.txt"],
     "packetstream": ["cs-packetstream.txt", "cs-packetstream-other.txt"],
+    "saturnin": ["saturnin.txt"],
 }
 
 

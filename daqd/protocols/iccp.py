@@ -1,8 +1,18 @@
-"""ICCP frame codec: control messages as ZeroMQ multipart frames with msgpack bodies (sans-IO).
+"""ICCP frame codec: control messages as ZeroMQ multipart frames (sans-IO), in two body encodings.
 
 Frame 0 is the message type as `!H`; the frames after it depend on the type (protocols/iccp.md).
 `decode` turns frames into a frozen message dataclass or raises ProtocolError; `encode` does the
 reverse. Nothing here touches a socket.
+
+Body encodings, chosen per session (`IccpCodec(encoding=...)`):
+- "daqd": msgpack bodies and request codes (daqd's own control plane, daqctl, worker processes);
+- "saturnin": Saturnin 0.10.0's bytes (Firebird Butler): READY carries a
+  `firebird.butler.PeerIdentification` and a `google.protobuf.Struct` of endpoints, REQUEST is
+  CONF with a `firebird.base.ConfigProto` (both the specified [code, config] form and the code-less
+  [config] form that saturnin's own encoder sends are accepted), OK has no body, ERROR is text
+  only, FINISHED is the same in both. The protobuf is hand-encoded (protocols/protobuf_wire.py).
+The messages are the same dataclasses either way; what one encoding cannot carry (a READY's
+version in Saturnin's supplement, an OK's result, an ERROR's details) is said per field below.
 """
 
 from __future__ import annotations
@@ -16,12 +26,19 @@ from typing import Any
 import msgpack
 
 from daqd.errors import ProtocolError
+from daqd.protocols import protobuf_wire as pw
 
 DEFAULT_MAX_BODY_BYTES = 16 << 20
 # A request code is four ASCII letters/digits/space, e.g. b"CMD ".
 CODE_LENGTH = 4
 
 Frame = bytes | bytearray | memoryview
+
+ENCODINGS = ("daqd", "saturnin")
+# The ZeroMQ transports a Saturnin controller accepts in an endpoint (it refuses the READY else).
+SATURNIN_TRANSPORTS = ("inproc", "ipc", "tcp", "pgm", "epgm", "vmci")
+# Saturnin's ICCP has one request, CONF, which its own encoder sends without the code frame.
+SATURNIN_CODE = b"CONF"
 
 
 class MessageType(enum.IntEnum):
@@ -52,6 +69,18 @@ class Ready:
     host: str = ""
     version: str = ""
     endpoints: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    # Saturnin only: the 16-byte peer UUID (required there), and the supplement's other keys
+    # (name and version travel in it too).
+    uid: bytes = b""
+    supplement: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AnyValue:
+    """A `google.protobuf.Any` in a Saturnin ConfigProto option (as_msg), kept as it came."""
+
+    type_url: str
+    value: bytes
 
 
 @dataclass(frozen=True)
@@ -136,10 +165,17 @@ def _text(frame: Frame, what: str, max_bytes: int) -> str:
 
 
 class IccpCodec:
-    """Decode and encode ICCP messages; bodies over `max_body_bytes` are refused unread."""
+    """Decode and encode ICCP messages in one body encoding ("daqd" or "saturnin"); bodies over
+    `max_body_bytes` are refused unread."""
 
-    def __init__(self, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+    def __init__(
+        self, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, encoding: str = "daqd"
+    ) -> None:
+        if encoding not in ENCODINGS:
+            raise ValueError(f"ICCP encoding {encoding!r}: expected one of {', '.join(ENCODINGS)}")
         self.max_body_bytes = max_body_bytes
+        self.encoding = encoding
+        self.saturnin = encoding == "saturnin"
 
     def decode(self, frames: Sequence[Frame]) -> Message:
         if not frames:
@@ -155,6 +191,8 @@ class IccpCodec:
                 f"ICCP frame 0: unknown message type {value} (known: 1..6)"
             ) from None
         body = frames[1:]
+        if self.saturnin:
+            return self._saturnin(mtype, body)
         if mtype is MessageType.READY:
             return self._ready(body)
         if mtype is MessageType.REQUEST:
@@ -170,6 +208,11 @@ class IccpCodec:
     def _ready(self, body: Sequence[Frame]) -> Ready:
         if not body:
             raise ProtocolError("ICCP READY: missing frame 1 (peer map)")
+        if len(body) >= 2 and bytes(body[0][:1]) == b"\x0a":
+            raise ProtocolError(
+                "ICCP READY: frames 1-2 look like Saturnin's protobuf (PeerIdentification, "
+                "Struct), not daqd's msgpack map: run this session with the saturnin encoding"
+            )
         peer = _unpack(body[0], "READY peer map", self.max_body_bytes)
         if not isinstance(peer, dict):
             raise ProtocolError(f"ICCP READY: frame 1 is a {type(peer).__name__}, expected a map")
@@ -242,6 +285,8 @@ class IccpCodec:
         if mtype is None:
             raise ProtocolError(f"ICCP: cannot encode a {type(message).__name__}")
         head = struct.pack("!H", mtype)
+        if self.saturnin:
+            return [head, *_saturnin_body(message)]
         if isinstance(message, Ready):
             peer = {
                 "name": message.name,
@@ -271,9 +316,287 @@ class IccpCodec:
         if isinstance(message, Stop):
             return [head]
         assert isinstance(message, Finished)
-        return [head, message.outcome.value.encode("ascii")] + [
-            d.encode("utf-8", "replace") for d in message.details
-        ]
+        return [head, *_finished_body(message)]
+
+    # ----- Saturnin's bytes --------------------------------------------------------------------
+
+    def _saturnin(self, mtype: MessageType, body: Sequence[Frame]) -> Message:
+        for i, frame in enumerate(body, start=1):
+            if len(frame) > self.max_body_bytes:
+                raise ProtocolError(
+                    f"ICCP {mtype.name}: frame {i} of {len(frame)} bytes is over the limit of "
+                    f"{self.max_body_bytes} bytes"
+                )
+        try:
+            if mtype is MessageType.READY:
+                return _saturnin_ready(body)
+            if mtype is MessageType.REQUEST:
+                return _saturnin_request(body)
+        except pw.WireError as exc:
+            raise ProtocolError(f"ICCP {mtype.name} (Saturnin protobuf): {exc}") from None
+        if mtype is MessageType.OK:
+            return Ok()  # Saturnin's OK has no body; extra frames are ignored
+        if mtype is MessageType.ERROR:
+            if not body:
+                raise ProtocolError("ICCP ERROR: missing frame 1 (message text)")
+            return Error(_text(body[0], "ERROR text", self.max_body_bytes))
+        if mtype is MessageType.STOP:
+            return Stop()
+        if not body:
+            raise ProtocolError("ICCP FINISHED: missing frame 1 (outcome)")
+        raw = bytes(body[0])
+        try:
+            outcome = Outcome(raw.decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            raise ProtocolError(
+                f"ICCP FINISHED: outcome {raw[:16]!r} is not OK, ERROR or UNKNOWN"
+            ) from None
+        details = [bytes(f).decode("utf-8", "replace") for f in body[1:]]
+        if len(details) > 1 and all(len(d) <= 1 for d in details):
+            # saturnin 0.10.0 under `python -O` sends repr(exc) one character per frame
+            # (its bug A7.4): put the text back together.
+            details = ["".join(details)]
+        return Finished(outcome, tuple(details))
+
+
+def _finished_body(message: Finished) -> list[bytes]:
+    details = message.details
+    if isinstance(details, str):  # one text, never one character per frame
+        details = (details,)
+    return [message.outcome.value.encode("ascii")] + [
+        str(d).encode("utf-8", "replace") for d in details
+    ]
+
+
+def _saturnin_body(message: Message) -> list[bytes]:
+    """The frames after frame 0 of `message` in Saturnin's encoding."""
+    try:
+        if isinstance(message, Ready):
+            return _saturnin_ready_body(message)
+        if isinstance(message, Request):
+            if message.code != SATURNIN_CODE.decode():
+                raise ProtocolError(
+                    f"ICCP REQUEST {message.code!r}: Saturnin's ICCP has only the CONF request"
+                )
+            return [SATURNIN_CODE, encode_config(message.args)]
+    except pw.WireError as exc:
+        raise ProtocolError(f"ICCP {type(message).__name__.upper()}: {exc}") from None
+    if isinstance(message, Ok):  # Saturnin's OK carries no result
+        return []
+    if isinstance(message, Error):  # nor does its ERROR carry more than the text
+        return [message.message.encode("utf-8", "replace")]
+    if isinstance(message, Stop):
+        return []
+    assert isinstance(message, Finished)
+    return _finished_body(message)
+
+
+def saturnin_address(address: str) -> bool:
+    """Whether a Saturnin controller takes `address` as an endpoint (`proto://...`)."""
+    proto, sep, rest = address.partition("://")
+    return bool(sep and rest) and proto.lower() in SATURNIN_TRANSPORTS
+
+
+def _saturnin_ready_body(message: Ready) -> list[bytes]:
+    if len(message.uid) != 16:
+        raise ProtocolError(f"ICCP READY: Saturnin needs a 16-byte uid, got {len(message.uid)}")
+    if not 0 <= message.pid < 1 << 32:
+        raise ProtocolError(f"ICCP READY: pid {message.pid} is not a uint32")
+    for channel, addresses in message.endpoints.items():
+        if isinstance(addresses, str):
+            raise ProtocolError(f"ICCP READY: endpoints of {channel!r} must be a list")
+        for address in addresses:
+            if not saturnin_address(address):
+                raise ProtocolError(
+                    f"ICCP READY: endpoint {address!r} of {channel!r} is not a ZeroMQ address "
+                    f"Saturnin accepts ({', '.join(SATURNIN_TRANSPORTS)}://...)"
+                )
+    supplement: dict[str, Any] = {}
+    if message.name:
+        supplement["name"] = message.name
+    if message.version:
+        supplement["version"] = message.version
+    supplement.update(message.supplement)
+    peer = pw.field_bytes(1, message.uid)
+    if message.pid:
+        peer += pw.field_varint(2, message.pid)
+    if message.host:
+        peer += pw.field_str(3, message.host)
+    if supplement:
+        any_struct = pw.encode_any(pw.STRUCT_TYPE_URL, pw.encode_struct(supplement))
+        peer += pw.field_bytes(4, any_struct)
+    endpoints = pw.encode_struct({k: list(v) for k, v in message.endpoints.items()})
+    return [peer, endpoints]
+
+
+def _saturnin_ready(body: Sequence[Frame]) -> Ready:
+    if len(body) < 2:
+        missing = "1 (PeerIdentification)" if not body else "2 (endpoints Struct)"
+        raise ProtocolError(f"ICCP READY: missing frame {missing}")
+    uid, pid, host = b"", 0, ""
+    supplement: dict[str, Any] = {}
+    struct_seen = False
+    for number, wire_type, value in pw.fields(body[0]):
+        if number == 1:
+            pw.expect(number, wire_type, pw.LEN, "PeerIdentification.uid")
+            uid = value
+        elif number == 2:
+            pw.expect(number, wire_type, pw.VARINT, "PeerIdentification.pid")
+            pid = value & 0xFFFFFFFF
+        elif number == 3:
+            pw.expect(number, wire_type, pw.LEN, "PeerIdentification.host")
+            host = pw.text(value, "PeerIdentification.host")
+        elif number == 4:
+            pw.expect(number, wire_type, pw.LEN, "PeerIdentification.supplement")
+            type_url, packed = pw.decode_any(value)
+            if not struct_seen and type_url.endswith("/google.protobuf.Struct"):
+                supplement = pw.decode_struct(packed)  # the first Struct, as Saturnin reads it
+                struct_seen = True
+    if len(uid) != 16:
+        raise ProtocolError(f"ICCP READY: PeerIdentification.uid must be 16 bytes, got {len(uid)}")
+    endpoints = pw.decode_struct(body[1])
+    for channel, addresses in endpoints.items():
+        if not isinstance(addresses, list) or not all(isinstance(a, str) for a in addresses):
+            raise ProtocolError(f"ICCP READY: endpoints of {channel!r} must be a list of strings")
+        for address in addresses:
+            if not saturnin_address(address):
+                raise ProtocolError(
+                    f"ICCP READY: endpoint {address!r} of {channel!r} is not a ZeroMQ address"
+                )
+    name, version = supplement.pop("name", ""), supplement.pop("version", "")
+    return Ready(
+        name=name if isinstance(name, str) else str(name),
+        pid=pid,
+        host=host,
+        version=version if isinstance(version, str) else str(version),
+        endpoints=endpoints,
+        uid=uid,
+        supplement=supplement,
+    )
+
+
+def _saturnin_request(body: Sequence[Frame]) -> Request:
+    """[b"CONF", ConfigProto] as specified, or [ConfigProto] (or nothing) as saturnin 0.10.0's
+    encoder sends it (its bug A7.1). A ConfigProto never starts with a printable byte (its first
+    field key is 0x0a or 0x12), so a 4-byte printable first frame is a code."""
+    if not body:
+        return Request("CONF", {})
+    first = bytes(body[0])
+    if len(first) == CODE_LENGTH and all(0x20 <= b < 0x7F for b in first):
+        if first != SATURNIN_CODE:
+            raise ProtocolError(
+                f"ICCP REQUEST: code {first!r} is not CONF, Saturnin's only request"
+            )
+        return Request("CONF", decode_config(body[1]) if len(body) > 1 else {})
+    return Request("CONF", decode_config(first))
+
+
+# ----- firebird.base.ConfigProto ---------------------------------------------------------------
+# ConfigProto: map<string, Value> options = 1; map<string, ConfigProto> configs = 2.
+# Value (oneof kind): as_string 2, as_bytes 3, as_bool 4, as_double 5, as_float 6, as_sint32 7,
+# as_sint64 8, as_uint32 9, as_uint64 10, as_msg 11 (google.protobuf.Any).
+# As a dict: options map to their values, sections (configs) to nested dicts.
+
+_INT64 = range(-(1 << 63), 1 << 63)
+_UINT64 = range(0, 1 << 64)
+
+
+def encode_config_value(value: Any) -> bytes:
+    if isinstance(value, bool):
+        return pw.field_varint(4, int(value))
+    if isinstance(value, int):
+        if value in _INT64:
+            return pw.field_varint(8, pw.zigzag(value))
+        if value in _UINT64:
+            return pw.field_varint(10, value)
+        raise pw.WireError(f"integer {value} fits neither sint64 nor uint64")
+    if isinstance(value, float):
+        return pw.field_double(5, value)
+    if isinstance(value, str):
+        return pw.field_str(2, value)
+    if isinstance(value, bytes | bytearray):
+        return pw.field_bytes(3, bytes(value))
+    if isinstance(value, AnyValue):
+        return pw.field_bytes(11, pw.encode_any(value.type_url, value.value))
+    raise pw.WireError(
+        f"a {type(value).__name__} has no ConfigProto Value (string, bytes, bool, number, Any); "
+        "write a list as text, as Saturnin does"
+    )
+
+
+def encode_config(config: Mapping[str, Any], depth: int = 0) -> bytes:
+    if depth > pw.MAX_DEPTH:
+        raise pw.WireError(f"ConfigProto nested deeper than {pw.MAX_DEPTH}")
+    out = bytearray()
+    for name, value in config.items():
+        if not isinstance(name, str):
+            raise pw.WireError(f"ConfigProto keys are strings, not {type(name).__name__}")
+        if value is None:  # as Saturnin does: an option without a value is left out
+            continue
+        if isinstance(value, Mapping):
+            out += pw.field_bytes(2, pw.entry(name, encode_config(value, depth + 1)))
+        else:
+            out += pw.field_bytes(1, pw.entry(name, encode_config_value(value)))
+    return bytes(out)
+
+
+def decode_config_value(raw: bytes) -> Any:
+    value: Any = None
+    for number, wire_type, v in pw.fields(raw):
+        if number == 2:
+            pw.expect(number, wire_type, pw.LEN, "Value.as_string")
+            value = pw.text(v, "Value.as_string")
+        elif number == 3:
+            pw.expect(number, wire_type, pw.LEN, "Value.as_bytes")
+            value = v
+        elif number == 4:
+            pw.expect(number, wire_type, pw.VARINT, "Value.as_bool")
+            value = bool(v)
+        elif number == 5:
+            pw.expect(number, wire_type, pw.FIXED64, "Value.as_double")
+            value = pw.as_double(v)
+        elif number == 6:
+            pw.expect(number, wire_type, pw.FIXED32, "Value.as_float")
+            value = pw.as_float(v)
+        elif number == 7:
+            pw.expect(number, wire_type, pw.VARINT, "Value.as_sint32")
+            value = pw.unzigzag(v & 0xFFFFFFFF)
+        elif number == 8:
+            pw.expect(number, wire_type, pw.VARINT, "Value.as_sint64")
+            value = pw.unzigzag(v)
+        elif number == 9:
+            pw.expect(number, wire_type, pw.VARINT, "Value.as_uint32")
+            value = v & 0xFFFFFFFF
+        elif number == 10:
+            pw.expect(number, wire_type, pw.VARINT, "Value.as_uint64")
+            value = v
+        elif number == 11:
+            pw.expect(number, wire_type, pw.LEN, "Value.as_msg")
+            value = AnyValue(*pw.decode_any(v))
+    return value
+
+
+def decode_config(raw: Frame, depth: int = 0) -> dict[str, Any]:
+    if depth > pw.MAX_DEPTH:
+        raise pw.WireError(f"ConfigProto nested deeper than {pw.MAX_DEPTH}")
+    out: dict[str, Any] = {}
+    sections: set[str] = set()
+    for number, wire_type, v in pw.fields(raw):
+        if number not in (1, 2):
+            continue
+        what = "ConfigProto.options" if number == 1 else "ConfigProto.configs"
+        pw.expect(number, wire_type, pw.LEN, what)
+        name, value = pw.map_entry(v, what)
+        if number == 1:
+            if name in sections:
+                raise pw.WireError(f"{name!r} is both an option and a section")
+            out[name] = None if value is None else decode_config_value(value)
+        else:
+            if name in out and name not in sections:
+                raise pw.WireError(f"{name!r} is both an option and a section")
+            sections.add(name)
+            out[name] = {} if value is None else decode_config(value, depth + 1)
+    return out
 
 
 _default = IccpCodec()
