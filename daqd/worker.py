@@ -891,7 +891,11 @@ class SaturninComponent:
             self.agent = str(uuid.UUID(bytes=agent))
         if logging_id is not None:
             self.logging_id = logging_id
-        log.info("saturnin component: configured (agent %s, logging_id %s)", agent, logging_id)
+        log.info(
+            "saturnin component: configured (agent %s, logging_id %s)",
+            self.agent,
+            self.logging_id,
+        )
 
     async def _stop_from_daqctl(self, host: Host) -> tuple[iccp.Outcome, list[str]]:
         host.request_stop(RunCondition.INTERRUPTED)
@@ -915,7 +919,8 @@ class SaturninComponent:
             f"{sum(r.counters.records for r in host.receivers.values())} records received"
         )
         if self.counters:
-            details.append(f"control messages refused: {self.counters}")
+            counts = ", ".join(f"{n} {reason}" for reason, n in sorted(self.counters.items()))
+            details.append(f"control messages refused: {counts}")
         if failed:
             details.append(f"failed receivers: {', '.join(failed)}")
             return iccp.Outcome.ERROR, details

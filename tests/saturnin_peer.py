@@ -1,0 +1,217 @@
+"""Drives the real saturnin 0.10.0 ICCP classes for daqd's Saturnin interop tests.
+
+Runs inside the peer venv (.venv-peers/saturnin), never imports daqd. Usage:
+    python saturnin_peer.py control < JSON settings, then commands on stdin, one per line
+    python saturnin_peer.py encode  (prints frames saturnin's own encoder makes, as hex)
+    python saturnin_peer.py decode  (hex frames in, one JSON list per line: what saturnin parses)
+
+`control` is Saturnin's controller side, as its ThreadController does it: a PairChannel with an
+ICCPController bound on {"address": "ipc://..."}; it starts {"command": [...]} (the string
+"{controller}" in it becomes the address) with stdout/stderr to {"log": path}, waits up to
+{"ready_timeout_ms"} for the first message and prints it as JSON. Then each stdin line is a command,
+answered with one JSON line:
+    conf <json>   REQUEST CONF with a firebird.base ConfigProto of these options (strings, ints,
+                  bools, floats; {"$uuid": hex} for a UUID), in saturnin's own 2-frame form
+                  (request_config_msg) or, with {"form": "spec", "options": {...}}, the specified
+                  3-frame form [type, b"CONF", ConfigProto]; prints the reply
+    raw <json>    send these hex frames as they are; prints the reply
+    stop          STOP, wait up to {"stop_timeout_ms"} for FINISHED/ERROR; prints it and the
+                  command's exit code, then exits
+A reply is {"type": "OK"|"ERROR"|"FINISHED"|..., ...} or {"invalid": true, "reason": ...} when
+saturnin's parser or the controller's session rules refused it, or {"timeout": true}.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+import uuid
+from typing import Any
+
+import zmq
+from firebird.base import protobuf
+from firebird.base.config import PROTO_CONFIG
+from saturnin.base import INVALID, ChannelManager, Direction, PairChannel, ZMQAddress
+from saturnin.protocol.iccp import ICCPController, ICCPMessage, MsgType
+
+
+def out(obj: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def describe(msg: Any, stop_errors: list[str]) -> dict[str, Any]:
+    if msg is INVALID:
+        return {"invalid": True, "reason": stop_errors[-1] if stop_errors else ""}
+    d: dict[str, Any] = {"type": msg.msg_type.name}
+    if msg.msg_type is MsgType.READY:
+        peer = msg.peer
+        d["peer"] = {
+            "uid": peer.uid.hex,
+            "pid": peer.pid,
+            "host": peer.host,
+            "supplement": peer.supplement,
+        }
+        d["endpoints"] = {k: [str(a) for a in v] for k, v in msg.endpoints.items()}
+    elif msg.msg_type is MsgType.ERROR:
+        d["error"] = msg.error
+    elif msg.msg_type is MsgType.FINISHED:
+        d["outcome"] = msg.outcome.value
+        d["details"] = list(msg.details)
+    return d
+
+
+def config_proto(options: dict[str, Any]) -> Any:
+    """A ConfigProto as firebird-base's Config.save_proto fills it (Value kinds per type)."""
+    proto = protobuf.create_message(PROTO_CONFIG)
+    for name, value in options.items():
+        v = proto.options[name]
+        if isinstance(value, dict) and "$uuid" in value:
+            v.as_bytes = uuid.UUID(value["$uuid"]).bytes
+        elif isinstance(value, bool):
+            v.as_bool = value
+        elif isinstance(value, int):
+            v.as_sint64 = value
+        elif isinstance(value, float):
+            v.as_double = value
+        else:
+            v.as_string = str(value)
+    return proto
+
+
+def control(settings: dict[str, Any]) -> int:
+    stop_errors: list[str] = []
+    mngr = ChannelManager(zmq.Context.instance())
+    iccp = ICCPController()
+
+    def on_stop_controller(exc: Exception) -> None:  # the signature saturnin's event checks
+        stop_errors.append(repr(exc))
+
+    iccp.on_stop_controller = on_stop_controller
+    chn: PairChannel = mngr.create_channel(
+        PairChannel,
+        "daqd.iccp",
+        iccp,
+        wait_for=Direction.IN,
+        sock_opts={"rcvhwm": 5, "sndhwm": 5},
+    )
+    mngr.warm_up()
+    address = ZMQAddress(settings["address"])
+    chn.bind(address)
+    argv = [a.replace("{controller}", str(address)) for a in settings["command"]]
+    with open(settings["log"], "wb") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    try:
+
+        def reply(timeout_ms: int) -> dict[str, Any]:
+            if chn.wait(timeout_ms) != Direction.IN:
+                return {"timeout": True, "running": proc.poll() is None}
+            return describe(chn.receive(), stop_errors)
+
+        out({"pid": proc.pid, **reply(settings.get("ready_timeout_ms", 20000))})
+        for line in sys.stdin:
+            cmd, _, arg = line.strip().partition(" ")
+            if cmd == "conf":
+                spec = json.loads(arg)
+                if spec.get("form") == "spec":
+                    proto = config_proto(spec["options"])
+                    chn.send_zmsg([struct.pack("!H", 2), b"CONF", proto.SerializeToString()])
+                else:
+                    msg: ICCPMessage = iccp.request_config_msg()
+                    msg.config = config_proto(spec["options"])
+                    chn.send(msg, chn.session)
+                out(reply(settings.get("reply_timeout_ms", 10000)))
+            elif cmd == "raw":
+                chn.send_zmsg([bytes.fromhex(h) for h in json.loads(arg)])
+                out(reply(settings.get("reply_timeout_ms", 10000)))
+            elif cmd == "stop":
+                chn.send(iccp.stop_msg(), chn.session)
+                answer = reply(settings.get("stop_timeout_ms", 30000))
+                try:
+                    answer["exit_code"] = proc.wait(settings.get("exit_timeout_s", 30))
+                except subprocess.TimeoutExpired:
+                    answer["exit_code"] = None
+                out(answer)
+                return 0
+            else:
+                out({"unknown_command": cmd})
+        return 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        mngr.shutdown(forced=True)
+
+
+def encode() -> int:
+    """Frames saturnin's own encoder makes, one JSON object per line: {"name", "frames": [hex]}."""
+    from firebird.base.config import Config, FloatOption, IntOption, StrOption, UUIDOption
+    from saturnin.base import Outcome, PeerDescriptor
+    from saturnin.protocol.iccp import ICCPComponent
+
+    class Conf(Config):
+        def __init__(self) -> None:
+            super().__init__("svc")
+            self.agent = UUIDOption("agent", "agent")
+            self.logging_id = StrOption("logging_id", "logging id")
+            self.n = IntOption("n", "a signed number", signed=True)
+            self.big = IntOption("big", "an unsigned number")
+            self.x = FloatOption("x", "a float")
+
+    comp, ctl = ICCPComponent(), ICCPController()
+    peer = PeerDescriptor(
+        uuid.UUID("aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee"), 6875, "vm", {"name": "toy", "n": 3}
+    )
+    endpoints = {"input": [ZMQAddress("inproc://toy-input"), ZMQAddress("tcp://127.0.0.1:36141")]}
+    conf = Conf()
+    conf.agent.value = uuid.UUID(int=5)
+    conf.logging_id.value = "toylog"
+    conf.n.value = -5
+    conf.big.value = 2**64 - 1
+    conf.x.value = 1.5
+    # Each protocol object reuses one message (saturnin's _ICCP): encode each one at once.
+    made = {
+        "ready": lambda: comp.ready_msg(peer, endpoints),
+        "request": lambda: ctl.request_config_msg(conf),
+        "request_empty": lambda: ctl.request_config_msg(),
+        "error": lambda: comp.error_msg(ValueError("bad thing")),
+        "finished_ok": lambda: comp.finished_msg(Outcome.OK, ["line one", "line two"]),
+        "finished_repr": lambda: ICCPComponent(with_traceback=False).finished_msg(
+            Outcome.ERROR, ValueError("boom")
+        ),
+        "stop": lambda: ctl.stop_msg(),
+        "ok": lambda: comp.ok_msg(),
+    }
+    for name, make in made.items():
+        out({"name": name, "frames": [bytes(f).hex() for f in make().as_zmsg()]})
+    return 0
+
+
+def decode() -> int:
+    for line in sys.stdin:
+        frames = [bytes.fromhex(h) for h in json.loads(line)]
+        msg = ICCPMessage()
+        try:
+            msg.from_zmsg(frames)
+        except Exception as exc:
+            out({"invalid": True, "reason": f"{type(exc).__name__}: {exc}"})
+            continue
+        d = describe(msg, [])
+        if msg.msg_type is MsgType.REQUEST:
+            d["request"] = msg.request.name
+            d["config"] = {k: str(v).strip() for k, v in msg.config.options.items()}
+        out(d)
+    return 0
+
+
+if __name__ == "__main__":
+    mode = sys.argv[1]
+    if mode == "control":
+        sys.exit(control(json.loads(sys.stdin.readline())))
+    if mode == "encode":
+        sys.exit(encode())
+    if mode == "decode":
+        sys.exit(decode())
+    sys.exit(f"unknown mode {mode!r}")
