@@ -40,6 +40,20 @@ class DaemonSettings(BaseModel):
     max_request_bytes: int = Field(16 << 20, gt=0)
 
 
+class ConstellationSettings(BaseModel):
+    """The [constellation] table: daqd as the Constellation satellite `Daqd.<name>`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    group: str = Field(pattern=r"^[\w.-]+$")  # the Constellation's group name (required)
+    name: str | None = Field(None, pattern=r"^[\w-]+$")  # default: [daemon] name
+    interface: list[str] | None = None  # interface names or IPv4 addresses; default: all
+    cmd_port: int = Field(0, ge=0, le=65535)  # 0: chosen by the system
+    hb_port: int = Field(0, ge=0, le=65535)
+    max_heartbeat_interval_s: float = Field(30.0, gt=0)
+    wait_for_controller: bool = True  # serve waits in INIT for a controller's initialize
+
+
 @dataclass
 class Config:
     path: str
@@ -49,6 +63,7 @@ class Config:
     publishers: list[PublisherSettings] = field(default_factory=list)
     # what `daqd check` prints and `daqd serve` logs: settings that work but should be fixed
     warnings: list[str] = field(default_factory=list)
+    constellation: ConstellationSettings | None = None  # [constellation], if given
 
     def receiver(self, name: str) -> ReceiverSettings:
         return next(r for r in self.receivers if r.name == name)
@@ -125,7 +140,7 @@ def parse_config(text: str, path: str = "<config>", *, from_file: bool = False) 
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    unknown = sorted(set(doc) - {"daemon", "receiver", "publisher"})
+    unknown = sorted(set(doc) - {"daemon", "receiver", "publisher", "constellation"})
     if unknown:
         raise ConfigError(
             f"{path}: unknown table {unknown[0]!r}; expected [daemon], [[receiver]], [[publisher]]"
@@ -149,7 +164,29 @@ def parse_config(text: str, path: str = "<config>", *, from_file: bool = False) 
     ]
     config = Config(path, text, daemon, receivers, publishers)  # type: ignore[arg-type]
     _check_names(config)
+    config.constellation = _constellation(path, doc, daemon)
     return config
+
+
+def _constellation(
+    path: str, doc: dict[str, Any], daemon: DaemonSettings
+) -> ConstellationSettings | None:
+    """The optional [constellation] table; its name defaults to [daemon] name."""
+    table = doc.get("constellation")
+    if table is None:
+        return None
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: [constellation] must be a table")
+    try:
+        settings = ConstellationSettings.model_validate(table)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: [constellation]: {_describe(exc.errors()[0])}") from None
+    if settings.name is None and not re.fullmatch(r"[\w-]+", daemon.name):
+        raise ConfigError(
+            f"{path}: [constellation]: [daemon] name {daemon.name!r} is not a Constellation name "
+            "(letters, digits, '_', '-'): set name in [constellation]"
+        )
+    return settings
 
 
 def _array(path: str, doc: dict[str, Any], table: str) -> list[Any]:
