@@ -12,12 +12,22 @@ RATE_WINDOW_S = 10.0
 class Counters:
     """Records, bytes, drops and errors by reason, last-seen time, and a rate over the last 10 s."""
 
-    __slots__ = ("_history", "bytes", "drops", "errors", "extra", "last_seen_ns", "records")
+    __slots__ = (
+        "_history",
+        "bytes",
+        "dropped",
+        "drops",
+        "errors",
+        "extra",
+        "last_seen_ns",
+        "records",
+    )
 
     def __init__(self) -> None:
         self.records = 0
         self.bytes = 0
         self.drops: dict[str, int] = {}
+        self.dropped = 0  # the sum of what drop() counted, for the per-batch accounting
         self.errors: dict[str, int] = {}
         self.last_seen_ns = 0
         self.extra: dict[str, Any] = {}
@@ -30,6 +40,7 @@ class Counters:
 
     def drop(self, reason: str, n: int = 1) -> None:
         self.drops[reason] = self.drops.get(reason, 0) + n
+        self.dropped += n
 
     def error(self, reason: str, n: int = 1) -> None:
         self.errors[reason] = self.errors.get(reason, 0) + n

@@ -141,6 +141,7 @@ class PublisherQueue:
         self.limited = LimitedLogger(publisher.log)
         self.offered = 0
         self.put_drops: dict[str, int] = {}
+        self._put_dropped = 0  # their sum
         self._items: deque[Record | _Marker] = deque()
         self._records = 0
         # the drain task waits (or is about to) for items on _waiter; a put then wakes it
@@ -171,6 +172,7 @@ class PublisherQueue:
     def _drop(self, reason: str, n: int) -> None:
         self.counters.drop(reason, n)
         self.put_drops[reason] = self.put_drops.get(reason, 0) + n
+        self._put_dropped += n
 
     def refuse(self, reason: str, n: int = 1) -> None:
         """`n` records meant for this queue never reached it (the receiver stopped first)."""
@@ -285,7 +287,7 @@ class PublisherQueue:
     def _send_drops(self) -> int:
         """Drops counted by the publisher itself (not at the put side, which goes on while a
         send() waits)."""
-        return sum(self.counters.drops.values()) - sum(self.put_drops.values())
+        return self.counters.dropped - self._put_dropped
 
     def _account(self, batch: list[Record], nbytes: int, dropped_before: int) -> None:
         """Count what was sent: the batch less what send() itself counted as dropped (high-water
