@@ -17,6 +17,7 @@ answered with one JSON line:
     raw <json>    send these hex frames as they are; prints the reply
     stop          STOP, wait up to {"stop_timeout_ms"} for FINISHED/ERROR; prints it and the
                   command's exit code, then exits
+    exit          wait for the command to exit by itself; prints its exit code, then exits
 A reply is {"type": "OK"|"ERROR"|"FINISHED"|..., ...} or {"invalid": true, "reason": ...} when
 saturnin's parser or the controller's session rules refused it, or {"timeout": true}.
 """
@@ -134,6 +135,12 @@ def control(settings: dict[str, Any]) -> int:
                 except subprocess.TimeoutExpired:
                     answer["exit_code"] = None
                 out(answer)
+                return 0
+            elif cmd == "exit":
+                try:
+                    out({"exit_code": proc.wait(settings.get("exit_timeout_s", 30))})
+                except subprocess.TimeoutExpired:
+                    out({"exit_code": None})
                 return 0
             else:
                 out({"unknown_command": cmd})
