@@ -17,6 +17,8 @@ SIM_COMMANDS = {
     "slowsignal": "daqd.sim.slowsignal",
     "cdtp": "daqd.sim.cdtp",
     "dcss": "daqd.sim.dcss",
+    "trigger": "daqd.sim.trigger",
+    "timestamp": "daqd.sim.timestamp",
 }
 
 
@@ -44,7 +46,12 @@ def main() -> None:
 
 @main.command()
 @click.argument("config", type=click.Path(dir_okay=False), required=False)
-@click.option("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR (default: config).")
+@click.option(
+    "--log-level",
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+    default=None,
+    help="Any case; the same names as [daemon] log_level (default: the config's, INFO).",
+)
 @click.option("--controller", help="Run as a worker of the parent daemon at this ICCP endpoint.")
 @click.option(
     "--iccp",
@@ -88,7 +95,9 @@ def serve(config: str | None, log_level: str | None, controller: str | None, icc
     try:
         sys.exit(run_loop(serve_daemon(cfg)))
     except DaqdError as exc:
-        fail(str(exc), 1)
+        from daqd.netinfo import explain_bind_error
+
+        fail(explain_bind_error(exc, cfg), 1)
     except OSError as exc:
         fail(f"{config}: {exc}", 1)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
@@ -11,12 +12,14 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from daqd import trust
 from daqd.errors import ConfigError, ControlError
+from daqd.logs import LOG_LEVELS
 from daqd.publisher import Publisher, PublisherSettings
 from daqd.receiver import ReceiverServer, ReceiverSettings
+from daqd.tomllines import key_lines, line_of
 
 RECEIVER_GROUP = "daqd.receivers"
 PUBLISHER_GROUP = "daqd.publishers"
@@ -29,7 +32,7 @@ class DaemonSettings(BaseModel):
 
     name: str = Field("daqd", pattern=r"^[A-Za-z0-9_.-]+$")
     drain_timeout_s: float = Field(10.0, gt=0)
-    log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
+    log_level: str = "INFO"  # any case; `daqd serve --log-level` takes the same names
     runtime_dir: str | None = (
         None  # default: $RUNTIME_DIRECTORY, $XDG_RUNTIME_DIR/daqd, /tmp/daqd-<uid>
     )
@@ -38,6 +41,27 @@ class DaemonSettings(BaseModel):
     curve_server_key_file: str | None = None  # zmq certificate with the server's secret key
     curve_authorized_keys_dir: str | None = None  # public certificates of allowed clients
     max_request_bytes: int = Field(16 << 20, gt=0)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.upper() in LOG_LEVELS:
+            return value.upper()
+        if isinstance(value, str):
+            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)} (in any case)")
+        return value
+
+
+class ConfigErrors(ConfigError):
+    """Every problem found in one configuration: one line each, naming file, table, key, line."""
+
+    def __init__(self, path: str, problems: list[str]) -> None:
+        self.problems = problems
+        if len(problems) == 1:
+            text = problems[0]
+        else:
+            text = f"{path}: {len(problems)} errors\n" + "\n".join(problems)
+        super().__init__(text)
 
 
 class ConstellationSettings(BaseModel):
@@ -102,14 +126,130 @@ def _shown(key: str, value: Any) -> str:
     return _URL_USERINFO.sub("***@", repr(value))
 
 
-def _describe(err: Any) -> str:
-    key = ".".join(str(p) for p in err["loc"]) or "(table)"
-    if err["type"] == "extra_forbidden":
-        return f'key "{key}": unknown key'
-    if err["type"] == "missing":
-        return f'key "{key}": required key is missing'
-    text = f'key "{key}": {err["msg"]} (got {_shown(key, err.get("input"))})'
-    return _URL_USERINFO.sub("***@", text)  # a validator's own message may quote the value
+_BOUNDS = {
+    "greater_than": ("gt", "must be greater than {}"),
+    "greater_than_equal": ("ge", "must be at least {}"),
+    "less_than": ("lt", "must be less than {}"),
+    "less_than_equal": ("le", "must be at most {}"),
+    "multiple_of": ("multiple_of", "must be a multiple of {}"),
+    "string_pattern_mismatch": ("pattern", "must match the pattern {}"),
+    "string_too_long": ("max_length", "must have at most {} characters"),
+    "too_long": ("max_length", "must have at most {} items"),
+    "literal_error": ("expected", "must be one of {}"),
+    "enum": ("expected", "must be one of {}"),
+}
+_KINDS = {
+    "string_type": "must be a string",
+    "int_type": "must be an integer",
+    "int_parsing": "must be an integer",
+    "int_from_float": "must be a whole number",
+    "float_type": "must be a number",
+    "float_parsing": "must be a number",
+    "finite_number": "must be a finite number",
+    "bool_type": "must be true or false",
+    "bool_parsing": "must be true or false",
+    "list_type": "must be an array",
+    "tuple_type": "must be an array",
+    "set_type": "must be an array",
+    "frozen_set_type": "must be an array",
+    "dict_type": "must be a table",
+    "model_type": "must be a table",
+    "model_attributes_type": "must be a table",
+}
+
+
+def _words(err: Any) -> str:
+    """A pydantic error in daqd's words: what the value must be, never pydantic's phrasing."""
+    kind, ctx = err["type"], err.get("ctx") or {}
+    if kind in ("value_error", "assertion_error"):
+        text = str(ctx.get("error") or err["msg"])
+        return text if text else str(err["msg"])
+    if kind in _KINDS:
+        return _KINDS[kind]
+    if kind in ("string_too_short", "too_short"):
+        n = ctx.get("min_length", 1)
+        if n == 1:
+            return "must not be empty"
+        return f"must have at least {n} {'characters' if kind == 'string_too_short' else 'items'}"
+    if kind in _BOUNDS and _BOUNDS[kind][0] in ctx:
+        name, text = _BOUNDS[kind]
+        return text.format(ctx[name])
+    msg = str(err["msg"])
+    for prefix in ("Value error, ", "Assertion failed, "):
+        msg = msg.removeprefix(prefix)
+    return msg[:1].lower() + msg[1:]
+
+
+def _field_names(model: Any, loc: tuple[Any, ...]) -> list[str]:
+    """The keys the (sub-)table at `loc` of `model` accepts, as far as they can be found."""
+    for part in loc:
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            return []
+        model = fields[part].annotation
+        args = getattr(model, "__args__", ())
+        if args and not hasattr(model, "model_fields"):  # dict[str, Sub] / Sub | None
+            model = next((a for a in reversed(args) if hasattr(a, "model_fields")), model)
+    return list(getattr(model, "model_fields", {}) or {})
+
+
+def _suggest(word: str, choices: list[str] | set[str]) -> str:
+    close = difflib.get_close_matches(word, sorted(choices), n=1, cutoff=0.6)
+    return f'; did you mean "{close[0]}"?' if close else ""
+
+
+class _Problems:
+    """Collects the errors of one configuration text, each with its line number."""
+
+    def __init__(self, path: str, text: str) -> None:
+        self.path = path
+        self._lines: dict[Any, int] | None = None
+        self._text = text
+        self.items: list[str] = []
+        self._order: list[float] = []  # each item's line (inf: none)
+
+    def line(self, loc: tuple[Any, ...]) -> int | None:
+        if self._lines is None:
+            self._lines = key_lines(self._text)
+        return line_of(self._lines, loc)
+
+    def add(self, where: str, loc: tuple[Any, ...], message: str) -> None:
+        """`where` starts with the path; `loc` places the line (table, index, key...)."""
+        n = self.line(loc)
+        self.items.append(f"{where}: {message}" + (f" (line {n})" if n else ""))
+        self._order.append(n or float("inf"))
+
+    def add_raised(self, exc: ConfigError, loc: tuple[Any, ...]) -> None:
+        n = self.line(loc)
+        self.items.append(f"{exc}" + (f" (line {n})" if n else ""))
+        self._order.append(n or float("inf"))
+
+    def add_validation(
+        self, where: str, base: tuple[Any, ...], exc: ValidationError, model: Any
+    ) -> None:
+        errors = exc.errors()
+        missing = {str(e["loc"][-1]) for e in errors if e["type"] == "missing" and e["loc"]}
+        for err in errors:
+            loc = tuple(err["loc"])
+            key = ".".join(str(p) for p in loc)
+            if err["type"] == "extra_forbidden":
+                accepted = [k for k in _field_names(model, loc[:-1]) if k]
+                hint = _suggest(str(loc[-1]), missing or accepted) or _suggest(
+                    str(loc[-1]), accepted
+                )
+                self.add(where, (*base, *loc), f'key "{key}": unknown key{hint}')
+            elif err["type"] == "missing":
+                self.add(where, (*base, *loc[:-1]), f'key "{key}": required key is missing')
+            elif not loc:
+                self.add(where, base, _URL_USERINFO.sub("***@", _words(err)))
+            else:
+                text = f'key "{key}": {_words(err)} (got {_shown(key, err.get("input"))})'
+                self.add(where, (*base, *loc), _URL_USERINFO.sub("***@", text))
+
+    def raise_if_any(self) -> None:
+        if self.items:  # in file order, as an editor would walk them
+            order = sorted(range(len(self.items)), key=lambda i: (self._order[i], i))
+            raise ConfigErrors(self.path, [self.items[i] for i in order])
 
 
 def load_config(path: str | Path) -> Config:
@@ -140,73 +280,86 @@ def parse_config(text: str, path: str = "<config>", *, from_file: bool = False) 
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    unknown = sorted(set(doc) - {"daemon", "receiver", "publisher", "constellation"})
-    if unknown:
-        raise ConfigError(
-            f"{path}: unknown table {unknown[0]!r}; expected [daemon], [[receiver]], [[publisher]]"
+    problems = _Problems(path, text)
+    for table in sorted(set(doc) - set(_TABLES)):
+        problems.add(
+            path,
+            (table,),
+            f"unknown table {table!r}{_suggest(table, list(_TABLES))} (expected [daemon], "
+            "[[receiver]], [[publisher]])",
         )
     daemon_doc = doc.get("daemon", {})
+    daemon: DaemonSettings | None = None
     if not isinstance(daemon_doc, dict):
-        raise ConfigError(f"{path}: [daemon] must be a table")
-    try:
-        daemon = DaemonSettings.model_validate(daemon_doc)
-    except ValidationError as exc:
-        raise ConfigError(f"{path}: [daemon]: {_describe(exc.errors()[0])}") from None
-    _check_daemon_settings(path, daemon)
+        problems.add(path, ("daemon",), "[daemon] must be a table")
+    else:
+        try:
+            daemon = DaemonSettings.model_validate(daemon_doc)
+        except ValidationError as exc:
+            problems.add_validation(f"{path}: [daemon]", ("daemon",), exc, DaemonSettings)
+        else:
+            _check_daemon_settings(path, daemon, problems)
     code = _CodeTrust(text, path, from_file)
-    receivers = [
-        _entry(path, "receiver", i, e, RECEIVER_GROUP, code)
-        for i, e in enumerate(_array(path, doc, "receiver"), 1)
-    ]
-    publishers = [
-        _entry(path, "publisher", i, e, PUBLISHER_GROUP, code)
-        for i, e in enumerate(_array(path, doc, "publisher"), 1)
-    ]
-    config = Config(path, text, daemon, receivers, publishers)  # type: ignore[arg-type]
-    _check_names(config)
-    config.constellation = _constellation(path, doc, daemon)
+    found: dict[str, list[Any]] = {}
+    for table, group in (("receiver", RECEIVER_GROUP), ("publisher", PUBLISHER_GROUP)):
+        entries = doc.get(table, [])
+        if not isinstance(entries, list):
+            problems.add(path, (table,), f"{table} must be an array of tables: write [[{table}]]")
+            entries = []
+        found[table] = [
+            _entry(path, table, i, e, group, code, problems) for i, e in enumerate(entries, 1)
+        ]
+    _check_names(path, doc, problems)
+    problems.raise_if_any()
+    assert daemon is not None
+    config = Config(path, text, daemon, found["receiver"], found["publisher"])
+    config.constellation = _constellation(path, doc, daemon, problems)
+    problems.raise_if_any()
     return config
 
 
+_TABLES = ("daemon", "receiver", "publisher", "constellation")
+
+
 def _constellation(
-    path: str, doc: dict[str, Any], daemon: DaemonSettings
+    path: str, doc: dict[str, Any], daemon: DaemonSettings | None, problems: _Problems
 ) -> ConstellationSettings | None:
     """The optional [constellation] table; its name defaults to [daemon] name."""
     table = doc.get("constellation")
     if table is None:
         return None
+    where = f"{path}: [constellation]"
     if not isinstance(table, dict):
-        raise ConfigError(f"{path}: [constellation] must be a table")
+        problems.add(path, ("constellation",), "[constellation] must be a table")
+        return None
     try:
         settings = ConstellationSettings.model_validate(table)
     except ValidationError as exc:
-        raise ConfigError(f"{path}: [constellation]: {_describe(exc.errors()[0])}") from None
-    if settings.name is None and not re.fullmatch(r"[\w-]+", daemon.name):
-        raise ConfigError(
-            f"{path}: [constellation]: [daemon] name {daemon.name!r} is not a Constellation name "
-            "(letters, digits, '_', '-'): set name in [constellation]"
+        problems.add_validation(where, ("constellation",), exc, ConstellationSettings)
+        return None
+    if settings.name is None and daemon is not None and not re.fullmatch(r"[\w-]+", daemon.name):
+        problems.add(
+            where,
+            ("constellation",),
+            f"[daemon] name {daemon.name!r} is not a Constellation name (letters, digits, '_', "
+            "'-'): set name in [constellation]",
         )
     return settings
 
 
-def _array(path: str, doc: dict[str, Any], table: str) -> list[Any]:
-    entries = doc.get(table, [])
-    if not isinstance(entries, list):
-        raise ConfigError(f"{path}: {table} must be an array of tables: write [[{table}]]")
-    return entries
-
-
-def _check_daemon_settings(path: str, d: DaemonSettings) -> None:
+def _check_daemon_settings(path: str, d: DaemonSettings, problems: _Problems) -> None:
     """[daemon] settings that cannot work together (the control server refuses them too)."""
     if d.control_tcp and not (d.curve_server_key_file and d.curve_authorized_keys_dir):
         missing = [
             k for k in ("curve_server_key_file", "curve_authorized_keys_dir") if not getattr(d, k)
         ]
-        raise ConfigError(
-            f'{path}: [daemon]: key "control_tcp": {d.control_tcp} needs CURVE keys: set '
+        problems.add(
+            f"{path}: [daemon]",
+            ("daemon", "control_tcp"),
+            f'key "control_tcp": {d.control_tcp} needs CURVE keys: set '
             f"{' and '.join(missing)} (the daemon's secret certificate, and a directory of the "
             "public certificates of the clients allowed in); the daemon never listens on TCP "
-            "without them"
+            "without them",
         )
 
 
@@ -221,27 +374,36 @@ def check_daemon(config: Config) -> list[str]:
 
     d = config.daemon
     where = f"{config.path}: [daemon]"
+    problems = _Problems(config.path, config.text)
     warnings: list[str] = []
-    try:
-        if d.control_group is not None:
+    if d.control_group is not None:
+        try:
             control.group_id(d.control_group)
-    except ControlError as exc:
-        raise ConfigError(f'{where}: key "control_group": {exc}') from None
+        except ControlError as exc:
+            problems.add(where, ("daemon", "control_group"), f'key "control_group": {exc}')
     runtime = Path(d.runtime_dir) if d.runtime_dir else control.runtime_dir()
     problem = trust.dir_problem(runtime) if os.path.lexists(runtime) else None
     if problem:
         key = "runtime_dir" if d.runtime_dir else "runtime_dir (not set: the default)"
-        raise ConfigError(f'{where}: key "{key}": {problem}')
+        problems.add(where, ("daemon", "runtime_dir"), f'key "{key}": {problem}')
     if d.control_tcp and d.curve_server_key_file and d.curve_authorized_keys_dir:
         try:
             *_, notes = control.curve_server_keys(d.curve_server_key_file)
         except ControlError as exc:
-            raise ConfigError(f'{where}: key "curve_server_key_file": {exc}') from None
+            problems.add(
+                where, ("daemon", "curve_server_key_file"), f'key "curve_server_key_file": {exc}'
+            )
+            notes = []
         try:
             control.check_curve_clients(d.curve_authorized_keys_dir)
         except ControlError as exc:
-            raise ConfigError(f'{where}: key "curve_authorized_keys_dir": {exc}') from None
+            problems.add(
+                where,
+                ("daemon", "curve_authorized_keys_dir"),
+                f'key "curve_authorized_keys_dir": {exc}',
+            )
         warnings += [f'{where}: key "curve_server_key_file": {note}' for note in notes]
+    problems.raise_if_any()
     return warnings
 
 
@@ -307,54 +469,95 @@ class _CodeTrust:
 
 
 def _entry(
-    path: str, table: str, index: int, entry: Any, group: str, code: _CodeTrust
-) -> BaseModel:
+    path: str,
+    table: str,
+    index: int,
+    entry: Any,
+    group: str,
+    code: _CodeTrust,
+    problems: _Problems,
+) -> Any:
+    """One [[receiver]] or [[publisher]]: its settings, or None with its problems added."""
     where = f"{path}: [[{table}]] #{index}"
+    base: tuple[Any, ...] = (table, index)
     if not isinstance(entry, dict):
-        raise ConfigError(f"{where}: must be a table")
+        problems.add(where, base, "must be a table")
+        return None
     if isinstance(entry.get("name"), str):
         where += f' (name "{entry["name"]}")'
     type_name = entry.get("type")
     if not isinstance(type_name, str):
-        raise ConfigError(f'{where}: key "type": required, one of: {", ".join(_types(group))}')
+        problems.add(where, base, f'key "type": required, one of: {", ".join(_types(group))}')
+        return None
     if type_name not in _types(group):
-        raise ConfigError(
-            f'{where}: key "type": unknown {table} type {type_name!r}; '
-            f"known: {', '.join(sorted(_types(group)))}"
+        problems.add(
+            where,
+            (*base, "type"),
+            f'key "type": unknown {table} type {type_name!r} '
+            f"(known: {', '.join(sorted(_types(group)))})"
+            f"{_suggest(type_name, list(_types(group)))}",
         )
+        return None
     try:
         cls = load_type(group, type_name)
     except Exception as exc:
-        raise ConfigError(f"{where}: {table} type {type_name!r} cannot be loaded: {exc}") from None
+        problems.add(where, (*base, "type"), f"{table} type {type_name!r} cannot be loaded: {exc}")
+        return None
     # before validation: a validator may import what these settings name
+    refused = False
     for key in getattr(cls.Settings, "code_settings", ()):
-        code.check(where, key, entry.get(key))
+        try:
+            code.check(where, key, entry.get(key))
+        except ConfigError as exc:
+            problems.add_raised(exc, (*base, key))
+            refused = True
+    if refused:
+        return None
     try:
         settings: BaseModel = cls.Settings.model_validate(entry)
     except ValidationError as exc:
-        raise ConfigError(f"{where}: {_describe(exc.errors()[0])}") from None
+        problems.add_validation(where, base, exc, cls.Settings)
+        return None
     return settings
 
 
-def _check_names(config: Config) -> None:
+def _check_names(path: str, doc: dict[str, Any], problems: _Problems) -> None:
+    """Names unique across receivers and publishers; publish_to names publishers.
+
+    Entries whose own settings failed still count by the name they give, so one mistake does
+    not hide (or invent) another."""
+
+    def names(table: str) -> list[tuple[int, str]]:
+        raw = doc.get(table)
+        entries = raw if isinstance(raw, list) else []
+        return [
+            (i, e["name"])
+            for i, e in enumerate(entries, 1)
+            if isinstance(e, dict) and isinstance(e.get("name"), str)
+        ]
+
     seen: dict[str, str] = {}
-    tables: list[tuple[str, list[Any]]] = [
-        ("receiver", config.receivers),
-        ("publisher", config.publishers),
-    ]
-    for table, entries in tables:
-        for i, e in enumerate(entries, 1):
-            if e.name in seen:
-                raise ConfigError(
-                    f'{config.path}: [[{table}]] #{i}: key "name": {e.name!r} is already the name '
-                    f"of a {seen[e.name]}; names must be unique"
+    for table in ("receiver", "publisher"):
+        for i, name in names(table):
+            if name in seen:
+                problems.add(
+                    f'{path}: [[{table}]] #{i} (name "{name}")',
+                    (table, i, "name"),
+                    f'key "name": {name!r} is already the name of a {seen[name]}; '
+                    "names must be unique",
                 )
-            seen[e.name] = table
-    publishers = {p.name for p in config.publishers}
-    for i, r in enumerate(config.receivers, 1):
-        for target in r.publish_to:
-            if target not in publishers:
-                raise ConfigError(
-                    f'{config.path}: [[receiver]] #{i} (name "{r.name}"): key "publish_to": '
-                    f"no publisher named {target!r}; publishers: {', '.join(sorted(publishers)) or 'none'}"
+            seen[name] = table
+    publishers = {name for _, name in names("publisher")}
+    receivers = doc.get("receiver")
+    for i, r in enumerate(receivers if isinstance(receivers, list) else [], 1):
+        targets = r.get("publish_to") if isinstance(r, dict) else None
+        for target in targets if isinstance(targets, list) else ():
+            if isinstance(target, str) and target not in publishers:
+                known = ", ".join(sorted(publishers)) or "none"
+                named = f' (name "{r["name"]}")' if isinstance(r.get("name"), str) else ""
+                problems.add(
+                    f"{path}: [[receiver]] #{i}{named}",
+                    ("receiver", i, "publish_to"),
+                    f'key "publish_to": no publisher named {target!r} (publishers: {known})'
+                    f"{_suggest(target, publishers)}",
                 )

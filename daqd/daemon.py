@@ -11,8 +11,8 @@ import signal
 from typing import Any
 
 from daqd.config import Config, load_config
-from daqd.control import ControlServer, tap_endpoint
-from daqd.errors import ConfigError
+from daqd.control import ControlServer, control_endpoint, ipc_path, probe_ipc, tap_endpoint
+from daqd.errors import ConfigError, ControlError
 from daqd.host import Host
 from daqd.protocols.iccp import Outcome
 from daqd.runstate import RunCondition, State
@@ -26,6 +26,8 @@ async def serve(config: Config) -> int:
     d = config.daemon
     if d.runtime_dir:  # one setting for every socket: control, tap, worker links
         os.environ["RUNTIME_DIRECTORY"] = d.runtime_dir
+    _refuse_if_running(d.name)
+    serve_path = os.path.abspath(config.path)  # what SIGHUP re-reads, whatever reconfigure sent
     host = Host(config)
     await host.start()
     tune_for_throughput()
@@ -57,7 +59,7 @@ async def serve(config: Config) -> int:
     notifier = Notifier()
 
     def reload() -> None:
-        task = asyncio.create_task(_reload(host, notifier))
+        task = asyncio.create_task(_reload(host, notifier, serve_path))
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
@@ -125,9 +127,26 @@ def tune_for_throughput() -> None:
 _M_TOP_PAD = -2  # glibc malloc.h
 
 
-async def _reload(host: Host, notifier: Notifier) -> None:
-    """SIGHUP: reconfigure from the same file; a bad file changes nothing and is logged."""
-    path = host.config.path
+def _refuse_if_running(name: str) -> None:
+    """Before anything starts: a daemon of the same name already answering here is an error
+    (ControlServer checks again when it binds, for a daemon that started in between)."""
+    path = ipc_path(control_endpoint(name))
+    if path is None or not (path.exists() or path.is_symlink()):
+        return
+    try:
+        probe_ipc(path)
+    except ControlError:
+        return  # stale: its daemon is gone; the control server replaces the file
+    raise ControlError(
+        f"a daemon named {name!r} already answers on {path} (daqctl --name {name} status shows "
+        "it); stop it or choose another [daemon] name; nothing was started"
+    )
+
+
+async def _reload(host: Host, notifier: Notifier, path: str) -> None:
+    """SIGHUP: reconfigure from the file `daqd serve` was started with (not the last file
+    `daqctl reconfigure` sent: systemctl reload means the unit's file); a bad file changes
+    nothing and is logged."""
     notifier.reloading()
     try:
         text = load_config(path).text

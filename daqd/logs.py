@@ -9,14 +9,53 @@ import sys
 import time
 from collections import deque
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")  # [daemon] log_level and --log-level, any case
+
+# sd-daemon(3) priority prefixes: journald reads "<N>" at the start of each stderr line.
+_PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6}
+
+
+def journal_stream(stream: object = None) -> bool:
+    """Whether `stream` (default stderr) is the journal's stream, as $JOURNAL_STREAM says.
+
+    systemd sets JOURNAL_STREAM to the device and inode of the stream it connected; a process
+    whose stderr was redirected elsewhere (a file, a terminal) inherits the variable but not the
+    stream, so the two are compared (sd-daemon(3), systemd.exec(5)).
+    """
+    value = os.environ.get("JOURNAL_STREAM", "")
+    dev, sep, ino = value.partition(":")
+    if not sep:
+        return False
+    try:
+        fd = (stream or sys.stderr).fileno()  # type: ignore[union-attr]
+        st = os.fstat(fd)
+        return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+class JournalFormatter(logging.Formatter):
+    """Each line of a message with its syslog priority prefix, so `journalctl -p err` finds it."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = record.levelno
+        pri = next((p for lv, p in sorted(_PRIORITY.items(), reverse=True) if level >= lv), 7)
+        text = super().format(record)
+        return "\n".join(f"<{pri}>{line}" for line in text.splitlines() or [""])
+
 
 def setup_logging(level: str = "INFO") -> None:
-    """One line per event; under systemd (JOURNAL_STREAM set) the journal adds the timestamps."""
-    if os.environ.get("JOURNAL_STREAM"):
-        fmt = "%(name)s: %(message)s"
+    """One line per event; under systemd (JOURNAL_STREAM set) the journal adds the timestamps,
+    and when stderr is the journal's stream each line carries its priority (`<3>` error, `<4>`
+    warning, `<6>` info, `<7>` debug)."""
+    handler = logging.StreamHandler(sys.stderr)
+    if journal_stream():
+        handler.setFormatter(JournalFormatter("%(name)s: %(message)s"))
+    elif os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
     else:
-        fmt = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
-    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr, force=True)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
 def _render(msg: str, args: tuple[object, ...]) -> str:

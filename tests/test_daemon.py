@@ -200,6 +200,7 @@ def test_check_prints_a_summary_and_bad_configs_name_the_key(workdir: Path) -> N
     assert out.returncode == 2
     assert out.stderr.strip() == (
         f'daqd: {bad}: [[publisher]] #1 (name "disk"): key "colour": unknown key'
+        f" (line {len(bad.read_text().splitlines())})"
     )
     out = subprocess.run(
         [DAQD, "serve", str(workdir / "missing.toml")], capture_output=True, text=True
