@@ -20,12 +20,13 @@ from daqd.logs import LOG_LEVELS
 from daqd.publisher import Publisher, PublisherSettings
 from daqd.receiver import ReceiverServer, ReceiverSettings
 from daqd.tomllines import key_lines, line_of
+from daqd.web.settings import HttpSettings, read_token
 
 RECEIVER_GROUP = "daqd.receivers"
 PUBLISHER_GROUP = "daqd.publishers"
 
 
-class DaemonSettings(BaseModel):
+class DaemonSettings(HttpSettings):  # http, http_token_file: the web view (daqd/web)
     """The [daemon] table."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -403,6 +404,11 @@ def check_daemon(config: Config) -> list[str]:
                 f'key "curve_authorized_keys_dir": {exc}',
             )
         warnings += [f'{where}: key "curve_server_key_file": {note}' for note in notes]
+    if d.http_token_file:
+        try:
+            read_token(d.http_token_file)
+        except ConfigError as exc:
+            problems.add(where, ("daemon", "http_token_file"), f'key "http_token_file": {exc}')
     problems.raise_if_any()
     return warnings
 
