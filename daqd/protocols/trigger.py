@@ -56,7 +56,7 @@ class TriggerError(ProtocolError):
         self.reason = reason
 
 
-@dataclass(frozen=True, eq=False, slots=True)
+@dataclass(eq=False, slots=True)
 class TriggerPacket:
     """One decoded trigger packet. `patterns` are the pattern bytes as sent (see module doc)."""
 
