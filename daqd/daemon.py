@@ -16,6 +16,7 @@ from daqd.errors import ConfigError, ControlError
 from daqd.host import Host
 from daqd.protocols.iccp import Outcome
 from daqd.runstate import RunCondition, State
+from daqd.satellite import start_satellite
 from daqd.systemd import Notifier
 
 log = logging.getLogger("daqd.daemon")
@@ -51,6 +52,7 @@ async def serve(config: Config) -> int:
     try:
         await server.start()
         host.open_tap(tap_endpoint(d.name))
+        satellite = await start_satellite(host)  # only with a [constellation] table
     except Exception:
         await host.stop(RunCondition.ABORTED)
         raise
@@ -95,6 +97,8 @@ async def serve(config: Config) -> int:
         notifier.stopping("draining")
         watchdog.cancel()
         status_task.cancel()
+        if satellite is not None:  # DEPARTs while the host still answers
+            await satellite.stop()
         await host.stop(host.stop_reason)
         await server.close()
         notifier.close()

@@ -1,0 +1,680 @@
+"""daqd as a Constellation satellite: CHIRP discovery, CSCP control and CHP heartbeats over the host.
+
+Only with a [constellation] table. The satellite `Daqd.<name>` offers CONTROL (a REP socket serving
+every standard CSCP command against the host's run state, the same state machine `daqctl` drives)
+and HEARTBEAT (an XPUB sending CHP heartbeats, and an extrasystole on every state change) by CHIRP
+multicast beacons, answers REQUESTs, keeps a registry of what other hosts of its group offer, and
+DEPARTs when it stops. A malformed request of any kind gets its reply type and is counted; the
+satellite keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import fcntl
+import inspect
+import ipaddress
+import logging
+import random
+import re
+import socket
+import struct
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+import zmq
+import zmq.asyncio
+
+from daqd import __version__
+from daqd.errors import DaqdError, ProtocolError
+from daqd.logs import LimitedLogger
+from daqd.protocols import chirp, chp, cscp
+from daqd.runstate import TRANSITIONS, State
+
+if TYPE_CHECKING:
+    from daqd.config import ConstellationSettings
+    from daqd.host import Host
+
+log = logging.getLogger("daqd.satellite")
+
+SATELLITE_TYPE = "Daqd"
+#: The Constellation release whose wire formats this module speaks (get_cnstln_version).
+CONSTELLATION_VERSION = "1.0.2"
+RUN_ID = re.compile(r"^[\w-]{1,80}$")
+REQUEST_ANSWER_DELAY_S = 0.2  # an OFFER answers a REQUEST after a random 0-200 ms
+ROLES = tuple(chp.ROLE_FLAGS)
+
+_T = cscp.Type
+
+# command -> (description, payload it takes); transitions are listed with the rest
+STANDARD: dict[str, tuple[str, str]] = {
+    "get_name": ("Return the canonical name of the satellite.", "No arguments."),
+    "get_commands": ("Return the commands of the satellite with descriptions.", "No arguments."),
+    "get_state": (
+        "Return the state (verb), its code (payload) and when it last changed (tags).",
+        "No arguments.",
+    ),
+    "get_status": ("Return a one-line status of the satellite.", "No arguments."),
+    "get_config": ("Return the configuration received with initialize.", "No arguments."),
+    "get_run_id": ("Return the current run id, or the last one.", "No arguments."),
+    "get_version": ("Return the daqd version.", "No arguments."),
+    "get_cnstln_version": (
+        "Return the Constellation version whose protocols are spoken.",
+        "No arguments.",
+    ),
+    "get_role": (
+        "Return the autonomy role (verb) and its heartbeat flags (payload).",
+        "No arguments.",
+    ),
+    "initialize": (
+        "Initialize: stop receiving, take the configuration.",
+        "Arguments: config (map)",
+    ),
+    "launch": ("Launch: receivers start receiving.", "No arguments."),
+    "land": ("Land: receivers stop receiving.", "No arguments."),
+    "start": ("Start a run.", "Arguments: run_id (str, letters, digits, '_' and '-')"),
+    "stop": ("Stop the run; its condition is in get_status.", "No arguments."),
+    "shutdown": ("Stop daqd (in NEW, INIT, SAFE or ERROR only).", "No arguments."),
+}
+HIDDEN: dict[str, tuple[str, str]] = {
+    "_get_commands": ("Return the hidden commands with descriptions.", "No arguments."),
+    "_interrupt": ("Interrupt: end any run and go to SAFE.", "No arguments."),
+    "_failure": ("Go to ERROR (initialize leads back to INIT).", "No arguments."),
+}
+TRANSITION_COMMANDS = {
+    "initialize": "initialize",
+    "launch": "launch",
+    "land": "land",
+    "start": "start",
+    "stop": "stop",
+    "_interrupt": "interrupt",
+}
+SHUTDOWN_STATES = frozenset({State.NEW, State.INIT, State.SAFE, State.ERROR})
+
+
+class WrongArgument(Exception):
+    """The payload does not fit the command: INCOMPLETE "Wrong argument: ..."."""
+
+
+@dataclass(frozen=True)
+class Offer:
+    """A service another host of the group offers (the registry's entry)."""
+
+    host: bytes
+    service: chirp.Service
+    address: str
+    port: int
+
+
+def interface_addresses(names: list[str] | None) -> list[str]:
+    """IPv4 addresses to announce on: each entry an address or an interface name; None: every
+    interface with an IPv4 address. 127.0.0.1 is always among them (as Constellation does)."""
+    out: list[str] = []
+    if names is None:
+        names = [name for _, name in socket.if_nameindex()]
+        wanted = False
+    else:
+        wanted = True
+    for entry in names:
+        try:
+            out.append(str(ipaddress.IPv4Address(entry)))
+            continue
+        except ValueError:
+            pass
+        address = _interface_ipv4(entry)
+        if address is None:
+            if wanted:
+                raise DaqdError(f"[constellation] interface {entry!r}: no such interface with IPv4")
+            continue
+        out.append(address)
+    if "127.0.0.1" not in out:
+        out.append("127.0.0.1")
+    return list(dict.fromkeys(out))
+
+
+def _interface_ipv4(name: str) -> str | None:
+    siocgifaddr = 0x8915
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            raw = fcntl.ioctl(s.fileno(), siocgifaddr, struct.pack("256s", name.encode()[:15]))
+        except OSError:
+            return None
+    return socket.inet_ntoa(raw[20:24])
+
+
+def _timestamp(ns: int) -> msgpack.Timestamp:
+    return msgpack.Timestamp.from_unix_nano(ns)
+
+
+def _packable(value: Any) -> bool:
+    try:
+        msgpack.packb(value, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError):
+        return False
+    return True
+
+
+class Satellite:
+    """The Constellation face of one daemon; start() after the host, stop() before it stops."""
+
+    def __init__(self, host: Host, settings: ConstellationSettings) -> None:
+        self.host = host
+        self.settings = settings
+        self.name = f"{SATELLITE_TYPE}.{settings.name or host.name}"
+        self.group = settings.group
+        self.uuid = chirp.name_uuid(self.name)
+        self.group_uuid = chirp.name_uuid(self.group)
+        self.config: dict[str, Any] = {}
+        self.role = "DYNAMIC"
+        self.max_interval_ms = int(settings.max_heartbeat_interval_s * 1000)
+        self.status_text = "started"
+        self.registry: dict[tuple[bytes, chirp.Service], Offer] = {}
+        self.offers: dict[chirp.Service, int] = {}
+        self.counters: dict[str, int] = {}
+        self.subscribers = 0
+        self.heartbeats = 0
+        self.extrasystoles = 0
+        self.cmd_port = 0
+        self.hb_port = 0
+        self.addresses: list[str] = []
+        self._limited = LimitedLogger(log)
+        self._rep: zmq.asyncio.Socket | None = None
+        self._xpub: zmq.asyncio.Socket | None = None
+        self._xpub_now: zmq.Socket[bytes] | None = None
+        self._udp: socket.socket | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._transition: asyncio.Task[None] | None = None
+        self._beat_now = asyncio.Event()
+
+    # ----- life cycle ------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.addresses = interface_addresses(self.settings.interface)
+        ctx = self.host.zmq_context
+        rep = ctx.socket(zmq.REP)
+        rep.setsockopt(zmq.LINGER, 2000)
+        rep.bind(f"tcp://*:{self.settings.cmd_port}")
+        self._rep = rep
+        self.cmd_port = int(rep.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
+        xpub = ctx.socket(zmq.XPUB)
+        xpub.setsockopt(zmq.LINGER, 0)
+        xpub.setsockopt(zmq.XPUB_VERBOSER, 1)
+        xpub.bind(f"tcp://*:{self.settings.hb_port}")
+        self._xpub = xpub
+        self._xpub_now = zmq.Socket.shadow(xpub.underlying)  # sends at once, from any callback
+        self.hb_port = int(xpub.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
+        self._watch_state()
+        self._udp = self._chirp_socket()
+        asyncio.get_running_loop().add_reader(self._udp.fileno(), self._on_datagram)
+        if self.settings.wait_for_controller and self.host.state == State.ORBIT:
+            await self.host.transition("land", {})  # the controller initializes and launches
+        self._tasks = [
+            asyncio.create_task(self._serve_commands(), name="cscp"),
+            asyncio.create_task(self._count_subscribers(), name="chp-subscriptions"),
+            asyncio.create_task(self._heartbeats(), name="chp"),
+        ]
+        self.offers = {chirp.Service.CONTROL: self.cmd_port, chirp.Service.HEARTBEAT: self.hb_port}
+        for service, port in self.offers.items():
+            self._beacon(chirp.BeaconType.OFFER, service, port)
+        for service in chirp.Service:  # fill the registry with what the group already offers
+            self._beacon(chirp.BeaconType.REQUEST, service, 0)
+        log.info(
+            "satellite %s in group %s: control port %d, heartbeat port %d, announced on %s",
+            self.name,
+            self.group,
+            self.cmd_port,
+            self.hb_port,
+            ", ".join(self.addresses),
+        )
+
+    async def stop(self) -> None:
+        """DEPART every offered service, then close the sockets."""
+        for service, port in self.offers.items():
+            self._beacon(chirp.BeaconType.DEPART, service, port)
+        self.offers = {}
+        self.host.machine.__dict__.pop("_set", None)  # the state watch ends
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._transition is not None and not self._transition.done():
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await self._transition
+        if self._udp is not None:
+            asyncio.get_running_loop().remove_reader(self._udp.fileno())
+            self._udp.close()
+        self._xpub_now = None
+        for sock in (self._rep, self._xpub):
+            if sock is not None:
+                sock.close(linger=0)
+
+    def count(self, reason: str) -> None:
+        self.counters[reason] = self.counters.get(reason, 0) + 1
+
+    # ----- CHIRP -----------------------------------------------------------------------------
+    def _chirp_socket(self) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("0.0.0.0", chirp.PORT))
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, chirp.MULTICAST_TTL)
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
+        group = socket.inet_aton(chirp.MULTICAST_ADDRESS)
+        for address in self.addresses:
+            try:
+                sock.setsockopt(
+                    socket.IPPROTO_IP,
+                    socket.IP_ADD_MEMBERSHIP,
+                    group + socket.inet_aton(address),
+                )
+            except OSError as exc:
+                log.warning(
+                    "CHIRP: cannot join %s on %s: %s", chirp.MULTICAST_ADDRESS, address, exc
+                )
+        sock.setblocking(False)
+        return sock
+
+    def _beacon(self, kind: chirp.BeaconType, service: chirp.Service, port: int) -> None:
+        if self._udp is None:
+            return
+        data = chirp.encode(chirp.Beacon(kind, self.group_uuid, self.uuid, service, port))
+        for address in self.addresses:
+            try:
+                self._udp.setsockopt(
+                    socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(address)
+                )
+                self._udp.sendto(data, (chirp.MULTICAST_ADDRESS, chirp.PORT))
+            except OSError as exc:
+                self.count("chirp_send")
+                self._limited.warning(
+                    "chirp_send", "CHIRP: beacon not sent on %s: %s", address, exc
+                )
+
+    def _on_datagram(self) -> None:
+        assert self._udp is not None
+        for _ in range(64):  # a flood cannot hold the loop
+            try:
+                data, (address, _port) = self._udp.recvfrom(512)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self.count("chirp_receive")
+                self._limited.warning("chirp_receive", "CHIRP: receive failed: %s", exc)
+                return
+            try:
+                beacon = chirp.decode(data)
+            except ProtocolError as exc:
+                self.count("chirp_malformed")
+                self._limited.warning("chirp_malformed", "CHIRP from %s: %s", address, exc)
+                continue
+            if beacon.host == self.uuid or beacon.group != self.group_uuid:
+                continue
+            self._on_beacon(beacon, address)
+
+    def _on_beacon(self, beacon: chirp.Beacon, address: str) -> None:
+        key = (beacon.host, beacon.service)
+        if beacon.type == chirp.BeaconType.REQUEST:
+            port = self.offers.get(beacon.service)
+            if port is not None:
+                delay = random.uniform(0.0, REQUEST_ANSWER_DELAY_S)
+                asyncio.get_running_loop().call_later(delay, self._answer_request, beacon.service)
+        elif beacon.type == chirp.BeaconType.OFFER:
+            old = self.registry.get(key)
+            self.registry[key] = Offer(beacon.host, beacon.service, address, beacon.port)
+            if old is None or old.port != beacon.port:
+                log.info(
+                    "CHIRP: %s offered by %s at %s:%d",
+                    beacon.service.name,
+                    beacon.host.hex(),
+                    address,
+                    beacon.port,
+                )
+        elif self.registry.pop(key, None) is not None:
+            log.info("CHIRP: %s of %s departed", beacon.service.name, beacon.host.hex())
+
+    def _answer_request(self, service: chirp.Service) -> None:
+        port = self.offers.get(service)
+        if port is not None:
+            self._beacon(chirp.BeaconType.OFFER, service, port)
+
+    def discovered(self, service: chirp.Service) -> list[Offer]:
+        """What the other hosts of the group offer of `service` now."""
+        return [o for (_, s), o in self.registry.items() if s == service]
+
+    # ----- CHP -------------------------------------------------------------------------------
+    async def _count_subscribers(self) -> None:
+        assert self._xpub is not None
+        while True:
+            msg = await self._xpub.recv()
+            if msg[:1] == b"\x01":
+                self.subscribers += 1
+            elif msg[:1] == b"\x00":
+                self.subscribers = max(self.subscribers - 1, 0)
+            self._beat_now.set()  # a new subscriber learns the state at once
+
+    def interval_ms(self) -> int:
+        return chp.interval_ms(self.subscribers, self.max_interval_ms)
+
+    async def _heartbeats(self) -> None:
+        """A heartbeat every 80 % of the interval, and at once for a new subscriber."""
+        while True:
+            self._beat_now.clear()
+            self._send_heartbeat(extrasystole=False)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._beat_now.wait(), self.interval_ms() * 0.8 / 1000)
+
+    def _watch_state(self) -> None:
+        """An extrasystole for every state the host's machine enters, transitional ones too
+        (a controller waiting on a transition from INIT to INIT must see `initializing`).
+
+        runstate.StateMachine has no listener hook, so its `_set` is wrapped on this one
+        instance; stop() removes the wrapper.
+        """
+        machine = self.host.machine
+        original = type(machine)._set.__get__(machine)
+
+        def _set(state: State) -> None:
+            original(state)
+            try:
+                self._send_heartbeat(extrasystole=True, state=state)
+            except Exception as exc:  # never let a heartbeat break a transition
+                self.count("chp_send")
+                self._limited.warning("chp_send", "CHP: extrasystole not sent: %r", exc)
+
+        machine.__dict__["_set"] = _set
+
+    def _send_heartbeat(self, extrasystole: bool, state: State | None = None) -> None:
+        if self._xpub_now is None:
+            return
+        flags = chp.ROLE_FLAGS[self.role]
+        if extrasystole:
+            flags |= chp.Flags.IS_EXTRASYSTOLE
+        hb = chp.Heartbeat(
+            self.name,
+            _timestamp(time.time_ns()),
+            (state or self.host.state).value,
+            int(flags),
+            self.interval_ms(),
+            self.status_text if extrasystole else None,
+        )
+        try:
+            self._xpub_now.send_multipart(chp.encode(hb), flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            self.count("chp_send")
+            self._limited.warning("chp_send", "CHP: heartbeat not sent: %s", exc)
+            return
+        self.heartbeats += 1
+        if extrasystole:
+            self.extrasystoles += 1
+
+    # ----- CSCP ------------------------------------------------------------------------------
+    async def _serve_commands(self) -> None:
+        assert self._rep is not None
+        while True:
+            frames = await self._rep.recv_multipart()
+            try:
+                reply = await self.answer(frames)
+            except Exception as exc:  # the satellite keeps serving whatever a command did
+                self.count("cscp_internal")
+                log.exception("CSCP: internal error: %r", exc)
+                reply = self._reply(_T.INVALID, f"Exception: {exc}")
+            try:
+                out = cscp.encode(reply)
+            except (TypeError, ValueError, OverflowError) as exc:
+                self.count("cscp_internal")
+                out = cscp.encode(self._reply(_T.INVALID, f"Exception: reply not packable: {exc}"))
+            await self._rep.send_multipart(out)
+
+    def _reply(
+        self, kind: cscp.Type, text: str, payload: Any = None, tags: dict[str, Any] | None = None
+    ) -> cscp.Message:
+        return cscp.Message(self.name, kind, text, payload, tags or {})
+
+    async def answer(self, frames: list[bytes]) -> cscp.Message:
+        """One request's frames -> its reply; never raises for anything the peer sent."""
+        try:
+            request = cscp.decode(frames)
+        except ProtocolError as exc:
+            self.count("cscp_malformed")
+            self._limited.warning("cscp_malformed", "CSCP: malformed request: %s", exc)
+            return self._reply(_T.ERROR, f"Malformed message: {exc}")
+        if request.type != _T.REQUEST:
+            self.count("cscp_not_request")
+            return self._reply(
+                _T.INVALID, f"Expected a REQUEST, got {request.type.name} from {request.sender}"
+            )
+        command = request.text.lower()
+        try:
+            return await self._command(command, request.payload)
+        except WrongArgument as exc:
+            self.count("cscp_wrong_argument")
+            return self._reply(_T.INCOMPLETE, f"Wrong argument: {exc}", str(exc))
+        except NotImplementedError as exc:
+            return self._reply(_T.NOTIMPLEMENTED, f"{command}: {exc}")
+
+    async def _command(self, command: str, payload: Any) -> cscp.Message:
+        if command in TRANSITION_COMMANDS:
+            return self._begin_transition(command, payload)
+        handler = self._handlers().get(command)
+        if handler is not None:
+            if payload is not None:
+                raise WrongArgument(f"{command} takes no payload")
+            result: cscp.Message = handler()
+            return result
+        user = self.user_commands().get(command)
+        if user is not None:
+            return await self._user_command(command, user, payload)
+        if command == "reconfigure":
+            raise NotImplementedError(
+                "daqd reconfigures from its TOML file (SIGHUP or `daqctl reload`)"
+            )
+        self.count("cscp_unknown")
+        return self._reply(_T.UNKNOWN, f"Unknown command: {command}")
+
+    # standard commands
+    def _handlers(self) -> dict[str, Any]:
+        """Every command of STANDARD and HIDDEN but the transitions -> its method."""
+        return {
+            "get_name": self._cmd_get_name,
+            "get_state": self._cmd_get_state,
+            "get_status": self._cmd_get_status,
+            "get_commands": self._cmd_get_commands,
+            "_get_commands": self._cmd_get_commands_hidden,
+            "get_config": self._cmd_get_config,
+            "get_run_id": self._cmd_get_run_id,
+            "get_version": self._cmd_get_version,
+            "get_cnstln_version": self._cmd_get_cnstln_version,
+            "get_role": self._cmd_get_role,
+            "shutdown": self._cmd_shutdown,
+            "_failure": self._cmd_failure,
+        }
+
+    def _cmd_get_name(self) -> cscp.Message:
+        return self._reply(_T.SUCCESS, self.name)
+
+    def _cmd_get_state(self) -> cscp.Message:
+        state, since = self.host.state, self.host.machine.since_ns
+        iso = dt.datetime.fromtimestamp(since / 1e9, dt.UTC).isoformat()
+        tags = {"last_changed": _timestamp(since), "last_changed_iso": iso}
+        return self._reply(_T.SUCCESS, state.name, state.value, tags)
+
+    def _cmd_get_status(self) -> cscp.Message:
+        return self._reply(_T.SUCCESS, self.status_text)
+
+    def _cmd_get_commands(self) -> cscp.Message:
+        cmds = {name: f"{doc}\n{args}" for name, (doc, args) in STANDARD.items()}
+        for name, (rec, cmd, fn) in self.user_commands().items():
+            cmds[name] = _describe_user_command(rec, cmd, fn)
+        return self._reply(_T.SUCCESS, f"{len(cmds)} commands known", cmds)
+
+    def _cmd_get_commands_hidden(self) -> cscp.Message:
+        cmds = {name: f"{doc}\n{args}" for name, (doc, args) in HIDDEN.items()}
+        return self._reply(_T.SUCCESS, f"{len(cmds)} commands known", cmds)
+
+    def _cmd_get_config(self) -> cscp.Message:
+        return self._reply(_T.SUCCESS, f"{len(self.config)} configuration keys", self.config)
+
+    def _cmd_get_run_id(self) -> cscp.Message:
+        run = self.host.run or self.host.last_run
+        return self._reply(_T.SUCCESS, run.run_id if run else "")
+
+    def _cmd_get_version(self) -> cscp.Message:
+        return self._reply(_T.SUCCESS, __version__)
+
+    def _cmd_get_cnstln_version(self) -> cscp.Message:
+        return self._reply(_T.SUCCESS, CONSTELLATION_VERSION)
+
+    def _cmd_get_role(self) -> cscp.Message:
+        return self._reply(_T.SUCCESS, self.role, int(chp.ROLE_FLAGS[self.role]))
+
+    def _cmd_shutdown(self) -> cscp.Message:
+        if self.host.state not in SHUTDOWN_STATES:
+            return self._reply(
+                _T.INVALID,
+                f"Command shutdown cannot be called in state {self.host.state.name}",
+            )
+        self.host.request_stop()
+        return self._reply(_T.SUCCESS, f"{self.name} queued for reentry")
+
+    def _cmd_failure(self) -> cscp.Message:
+        self.host.machine.fail("failure requested by a Constellation controller")
+        self.status_text = "failure requested by a controller"
+        return self._reply(_T.SUCCESS, "failure")
+
+    # transitions
+    def _begin_transition(self, command: str, payload: Any) -> cscp.Message:
+        transition = TRANSITION_COMMANDS[command]
+        args: dict[str, Any] = {}
+        if transition == "initialize":
+            if not isinstance(payload, dict):
+                raise WrongArgument("initialize takes the configuration as a map")
+        elif transition == "start":
+            if not isinstance(payload, str):
+                raise WrongArgument("start takes the run id as a string")
+            if not RUN_ID.match(payload):
+                raise WrongArgument(
+                    f"run id {payload!r} must be 1 to 80 letters, digits, '_' or '-'"
+                )
+            args["run_id"] = payload
+        elif payload is not None:
+            raise WrongArgument(f"{command} takes no payload")
+        state = self.host.state
+        if self._transition is not None and not self._transition.done():
+            return self._reply(
+                _T.INVALID,
+                f"Transition not allowed: a transition is under way (state {state.name})",
+            )
+        sources = TRANSITIONS[transition][0]
+        if state not in sources:
+            allowed = ", ".join(sorted(s.name for s in sources))
+            return self._reply(
+                _T.INVALID,
+                f"Transition not allowed: {transition} in state {state.name} (allowed from {allowed})",
+            )
+        if transition == "initialize":
+            self._take_config(payload)
+        self._transition = asyncio.create_task(self._run_transition(transition, args))
+        return self._reply(_T.SUCCESS, "transitioning", transition)
+
+    def _take_config(self, config: dict[str, Any]) -> None:
+        autonomy = config.get("_autonomy")
+        role, max_s = "DYNAMIC", self.settings.max_heartbeat_interval_s
+        if isinstance(autonomy, dict):
+            wanted = autonomy.get("role", role)
+            if not isinstance(wanted, str) or wanted.upper() not in ROLES:
+                raise WrongArgument(f"_autonomy.role {wanted!r} is not one of {', '.join(ROLES)}")
+            role = wanted.upper()
+            interval = autonomy.get("max_heartbeat_interval", max_s)
+            if isinstance(interval, bool) or not isinstance(interval, int | float) or interval <= 0:
+                raise WrongArgument(
+                    f"_autonomy.max_heartbeat_interval {interval!r} is not a positive number"
+                )
+            max_s = float(interval)
+        self.config = config
+        self.role = role
+        self.max_interval_ms = int(max_s * 1000)
+
+    async def _run_transition(self, transition: str, args: dict[str, Any]) -> None:
+        try:
+            await self.host.transition(transition, args)
+        except Exception as exc:
+            self.status_text = f"{transition} failed: {exc}"
+            log.error("Constellation %s failed: %s", transition, exc)
+            return
+        if transition in ("stop", "_interrupt", "interrupt") and self.host.last_run is not None:
+            run = self.host.last_run
+            self.status_text = f"run {run.run_id} ended {run.condition.describe()}"
+        elif transition == "start" and self.host.run is not None:
+            self.status_text = f"run {self.host.run.run_id} running"
+        else:
+            self.status_text = f"{transition} done"
+        self._beat_now.set()
+
+    # user commands: every receiver's cmd_<name>, as <receiver>_<name>
+    def user_commands(self) -> dict[str, tuple[str, str, Any]]:
+        out: dict[str, tuple[str, str, Any]] = {}
+        for rec_name, rec in self.host.receivers.items():
+            for cmd, fn in rec.commands().items():
+                out[f"{rec_name}_{cmd}".lower()] = (rec_name, cmd, fn)
+        return out
+
+    async def _user_command(
+        self, command: str, entry: tuple[str, str, Any], payload: Any
+    ) -> cscp.Message:
+        rec_name, cmd, fn = entry
+        params = _parameters(fn)
+        if payload is None:
+            args: list[Any] = []
+        elif len(params) == 1 and not isinstance(payload, list):
+            args = [payload]
+        elif isinstance(payload, list):
+            args = payload
+        else:
+            raise WrongArgument(f"{command} takes a list with one entry per parameter")
+        try:
+            inspect.signature(fn).bind(*args)
+        except TypeError as exc:
+            raise WrongArgument(f"{command}: {exc}") from None
+        rec = self.host.receivers[rec_name]
+        try:
+            result = await rec.call_command(cmd, args, {})
+        except NotImplementedError:
+            raise
+        except Exception as exc:
+            self.count("cscp_command_failed")
+            return self._reply(_T.INVALID, f"Exception: {rec_name}.{cmd}: {exc}")
+        if result is not None and not _packable(result):
+            result = repr(result)
+        return self._reply(_T.SUCCESS, f"{rec_name}.{cmd} done", result)
+
+
+def _parameters(fn: Any) -> list[str]:
+    return [
+        p.name
+        for p in inspect.signature(fn).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+
+
+def _describe_user_command(rec: str, cmd: str, fn: Any) -> str:
+    doc = (inspect.getdoc(fn) or f"Command {cmd} of receiver {rec}.").strip().splitlines()[0]
+    params = _parameters(fn)
+    args = f"Arguments: {', '.join(params)}" if params else "No arguments."
+    return f"{doc} (receiver {rec}, daqctl cmd {rec} {cmd})\n{args}"
+
+
+async def start_satellite(host: Host) -> Satellite | None:
+    """The daemon's satellite, started, if the configuration has a [constellation] table."""
+    settings = host.config.constellation
+    if settings is None:
+        return None
+    satellite = Satellite(host, settings)
+    try:
+        await satellite.start()
+    except Exception:
+        await satellite.stop()
+        raise
+    return satellite

@@ -1,0 +1,256 @@
+"""daqd as a Constellation satellite, against the real constellationdaq 1.0.2 controller.
+
+Each test makes its own network namespace (`unshare -n`, then `ip link set lo up`) for `daqd serve`,
+so that CHIRP's multicast on port 7123 never leaves the test; the peer joins that namespace with
+`nsenter --net=/proc/<daqd pid>/ns/net`. daqctl still reaches daqd through its IPC control socket,
+which is a file and so crosses network namespaces: the tests use it to check what daqd itself says
+beside what the controller sees.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daqd.config import parse_config
+from daqd.control import ControlClient
+from daqd.errors import ConfigError
+from tests.conftest import DAQD, wait_until
+from tests.peers import peer_python
+from tests.test_cdtp import Proc
+
+PEER_SCRIPT = str(Path(__file__).with_name("constellation_peer.py"))
+GROUP = "edda"
+
+
+def _namespaces_permitted() -> str | None:
+    """None if this process may make a network namespace with a working lo, else why not."""
+    if not shutil.which("unshare") or not shutil.which("nsenter") or not shutil.which("ip"):
+        return "unshare, nsenter or ip is not installed"
+    probe = subprocess.run(
+        ["unshare", "-n", "ip", "link", "set", "lo", "up"], capture_output=True, text=True
+    )
+    if probe.returncode != 0:
+        return f"network namespaces are not permitted here: {probe.stderr.strip()}"
+    return None
+
+
+NO_NAMESPACES = _namespaces_permitted()
+needs_netns = pytest.mark.skipif(NO_NAMESPACES is not None, reason=str(NO_NAMESPACES))
+
+
+class IsolatedDaqd:
+    """`daqd serve` alone in a fresh network namespace, with its control socket in `runtime`."""
+
+    def __init__(self, tmp: Path, config: str, name: str) -> None:
+        self.runtime = tmp / "run"
+        self.runtime.mkdir()
+        self.name = name
+        self.config_path = tmp / f"{name}.toml"
+        self.config_path.write_text(config)
+        self.log_path = tmp / f"{name}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(
+            # unshare and sh exec: the pid is daqd's, and /proc/<pid>/ns/net its namespace
+            [
+                "unshare",
+                "-n",
+                "sh",
+                "-c",
+                f'ip link set lo up && exec "{DAQD}" serve "{self.config_path}"',
+            ],
+            env=self._env(),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        self.cmd_port = int(wait_until(self._port, 30.0, "the satellite's control port"))
+
+    def _env(self) -> dict[str, str]:
+        env = {**os.environ, "RUNTIME_DIRECTORY": str(self.runtime)}
+        env.pop("NOTIFY_SOCKET", None)
+        env.pop("DAQD_NAME", None)
+        return env
+
+    def _port(self) -> int | None:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"daqd exited with {self.proc.returncode}:\n{self.log()}")
+        found = re.search(r"control port (\d+)", self.log())
+        return int(found.group(1)) if found else None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def status(self) -> dict[str, Any]:
+        with ControlClient(f"ipc://{self.runtime}/{self.name}.ctl", timeout_s=10.0) as c:
+            result: dict[str, Any] = c.request("STAT", {})
+        return result
+
+    def in_namespace(self, *argv: str) -> list[str]:
+        return ["nsenter", f"--net=/proc/{self.proc.pid}/ns/net", *argv]
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(30)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            self._log.close()
+        return rc
+
+
+def satellite_config(tmp: Path, name: str, extra: str = "") -> str:
+    return f"""
+[daemon]
+name = "{name}"
+drain_timeout_s = 5
+
+[[receiver]]
+type = "slowsignal"
+name = "ss"
+listen = "127.0.0.1:0"
+format = "record"
+publish_to = ["disk"]
+
+[[publisher]]
+type = "file"
+name = "disk"
+directory = "{tmp / "data"}"
+
+[constellation]
+group = "{GROUP}"
+interface = ["lo"]
+{extra}
+"""
+
+
+@pytest.fixture
+def isolated(tmp_path: Path) -> Iterator[IsolatedDaqd]:
+    daqd = IsolatedDaqd(tmp_path, satellite_config(tmp_path, "sat1"), "sat1")
+    try:
+        yield daqd
+    finally:
+        daqd.stop()
+
+
+@pytest.fixture(scope="session")
+def peer() -> str:
+    return str(peer_python("constellation"))
+
+
+# ----- settings ------------------------------------------------------------------------------
+def test_constellation_table_is_checked() -> None:
+    base = '[daemon]\nname = "d1"\n'
+    config = parse_config(base + '[constellation]\ngroup = "edda"\ninterface = ["lo"]\n')
+    assert config.constellation is not None
+    assert config.constellation.group == "edda" and config.constellation.interface == ["lo"]
+    assert config.constellation.cmd_port == 0 and config.constellation.wait_for_controller
+    assert parse_config(base).constellation is None
+    with pytest.raises(ConfigError, match=r"\[constellation\].*group"):
+        parse_config(base + "[constellation]\n")
+    with pytest.raises(ConfigError, match=r"\[constellation\].*cmd_port"):
+        parse_config(base + '[constellation]\ngroup = "g"\ncmd_port = 70000\n')
+    with pytest.raises(ConfigError, match=r"not a Constellation name"):
+        parse_config('[daemon]\nname = "a.b"\n[constellation]\ngroup = "g"\n')
+    assert parse_config(
+        '[daemon]\nname = "a.b"\n[constellation]\ngroup = "g"\nname = "ab"\n'
+    ).constellation
+
+
+def test_daqd_check_validates_the_table(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[daemon]\nname = "d1"\n[constellation]\ngroup = "g"\nname = "x.y"\n')
+    out = subprocess.run([DAQD, "check", str(path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    assert "[constellation]" in out.stdout + out.stderr and "name" in out.stdout + out.stderr
+
+
+# ----- the real controller -------------------------------------------------------------------
+@needs_netns
+async def test_real_controller_drives_daqd_after_garbage(peer: str, isolated: IsolatedDaqd) -> None:
+    assert isolated.status()["state"] == "INIT"  # waits for the controller's initialize
+    proc = await Proc.start(
+        *isolated.in_namespace(peer, PEER_SCRIPT),
+        stdin_json={"group": GROUP, "name": "sat1", "cmd_port": isolated.cmd_port, "run_id": "r_1"},
+    )
+    try:
+        replies = (await proc.line())["garbage"]
+        kinds = [r[0] for r in replies]
+        assert kinds == [
+            "ERROR",  # one frame
+            "ERROR",  # not msgpack
+            "ERROR",  # four frames
+            "INVALID",  # a reply type sent as a request
+            "UNKNOWN",  # no such command
+            "INCOMPLETE",  # start with an int
+            "INCOMPLETE",  # start with a run id the spec refuses
+            "INCOMPLETE",  # get_name with a payload
+            "INVALID",  # land in INIT
+            "SUCCESS",  # GET_STATE in capitals: still served after all that
+        ], replies
+        assert replies[4][1] == "Unknown command: no_such_command"
+        assert replies[6][1].startswith("Wrong argument:")
+        assert replies[8][1].startswith("Transition not allowed")
+        assert replies[9][1:3] == ["INIT", 0x20]
+        assert replies[9][3] == ["last_changed", "last_changed_iso"]
+
+        found = await proc.line()
+        got = found["found"]
+        assert found["states"] == {"Daqd.sat1": "INIT"}  # from its heartbeats
+        assert got["get_name"][0] == "Daqd.sat1"
+        assert got["get_state"][:2] == ["INIT", 0x20]
+        commands = got["get_commands"][1]
+        for name in ("get_name", "get_state", "get_status", "get_config", "get_run_id",
+                     "get_version", "get_role", "get_commands", "initialize", "launch", "land",
+                     "start", "stop", "shutdown", "ss_pause", "ss_resume", "ss_stats"):  # fmt: skip
+            assert name in commands, name
+        assert all(d.endswith(("No arguments.",)) or "Arguments:" in d for d in commands.values())
+        assert got["get_role"][:2] == ["DYNAMIC", 6]
+
+        expected = {
+            "initialize": "INIT",
+            "launch": "ORBIT",
+            "start": "RUN",
+            "stop": "ORBIT",
+            "land": "INIT",
+        }
+        for step, state in expected.items():
+            line = await proc.line()
+            assert line["step"] == step
+            assert line["reply"] == [True, "transitioning", step]
+            assert line["state"] == state  # the controller's await_state ended there
+            status = isolated.status()  # daqctl's view of the same daemon
+            assert status["state"] == state
+            if step == "initialize":
+                assert line["config"] == {"_autonomy": {"role": "TRANSIENT"}, "answer": 42}
+                assert line["role"] == ["TRANSIENT", 4]
+            if step == "start":
+                assert line["run_id"] == "r_1"
+                assert status["run"]["run_id"] == "r_1"
+            if step == "stop":
+                assert status["run"] is None
+                assert status["last_run"]["run_id"] == "r_1"
+                assert status["last_run"]["condition"] == "GOOD"
+                assert line["status"] == "run r_1 ended GOOD"
+            await proc.say("go")
+        bad = await proc.line()
+        assert bad["bad_start"][0] is False  # the controller reports the refusal
+        assert (await proc.line())["done"] is True
+        assert await proc.end() == 0
+    finally:
+        await proc.stop()
+    assert isolated.status()["state"] == "INIT"
+    assert isolated.stop() == 0
+    log = isolated.log()
+    assert "Traceback" not in log
+    assert "CSCP: malformed request" in log  # counted and logged, rate-limited
