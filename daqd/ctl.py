@@ -12,12 +12,19 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
 from daqd.control import DEFAULT_TIMEOUT_S, ControlClient, ipc_path, probe_ipc, runtime_dir
 from daqd.errors import ControlError
+from daqd.render import duration as _duration
+from daqd.render import reasons as _reasons
+from daqd.render import size as _size
+from daqd.render import table as _table
+
+if TYPE_CHECKING:
+    from click.shell_completion import CompletionItem
 
 SYSTEM_RUNTIME_DIR = Path("/run/daqd")  # where daqd@.service puts its sockets
 
@@ -27,6 +34,28 @@ def fail(message: str, code: int = 1) -> NoReturn:
     sys.exit(code)
 
 
+# `daqctl status` exit codes, after LSB init scripts' status action (as systemctl status uses):
+EXIT_OK = 0  # running; state neither SAFE nor ERROR; every receiver running
+EXIT_NOT_RUNNING = 3  # no control socket, a stale one, or no daemon of that name
+EXIT_UNKNOWN = 4  # the daemon could not be asked (permission, no reply in time, bad reply)
+EXIT_STATE = 150  # running, in state SAFE or ERROR
+EXIT_RECEIVER = 151  # running, but a receiver failed or is restarting
+_NOT_RUNNING = ("no daemon", "no daqd running")
+
+
+def status_exit_code(st: dict[str, Any]) -> int:
+    """What `daqctl status` exits with for this snapshot (EXIT_* above)."""
+    if str(st.get("state")) in ("SAFE", "ERROR"):
+        return EXIT_STATE
+    receivers = st.get("receivers") or {}
+    if any(
+        isinstance(r, dict) and r.get("state") in ("failed", "restarting")
+        for r in receivers.values()
+    ):
+        return EXIT_RECEIVER
+    return EXIT_OK
+
+
 def _search_dirs() -> list[Path]:
     dirs = [runtime_dir()]
     if SYSTEM_RUNTIME_DIR not in dirs:
@@ -34,8 +63,9 @@ def _search_dirs() -> list[Path]:
     return dirs
 
 
-def resolve_endpoint(name: str | None, socket: str | None) -> str:
-    """--socket wins; else the daemon --name; else the only daemon running here."""
+def resolve_endpoint(name: str | None, socket: str | None, down: int = 1) -> str:
+    """--socket wins; else the daemon --name; else the only daemon running here.
+    No daemon found: exit `down` (1; `daqctl status`: 3, not running)."""
     if socket:
         if "://" in socket:
             return socket
@@ -46,10 +76,10 @@ def resolve_endpoint(name: str | None, socket: str | None) -> str:
         for d in dirs:
             if (d / f"{name}.ctl").exists():
                 return f"ipc://{d / name}.ctl"
-        fail(f"no daemon {name!r} running: no {name}.ctl in {where}")
+        fail(f"no daemon {name!r} running: no {name}.ctl in {where}", down)
     found = sorted({p for d in dirs if d.is_dir() for p in d.glob("*.ctl")})
     if not found:
-        fail(f"no daqd running: no control socket in {where}")
+        fail(f"no daqd running: no control socket in {where}", down)
     if len(found) > 1:
         names = ", ".join(p.stem for p in found)
         fail(f"several daemons running ({names}): choose one with --name")
@@ -61,13 +91,20 @@ class Ctx:
 
     def __init__(self, name: str | None, socket: str | None, timeout: float, keys: dict[str, Any]):
         self.name, self.socket, self.timeout, self.keys = name, socket, timeout, keys
+        self.lsb = False  # `status`: exit 3 when not running, 4 when it cannot be asked
+
+    def fail(self, exc: ControlError) -> NoReturn:
+        text = str(exc)
+        if not self.lsb:
+            fail(text)
+        fail(text, EXIT_NOT_RUNNING if text.startswith(_NOT_RUNNING) else EXIT_UNKNOWN)
 
     def client(self) -> ControlClient:
-        endpoint = resolve_endpoint(self.name, self.socket)
+        endpoint = resolve_endpoint(self.name, self.socket, EXIT_NOT_RUNNING if self.lsb else 1)
         try:
             return ControlClient(endpoint, timeout_s=self.timeout, **self.keys)
         except ControlError as exc:
-            fail(str(exc))
+            self.fail(exc)
 
     def request(
         self, code: str, args: dict[str, Any] | None = None, timeout: float | None = None
@@ -76,14 +113,52 @@ class Ctx:
             try:
                 return client.request(code, args, timeout_s=timeout)
             except ControlError as exc:
-                fail(str(exc))
+                self.fail(exc)
 
 
 pass_ctx = click.make_pass_decorator(Ctx)
 
 
+def _complete_daemons(
+    ctx: click.Context, param: click.Parameter, incomplete: str
+) -> list[CompletionItem]:
+    """Daemon names: the control sockets in the runtime directories daqctl searches."""
+    from click.shell_completion import CompletionItem
+
+    names = sorted({p.stem for d in _search_dirs() if d.is_dir() for p in d.glob("*.ctl")})
+    return [CompletionItem(n) for n in names if n.startswith(incomplete)]
+
+
+def _complete_parts(kinds: tuple[str, ...]) -> Callable[..., list[CompletionItem]]:
+    """Receiver (and publisher) names, asked of the daemon the command line names (1 s at most)."""
+
+    def complete(
+        ctx: click.Context, param: click.Parameter, incomplete: str
+    ) -> list[CompletionItem]:
+        from click.shell_completion import CompletionItem
+
+        root = ctx.find_root().params
+        try:
+            endpoint = resolve_endpoint(root.get("name"), root.get("socket"))
+            with ControlClient(endpoint, timeout_s=1.0) as client:
+                st = client.request("STAT")
+        except (ControlError, SystemExit):
+            return []
+        names = [n for k in kinds for n in (st.get(k) or {})] if isinstance(st, dict) else []
+        return [CompletionItem(n) for n in names if n.startswith(incomplete)]
+
+    return complete
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--name", "-n", envvar="DAQD_NAME", help="Daemon name ([daemon] name).")
+@click.version_option(package_name="daqd", prog_name="daqctl")
+@click.option(
+    "--name",
+    "-n",
+    envvar="DAQD_NAME",
+    help="Daemon name ([daemon] name).",
+    shell_complete=_complete_daemons,
+)
 @click.option("--socket", "-s", help="Control socket path or endpoint (ipc://, tcp://).")
 @click.option(
     "--timeout", type=float, default=DEFAULT_TIMEOUT_S, show_default=True, help="Reply timeout, s."
@@ -105,41 +180,6 @@ def main(
 
 
 # ----- status -------------------------------------------------------------------------------
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    d, rest = divmod(seconds, 86400)
-    h, rest = divmod(rest, 3600)
-    m, s = divmod(rest, 60)
-    if d:
-        return f"{d}d {h}h {m}m"
-    if h:
-        return f"{h}h {m}m {s}s"
-    if m:
-        return f"{m}m {s}s"
-    return f"{s}s"
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"
-
-
-def _reasons(counts: Any) -> str:
-    if not isinstance(counts, dict) or not counts:
-        return "0"
-    total = sum(v for v in counts.values() if isinstance(v, int))
-    detail = ",".join(f"{k}={v}" for k, v in sorted(counts.items()) if v)
-    return f"{total} ({detail})" if detail else str(total)
-
-
-def _table(rows: list[list[str]]) -> list[str]:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
 
 
 def _where(addresses: Any) -> str:
@@ -216,7 +256,7 @@ def render_status(st: dict[str, Any]) -> str:
                 ]
             )
         lines.append("")
-        lines.extend(_table(rows))
+        lines.extend(_table(rows, right=(3, 4, 5)))
         for name, c in parts.items():
             if c.get("last_error"):
                 lines.append(f"  {name}: last error: {c['last_error']}")
@@ -236,9 +276,15 @@ def _json(value: Any) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the raw snapshot as JSON.")
 @pass_ctx
 def status(c: Ctx, as_json: bool) -> None:
-    """State, run, uptime, and counters and rates per receiver and publisher."""
+    """State, run, uptime, and counters and rates per receiver and publisher.
+
+    Exits as LSB init scripts' status does: 0 all well; 3 not running; 4 cannot be asked;
+    150 in state SAFE or ERROR; 151 a receiver failed or is restarting.
+    """
+    c.lsb = True
     st = c.request("STAT")
     click.echo(_json(st) if as_json else render_status(st))
+    sys.exit(status_exit_code(st if isinstance(st, dict) else {}))
 
 
 @main.command()
@@ -380,7 +426,7 @@ def parse_command_args(words: tuple[str, ...]) -> tuple[list[Any], dict[str, Any
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
-@click.argument("receiver")
+@click.argument("receiver", shell_complete=_complete_parts(("receivers",)))
 @click.argument("name")
 @click.argument("words", nargs=-1, type=click.UNPROCESSED)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -450,7 +496,7 @@ def _describe(header: dict[str, Any], payload: list[bytes]) -> str:
 
 
 @main.command()
-@click.argument("name")
+@click.argument("name", shell_complete=_complete_parts(("receivers", "publishers")))
 @click.option("--count", type=int, default=0, help="Stop after N records (0: until Ctrl-C).")
 @click.option("--raw", is_flag=True, help="Write the payload bytes to stdout, nothing else.")
 @pass_ctx

@@ -16,6 +16,7 @@ import click
 import zmq
 import zmq.asyncio
 
+from daqd import render
 from daqd.config import parse_config
 from daqd.host import Host
 from daqd.receiver import ReceiverServer
@@ -60,15 +61,21 @@ async def _count_live(endpoint: str, ctx: zmq.asyncio.Context, counts: list[int]
 
 def _table(host: Host, live: int) -> str:
     st = host.status()
-    rows = [f"state {st['state']}  run {(st['run'] or {}).get('run_id', '-')}  live SUB got {live}"]
-    rows.append(f"  {'name':<10} {'kind':<10} {'records':>10} {'rate/s':>10} {'drops':>8}")
+    rows = [["name", "kind", "records", "rate/s", "bytes", "drops"]]
     for kind in ("receivers", "publishers"):
         for name, s in st[kind].items():
             rows.append(
-                f"  {name:<10} {s['type']:<10} {s['records']:>10} {s['rate_hz']:>10.0f} "
-                f"{sum(s['drops'].values()):>8}"
+                [
+                    name,
+                    s["type"],
+                    f"{s['records']:,}",
+                    f"{s['rate_hz']:,.0f}",
+                    render.size(s.get("bytes", 0)),
+                    render.reasons(s["drops"]),
+                ]
             )
-    return "\n".join(rows)
+    head = f"state {st['state']}  run {(st['run'] or {}).get('run_id', '-')}  live SUB got {live}"
+    return "\n".join([head, *render.table(rows, right=(2, 3, 4, 5), indent="  ")])
 
 
 async def _arrived(receiver: ReceiverServer, sent: int, timeout_s: float = 10.0) -> None:

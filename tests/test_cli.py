@@ -11,7 +11,7 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.conftest import DAQD, Daemon, wait_until
+from tests.conftest import DAQCTL, DAQD, Daemon, wait_until
 
 BASE = """
 [daemon]
@@ -219,3 +219,83 @@ def test_sighup_rereads_the_serve_file_not_the_last_reconfigure(
     assert set(d.status()["receivers"]) == {"raw", "unit"}
     assert f"SIGHUP: reloaded {d.config_path}" in d.log()
     assert d.stop() == 0
+
+
+def complete(env: dict[str, str], words: str) -> list[str]:
+    """What bash completion offers after `words` (click's protocol: `type,value` lines)."""
+    cword = len(words.split()) - (0 if words.endswith(" ") else 1)
+    r = subprocess.run(
+        [DAQCTL],
+        env={
+            **env,
+            "COMP_WORDS": words,
+            "COMP_CWORD": str(cword),
+            "_DAQCTL_COMPLETE": "bash_complete",
+        },
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    return [line.split(",", 1)[1] for line in r.stdout.splitlines()]
+
+
+def test_daqctl_version_exit_codes_and_completion(
+    daemon: Callable[..., Daemon], workdir: Path
+) -> None:
+    r = subprocess.run([DAQCTL, "--version"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stdout.startswith("daqctl, version "), r.stdout
+    d = daemon(BASE.format(name="ex", port=0), name="ex")
+    r = d.ctl("status")
+    assert r.returncode == 0 and "ORBIT" in r.stdout
+    assert d.ctl("--name", "nosuch", "status").returncode == 3
+    # completion: subcommands, daemon names, receiver names (asked of the daemon)
+    assert {"start", "status", "stop"} <= set(complete(d.env, "daqctl st"))
+    assert complete(d.env, "daqctl --name ") == ["ex"]
+    assert complete(d.env, "daqctl --name ex cmd ") == ["raw"]
+    assert complete(d.env, "daqctl --name ex tap ") == ["raw", "live"]
+    # SAFE: running but not well
+    assert d.ctl("transition", "interrupt").returncode == 0
+    r = d.ctl("status")
+    assert r.returncode == 150 and "SAFE" in r.stdout, r
+    assert d.ctl("transition", "recover").returncode == 0
+    assert d.ctl("transition", "launch").returncode == 0
+    assert d.ctl("status").returncode == 0
+    assert d.stop() == 0
+    r = d.ctl("status")  # the socket is gone: not running
+    assert r.returncode == 3 and "no daemon 'ex' running" in r.stderr, r
+
+
+def test_status_exit_code_for_a_failed_or_restarting_receiver() -> None:
+    from daqd.ctl import status_exit_code
+
+    well = {"state": "RUN", "receivers": {"a": {"state": "running"}, "b": {"state": "stopped"}}}
+    assert status_exit_code(well) == 0
+    for bad in ("failed", "restarting"):
+        assert status_exit_code({**well, "receivers": {"a": {"state": bad}}}) == 151
+    assert status_exit_code({"state": "ERROR", "receivers": {}}) == 150
+
+
+def test_render_helpers_shared_by_daqctl_and_demo() -> None:
+    from daqd import render
+
+    assert [render.size(n) for n in (0, 999, 1000, 1_500_000, 3e15)] == [
+        "0 B",
+        "999 B",
+        "1.0 kB",
+        "1.5 MB",
+        "3000.0 TB",
+    ]
+    assert [render.duration(s) for s in (0, 59.9, 185, 7207, 97_200)] == [
+        "0s",
+        "59s",
+        "3m 5s",
+        "2h 0m 7s",
+        "1d 3h 0m",
+    ]
+    assert render.table([["NAME", "N"], ["a", "1,000"], ["long", "7"]], right=(1,)) == [
+        "NAME      N",
+        "a     1,000",
+        "long      7",
+    ]
+    assert render.reasons({"kernel": 3, "full": 0, "x": 2}) == "5 (kernel=3,x=2)"
+    assert render.reasons({}) == "0"
