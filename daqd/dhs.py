@@ -503,12 +503,24 @@ class Motor(Device):
 
 
 class SimulatedMotor(Motor):
-    """A motor that moves at `speed_units_per_s` and reports its position every `update_interval_s`."""
+    """A motor that moves at `speed_units_per_s` and reports its position every `update_interval_s`.
+
+    One `htos_update_motor_position` per interval at most (an interval the loop was too busy for
+    is skipped, not made up in a burst), none when the position shown did not change, positions
+    rounded to one step of the motor (1 / scale_factor units, DCSS's steps per unit), and the
+    completion carries the destination exactly.
+    """
 
     def __init__(self, dhs: Dhs, name: str, hardware_name: str = "", **settings: Any) -> None:
         super().__init__(dhs, name, hardware_name, **settings)
         self.speed_units_per_s = float(settings.get("speed_units_per_s", 10.0))
         self.update_interval_s = float(settings.get("update_interval_s", 0.1))
+
+    def step(self, position: float) -> float:
+        """`position` rounded to the motor's precision (one step); as is without a scale."""
+        if self.scale_factor <= 0:
+            return position
+        return round(position * self.scale_factor) / self.scale_factor
 
     async def move(self, destination: float) -> float:
         target = destination
@@ -521,13 +533,20 @@ class SimulatedMotor(Motor):
         start, t0 = self.position, loop.time()
         span = target - start
         duration = abs(span) / self.speed_units_per_s if self.speed_units_per_s > 0 else 0.0
-        while True:
+        interval = max(self.update_interval_s, 0.001)
+        shown = self.step(start)
+        tick = 1
+        while tick * interval < duration:
+            await asyncio.sleep(max(t0 + tick * interval - loop.time(), 0.0))
             elapsed = loop.time() - t0
             if elapsed >= duration:
                 break
-            self.position = start + span * (elapsed / duration)
-            self.report_position(self.position)
-            await asyncio.sleep(min(self.update_interval_s, duration - elapsed))
+            tick = max(tick + 1, int(elapsed / interval) + 1)  # next tick still ahead
+            position = self.step(start + span * (elapsed / duration))
+            if position != shown:
+                shown = position
+                self.report_position(position)
+        await asyncio.sleep(max(t0 + duration - loop.time(), 0.0))
         self.position = target
         if limit_status:
             raise MotorError(limit_status)
