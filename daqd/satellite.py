@@ -22,6 +22,7 @@ import re
 import socket
 import struct
 import time
+import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -84,6 +85,11 @@ HIDDEN: dict[str, tuple[str, str]] = {
     "_get_commands": ("Return the hidden commands with descriptions.", "No arguments."),
     "_interrupt": ("Interrupt: end any run and go to SAFE.", "No arguments."),
     "_failure": ("Go to ERROR (initialize leads back to INIT).", "No arguments."),
+    "_get_services": ("Return the services offered: name -> port.", "No arguments."),
+    "_get_remotes": (
+        "Return what the other hosts of the group offer: host UUID -> service -> URI.",
+        "No arguments.",
+    ),
 }
 TRANSITION_COMMANDS = {
     "initialize": "initialize",
@@ -490,6 +496,8 @@ class Satellite:
             "get_role": self._cmd_get_role,
             "shutdown": self._cmd_shutdown,
             "_failure": self._cmd_failure,
+            "_get_services": self._cmd_get_services,
+            "_get_remotes": self._cmd_get_remotes,
         }
 
     def _cmd_get_name(self) -> cscp.Message:
@@ -538,6 +546,17 @@ class Satellite:
             )
         self.host.request_stop()
         return self._reply(_T.SUCCESS, f"{self.name} queued for reentry")
+
+    def _cmd_get_services(self) -> cscp.Message:
+        services = {service.name: port for service, port in self.offers.items()}
+        return self._reply(_T.SUCCESS, f"{len(services)} services offered", services)
+
+    def _cmd_get_remotes(self) -> cscp.Message:
+        remotes: dict[str, dict[str, str]] = {}
+        for offer in self.registry.values():
+            uri = f"tcp://{offer.address}:{offer.port}"
+            remotes.setdefault(str(uuid.UUID(bytes=offer.host)), {})[offer.service.name] = uri
+        return self._reply(_T.SUCCESS, f"{len(remotes)} remote hosts", remotes)
 
     def _cmd_failure(self) -> cscp.Message:
         self.host.machine.fail("failure requested by a Constellation controller")

@@ -9,11 +9,16 @@ beside what the controller sees.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import re
 import shutil
 import signal
 import subprocess
+import sys
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +28,7 @@ import pytest
 from daqd.config import parse_config
 from daqd.control import ControlClient
 from daqd.errors import ConfigError
+from daqd.protocols import chirp
 from tests.conftest import DAQD, wait_until
 from tests.peers import peer_python
 from tests.test_cdtp import Proc
@@ -254,3 +260,108 @@ async def test_real_controller_drives_daqd_after_garbage(peer: str, isolated: Is
     log = isolated.log()
     assert "Traceback" not in log
     assert "CSCP: malformed request" in log  # counted and logged, rate-limited
+
+
+# ----- CHIRP, CHP and the commands, seen by a scripted client in the namespace ---------------
+PROBE_SCRIPT = str(Path(__file__).with_name("constellation_probe.py"))
+
+
+async def ask(proc: Proc, op: str, **args: Any) -> Any:
+    await proc.say(json.dumps({"op": op, **args}))
+    return await proc.line()
+
+
+async def until(proc: Proc, port: int, command: str, want: Any, timeout_s: float = 20.0) -> Any:
+    """Ask `command` over CSCP until its payload is `want` (the beacons are UDP: give them time)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        reply = await ask(proc, "cscp", port=port, command=command)
+        if reply["payload"] == want or time.monotonic() > deadline:
+            return reply
+        await asyncio.sleep(0.05)
+
+
+def control(daqd: IsolatedDaqd, code: str, args: dict[str, Any]) -> Any:
+    with ControlClient(f"ipc://{daqd.runtime}/{daqd.name}.ctl", timeout_s=10.0) as c:
+        return c.request(code, args)
+
+
+@needs_netns
+async def test_beacons_registry_heartbeats_and_commands(isolated: IsolatedDaqd) -> None:
+    hb_port = int(re.search(r"heartbeat port (\d+)", isolated.log()).group(1))  # type: ignore[union-attr]
+    port = isolated.cmd_port
+    probe = await Proc.start(*isolated.in_namespace(sys.executable, PROBE_SCRIPT))
+    try:
+        await ask(probe, "chirp_open")
+        # a REQUEST is answered by an OFFER of that service, from the UDP source address
+        me = {"host": "Probe.p1", "group": GROUP}
+        await ask(probe, "send", type="REQUEST", service="CONTROL", port=0, **me)
+        await ask(probe, "send", type="REQUEST", service="HEARTBEAT", port=0, **me)
+        offers = await ask(
+            probe, "expect_beacon", sender="Daqd.sat1", type="OFFER",
+            services=["CONTROL", "HEARTBEAT"], timeout=20,
+        )  # fmt: skip
+        assert "timeout" not in offers, offers
+        assert offers["got"]["CONTROL"]["port"] == port
+        assert offers["got"]["HEARTBEAT"]["port"] == hb_port
+        assert offers["got"]["CONTROL"]["address"] == "127.0.0.1"
+        services = await ask(probe, "cscp", port=port, command="_get_services")
+        assert services["payload"] == {"CONTROL": port, "HEARTBEAT": hb_port}
+
+        # the registry: offers of its group are kept (a new port replaces the old), departures
+        # remove them; another group, a bad beacon and its own beacons are not in it
+        p1 = str(uuid.UUID(bytes=chirp.name_uuid("Probe.p1")))
+        await ask(probe, "send_raw", hex=(b"CHIRP\x01\x02" + bytes(34)).hex())  # 41 bytes
+        await ask(probe, "send", type="OFFER", service="DATA", port=4343, host="P.x", group="other")
+        await ask(probe, "send", type="OFFER", service="DATA", port=4242, **me)
+        got = await until(probe, port, "_get_remotes", {p1: {"DATA": "tcp://127.0.0.1:4242"}})
+        assert got["payload"] == {p1: {"DATA": "tcp://127.0.0.1:4242"}}
+        await ask(probe, "send", type="OFFER", service="DATA", port=4244, **me)
+        got = await until(probe, port, "_get_remotes", {p1: {"DATA": "tcp://127.0.0.1:4244"}})
+        assert got["payload"] == {p1: {"DATA": "tcp://127.0.0.1:4244"}}
+        await ask(probe, "send", type="DEPART", service="DATA", port=4244, **me)
+        assert (await until(probe, port, "_get_remotes", {}))["payload"] == {}
+
+        # heartbeats: state, role flags (DYNAMIC = 6), the interval for one subscriber
+        await ask(probe, "chp_subscribe", port=hb_port)
+        first = await ask(probe, "chp_collect", until_state=0x20, timeout=20)
+        assert "timeout" not in first, first
+        sender, state, flags, interval, _, _ = first["beats"][-1]
+        assert (sender, state, flags & 0x7F, interval) == ("Daqd.sat1", 0x20, 6, 500)
+        # a transition driven by daqctl: an extrasystole for launching and for ORBIT
+        await probe.say(json.dumps({"op": "chp_collect", "until_state": 0x30, "timeout": 20}))
+        assert control(isolated, "CTRL", {"transition": "launch"})["state"] == "ORBIT"
+        beats = (await probe.line())["beats"]
+        extrasystoles = [(b[1], b[4]) for b in beats if b[2] & 0x80]
+        assert [s for s, _ in extrasystoles] == [0x23, 0x30], beats
+        assert all(status is not None for _, status in extrasystoles)
+
+        # receivers' commands, case-insensitive, with the spec's argument checks
+        paused = await ask(probe, "cscp", port=port, command="ss_pause")
+        assert (paused["type"], paused["payload"]) == ("SUCCESS", {"paused": True})
+        stats = control(isolated, "CMD ", {"target": "ss", "name": "stats"})
+        assert stats["paused"] is True  # daqctl cmd ss stats sees what the controller did
+        stats = await ask(probe, "cscp", port=port, command="SS_STATS")
+        assert stats["type"] == "SUCCESS" and stats["payload"]["paused"] is True
+        wrong = await ask(probe, "cscp", port=port, command="ss_resume", payload=[1, 2])
+        assert wrong["type"] == "INCOMPLETE" and wrong["text"].startswith("Wrong argument")
+        refused = await ask(probe, "cscp", port=port, command="shutdown")
+        assert refused["type"] == "INVALID"  # not in ORBIT
+
+        # interrupt to SAFE, then shutdown: the process ends and DEPARTs its services
+        interrupt = await ask(probe, "cscp", port=port, command="_interrupt")
+        assert (interrupt["type"], interrupt["payload"]) == ("SUCCESS", "interrupt")
+        await ask(probe, "chp_collect", until_state=0xE0, timeout=20)
+        assert isolated.status()["state"] == "SAFE"
+        bye = await ask(probe, "cscp", port=port, command="shutdown")
+        assert (bye["type"], bye["text"]) == ("SUCCESS", "Daqd.sat1 queued for reentry")
+        departs = await ask(
+            probe, "expect_beacon", sender="Daqd.sat1", type="DEPART",
+            services=["CONTROL", "HEARTBEAT"], timeout=30,
+        )  # fmt: skip
+        assert "timeout" not in departs, departs
+        assert departs["got"]["CONTROL"]["port"] == port
+        assert await asyncio.to_thread(isolated.proc.wait, 30) == 0
+    finally:
+        await probe.stop()
+    assert "Traceback" not in isolated.log()

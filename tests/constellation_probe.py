@@ -1,0 +1,133 @@
+"""A scripted CHIRP/CSCP/CHP client run inside a test's network namespace (with daqd's python).
+
+tests/test_constellation.py sends one JSON command a line on stdin; each gets one JSON line back.
+It speaks through daqd's own codecs: the interop with the real Constellation is the other test's
+job; this one looks at what a controller cannot easily show (beacon timing, DEPART, the registry,
+every heartbeat and extrasystole).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import time
+from typing import Any
+
+import zmq
+
+from daqd.errors import ProtocolError
+from daqd.protocols import chirp, chp, cscp
+
+
+class Probe:
+    def __init__(self) -> None:
+        self.ctx = zmq.Context()
+        self.udp: socket.socket | None = None
+        self.sub: zmq.Socket[bytes] | None = None
+
+    def chirp_open(self) -> dict[str, Any]:
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        udp.bind(("0.0.0.0", chirp.PORT))
+        group = socket.inet_aton(chirp.MULTICAST_ADDRESS) + socket.inet_aton("127.0.0.1")
+        udp.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, group)
+        udp.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton("127.0.0.1"))
+        udp.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
+        self.udp = udp
+        return {}
+
+    def send(self, type: str, service: str, port: int, host: str, group: str) -> dict[str, Any]:
+        beacon = chirp.Beacon(
+            chirp.BeaconType[type],
+            chirp.name_uuid(group),
+            chirp.name_uuid(host),
+            chirp.Service[service],
+            port,
+        )
+        return self.send_raw(chirp.encode(beacon).hex())
+
+    def send_raw(self, hex: str) -> dict[str, Any]:
+        assert self.udp is not None
+        self.udp.sendto(bytes.fromhex(hex), (chirp.MULTICAST_ADDRESS, chirp.PORT))
+        return {"sent_at": time.monotonic()}
+
+    def expect_beacon(self, sender: str, type: str, services: list[str], timeout: float) -> Any:
+        """Wait for beacons of `type` from `sender` for each of `services`."""
+        assert self.udp is not None
+        began = time.monotonic()
+        wanted = set(services)
+        got: dict[str, Any] = {}
+        while wanted - set(got):
+            left = began + timeout - time.monotonic()
+            if left <= 0:
+                return {"timeout": True, "got": got}
+            self.udp.settimeout(left)
+            try:
+                data, (address, _) = self.udp.recvfrom(512)
+            except TimeoutError:
+                continue
+            try:
+                b = chirp.decode(data)
+            except ProtocolError:
+                continue
+            if b.host == chirp.name_uuid(sender) and b.type.name == type:
+                got[b.service.name] = {
+                    "port": b.port,
+                    "address": address,
+                    "seconds": time.monotonic() - began,
+                }
+        return {"got": got}
+
+    def cscp(self, port: int, command: str, payload: Any = None) -> dict[str, Any]:
+        sock = self.ctx.socket(zmq.REQ)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVTIMEO, 10000)
+        sock.connect(f"tcp://127.0.0.1:{port}")
+        try:
+            sock.send_multipart(
+                cscp.encode(cscp.Message("probe", cscp.Type.REQUEST, command, payload))
+            )
+            reply = cscp.decode(sock.recv_multipart())
+        finally:
+            sock.close()
+        return {"type": reply.type.name, "text": reply.text, "payload": reply.payload}
+
+    def chp_subscribe(self, port: int) -> dict[str, Any]:
+        sub = self.ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(f"tcp://127.0.0.1:{port}")
+        self.sub = sub
+        return {}
+
+    def chp_collect(self, until_state: int, timeout: float) -> dict[str, Any]:
+        """Every heartbeat until one says `until_state` (with the times between them)."""
+        assert self.sub is not None
+        began = time.monotonic()
+        beats: list[list[Any]] = []
+        while True:
+            left = began + timeout - time.monotonic()
+            if left <= 0:
+                return {"timeout": True, "beats": beats}
+            if not self.sub.poll(int(left * 1000)):
+                continue
+            hb = chp.decode(self.sub.recv_multipart())
+            beats.append(
+                [hb.sender, hb.state, hb.flags, hb.interval_ms, hb.status, time.monotonic()]
+            )
+            if hb.state == until_state:
+                return {"beats": beats}
+
+
+def main() -> None:
+    probe = Probe()
+    for line in sys.stdin:
+        command = json.loads(line)
+        op = command.pop("op")
+        result = getattr(probe, op)(**command)
+        print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
