@@ -21,7 +21,7 @@ from typing import Any, Literal, cast
 
 import zmq
 import zmq.asyncio
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from daqd.protocols.ssdaq_pb import PbError, TriggerBunch, decode_trigger_bunch
 from daqd.receiver import ReceiverServer, ReceiverSettings
@@ -32,11 +32,19 @@ _CLOSE_DRAIN_S = 2.0
 
 
 class TimestampSettings(ReceiverSettings):
-    connect: str = Field("tcp://192.168.101.102:6666", pattern=r"^[a-z]+://.+")
+    connect: str = "tcp://192.168.101.102:6666"
     format: Literal["record", "ssdaq"] = "record"
     rcvhwm: int = Field(100_000, ge=0)
     max_message_bytes: int = Field(16 << 20, gt=0)
     check_bunch_counter: bool = True
+
+    @field_validator("connect")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        scheme, sep, rest = value.partition("://")
+        if not sep or scheme not in ("tcp", "ipc", "inproc", "pgm", "epgm") or not rest:
+            raise ValueError(f"expected a ZeroMQ endpoint such as tcp://host:6666, got {value!r}")
+        return value
 
 
 class TimestampReceiver(ReceiverServer):

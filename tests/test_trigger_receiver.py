@@ -17,6 +17,7 @@ import zmq
 import zmq.asyncio
 
 from daqd.config import parse_config
+from daqd.errors import ConfigError
 from daqd.host import Host
 from daqd.protocols.trigger import decode
 from daqd.sim.trigger import FAULTS, TriggerSource
@@ -279,3 +280,18 @@ listen = "127.0.0.1:0"
         timeout=60,
     )
     assert too_long.returncode == 1 and "exceeds a UDP datagram" in too_long.stderr
+
+
+@pytest.mark.parametrize(
+    ("receiver", "key"),
+    [
+        ('type = "trigger"\nname = "t"\nformat = "raw"', "format"),
+        ('type = "trigger"\nname = "t"\nlisten = "nowhere"', "listen"),
+        ('type = "timestamp"\nname = "t"\nconnect = "127.0.0.1:6666"', "connect"),
+        ('type = "timestamp"\nname = "t"\nrcvhwm = -1', "rcvhwm"),
+    ],
+)
+def test_bad_settings_are_refused_with_the_key(receiver: str, key: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        parse_config(f"[[receiver]]\n{receiver}\n", path="<test>")
+    assert key in str(exc.value)
