@@ -4,6 +4,7 @@ Runs inside the peer venv (.venv-peers/saturnin), never imports daqd. Usage:
     python saturnin_peer.py control < JSON settings, then commands on stdin, one per line
     python saturnin_peer.py encode  (prints frames saturnin's own encoder makes, as hex)
     python saturnin_peer.py decode  (hex frames in, one JSON list per line: what saturnin parses)
+    python saturnin_peer.py service ADDRESS JSON  (a saturnin MicroService under daqd's control)
 
 `control` is Saturnin's controller side, as its ThreadController does it: a PairChannel with an
 ICCPController bound on {"address": "ipc://..."}; it starts {"command": [...]} (the string
@@ -25,9 +26,11 @@ saturnin's parser or the controller's session rules refused it, or {"timeout": t
 from __future__ import annotations
 
 import json
+import os
 import struct
 import subprocess
 import sys
+import threading
 import uuid
 from typing import Any
 
@@ -196,6 +199,106 @@ def encode() -> int:
     return 0
 
 
+def service(address: str, settings: dict[str, Any]) -> int:
+    """A real saturnin MicroService (its warm_up/run, its ICCPComponent) that binds a PUSH,
+    announces it in READY as endpoint "output", and sends {"count"} messages
+    [b"toy", n (8 bytes big-endian)], one every {"interval_ms"}. With {"fail": true} its start fails
+    (ERROR instead of READY); with {"bad_ready": true} it sends a READY saturnin could not parse
+    and then waits. What it sent is written to {"report"} (JSON) when it stops."""
+    import platform
+
+    from saturnin.base import AgentDescriptor, ComponentConfig, ServiceDescriptor
+    from saturnin.component.micro import MicroService
+
+    if settings.get("bad_ready"):
+        ctx = zmq.Context.instance()
+        pair = ctx.socket(zmq.PAIR)
+        pair.connect(address)
+        pair.send_multipart([struct.pack("!H", 1), b"\x0a\x03abc", b""])
+        pair.poll(60000)
+        return 0
+
+    class Toy(MicroService):
+        sent = 0
+
+        def aquire_resources(self) -> None:
+            if settings.get("fail"):
+                raise RuntimeError("toy cannot start: no detector attached")
+            self.out = zmq.Context.instance().socket(zmq.PUSH)
+            self.out.bind("tcp://127.0.0.1:*")
+            self.endpoints["output"] = [ZMQAddress(self.out.getsockopt_string(zmq.LAST_ENDPOINT))]
+
+        def start_activities(self) -> None:
+            self.schedule(self.tick, settings.get("interval_ms", 1))
+
+        def tick(self) -> None:
+            if self.sent < settings.get("count", 0):
+                self.out.send_multipart([b"toy", struct.pack(">Q", self.sent)])
+                self.sent += 1
+                self.schedule(self.tick, settings.get("interval_ms", 1))
+
+        def stop_activities(self) -> None:
+            with open(settings["report"], "w") as f:
+                json.dump({"sent": self.sent, "pid": os.getpid()}, f)
+
+        def release_resources(self) -> None:
+            self.out.close(linger=5000)
+
+    agent = AgentDescriptor(
+        uid=uuid.UUID("11111111-2222-3333-4444-555555555555"),
+        name="toy",
+        version="1.0",
+        vendor_uid=uuid.UUID("11111111-2222-3333-4444-000000000000"),
+        classification="test/toy",
+    )
+    descriptor = ServiceDescriptor(
+        agent=agent,
+        api=[],
+        description="daqd test service",
+        facilities=[],
+        factory="saturnin_peer:Toy",
+        config=lambda: ComponentConfig("toy"),
+    )
+    svc = Toy(zmq.Context.instance(), descriptor)
+    config = ComponentConfig("toy")
+    svc.initialize(config)
+    if not settings.get("relay", True):  # saturnin as it is: fails on an ipc/tcp controller
+        svc.warm_up(ZMQAddress(address))
+        svc.run()
+        return 0
+    # saturnin's warm_up checks can_send() with a 0 ms timeout right after connect(), which only
+    # an inproc peer (bound first) passes. So the service's control channel connects to an
+    # inproc PAIR here, relayed frame for frame to the controller's address.
+    ctx = zmq.Context.instance()
+    front, back = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    front.bind("inproc://daqd-relay")
+    back.connect(address)
+    done = threading.Event()
+
+    def relay() -> None:  # frames both ways until the service has run, then what it left
+        poller = zmq.Poller()
+        poller.register(front, zmq.POLLIN)
+        poller.register(back, zmq.POLLIN)
+        while True:
+            events = dict(poller.poll(100))
+            if front in events:
+                back.send_multipart(front.recv_multipart())
+            if back in events:
+                front.send_multipart(back.recv_multipart())
+            if done.is_set() and not events:
+                return
+
+    thread = threading.Thread(target=relay, daemon=True)
+    thread.start()
+    svc.warm_up(ZMQAddress("inproc://daqd-relay"))
+    svc.run()
+    done.set()
+    thread.join(10)
+    back.close(linger=5000)  # FINISHED is on its way out
+    print(f"toy on {platform.node()} finished", file=sys.stderr)
+    return 0
+
+
 def decode() -> int:
     for line in sys.stdin:
         frames = [bytes.fromhex(h) for h in json.loads(line)]
@@ -217,6 +320,8 @@ if __name__ == "__main__":
     mode = sys.argv[1]
     if mode == "control":
         sys.exit(control(json.loads(sys.stdin.readline())))
+    if mode == "service":
+        sys.exit(service(sys.argv[2], json.loads(sys.argv[3])))
     if mode == "encode":
         sys.exit(encode())
     if mode == "decode":
