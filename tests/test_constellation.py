@@ -182,6 +182,7 @@ def test_daqd_check_validates_the_table(tmp_path: Path) -> None:
 
 
 # ----- the real controller -------------------------------------------------------------------
+@pytest.mark.interop
 @needs_netns
 async def test_real_controller_drives_daqd_after_garbage(peer: str, isolated: IsolatedDaqd) -> None:
     assert isolated.status()["state"] == "INIT"  # waits for the controller's initialize
