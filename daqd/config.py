@@ -48,9 +48,7 @@ class DaemonSettings(HttpSettings):  # http, http_token_file: the web view (daqd
     def _level(cls, value: Any) -> Any:
         if isinstance(value, str) and value.upper() in LOG_LEVELS:
             return value.upper()
-        if isinstance(value, str):
-            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)} (in any case)")
-        return value
+        raise ValueError(f"must be one of {', '.join(LOG_LEVELS)} (in any case)")
 
 
 class ConfigErrors(ConfigError):
@@ -244,7 +242,10 @@ class _Problems:
             elif not loc:
                 self.add(where, base, _URL_USERINFO.sub("***@", _words(err)))
             else:
-                text = f'key "{key}": {_words(err)} (got {_shown(key, err.get("input"))})'
+                words, shown = _words(err), _shown(key, err.get("input"))
+                if shown != "(value hidden)" and shown not in words:
+                    words += f" (got {shown})"
+                text = f'key "{key}": {words}'
                 self.add(where, (*base, *loc), _URL_USERINFO.sub("***@", text))
 
     def raise_if_any(self) -> None:

@@ -37,7 +37,7 @@ def fail(message: str, code: int = 1) -> NoReturn:
 # `daqctl status` exit codes, after LSB init scripts' status action (as systemctl status uses):
 EXIT_OK = 0  # running; state neither SAFE nor ERROR; every receiver running
 EXIT_NOT_RUNNING = 3  # no control socket, a stale one, or no daemon of that name
-EXIT_UNKNOWN = 4  # the daemon could not be asked (permission, no reply in time, bad reply)
+EXIT_UNKNOWN = 1  # the daemon could not be asked (permission, no reply in time, bad reply)
 EXIT_STATE = 150  # running, in state SAFE or ERROR
 EXIT_RECEIVER = 151  # running, but a receiver failed or is restarting
 _NOT_RUNNING = ("no daemon", "no daqd running")
@@ -91,7 +91,7 @@ class Ctx:
 
     def __init__(self, name: str | None, socket: str | None, timeout: float, keys: dict[str, Any]):
         self.name, self.socket, self.timeout, self.keys = name, socket, timeout, keys
-        self.lsb = False  # `status`: exit 3 when not running, 4 when it cannot be asked
+        self.lsb = False  # `status`: exit 3 when not running (1 for any other failure)
 
     def fail(self, exc: ControlError) -> NoReturn:
         text = str(exc)
@@ -278,8 +278,9 @@ def _json(value: Any) -> str:
 def status(c: Ctx, as_json: bool) -> None:
     """State, run, uptime, and counters and rates per receiver and publisher.
 
-    Exits as LSB init scripts' status does: 0 all well; 3 not running; 4 cannot be asked;
-    150 in state SAFE or ERROR; 151 a receiver failed or is restarting.
+    Exits as LSB init scripts' status does: 0 all well; 3 not running; 1 cannot be asked (as
+    every other daqctl failure); 150 in state SAFE or ERROR; 151 a receiver failed or is
+    restarting.
     """
     c.lsb = True
     st = c.request("STAT")

@@ -299,3 +299,24 @@ def test_render_helpers_shared_by_daqctl_and_demo() -> None:
     ]
     assert render.reasons({"kernel": 3, "full": 0, "x": 2}) == "5 (kernel=3,x=2)"
     assert render.reasons({}) == "0"
+
+
+def test_errors_show_a_value_once_and_never_a_secret(workdir: Path) -> None:
+    path = workdir / "v.toml"
+    path.write_text(
+        '[[receiver]]\ntype = "udp"\nname = "a"\nlisten = "127.0.0.1"\n'
+        '[[receiver]]\ntype = "http_poll"\nname = "cam"\nurl = "http://u:hunter2@h/x"\n'
+        'auth = "digest"\n'
+    )
+    r = run("check", str(path))
+    assert r.returncode == 2 and "hunter2" not in r.stderr
+    lines = r.stderr.splitlines()
+    assert lines[1] == (
+        f'{path}: [[receiver]] #1 (name "a"): key "listen": expected \'host:port\' with a port '
+        "0-65535, got '127.0.0.1' (line 4)"
+    )
+    assert lines[2] == (
+        f'{path}: [[receiver]] #2 (name "cam"): key "credentials_file": auth = "digest" needs '
+        "credentials_file, or username and password (line 5)"
+    )
+    assert lines[3].endswith("not in the URL (got 'http://***@h/x') (line 8)"), lines[3]
