@@ -13,17 +13,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import fcntl
 import inspect
-import ipaddress
 import logging
-import random
 import re
-import socket
-import struct
 import time
 import uuid
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -31,7 +25,8 @@ import zmq
 import zmq.asyncio
 
 from daqd import __version__
-from daqd.errors import DaqdError, ProtocolError
+from daqd.discovery import Discovery, interface_addresses
+from daqd.errors import ProtocolError
 from daqd.logs import LimitedLogger
 from daqd.protocols import chirp, chp, cscp
 from daqd.runstate import TRANSITIONS, State
@@ -46,7 +41,6 @@ SATELLITE_TYPE = "Daqd"
 #: The Constellation release whose wire formats this module speaks (get_cnstln_version).
 CONSTELLATION_VERSION = "1.0.2"
 RUN_ID = re.compile(r"^[\w-]{1,80}$")
-REQUEST_ANSWER_DELAY_S = 0.2  # an OFFER answers a REQUEST after a random 0-200 ms
 ROLES = tuple(chp.ROLE_FLAGS)
 
 _T = cscp.Type
@@ -106,52 +100,6 @@ class WrongArgument(Exception):
     """The payload does not fit the command: INCOMPLETE "Wrong argument: ..."."""
 
 
-@dataclass(frozen=True)
-class Offer:
-    """A service another host of the group offers (the registry's entry)."""
-
-    host: bytes
-    service: chirp.Service
-    address: str
-    port: int
-
-
-def interface_addresses(names: list[str] | None) -> list[str]:
-    """IPv4 addresses to announce on: each entry an address or an interface name; None: every
-    interface with an IPv4 address. 127.0.0.1 is always among them (as Constellation does)."""
-    out: list[str] = []
-    if names is None:
-        names = [name for _, name in socket.if_nameindex()]
-        wanted = False
-    else:
-        wanted = True
-    for entry in names:
-        try:
-            out.append(str(ipaddress.IPv4Address(entry)))
-            continue
-        except ValueError:
-            pass
-        address = _interface_ipv4(entry)
-        if address is None:
-            if wanted:
-                raise DaqdError(f"[constellation] interface {entry!r}: no such interface with IPv4")
-            continue
-        out.append(address)
-    if "127.0.0.1" not in out:
-        out.append("127.0.0.1")
-    return list(dict.fromkeys(out))
-
-
-def _interface_ipv4(name: str) -> str | None:
-    siocgifaddr = 0x8915
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            raw = fcntl.ioctl(s.fileno(), siocgifaddr, struct.pack("256s", name.encode()[:15]))
-        except OSError:
-            return None
-    return socket.inet_ntoa(raw[20:24])
-
-
 def _timestamp(ns: int) -> msgpack.Timestamp:
     return msgpack.Timestamp.from_unix_nano(ns)
 
@@ -178,27 +126,25 @@ class Satellite:
         self.role = "DYNAMIC"
         self.max_interval_ms = int(settings.max_heartbeat_interval_s * 1000)
         self.status_text = "started"
-        self.registry: dict[tuple[bytes, chirp.Service], Offer] = {}
-        self.offers: dict[chirp.Service, int] = {}
         self.counters: dict[str, int] = {}
         self.subscribers = 0
         self.heartbeats = 0
         self.extrasystoles = 0
         self.cmd_port = 0
         self.hb_port = 0
-        self.addresses: list[str] = []
+        self.chirp: Discovery | None = None
         self._limited = LimitedLogger(log)
         self._rep: zmq.asyncio.Socket | None = None
         self._xpub: zmq.asyncio.Socket | None = None
         self._xpub_now: zmq.Socket[bytes] | None = None
-        self._udp: socket.socket | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._transition: asyncio.Task[None] | None = None
         self._beat_now = asyncio.Event()
 
     # ----- life cycle ------------------------------------------------------------------------
     async def start(self) -> None:
-        self.addresses = interface_addresses(self.settings.interface)
+        addresses = interface_addresses(self.settings.interface)
+        self.chirp = Discovery(self.name, self.group, addresses, self.counters)
         ctx = self.host.zmq_context
         rep = ctx.socket(zmq.REP)
         rep.setsockopt(zmq.LINGER, 2000)
@@ -213,8 +159,7 @@ class Satellite:
         self._xpub_now = zmq.Socket.shadow(xpub.underlying)  # sends at once, from any callback
         self.hb_port = int(xpub.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
         self._watch_state()
-        self._udp = self._chirp_socket()
-        asyncio.get_running_loop().add_reader(self._udp.fileno(), self._on_datagram)
+        self.chirp.open()
         if self.settings.wait_for_controller and self.host.state == State.ORBIT:
             await self.host.transition("land", {})  # the controller initializes and launches
         self._tasks = [
@@ -222,25 +167,23 @@ class Satellite:
             asyncio.create_task(self._count_subscribers(), name="chp-subscriptions"),
             asyncio.create_task(self._heartbeats(), name="chp"),
         ]
-        self.offers = {chirp.Service.CONTROL: self.cmd_port, chirp.Service.HEARTBEAT: self.hb_port}
-        for service, port in self.offers.items():
-            self._beacon(chirp.BeaconType.OFFER, service, port)
+        self.chirp.offer(chirp.Service.CONTROL, self.cmd_port)
+        self.chirp.offer(chirp.Service.HEARTBEAT, self.hb_port)
         for service in chirp.Service:  # fill the registry with what the group already offers
-            self._beacon(chirp.BeaconType.REQUEST, service, 0)
+            self.chirp.request(service)
         log.info(
             "satellite %s in group %s: control port %d, heartbeat port %d, announced on %s",
             self.name,
             self.group,
             self.cmd_port,
             self.hb_port,
-            ", ".join(self.addresses),
+            ", ".join(addresses),
         )
 
     async def stop(self) -> None:
         """DEPART every offered service, then close the sockets."""
-        for service, port in self.offers.items():
-            self._beacon(chirp.BeaconType.DEPART, service, port)
-        self.offers = {}
+        if self.chirp is not None:
+            self.chirp.depart()
         self.host.machine.__dict__.pop("_set", None)  # the state watch ends
         for task in self._tasks:
             task.cancel()
@@ -250,9 +193,8 @@ class Satellite:
         if self._transition is not None and not self._transition.done():
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await self._transition
-        if self._udp is not None:
-            asyncio.get_running_loop().remove_reader(self._udp.fileno())
-            self._udp.close()
+        if self.chirp is not None:
+            self.chirp.close()
         self._xpub_now = None
         for sock in (self._rep, self._xpub):
             if sock is not None:
@@ -260,95 +202,6 @@ class Satellite:
 
     def count(self, reason: str) -> None:
         self.counters[reason] = self.counters.get(reason, 0) + 1
-
-    # ----- CHIRP -----------------------------------------------------------------------------
-    def _chirp_socket(self) -> socket.socket:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("0.0.0.0", chirp.PORT))
-        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, chirp.MULTICAST_TTL)
-        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
-        group = socket.inet_aton(chirp.MULTICAST_ADDRESS)
-        for address in self.addresses:
-            try:
-                sock.setsockopt(
-                    socket.IPPROTO_IP,
-                    socket.IP_ADD_MEMBERSHIP,
-                    group + socket.inet_aton(address),
-                )
-            except OSError as exc:
-                log.warning(
-                    "CHIRP: cannot join %s on %s: %s", chirp.MULTICAST_ADDRESS, address, exc
-                )
-        sock.setblocking(False)
-        return sock
-
-    def _beacon(self, kind: chirp.BeaconType, service: chirp.Service, port: int) -> None:
-        if self._udp is None:
-            return
-        data = chirp.encode(chirp.Beacon(kind, self.group_uuid, self.uuid, service, port))
-        for address in self.addresses:
-            try:
-                self._udp.setsockopt(
-                    socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(address)
-                )
-                self._udp.sendto(data, (chirp.MULTICAST_ADDRESS, chirp.PORT))
-            except OSError as exc:
-                self.count("chirp_send")
-                self._limited.warning(
-                    "chirp_send", "CHIRP: beacon not sent on %s: %s", address, exc
-                )
-
-    def _on_datagram(self) -> None:
-        assert self._udp is not None
-        for _ in range(64):  # a flood cannot hold the loop
-            try:
-                data, (address, _port) = self._udp.recvfrom(512)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                self.count("chirp_receive")
-                self._limited.warning("chirp_receive", "CHIRP: receive failed: %s", exc)
-                return
-            try:
-                beacon = chirp.decode(data)
-            except ProtocolError as exc:
-                self.count("chirp_malformed")
-                self._limited.warning("chirp_malformed", "CHIRP from %s: %s", address, exc)
-                continue
-            if beacon.host == self.uuid or beacon.group != self.group_uuid:
-                continue
-            self._on_beacon(beacon, address)
-
-    def _on_beacon(self, beacon: chirp.Beacon, address: str) -> None:
-        key = (beacon.host, beacon.service)
-        if beacon.type == chirp.BeaconType.REQUEST:
-            port = self.offers.get(beacon.service)
-            if port is not None:
-                delay = random.uniform(0.0, REQUEST_ANSWER_DELAY_S)
-                asyncio.get_running_loop().call_later(delay, self._answer_request, beacon.service)
-        elif beacon.type == chirp.BeaconType.OFFER:
-            old = self.registry.get(key)
-            self.registry[key] = Offer(beacon.host, beacon.service, address, beacon.port)
-            if old is None or old.port != beacon.port:
-                log.info(
-                    "CHIRP: %s offered by %s at %s:%d",
-                    beacon.service.name,
-                    beacon.host.hex(),
-                    address,
-                    beacon.port,
-                )
-        elif self.registry.pop(key, None) is not None:
-            log.info("CHIRP: %s of %s departed", beacon.service.name, beacon.host.hex())
-
-    def _answer_request(self, service: chirp.Service) -> None:
-        port = self.offers.get(service)
-        if port is not None:
-            self._beacon(chirp.BeaconType.OFFER, service, port)
-
-    def discovered(self, service: chirp.Service) -> list[Offer]:
-        """What the other hosts of the group offer of `service` now."""
-        return [o for (_, s), o in self.registry.items() if s == service]
 
     # ----- CHP -------------------------------------------------------------------------------
     async def _count_subscribers(self) -> None:
@@ -548,12 +401,13 @@ class Satellite:
         return self._reply(_T.SUCCESS, f"{self.name} queued for reentry")
 
     def _cmd_get_services(self) -> cscp.Message:
-        services = {service.name: port for service, port in self.offers.items()}
+        offers = self.chirp.offers if self.chirp else {}
+        services = {service.name: port for service, port in offers.items()}
         return self._reply(_T.SUCCESS, f"{len(services)} services offered", services)
 
     def _cmd_get_remotes(self) -> cscp.Message:
         remotes: dict[str, dict[str, str]] = {}
-        for offer in self.registry.values():
+        for offer in (self.chirp.registry if self.chirp else {}).values():
             uri = f"tcp://{offer.address}:{offer.port}"
             remotes.setdefault(str(uuid.UUID(bytes=offer.host)), {})[offer.service.name] = uri
         return self._reply(_T.SUCCESS, f"{len(remotes)} remote hosts", remotes)
