@@ -5,6 +5,7 @@ SIGHUP after `daqctl reconfigure`."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -320,3 +321,39 @@ def test_errors_show_a_value_once_and_never_a_secret(workdir: Path) -> None:
         "credentials_file, or username and password (line 5)"
     )
     assert lines[3].endswith("not in the URL (got 'http://***@h/x') (line 8)"), lines[3]
+
+
+def test_daqctl_status_exits_151_for_a_failed_receiver(
+    daemon: Callable[..., Daemon], workdir: Path
+) -> None:
+    text = BASE.format(name="fl", port=0).replace(
+        'publish_to = ["live"]', 'publish_to = ["live"]\nprocess = true'
+    )
+    d = daemon(text, name="fl")
+    assert d.ctl("status").returncode == 0
+
+    def worker() -> int | None:
+        raw = d.status()["receivers"]["raw"]
+        where = str(raw.get("addresses", {}).get("worker", ""))
+        if raw.get("state") != "running" or not where.startswith("pid "):
+            return None
+        return int(where.split()[1])
+
+    killed: set[int] = set()
+
+    def next_step() -> int | str | None:
+        """A new worker's pid to kill, or "failed" once the receiver gave up."""
+        if d.status()["receivers"]["raw"]["state"] == "failed":
+            return "failed"
+        pid = worker()
+        return pid if pid not in killed else None
+
+    # every crash restarts the worker (backoff 0.5, 1, 2, 4 s); the fifth in 60 s: failed
+    while (step := wait_until(next_step, 60, "a new worker or the failed state")) != "failed":
+        assert isinstance(step, int) and len(killed) < 5, (step, killed)
+        os.kill(step, signal.SIGKILL)
+        killed.add(step)
+    r = d.ctl("status")
+    assert r.returncode == 151, r
+    assert re.search(r"^raw\s+udp\s+failed", r.stdout, re.M), r.stdout
+    assert d.stop() == 0
