@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import difflib
 import os
 import re
@@ -122,6 +123,8 @@ def _shown(key: str, value: Any) -> str:
         return "(value hidden)"
     if isinstance(value, dict):
         return "a table"
+    if isinstance(value, datetime.date | datetime.time):
+        return value.isoformat()  # as TOML writes it, not Python's repr
     return _URL_USERINFO.sub("***@", repr(value))
 
 
