@@ -30,6 +30,7 @@ from daqd.errors import ProtocolError
 from daqd.logs import LimitedLogger
 from daqd.protocols import chirp, chp, cscp
 from daqd.runstate import TRANSITIONS, State
+from daqd.satellite_monitoring import MonitoringPublisher
 
 if TYPE_CHECKING:
     from daqd.config import ConstellationSettings
@@ -133,6 +134,7 @@ class Satellite:
         self.cmd_port = 0
         self.hb_port = 0
         self.chirp: Discovery | None = None
+        self.monitoring = MonitoringPublisher(host, self.name, self.counters)
         self._limited = LimitedLogger(log)
         self._rep: zmq.asyncio.Socket | None = None
         self._xpub: zmq.asyncio.Socket | None = None
@@ -160,6 +162,7 @@ class Satellite:
         self.hb_port = int(xpub.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
         self._watch_state()
         self.chirp.open()
+        self.monitoring.start()
         if self.settings.wait_for_controller and self.host.state == State.ORBIT:
             await self.host.transition("land", {})  # the controller initializes and launches
         self._tasks = [
@@ -169,14 +172,17 @@ class Satellite:
         ]
         self.chirp.offer(chirp.Service.CONTROL, self.cmd_port)
         self.chirp.offer(chirp.Service.HEARTBEAT, self.hb_port)
+        self.chirp.offer(chirp.Service.MONITORING, self.monitoring.port)
         for service in chirp.Service:  # fill the registry with what the group already offers
             self.chirp.request(service)
         log.info(
-            "satellite %s in group %s: control port %d, heartbeat port %d, announced on %s",
+            "satellite %s in group %s: control port %d, heartbeat port %d, monitoring port %d, "
+            "announced on %s",
             self.name,
             self.group,
             self.cmd_port,
             self.hb_port,
+            self.monitoring.port,
             ", ".join(addresses),
         )
 
@@ -195,6 +201,7 @@ class Satellite:
                 await self._transition
         if self.chirp is not None:
             self.chirp.close()
+        await self.monitoring.stop()
         self._xpub_now = None
         for sock in (self._rep, self._xpub):
             if sock is not None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 from typing import Any
 
@@ -17,6 +18,7 @@ OUT = sys.stdout
 sys.stdout = sys.stderr
 
 from constellation.core.controller import ScriptableController  # noqa: E402
+from constellation.core.listener import StandaloneListener  # noqa: E402
 from constellation.core.message.cscp1 import CSCP1Message  # noqa: E402
 from constellation.core.protocol.cscp1 import SatelliteState  # noqa: E402
 
@@ -72,8 +74,52 @@ def garbage(endpoint: str) -> list[list[Any]]:
     return [raw_request(endpoint, frames) for frames in cases]
 
 
+class Listener(StandaloneListener):
+    """constellationdaq's own CMDP listener, keeping what it receives."""
+
+    def __init__(self, group: str) -> None:
+        self.logs: list[list[Any]] = []
+        self.metrics: dict[str, list[Any]] = {}
+        self.notifications: dict[str, dict[str, str]] = {}
+        super().__init__(name="mon", group=group, interface=["lo"])
+
+    def receive_log(self, record: Any) -> None:
+        self.logs.append([record.sender, record.levelname, record.name, record.msg])
+
+    def receive_metric(self, sender: str, metric: Any, timestamp: Any, value: Any) -> None:
+        self.metrics[metric.name] = [sender, value, metric.unit]
+
+    def receive_notification(self, sender: str, prefix: str, topics: dict[str, str]) -> None:
+        self.notifications[prefix] = topics
+
+
+def listen(settings: dict[str, Any]) -> None:
+    """Follow daqd's logs and metrics until a log line has `settings["until"]` in it."""
+    listener = Listener(settings["group"])
+    thread = threading.Thread(target=listener.run_listener, daemon=True)
+    thread.start()
+    listener.set_topics(["LOG/INFO", "LOG/WARNING", "STAT/", "LOG?", "STAT?"])
+    deadline = time.monotonic() + 30
+    while "RX_RECORDS" not in listener.metrics and time.monotonic() < deadline:
+        time.sleep(0.05)
+    say(ready=sorted(listener.metrics))
+    while not any(settings["until"] in str(line[3]) for line in listener.logs):
+        if time.monotonic() > deadline + 30:
+            break
+        time.sleep(0.05)
+    say(
+        logs=listener.logs,
+        metrics=listener.metrics,
+        notifications=listener.notifications,
+    )
+    listener.reentry()
+
+
 def main() -> None:
     settings = json.loads(sys.stdin.readline())
+    if settings.get("mode") == "listen":
+        listen(settings)
+        return
     group, name = settings["group"], settings["name"]
     say(garbage=garbage(f"tcp://127.0.0.1:{settings['cmd_port']}"))
     ctrl = ScriptableController(group=group, interface=["lo"], log_level="WARNING", name="ctl")

@@ -263,6 +263,32 @@ async def test_real_controller_drives_daqd_after_garbage(peer: str, isolated: Is
     assert "CSCP: malformed request" in log  # counted and logged, rate-limited
 
 
+@pytest.mark.interop
+@needs_netns
+async def test_real_listener_gets_logs_and_metrics(peer: str, isolated: IsolatedDaqd) -> None:
+    """constellationdaq's own monitoring listener finds daqd's CMDP by CHIRP and receives its
+    metrics, the lists of metrics and log components it asked for, and daqd's log lines."""
+    proc = await Proc.start(
+        *isolated.in_namespace(peer, PEER_SCRIPT),
+        stdin_json={"mode": "listen", "group": GROUP, "until": "transition launch"},
+    )
+    try:
+        ready = (await proc.line())["ready"]
+        assert {"STATE", "RUN_ID", "RX_RECORDS", "TX_RECORDS", "DROPPED"} <= set(ready), ready
+        assert control(isolated, "CTRL", {"transition": "launch"})["state"] == "ORBIT"
+        out = await proc.line()
+    finally:
+        await proc.stop()
+    lines = [line for line in out["logs"] if "transition launch" in line[3]]
+    assert lines == [["Daqd.sat1", "INFO", "RUNSTATE", "transition launch: INIT -> launching"]]
+    assert all(line[0] == "Daqd.sat1" and line[1] in ("INFO", "WARNING") for line in out["logs"])
+    metrics = out["metrics"]
+    assert metrics["RX_RECORDS"] == ["Daqd.sat1", 0, "records"]
+    assert metrics["STATE"][1] in (0x20, 0x30)
+    assert "RX_RECORDS" in out["notifications"]["STAT"]
+    assert "RUNSTATE" in out["notifications"]["LOG"]
+
+
 # ----- CHIRP, CHP and the commands, seen by a scripted client in the namespace ---------------
 PROBE_SCRIPT = str(Path(__file__).with_name("constellation_probe.py"))
 
@@ -307,7 +333,12 @@ async def test_beacons_registry_heartbeats_and_commands(isolated: IsolatedDaqd) 
         assert offers["got"]["HEARTBEAT"]["port"] == hb_port
         assert offers["got"]["CONTROL"]["address"] == "127.0.0.1"
         services = await ask(probe, "cscp", port=port, command="_get_services")
-        assert services["payload"] == {"CONTROL": port, "HEARTBEAT": hb_port}
+        mon_port = int(re.search(r"monitoring port (\d+)", isolated.log()).group(1))  # type: ignore[union-attr]
+        assert services["payload"] == {
+            "CONTROL": port,
+            "HEARTBEAT": hb_port,
+            "MONITORING": mon_port,
+        }
 
         # the registry: offers of its group are kept (a new port replaces the old), departures
         # remove them; another group, a bad beacon and its own beacons are not in it
