@@ -4,7 +4,9 @@ Every datagram is decoded and checked (daqd.protocols.trigger). A valid packet b
 whose payload is the packet unchanged; `format = "record"` tags it with what the packet says
 (type, TACK, phase, counters, triggered SPs), `format = "ssdaq"` only with `format`, for SSDAQ's
 PUB consumers. A bad packet is refused: counted under errors by reason, logged rate-limited, not
-published. The records of the datagrams one event-loop turn reads are handed on together.
+published. A readable packet whose patterns name SPs its union lacks is published and counted
+(errors `union_mismatch`). The records of the datagrams one event-loop turn reads are handed on
+together.
 """
 
 from __future__ import annotations
@@ -67,10 +69,22 @@ class TriggerReceiver(ReceiverServer):
         self.last_tack = packet.tack
         if packet.window_beyond_field:
             self.beyond_field += 1
+        mismatch = packet.outside_union()
+        if mismatch:  # readable but self-contradictory: kept, and counted (the run is TAINTED)
+            self.counters.error("union_mismatch")
+            self.limited.warning(
+                "union_mismatch",
+                "%s: trigger packet from %s:%d (TACK %d) has pattern bits for SPs not in its union",
+                self.name,
+                *addr[:2],
+                packet.tack,
+            )
         if self.settings.format == "ssdaq":
             tags = self._ssdaq_tags
         else:
             tags = packet.tags()
+            if mismatch:
+                tags["union_mismatch"] = True
             peer = self._peers.get(addr)
             if peer is None:
                 if len(self._peers) >= _MAX_PEERS:

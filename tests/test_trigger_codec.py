@@ -255,3 +255,35 @@ def test_simulator_faults_are_refused_under_their_own_names() -> None:
             got = tp.decode(sim.packet(k))
             assert got.packet_type == sim.packet_type(k) and got.tack == sim.tack(k)
             assert got.pattern_sps() == sim.trigger_sps(k)
+
+
+@settings(deadline=None, max_examples=150)
+@given(st.data(), st.sampled_from([1, 2]), st.sampled_from([8, 16, 64]))
+def test_patterns_outside_the_union_are_found(
+    data: st.DataObject, version: int, length: int
+) -> None:
+    """outside_union() is true exactly when some SP with a pattern bit is missing from the union
+    (checked against numpy on the decoded arrays)."""
+    if version == 1:
+        length = 16
+    pat = data.draw(pattern_arrays(length))
+    union = pat.any(axis=0)
+    drop = data.draw(st.lists(st.integers(0, 511), max_size=3))
+    add = data.draw(st.lists(st.integers(0, 511), max_size=3))
+    union[drop] = False
+    union[add] = True
+    if version == 1:
+        packet = tp.encode_v1(1, 0, pat, union=union)
+    else:  # encode_v2 writes the true union: overwrite it with ours
+        buf = bytearray(tp.encode_v2(1, 0, pat))
+        buf[29:93] = np.packbits(union.astype(np.uint8)).tobytes()
+        packet = bytes(buf)
+    got = tp.decode(packet)
+    np.testing.assert_array_equal(got.union_array(), union.astype(np.uint8))
+    expected = bool((pat.any(axis=0) & ~union).any())
+    assert got.outside_union() is expected
+    assert ("union_mismatch" in got.tags()) is False  # a receiver's tag, not the codec's
+    v3 = tp.decode(
+        tp.encode_v2(1, 0, np.zeros((8, 512), dtype=bool) | pat[:8], zero_suppressed=True)
+    )
+    assert v3.outside_union() is False

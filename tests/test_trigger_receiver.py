@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import numpy as np
 import pytest
 import zmq
 import zmq.asyncio
@@ -19,7 +20,7 @@ import zmq.asyncio
 from daqd.config import parse_config
 from daqd.errors import ConfigError
 from daqd.host import Host
-from daqd.protocols.trigger import decode
+from daqd.protocols.trigger import decode, encode_v1
 from daqd.sim.trigger import FAULTS, TriggerSource
 
 from .conftest import DAQD, wait_for, wait_until
@@ -132,6 +133,30 @@ async def test_every_packet_type_is_decoded_and_bad_packets_are_counted_by_reaso
     assert stats["last_tack"] == sim.tack(n - 1)
     status = rig.host.status()["receivers"]["trig"]
     assert status["errors"]["bad_magic"] == 2 and status["extra"]["packets"]["v3"] == 20
+
+
+async def test_a_packet_whose_patterns_name_sps_outside_its_union_is_kept_and_counted(
+    rig_factory: Callable[..., Any],
+) -> None:
+    rig = await rig_factory()
+    await rig.host.begin_run("um")
+    pat = np.zeros((16, 512), dtype=bool)
+    pat[2, [10, 20]] = True
+    union = np.zeros(512, dtype=bool)
+    union[10] = True  # SP 20 triggered but is not in the union
+    bad = encode_v1(77, 2, pat, union=union)
+    with rig.sim() as sim:
+        sim.send(bad)
+        sim.send(sim.packet(0))
+        await rig.wait("2 packets", lambda: sum(rig.rec.per_type.values()) == 2)
+    await rig.host.end_run()
+    items = rig.run_file("um")
+    records = [i for i in items[1:-1] if i[0] == "trig"]
+    assert [r[4] for r in records] == [[bad], [sim.packet(0)]]
+    assert records[0][3]["union_mismatch"] is True and records[0][3]["sps"] == [10]
+    assert "union_mismatch" not in records[1][3]
+    assert rig.rec.counters.errors == {"union_mismatch": 1}
+    assert items[-1]["end"]["condition"] == "TAINTED"
 
 
 async def test_long_v3_windows_are_published_with_their_real_length(

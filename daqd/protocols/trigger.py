@@ -17,6 +17,9 @@ The readout length L is taken from the packet's size, not from the u8 field, whi
 and so cannot describe windows longer than 2040 samples: the field must agree with L modulo 256
 (or be 255, saturated); ``window_beyond_field`` says that L / 8 did not fit. A V3 packet with no
 SP in its union carries no patterns, so its L can only come from the field.
+
+The union must hold every SP with a pattern bit set; `outside_union()` says when a V1/V2 packet
+breaks that (decode() still returns it: it is readable, only self-contradictory).
 """
 
 from __future__ import annotations
@@ -83,6 +86,24 @@ class TriggerPacket:
     def window_beyond_field(self) -> bool:
         """The readout window is longer than the u8 length field can say (> 2040 samples)."""
         return self.length_field is not None and self.readout_length // 8 > 0xFF
+
+    def outside_union(self) -> bool:
+        """A V1/V2 pattern has bits set for an SP the union does not hold: the packet
+        contradicts itself (V3 carries patterns only for the union's SPs, so never)."""
+        if self.packet_type == 3:
+            return False
+        pat = int.from_bytes(self.patterns, "big")
+        if not pat:
+            return False
+        union = int.from_bytes(self.union, "big")
+        length = self.readout_length
+        segment = (1 << length) - 1
+        mask = 0
+        while union:  # union bit b is SP 511 - b, whose pattern is int bits [b * L, (b + 1) * L)
+            low = union & -union
+            mask |= segment << ((low.bit_length() - 1) * length)
+            union ^= low
+        return bool(pat & ~mask)
 
     def sps(self) -> list[int]:
         """SPs set in the union, ascending."""
