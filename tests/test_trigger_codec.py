@@ -267,7 +267,7 @@ def test_patterns_outside_the_union_are_found(
     if version == 1:
         length = 16
     pat = data.draw(pattern_arrays(length))
-    union = pat.any(axis=0)
+    union: np.ndarray = np.asarray(pat.any(axis=0))
     drop = data.draw(st.lists(st.integers(0, 511), max_size=3))
     add = data.draw(st.lists(st.integers(0, 511), max_size=3))
     union[drop] = False
