@@ -16,7 +16,7 @@ from daqd.errors import ConfigError, ControlError
 from daqd.host import Host
 from daqd.protocols.iccp import Outcome
 from daqd.runstate import RunCondition, State
-from daqd.satellite import start_satellite
+from daqd.satellite import Satellite, start_satellite
 from daqd.systemd import Notifier
 
 log = logging.getLogger("daqd.daemon")
@@ -33,14 +33,14 @@ async def serve(config: Config) -> int:
     await host.start()
     tune_for_throughput()
 
-    web: Any = None  # the web view, with [daemon] http (daqd/web)
+    satellite: Satellite | None = None  # with a [constellation] table, once started
 
     async def handle_request(code: str, args: dict[str, Any]) -> Any:
         result = await host.handle_request(code, args)
         if code == "STAT":  # the control socket's own counts: refused, malformed, oversize, ...
             result["control"] = dict(server.counters)
-            if web is not None:
-                result["http"] = web.url
+            if satellite is not None:
+                result["constellation"] = satellite.status()
         return result
 
     server = ControlServer(
@@ -56,10 +56,6 @@ async def serve(config: Config) -> int:
     try:
         await server.start()
         host.open_tap(tap_endpoint(d.name))
-        if d.http:
-            from daqd.web.app import start_web  # aiohttp, prometheus_client: only when asked
-
-            web = await start_web(host)
         satellite = await start_satellite(host)  # only with a [constellation] table
     except Exception:
         await host.stop(RunCondition.ABORTED)
@@ -105,8 +101,6 @@ async def serve(config: Config) -> int:
         notifier.stopping("draining")
         watchdog.cancel()
         status_task.cancel()
-        if web is not None:  # before the host stops: no page asks a stopping host
-            await web.stop()
         if satellite is not None:  # DEPARTs while the host still answers
             await satellite.stop()
         await host.stop(host.stop_reason)

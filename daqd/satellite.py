@@ -129,6 +129,7 @@ class Satellite:
         self.status_text = "started"
         self.counters: dict[str, int] = {}
         self.subscribers = 0
+        self.requests = 0
         self.heartbeats = 0
         self.extrasystoles = 0
         self.cmd_port = 0
@@ -207,6 +208,28 @@ class Satellite:
             if sock is not None:
                 sock.close(linger=0)
 
+    def status(self) -> dict[str, Any]:
+        """What `daqctl status` shows of the satellite (the STAT reply's "constellation")."""
+        chirp_ = self.chirp
+        return {
+            "name": self.name,
+            "group": self.group,
+            "ports": {
+                "control": self.cmd_port,
+                "heartbeat": self.hb_port,
+                "monitoring": self.monitoring.port,
+            },
+            "role": self.role,
+            "status": self.status_text,
+            "requests": self.requests,
+            "heartbeats": self.heartbeats,
+            "extrasystoles": self.extrasystoles,
+            "heartbeat_subscribers": self.subscribers,
+            "monitoring_sent": dict(self.monitoring.sent),
+            "remote_services": len(chirp_.registry) if chirp_ else 0,
+            "errors": dict(self.counters),
+        }
+
     def count(self, reason: str) -> None:
         self.counters[reason] = self.counters.get(reason, 0) + 1
 
@@ -281,6 +304,7 @@ class Satellite:
         assert self._rep is not None
         while True:
             frames = await self._rep.recv_multipart()
+            self.requests += 1
             try:
                 reply = await self.answer(frames)
             except Exception as exc:  # the satellite keeps serving whatever a command did

@@ -210,6 +210,15 @@ async def test_real_controller_drives_daqd_after_garbage(peer: str, isolated: Is
         assert replies[8][1].startswith("Transition not allowed")
         assert replies[9][1:3] == ["INIT", 0x20]
         assert replies[9][3] == ["last_changed", "last_changed_iso"]
+        # each counted by reason, and daqctl status shows it
+        seen = isolated.status()["constellation"]
+        assert seen["errors"] == {
+            "cscp_malformed": 3,
+            "cscp_not_request": 1,
+            "cscp_unknown": 1,
+            "cscp_wrong_argument": 3,
+        }
+        assert seen["requests"] == 10 and seen["name"] == "Daqd.sat1"
 
         found = await proc.line()
         got = found["found"]
