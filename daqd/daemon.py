@@ -33,6 +33,8 @@ async def serve(config: Config) -> int:
     await host.start()
     tune_for_throughput()
 
+    web: Any = None  # the web view, with [daemon] http (daqd/web)
+
     satellite: Satellite | None = None  # with a [constellation] table, once started
 
     async def handle_request(code: str, args: dict[str, Any]) -> Any:
@@ -41,6 +43,8 @@ async def serve(config: Config) -> int:
             result["control"] = dict(server.counters)
             if satellite is not None:
                 result["constellation"] = satellite.status()
+            if web is not None:
+                result["http"] = web.url
         return result
 
     server = ControlServer(
@@ -56,6 +60,10 @@ async def serve(config: Config) -> int:
     try:
         await server.start()
         host.open_tap(tap_endpoint(d.name))
+        if d.http:
+            from daqd.web.app import start_web  # aiohttp, prometheus_client: only when asked
+
+            web = await start_web(host)
         satellite = await start_satellite(host)  # only with a [constellation] table
     except Exception:
         await host.stop(RunCondition.ABORTED)
@@ -101,6 +109,8 @@ async def serve(config: Config) -> int:
         notifier.stopping("draining")
         watchdog.cancel()
         status_task.cancel()
+        if web is not None:  # before the host stops: no page asks a stopping host
+            await web.stop()
         if satellite is not None:  # DEPARTs while the host still answers
             await satellite.stop()
         await host.stop(host.stop_reason)
