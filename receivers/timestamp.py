@@ -1,8 +1,9 @@
 """The `timestamp` receiver: a timing board's TriggerBunches from its ZeroMQ PUB (SSDAQ's 6666).
 
 A SUB socket connects to `connect` and subscribes to everything; ZeroMQ reconnects by itself when
-the board goes away and comes back (counted in extra `connects` / `disconnects`). Each message is
-one protobuf `CTA.ACTL.CDTS.TriggerBunch`; every TriggerMessage in it becomes one record whose
+the board goes away and comes back (counted in extra `connects` / `disconnects`); a link ZeroMQ
+gives up on (after a message over max_message_bytes) is connected again (errors `link_dropped`).
+Each message is one protobuf `CTA.ACTL.CDTS.TriggerBunch`; every TriggerMessage in it becomes one record whose
 payload is that TriggerMessage's bytes alone (what SSDAQ re-published on its PUB 9003). With
 `format = "record"` the record is tagged with the decoded fields, with `format = "ssdaq"` only
 with `format`. A message that does not decode is refused: counted under errors by reason.
@@ -22,6 +23,7 @@ from typing import Any, Literal, cast
 import zmq
 import zmq.asyncio
 from pydantic import Field, field_validator
+from zmq.utils.monitor import parse_monitor_message
 
 from daqd.protocols.ssdaq_pb import PbError, TriggerBunch, decode_trigger_bunch
 from daqd.receiver import ReceiverServer, ReceiverSettings
@@ -29,6 +31,7 @@ from daqd.record import Record
 
 _BATCH = 256  # messages taken off the socket before other tasks get a turn
 _CLOSE_DRAIN_S = 2.0
+RELINK_AFTER_S = 1.0  # a link silent this long after a disconnect was given up by ZeroMQ
 
 
 class TimestampSettings(ReceiverSettings):
@@ -75,7 +78,12 @@ class TimestampReceiver(ReceiverServer):
         sock.setsockopt(zmq.RCVHWM, s.rcvhwm)
         sock.setsockopt(zmq.MAXMSGSIZE, s.max_message_bytes)
         sock.setsockopt(zmq.SUBSCRIBE, b"")
-        self._monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        self._monitor = sock.get_monitor_socket(
+            zmq.EVENT_CONNECTED
+            | zmq.EVENT_DISCONNECTED
+            | zmq.EVENT_CONNECT_RETRIED
+            | zmq.EVENT_CONNECT_DELAYED
+        )
         self._sock = sock
         try:
             sock.connect(s.connect)
@@ -116,25 +124,53 @@ class TimestampReceiver(ReceiverServer):
             loop.remove_reader(fd)
 
     async def ct_watch(self) -> None:
-        """Follow the connection: ZeroMQ reconnects by itself; say when the link goes and comes."""
-        assert self._monitor is not None
-        from zmq.utils.monitor import parse_monitor_message
-
+        """Follow the connection. ZeroMQ reconnects by itself when the board goes away (a
+        CONNECT_RETRIED/DELAYED follows the DISCONNECTED), but not after a protocol error such as
+        a message over max_message_bytes: a link silent RELINK_AFTER_S after a disconnect is
+        connected again here, and counted (errors `link_dropped`)."""
+        assert self._monitor is not None and self._sock is not None
+        monitor, sock = self._monitor, self._sock
+        endpoint = self.settings.connect
+        given_up = False  # disconnected, and ZeroMQ has not said it is trying again
         while True:
-            event = parse_monitor_message(await self._monitor.recv_multipart())
-            if event["event"] == zmq.EVENT_CONNECTED:
+            try:
+                frames = await asyncio.wait_for(
+                    monitor.recv_multipart(), RELINK_AFTER_S if given_up else None
+                )
+            except TimeoutError:
+                given_up = False
+                self.counters.error("link_dropped")
+                self.limited.warning(
+                    "link_dropped",
+                    "%s: ZeroMQ dropped the link to %s and does not retry (a message over "
+                    "max_message_bytes?): connecting again",
+                    self.name,
+                    endpoint,
+                )
+                try:
+                    sock.disconnect(endpoint)
+                except zmq.ZMQError:
+                    pass
+                sock.connect(endpoint)
+                continue
+            event = parse_monitor_message(frames)["event"]
+            if event == zmq.EVENT_CONNECTED:
+                given_up = False
                 self.connects += 1
                 self.connected = True
-                self.log.info("%s: connected to %s", self.name, self.settings.connect)
-            elif event["event"] == zmq.EVENT_DISCONNECTED:
+                self.log.info("%s: connected to %s", self.name, endpoint)
+            elif event == zmq.EVENT_DISCONNECTED:
+                given_up = True
                 self.disconnects += 1
                 self.connected = False
                 self.limited.warning(
                     "disconnected",
                     "%s: %s went away; ZeroMQ reconnects when it is back",
                     self.name,
-                    self.settings.connect,
+                    endpoint,
                 )
+            elif event in (zmq.EVENT_CONNECT_RETRIED, zmq.EVENT_CONNECT_DELAYED):
+                given_up = False
 
     def _handle(self, frames: list[bytes], records: list[Record]) -> None:
         if len(frames) != 1:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import subprocess
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -168,6 +169,38 @@ async def test_reconnects_when_the_board_comes_back_and_counts_missed_bunches(
     assert "bunch_gap" in " ".join(end["reasons"])
     status = rig.host.status()["receivers"]["ts"]["extra"]
     assert status["bunches"] == 11 and status["bunch_counter_resets"] == 1
+
+
+async def test_a_link_zeromq_gives_up_on_after_an_oversized_message_is_connected_again(
+    rig_factory: Callable[..., Any],
+) -> None:
+    """libzmq closes a connection that announces a message over MAXMSGSIZE and never retries it;
+    the receiver notices the silence, counts it, and connects again."""
+    rig = await rig_factory(max_message_bytes="4096")
+    await rig.host.begin_run("big")
+    with TimingBoard(rig.endpoint, per_bunch=1) as board:
+        await send(board, 2)
+        await rig.wait("2 triggers", lambda: rig.rec.triggers == 2)
+        board.sock.send(b"\x1a" * 10_000)  # over max_message_bytes: the link goes
+        await rig.wait("the dropped link", lambda: "link_dropped" in rig.rec.counters.errors)
+
+        def resend_until_in() -> None:  # the board cannot tell when the new subscription is in
+            b = 2
+            while rig.rec.triggers < 3 and b < 2000:
+                board.send_bunch(b)
+                b += 1
+                time.sleep(0.02)
+
+        await asyncio.to_thread(resend_until_in)
+        await rig.wait("triggers again", lambda: rig.rec.triggers >= 3)
+    await rig.host.end_run()
+    assert rig.rec.counters.errors["link_dropped"] == 1
+    assert rig.rec.disconnects >= 1 and rig.rec.connects >= 2
+    records, end = rig.records("big")
+    assert [r[3]["bunch_counter"] for r in records][:2] == [0, 1]
+    # the host's rule: a receiver error link_dropped makes the run DEGRADED (and TAINTED)
+    assert "DEGRADED" in end["condition"]
+    assert any("link_dropped" in r for r in end["reasons"])
 
 
 async def test_empty_bunches_are_counted_not_published(rig_factory: Callable[..., Any]) -> None:
