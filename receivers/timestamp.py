@@ -182,6 +182,9 @@ class TimestampReceiver(ReceiverServer):
         except PbError as exc:
             self._bad(exc.reason, str(exc))
             return
+        except Exception as exc:  # a codec bug must cost one message, never the receiver
+            self._bad("decode_failure", repr(exc))
+            return
         self.bunches += 1
         self._check_counter(bunch)
         if not bunch.triggers:
