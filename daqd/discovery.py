@@ -82,7 +82,9 @@ class Discovery:
         self.group_uuid = chirp.name_uuid(group)
         self.addresses = addresses
         self.counters = counters  # shared with the satellite: chirp_* reasons
-        self.offers: dict[chirp.Service, int] = {}
+        # (host UUID, service) -> port: the satellite's own services, and a DATA service for each
+        # CDTP publisher under the UUID of its own sender name
+        self.offers: dict[tuple[bytes, chirp.Service], int] = {}
         self.registry: dict[tuple[bytes, chirp.Service], Offer] = {}
         self._udp: socket.socket | None = None
         self._limited = LimitedLogger(log)
@@ -91,17 +93,19 @@ class Discovery:
         self._udp = self._chirp_socket()
         asyncio.get_running_loop().add_reader(self._udp.fileno(), self._on_datagram)
 
-    def offer(self, service: chirp.Service, port: int) -> None:
-        self.offers[service] = port
-        self._beacon(chirp.BeaconType.OFFER, service, port)
+    def offer(self, service: chirp.Service, port: int, host: bytes | None = None) -> None:
+        """OFFER `service` on `port`, as this host or as `host` (a UUID of another name)."""
+        key = (host or self.uuid, service)
+        self.offers[key] = port
+        self._beacon(chirp.BeaconType.OFFER, key[1], port, key[0])
 
     def request(self, service: chirp.Service) -> None:
         self._beacon(chirp.BeaconType.REQUEST, service, 0)
 
     def depart(self) -> None:
         """DEPART every offered service."""
-        for service, port in self.offers.items():
-            self._beacon(chirp.BeaconType.DEPART, service, port)
+        for (host, service), port in self.offers.items():
+            self._beacon(chirp.BeaconType.DEPART, service, port, host)
         self.offers = {}
 
     def close(self) -> None:
@@ -134,10 +138,13 @@ class Discovery:
         sock.setblocking(False)
         return sock
 
-    def _beacon(self, kind: chirp.BeaconType, service: chirp.Service, port: int) -> None:
+    def _beacon(
+        self, kind: chirp.BeaconType, service: chirp.Service, port: int, host: bytes | None = None
+    ) -> None:
         if self._udp is None:
             return
-        data = chirp.encode(chirp.Beacon(kind, self.group_uuid, self.uuid, service, port))
+        beacon = chirp.Beacon(kind, self.group_uuid, host or self.uuid, service, port)
+        data = chirp.encode(beacon)
         for address in self.addresses:
             try:
                 self._udp.setsockopt(
@@ -167,15 +174,16 @@ class Discovery:
                 self._count("chirp_malformed")
                 self._limited.warning("chirp_malformed", "CHIRP from %s: %s", address, exc)
                 continue
-            if beacon.host == self.uuid or beacon.group != self.group_uuid:
+            if beacon.group != self.group_uuid or (beacon.host, beacon.service) in self.offers:
+                continue  # another group, or our own beacon heard back
+            if beacon.host == self.uuid:
                 continue
             self._on_beacon(beacon, address)
 
     def _on_beacon(self, beacon: chirp.Beacon, address: str) -> None:
         key = (beacon.host, beacon.service)
         if beacon.type == chirp.BeaconType.REQUEST:
-            port = self.offers.get(beacon.service)
-            if port is not None:
+            if any(service == beacon.service for _, service in self.offers):
                 delay = random.uniform(0.0, REQUEST_ANSWER_DELAY_S)
                 asyncio.get_running_loop().call_later(delay, self._answer_request, beacon.service)
         elif beacon.type == chirp.BeaconType.OFFER:
@@ -193,9 +201,9 @@ class Discovery:
             log.info("CHIRP: %s of %s departed", beacon.service.name, beacon.host.hex())
 
     def _answer_request(self, service: chirp.Service) -> None:
-        port = self.offers.get(service)
-        if port is not None:
-            self._beacon(chirp.BeaconType.OFFER, service, port)
+        for (host, offered), port in list(self.offers.items()):
+            if offered == service:
+                self._beacon(chirp.BeaconType.OFFER, service, port, host)
 
     def discovered(self, service: chirp.Service) -> list[Offer]:
         """What the other hosts of the group offer of `service` now."""

@@ -174,6 +174,8 @@ class Satellite:
         self.chirp.offer(chirp.Service.CONTROL, self.cmd_port)
         self.chirp.offer(chirp.Service.HEARTBEAT, self.hb_port)
         self.chirp.offer(chirp.Service.MONITORING, self.monitoring.port)
+        for sender, port in self.data_senders().items():  # each CDTP publisher as its own host
+            self.chirp.offer(chirp.Service.DATA, port, chirp.name_uuid(sender))
         for service in chirp.Service:  # fill the registry with what the group already offers
             self.chirp.request(service)
         log.info(
@@ -229,6 +231,18 @@ class Satellite:
             "remote_services": len(chirp_.registry) if chirp_ else 0,
             "errors": dict(self.counters),
         }
+
+    def data_senders(self) -> dict[str, int]:
+        """Sender name -> bound port of every CDTP publisher (a Constellation receiver finds its
+        DATA service by the MD5 of that name, as it lists it in `_data.receive_from`)."""
+        out: dict[str, int] = {}
+        for pub in self.host.publishers.values():
+            endpoint = pub.addresses.get("endpoint", "")
+            if pub.settings.type != "cdtp" or not endpoint.startswith("tcp://"):
+                continue
+            sender = getattr(pub, "sender_name", None) or f"daqd.{pub.name}"
+            out[sender] = int(endpoint.rsplit(":", 1)[1])
+        return out
 
     def count(self, reason: str) -> None:
         self.counters[reason] = self.counters.get(reason, 0) + 1
@@ -433,7 +447,13 @@ class Satellite:
 
     def _cmd_get_services(self) -> cscp.Message:
         offers = self.chirp.offers if self.chirp else {}
-        services = {service.name: port for service, port in offers.items()}
+        names = {chirp.name_uuid(n): n for n in [self.name, *self.data_senders()]}
+        services = {
+            service.name
+            if host == self.uuid
+            else f"{service.name} {names.get(host, host.hex())}": port
+            for (host, service), port in offers.items()
+        }
         return self._reply(_T.SUCCESS, f"{len(services)} services offered", services)
 
     def _cmd_get_remotes(self) -> cscp.Message:

@@ -6,6 +6,7 @@ The test answers "go" lines where the script waits (so it can look at daqd with 
 from __future__ import annotations
 
 import json
+import socket
 import sys
 import threading
 import time
@@ -21,6 +22,7 @@ from constellation.core.controller import ScriptableController  # noqa: E402
 from constellation.core.listener import StandaloneListener  # noqa: E402
 from constellation.core.message.cscp1 import CSCP1Message  # noqa: E402
 from constellation.core.protocol.cscp1 import SatelliteState  # noqa: E402
+from constellation.core.receiver_satellite import ReceiverSatellite  # noqa: E402
 
 T = CSCP1Message.Type
 
@@ -115,8 +117,83 @@ def listen(settings: dict[str, Any]) -> None:
     listener.reentry()
 
 
+class Counting(ReceiverSatellite):
+    """A real Constellation receiver satellite that keeps what it receives."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.bor: list[Any] = []
+        self.records: list[list[Any]] = []
+        self.eor: list[Any] = []
+        super().__init__(*args, **kwargs)
+
+    def receive_bor(
+        self, sender: str, user_tags: dict[str, Any], configuration: dict[str, Any]
+    ) -> None:
+        self.bor.append(sender)
+
+    def receive_data(self, sender: str, data_record: Any) -> None:
+        blocks = [bytes(b).hex() for b in data_record.blocks]
+        self.records.append([sender, data_record.sequence_number, blocks])
+
+    def receive_eor(
+        self, sender: str, user_tags: dict[str, Any], run_metadata: dict[str, Any]
+    ) -> None:
+        self.eor.append([sender, run_metadata.get("condition")])
+
+
+def receive(settings: dict[str, Any]) -> None:
+    """A controller takes daqd and a Constellation receiver satellite through a run; the receiver
+    finds daqd's CDTP publisher (`settings["sender"]`) by its CHIRP DATA offer."""
+    rx = Counting(
+        name="rx", group=settings["group"], cmd_port=0, hb_port=0, mon_port=0, interface=["lo"]
+    )
+    threading.Thread(target=rx.run_satellite, daemon=True).start()
+    ctrl = ScriptableController(
+        group=settings["group"], interface=["lo"], log_level="WARNING", name="ctl"
+    )
+    daqd_name = f"Daqd.{settings['name']}"
+    try:
+        ctrl.await_satellites([daqd_name, "Counting.rx"], timeout=30)
+        daqd = ctrl.constellation.get_satellite("Daqd", settings["name"])
+        recv = ctrl.constellation.get_satellite("Counting", "rx")
+        recv.initialize({"_data": {"receive_from": [settings["sender"]]}})
+        daqd.initialize({})
+        ctrl.await_state(SatelliteState.INIT, timeout=30)
+        recv.launch()
+        daqd.launch()
+        ctrl.await_state(SatelliteState.ORBIT, timeout=30)
+        recv.start("run_x")
+        daqd.start("run_x")
+        ctrl.await_state(SatelliteState.RUN, timeout=30)
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for k in range(settings["count"]):
+            udp.sendto(b"datagram %d" % k, ("127.0.0.1", settings["udp_port"]))
+            time.sleep(0.002)  # no loss in the kernel's buffers on a loaded machine
+        deadline = time.monotonic() + 30
+        while len(rx.records) < settings["count"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        daqd.stop()
+        deadline = time.monotonic() + 30
+        while not rx.eor and time.monotonic() < deadline:
+            time.sleep(0.05)
+        recv.stop()
+        ctrl.await_state(SatelliteState.ORBIT, timeout=30)
+        say(
+            bor=rx.bor,
+            records=rx.records,
+            eor=rx.eor,
+            states={k: v.name for k, v in ctrl.states.items()},
+        )
+    finally:
+        ctrl.reentry()
+        rx.reentry()
+
+
 def main() -> None:
     settings = json.loads(sys.stdin.readline())
+    if settings.get("mode") == "receive":
+        receive(settings)
+        return
     if settings.get("mode") == "listen":
         listen(settings)
         return

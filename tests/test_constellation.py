@@ -107,6 +107,10 @@ class IsolatedDaqd:
             self.proc.send_signal(signal.SIGTERM)
         try:
             rc = self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"daqd did not stop within 30 s of SIGTERM:\n{self.log()}"
+            ) from None
         finally:
             if self.proc.poll() is None:
                 self.proc.kill()
@@ -296,6 +300,63 @@ async def test_real_listener_gets_logs_and_metrics(peer: str, isolated: Isolated
     assert metrics["STATE"][1] in (0x20, 0x30)
     assert "RX_RECORDS" in out["notifications"]["STAT"]
     assert "RUNSTATE" in out["notifications"]["LOG"]
+
+
+DATA_CONFIG = """
+[daemon]
+name = "sat2"
+drain_timeout_s = 5
+
+[[receiver]]
+type = "udp"
+name = "raw"
+listen = "127.0.0.1:17001"   # the test's own network namespace: no port is taken
+publish_to = ["pub"]
+
+[[publisher]]
+type = "cdtp"
+name = "pub"
+endpoint = "tcp://127.0.0.1:0"
+
+[constellation]
+group = "edda"
+interface = ["lo"]
+"""
+
+
+@pytest.mark.interop
+@needs_netns
+async def test_real_receiver_satellite_finds_our_cdtp_publisher(peer: str, tmp_path: Path) -> None:
+    """A Constellation receiver satellite (constellationdaq's ReceiverSatellite) told to receive
+    from `daqd.pub` finds our CDTP publisher by its CHIRP DATA offer; the real controller runs both
+    through a run, and every datagram daqd received arrives there, in order, with BOR and EOR."""
+    daqd = IsolatedDaqd(tmp_path, DATA_CONFIG, "sat2")
+    try:
+        proc = await Proc.start(
+            *daqd.in_namespace(peer, PEER_SCRIPT),
+            stdin_json={
+                "mode": "receive",
+                "group": GROUP,
+                "name": "sat2",
+                "sender": "daqd.pub",
+                "udp_port": 17001,
+                "count": 50,
+            },
+        )
+        try:
+            out = await proc.line(timeout_s=120)
+        finally:
+            await proc.stop()
+        assert out["bor"] == ["daqd.pub"]
+        assert [r[1] for r in out["records"]] == list(range(1, 51))
+        assert [r[2] for r in out["records"]] == [[(b"datagram %d" % k).hex()] for k in range(50)]
+        assert out["eor"] == [["daqd.pub", "GOOD"]]
+        assert set(out["states"].values()) == {"ORBIT"}
+        last = daqd.status()["last_run"]
+        assert last["run_id"] == "run_x" and last["condition"] == "GOOD"
+        assert last["accounting"]["publishers"]["pub"]["delivered"] == 50
+    finally:
+        daqd.stop()
 
 
 # ----- CHIRP, CHP and the commands, seen by a scripted client in the namespace ---------------
