@@ -15,7 +15,6 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -30,44 +29,39 @@ if TYPE_CHECKING:
 METRICS_INTERVAL_S = 1.0
 LOG_ROOT = "daqd"  # every daqd logger is below it
 
-# metric -> (unit, description, how to read it from the host)
-METRICS: dict[str, tuple[str, str, Callable[[Host], Any]]] = {
-    "STATE": ("", "state code of the run state machine", lambda h: h.state.value),
-    "RUN_ID": ("", "the current run id, or the last one", lambda h: _run_id(h)),
-    "RX_RECORDS": (
-        "records",
-        "records received by all receivers",
-        lambda h: sum(r.counters.records for r in h.receivers.values()),
-    ),
-    "RX_BYTES": (
-        "B",
-        "payload bytes received by all receivers",
-        lambda h: sum(r.counters.bytes for r in h.receivers.values()),
-    ),
-    "TX_RECORDS": (
-        "records",
-        "records delivered by all publishers",
-        lambda h: sum(p.counters.records for p in h.publishers.values()),
-    ),
-    "TX_BYTES": (
-        "B",
-        "bytes delivered by all publishers",
-        lambda h: sum(p.counters.bytes for p in h.publishers.values()),
-    ),
-    "DROPPED": (
-        "records",
-        "records dropped by receivers and publishers, all reasons",
-        lambda h: (
-            sum(r.counters.dropped for r in h.receivers.values())
-            + sum(p.counters.dropped for p in h.publishers.values())
-        ),
-    ),
-}
+
+def _totals(host: Host) -> dict[str, int]:
+    """The totals the metrics report, over every receiver and publisher."""
+    rx = [r.counters for r in host.receivers.values()]
+    tx = [p.counters for p in host.publishers.values()]
+    return {
+        "RX_RECORDS": sum(c.records for c in rx),
+        "RX_BYTES": sum(c.bytes for c in rx),
+        "TX_RECORDS": sum(c.records for c in tx),
+        "TX_BYTES": sum(c.bytes for c in tx),
+        "DROPPED": sum(c.dropped for c in rx) + sum(c.dropped for c in tx),
+    }
 
 
 def _run_id(host: Host) -> str:
     run = host.run or host.last_run
     return run.run_id if run else ""
+
+
+# metric -> (unit, description)
+METRICS: dict[str, tuple[str, str]] = {
+    "STATE": ("", "state code of the run state machine"),
+    "RUN_ID": ("", "the current run id, or the last one"),
+    "RX_RECORDS": ("records", "records received by all receivers"),
+    "RX_BYTES": ("B", "payload bytes received by all receivers"),
+    "TX_RECORDS": ("records", "records delivered by all publishers"),
+    "TX_BYTES": ("B", "bytes delivered by all publishers"),
+    "DROPPED": ("records", "records dropped by receivers and publishers, all reasons"),
+}
+
+
+def metric_values(host: Host) -> dict[str, Any]:
+    return {"STATE": host.state.value, "RUN_ID": _run_id(host), **_totals(host)}
 
 
 def level_name(levelno: int) -> str:
@@ -168,7 +162,7 @@ class MonitoringPublisher:
 
     def _notify(self, kind: str) -> None:
         if kind == "STAT?":
-            topics = {name: desc for name, (_, desc, _) in METRICS.items()}
+            topics = {name: desc for name, (_, desc) in METRICS.items()}
         else:
             loggers = logging.Logger.manager.loggerDict
             names = [n for n in loggers if n == LOG_ROOT or n.startswith(LOG_ROOT + ".")]
@@ -211,10 +205,14 @@ class MonitoringPublisher:
             self.publish_metrics()
 
     def publish_metrics(self) -> None:
+        wanted = [name for name in METRICS if self.wants(f"STAT/{name}")]
+        if not wanted:
+            return
         now = msgpack.Timestamp.from_unix_nano(time.time_ns())
-        for name, (unit, _, read) in METRICS.items():
-            if self.wants(f"STAT/{name}"):
-                self._send(cmdp.Stat(self.sender, name, read(self.host), unit, {}, now), "STAT")
+        values = metric_values(self.host)
+        for name in wanted:
+            msg = cmdp.Stat(self.sender, name, values[name], METRICS[name][0], {}, now)
+            self._send(msg, "STAT")
 
     def _send(self, msg: cmdp.Message, kind: str) -> None:
         if self._now is None:
