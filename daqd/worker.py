@@ -757,6 +757,11 @@ class SaturninComponent:
         self.ctl.connect(self.controller)
         host = Host(self.config)
         server: ControlServer | None = None
+        # SIGTERM/SIGINT from now on stop the daemon as STOP does (also one that comes before
+        # READY has left: it is answered by READY, then FINISHED)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, host.request_stop, RunCondition.INTERRUPTED)
         try:
             await host.start()
             server = ControlServer(
@@ -778,14 +783,13 @@ class SaturninComponent:
                 await host.stop(RunCondition.ABORTED)
             if server is not None:
                 await server.close()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
             self._close()
             return 1
         tune_for_throughput()
         await self._send(self._ready(host, server.endpoints))
         log.info("saturnin component %s: READY sent to %s", d.name, self.controller)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, host.request_stop, RunCondition.INTERRUPTED)
         serve = asyncio.create_task(self._serve(host), name="saturnin-serve")
         stopping = asyncio.create_task(host.stop_requested.wait(), name="saturnin-stop")
         try:

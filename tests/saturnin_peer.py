@@ -18,6 +18,8 @@ answered with one JSON line:
     raw <json>    send these hex frames as they are; prints the reply
     stop          STOP, wait up to {"stop_timeout_ms"} for FINISHED/ERROR; prints it and the
                   command's exit code, then exits
+    recv          wait for a message the command sends by itself (FINISHED after SIGTERM); prints
+                  it and the command's exit code, then exits
     exit          wait for the command to exit by itself; prints its exit code, then exits
 A reply is {"type": "OK"|"ERROR"|"FINISHED"|..., ...} or {"invalid": true, "reason": ...} when
 saturnin's parser or the controller's session rules refused it, or {"timeout": true}.
@@ -139,6 +141,14 @@ def control(settings: dict[str, Any]) -> int:
                     answer["exit_code"] = None
                 out(answer)
                 return 0
+            elif cmd == "recv":
+                answer = reply(settings.get("stop_timeout_ms", 30000))
+                try:
+                    answer["exit_code"] = proc.wait(settings.get("exit_timeout_s", 30))
+                except subprocess.TimeoutExpired:
+                    answer["exit_code"] = None
+                out(answer)
+                return 0
             elif cmd == "exit":
                 try:
                     out({"exit_code": proc.wait(settings.get("exit_timeout_s", 30))})
@@ -204,7 +214,8 @@ def service(address: str, settings: dict[str, Any]) -> int:
     announces it in READY as endpoint "output", and sends {"count"} messages
     [b"toy", n (8 bytes big-endian)], one every {"interval_ms"}. With {"fail": true} its start fails
     (ERROR instead of READY); with {"bad_ready": true} it sends a READY saturnin could not parse
-    and then waits. What it sent is written to {"report"} (JSON) when it stops."""
+    and then waits; {"inject": [[hex frames], ...]} are sent to the controller right after READY.
+    What it sent is written to {"report"} (JSON) when it stops."""
     import platform
 
     from saturnin.base import AgentDescriptor, ComponentConfig, ServiceDescriptor
@@ -274,6 +285,7 @@ def service(address: str, settings: dict[str, Any]) -> int:
     front.bind("inproc://daqd-relay")
     back.connect(address)
     done = threading.Event()
+    inject: list[list[str]] = list(settings.get("inject", []))
 
     def relay() -> None:  # frames both ways until the service has run, then what it left
         poller = zmq.Poller()
@@ -283,6 +295,9 @@ def service(address: str, settings: dict[str, Any]) -> int:
             events = dict(poller.poll(100))
             if front in events:
                 back.send_multipart(front.recv_multipart())
+                for frames in inject:  # after READY: what the test wants daqd to refuse
+                    back.send_multipart([bytes.fromhex(h) for h in frames])
+                inject.clear()
             if back in events:
                 front.send_multipart(back.recv_multipart())
             if done.is_set() and not events:

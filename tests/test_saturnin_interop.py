@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import signal
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ import pytest
 
 import daqd
 from daqd.control import ControlClient
-from tests.conftest import DAQD, wait_until
+from tests.conftest import DAQCTL, DAQD, wait_until
 from tests.peers import peer_python
 
 pytestmark = pytest.mark.interop
@@ -183,11 +184,18 @@ def test_saturnin_controller_runs_daqd(controller: Any, conf: str) -> None:
         reply = c.ask("conf " + json.dumps({"form": "spec", "options": options}))
         assert reply == {"type": "OK"}
         assert "extra" in stat(control)["receivers"]
+    # daqctl works on the control endpoint READY announced: a run, under the Saturnin controller
+    env = {**os.environ, "RUNTIME_DIRECTORY": str(c.runtime)}
+    started = subprocess.run([DAQCTL, "--name", "satc", "start"], env=env, capture_output=True)
+    assert started.returncode == 0, started
+    run_id = stat(control)["run"]["run_id"]
     send_datagrams(addresses["receiver.raw.listen"], 5)
     wait_until(lambda: stat(control)["receivers"]["raw"]["records"] == 5, 30, "5 records in daqd")
     finished = c.ask("stop")
     assert finished["type"] == "FINISHED", finished
     assert finished["outcome"] == "OK"
+    # the run STOP cut short, drained: all 5 records in it, INTERRUPTED by the stop
+    assert finished["details"][0] == f"last run {run_id}: INTERRUPTED"
     assert "5 records received" in finished["details"]
     assert all(len(d) > 1 for d in finished["details"])
     assert finished["exit_code"] == 0
@@ -243,3 +251,12 @@ def test_daqd_that_cannot_start_sends_error_instead_of_ready(controller: Any) ->
         assert first["error"].startswith("daqd satc could not start:")
         assert "\n" not in first["error"]
         assert c.ask("exit") == {"exit_code": 1}
+
+
+def test_sigterm_ends_the_component_with_finished(controller: Any) -> None:
+    c = controller()
+    ready = c.line()
+    check_ready(ready, c.runtime)
+    os.kill(ready["pid"], signal.SIGTERM)
+    finished = c.ask("recv")
+    assert (finished["type"], finished["outcome"], finished["exit_code"]) == ("FINISHED", "OK", 0)

@@ -119,3 +119,22 @@ def test_a_service_that_does_not_start_is_a_clear_error(
     )
     assert done.returncode == 1
     assert f"receiver 'toy' cannot start: {words}" in done.stderr
+
+
+def test_malformed_control_messages_from_the_service_are_counted(
+    peer: str, daemon: Callable[..., Daemon], workdir: Path
+) -> None:
+    """After READY the service's side sends garbage and messages out of turn: each is counted,
+    the service goes on, and STOP still gets its FINISHED."""
+    inject = [["01"], ["0001", "0aff"], ["0063"], ["0003"]]
+    settings = {"count": 3, "report": str(workdir / "r.json"), "inject": inject}
+    d = daemon(config(peer, "satm", **settings), name="satm")
+    toy = wait_until(
+        lambda: (s := service(d))["records"] == 3 and len(s["errors"]) == 2 and s,
+        30,
+        "3 records and the garbage counted",
+    )
+    assert toy["errors"] == {"iccp_malformed": 3, "iccp_unexpected": 1}
+    assert toy["state"] == "running"
+    assert d.ctl("transition", "land").returncode == 0
+    assert service(d)["service"]["outcome"] == "OK"
