@@ -93,6 +93,22 @@ class Probe:
             sock.close()
         return {"type": reply.type.name, "text": reply.text, "payload": reply.payload}
 
+    def cscp_abandon(self, port: int, command: str) -> dict[str, Any]:
+        """Send a request and go away without reading the reply (a controller that died)."""
+        sock = self.ctx.socket(zmq.REQ)
+        sock.setsockopt(zmq.LINGER, 1000)  # the request itself leaves
+        sock.connect(f"tcp://127.0.0.1:{port}")
+        sock.send_multipart(cscp.encode(cscp.Message("gone", cscp.Type.REQUEST, command)))
+        sock.close()
+        return {}
+
+    def chp_drop(self) -> dict[str, Any]:
+        """The heartbeat subscriber goes away."""
+        assert self.sub is not None
+        self.sub.close()
+        self.sub = None
+        return {}
+
     def chp_subscribe(self, port: int) -> dict[str, Any]:
         sub = self.ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)

@@ -29,7 +29,7 @@ from daqd.config import parse_config
 from daqd.control import ControlClient
 from daqd.errors import ConfigError
 from daqd.protocols import chirp
-from tests.conftest import DAQD, wait_until
+from tests.conftest import DAQD, wait_for, wait_until
 from tests.peers import peer_python
 from tests.test_cdtp import Proc
 
@@ -437,6 +437,22 @@ async def test_beacons_registry_heartbeats_and_commands(isolated: IsolatedDaqd) 
         extrasystoles = [(b[1], b[4]) for b in beats if b[2] & 0x80]
         assert [s for s, _ in extrasystoles] == [0x23, 0x30], beats
         assert all(status is not None for _, status in extrasystoles)
+
+        # peers that vanish: a controller gone before its reply, a heartbeat subscriber gone;
+        # the satellite keeps answering and beating
+        served = isolated.status()["constellation"]["requests"]
+        for _ in range(3):
+            await ask(probe, "cscp_abandon", port=port, command="get_state")
+        await ask(probe, "chp_drop")
+        assert (await ask(probe, "cscp", port=port, command="get_name"))["text"] == "Daqd.sat1"
+        await wait_for(
+            lambda: isolated.status()["constellation"]["requests"] == served + 4,
+            20,
+            "the three abandoned requests and get_name to be served",
+        )
+        await ask(probe, "chp_subscribe", port=hb_port)
+        again = await ask(probe, "chp_collect", until_state=0x30, timeout=20)
+        assert "timeout" not in again, again
 
         # receivers' commands, case-insensitive, with the spec's argument checks
         paused = await ask(probe, "cscp", port=port, command="ss_pause")
