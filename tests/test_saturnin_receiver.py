@@ -41,8 +41,9 @@ def peer() -> str:
     return str(peer_python("saturnin"))
 
 
-def config(peer: str, name: str, **settings: Any) -> str:
-    return CONFIG.format(name=name, python=peer, script=PEER_SCRIPT, settings=json.dumps(settings))
+def config(peer: str, name: str, extra: str = "", **settings: Any) -> str:
+    text = CONFIG.format(name=name, python=peer, script=PEER_SCRIPT, settings=json.dumps(settings))
+    return text + extra
 
 
 def service(d: Daemon) -> dict[str, Any]:
@@ -92,6 +93,12 @@ def test_a_killed_service_is_restarted(
 @pytest.mark.parametrize(
     ("settings", "words"),
     [
+        # CONF in the form saturnin's parser reads: its handler then fails on its own bug A7.2
+        (
+            {"conf": 'conf = { logging_id = "toy" }'},
+            "saturnin service refused CONF: AttributeError: 'ICCPMessage' object has no "
+            "attribute 'config'",
+        ),
         # saturnin's ERROR (a whole traceback) instead of READY: its last line is the reason
         ({"fail": True}, "saturnin service could not start: RuntimeError: toy cannot start"),
         # a READY saturnin's own parser would call INVALID (uid of 3 bytes)
@@ -107,7 +114,8 @@ def test_a_service_that_does_not_start_is_a_clear_error(
     peer: str, workdir: Path, settings: dict[str, Any], words: str
 ) -> None:
     path = workdir / "sat.toml"
-    path.write_text(config(peer, "satf", report=str(workdir / "r.json"), **settings))
+    extra = settings.pop("conf", "")
+    path.write_text(config(peer, "satf", extra, report=str(workdir / "r.json"), **settings))
     runtime = workdir / "run"
     runtime.mkdir(mode=0o700)
     done = subprocess.run(
