@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import subprocess
 import urllib.error
@@ -27,6 +28,7 @@ from daqd.web.app import WebView
 from .conftest import DAQD, Daemon, wait_for, wait_until
 
 TOKEN = "s3cret-token-for-tests-0123"
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def config(tmp_path: Path, *, token: bool = True, http: str = "127.0.0.1:0") -> str:
@@ -189,6 +191,14 @@ def test_metrics_equal_daqctl_status(daemon: Any, tmp_path: Path) -> None:
     assert value("daqd_run_start_time_seconds") == pytest.approx(
         status_json(d)["run"]["time_start"] / 1e9
     )
+    # every metric the shipped Grafana dashboard asks for is in the exposition
+    families = {f.name for f in text_string_to_metric_families(get(address, "/metrics")[1])}
+    known = {n for n, _ in m} | families | {f + "_total" for f in families}
+    dashboard = (EXAMPLES / "grafana-daqd.json").read_text()
+    exprs = [t["expr"] for p in json.loads(dashboard)["panels"] for t in p["targets"]]
+    used = {n for e in exprs for n in re.findall(r"\bdaqd_[a-z_]+", e)}
+    assert len(used) >= 10 and used <= known, used - known
+    assert 'targets: ["127.0.0.1:8080"]' in (EXAMPLES / "prometheus.yml").read_text()
 
 
 def test_run_control_needs_the_token_and_says_what_daqctl_says(daemon: Any, tmp_path: Path) -> None:

@@ -319,7 +319,7 @@ class WebView:
 
     async def _push_watch(self, name: str, watch: Watch, queue: asyncio.Queue[str | None]) -> None:
         """At most twice a second: the watched receiver's new records, and a new readout."""
-        seen, seen_readout = -1, 0
+        seen, seen_readout = -1, -1
         while True:
             if watch.version != seen:
                 seen = watch.version
@@ -356,8 +356,8 @@ class WebView:
         if watch is None:
             return
         watch.watchers -= 1
-        if watch.watchers <= 0:
-            del self.watches[name]
+        if watch.watchers <= 0:  # kept: the next page sees the last picture at once
+            watch.watchers = 0
             if self._sub is not None:
                 self._sub.setsockopt(zmq.UNSUBSCRIBE, name.encode())
 
@@ -368,7 +368,7 @@ class WebView:
                 continue
             topic = frames[0].decode("utf-8", "replace")
             watch = self.watches.get(topic)  # exact name: "raw" also receives "raw2" by prefix
-            if watch is None:
+            if watch is None or not watch.watchers:
                 continue
             try:
                 header = msgpack.unpackb(frames[1], raw=False, strict_map_key=False)
