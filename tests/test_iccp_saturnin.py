@@ -349,3 +349,53 @@ def test_mutated_messages_give_message_or_protocol_error(
         sat.decode(frames)
     except ProtocolError:
         pass
+
+
+# ----- the wire helper -------------------------------------------------------------------------
+
+
+def test_varints() -> None:
+    assert pw.varint(0) == b"\x00" and pw.varint(300) == b"\xac\x02"
+    assert pw.varint(-1) == b"\xff" * 9 + b"\x01"  # int64 -1: ten bytes, as protobuf does
+    assert pw.read_varint(pw.varint(2**64 - 1), 0) == (2**64 - 1, 10)
+    assert (
+        pw.zigzag(-5) == 9 and pw.unzigzag(9) == -5 and pw.unzigzag(pw.zigzag(-(2**63))) == -(2**63)
+    )
+    with pytest.raises(pw.WireError, match="longer than 10"):
+        pw.read_varint(b"\x80" * 11 + b"\x01", 0)
+    with pytest.raises(pw.WireError, match="truncated"):
+        pw.read_varint(b"\x80", 0)
+    with pytest.raises(pw.WireError):
+        pw.varint(2**64)
+
+
+@pytest.mark.parametrize(
+    ("raw", "words"),
+    [
+        (b"\x09\x00\x00", "truncated fixed64"),
+        (b"\x0d\x00", "truncated fixed32"),
+        (b"\x0a\x05ab", "past the end"),
+        (b"\x0b", "wire type 3"),  # groups are not proto3
+        (b"\x00\x00", "field number 0"),
+    ],
+)
+def test_bad_fields_say_what_is_wrong(raw: bytes, words: str) -> None:
+    with pytest.raises(pw.WireError, match=words):
+        list(pw.fields(raw))
+
+
+def test_unknown_fields_are_skipped() -> None:
+    """Fields a newer peer adds (any wire type) do not stop the known ones from being read."""
+    extra = pw.field_varint(9, 7) + pw.key(10, pw.FIXED32) + b"\x00" * 4 + pw.field_str(11, "x")
+    peer = extra + pw.field_bytes(1, UID) + pw.field_varint(2, 42) + extra
+    ready = sat.decode([b"\x00\x01", peer, extra])
+    assert (ready.uid, ready.pid, ready.endpoints) == (UID, 42, {})  # type: ignore[union-attr]
+
+
+def test_struct_round_trip_and_any() -> None:
+    value = {"a": [1.0, "x", None, True, {"b": []}], "c": {}}
+    assert pw.decode_struct(pw.encode_struct(value)) == value
+    assert pw.decode_any(pw.encode_any(pw.STRUCT_TYPE_URL, b"\x01")) == (
+        pw.STRUCT_TYPE_URL,
+        b"\x01",
+    )
