@@ -15,6 +15,7 @@ import logging
 import random
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from daqd.errors import DaqdError, ProtocolError
@@ -88,6 +89,9 @@ class Discovery:
         self.registry: dict[tuple[bytes, chirp.Service], Offer] = {}
         self._udp: socket.socket | None = None
         self._limited = LimitedLogger(log)
+        # called with (offer, old offer or None) when an offer appears or changes port, and with
+        # (None, old offer) when it departs
+        self.listeners: list[Callable[[Offer | None, Offer | None], None]] = []
 
     def open(self) -> None:
         self._udp = self._chirp_socket()
@@ -188,8 +192,9 @@ class Discovery:
                 asyncio.get_running_loop().call_later(delay, self._answer_request, beacon.service)
         elif beacon.type == chirp.BeaconType.OFFER:
             old = self.registry.get(key)
-            self.registry[key] = Offer(beacon.host, beacon.service, address, beacon.port)
-            if old is None or old.port != beacon.port:
+            new = Offer(beacon.host, beacon.service, address, beacon.port)
+            self.registry[key] = new
+            if old != new:
                 log.info(
                     "CHIRP: %s offered by %s at %s:%d",
                     beacon.service.name,
@@ -197,8 +202,20 @@ class Discovery:
                     address,
                     beacon.port,
                 )
-        elif self.registry.pop(key, None) is not None:
-            log.info("CHIRP: %s of %s departed", beacon.service.name, beacon.host.hex())
+                self._tell(new, old)
+        else:
+            gone = self.registry.pop(key, None)
+            if gone is not None:
+                log.info("CHIRP: %s of %s departed", beacon.service.name, beacon.host.hex())
+                self._tell(None, gone)
+
+    def _tell(self, new: Offer | None, old: Offer | None) -> None:
+        for listener in self.listeners:
+            try:
+                listener(new, old)
+            except Exception as exc:  # a listener's bug must not stop discovery
+                self._count("chirp_listener")
+                log.exception("CHIRP: a listener failed: %r", exc)
 
     def _answer_request(self, service: chirp.Service) -> None:
         for (host, offered), port in list(self.offers.items()):

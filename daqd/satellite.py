@@ -30,6 +30,7 @@ from daqd.errors import ProtocolError
 from daqd.logs import LimitedLogger
 from daqd.protocols import chirp, chp, cscp
 from daqd.runstate import TRANSITIONS, State
+from daqd.satellite_autonomy import HeartbeatWatcher
 from daqd.satellite_monitoring import MonitoringPublisher
 
 if TYPE_CHECKING:
@@ -136,6 +137,7 @@ class Satellite:
         self.hb_port = 0
         self.chirp: Discovery | None = None
         self.monitoring = MonitoringPublisher(host, self.name, self.counters)
+        self.autonomy = HeartbeatWatcher(host, self.counters, self.interrupt_for)
         self._limited = LimitedLogger(log)
         self._rep: zmq.asyncio.Socket | None = None
         self._xpub: zmq.asyncio.Socket | None = None
@@ -162,6 +164,8 @@ class Satellite:
         self._xpub_now = zmq.Socket.shadow(xpub.underlying)  # sends at once, from any callback
         self.hb_port = int(xpub.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
         self._watch_state()
+        self.autonomy.start()
+        self.chirp.listeners.append(self.autonomy.on_offer)
         self.chirp.open()
         self.monitoring.start()
         if self.settings.wait_for_controller and self.host.state == State.ORBIT:
@@ -205,6 +209,7 @@ class Satellite:
         if self.chirp is not None:
             self.chirp.close()
         await self.monitoring.stop()
+        await self.autonomy.stop()
         self._xpub_now = None
         for sock in (self._rep, self._xpub):
             if sock is not None:
@@ -229,6 +234,10 @@ class Satellite:
             "heartbeat_subscribers": self.subscribers,
             "monitoring_sent": dict(self.monitoring.sent),
             "remote_services": len(chirp_.registry) if chirp_ else 0,
+            "remote_heartbeats": {
+                r.name or r.endpoint: r.summary() for r in self.autonomy.remotes.values()
+            },
+            "autonomy_interrupts": self.autonomy.failures,
             "errors": dict(self.counters),
         }
 
@@ -521,21 +530,35 @@ class Satellite:
         self.role = role
         self.max_interval_ms = int(max_s * 1000)
 
-    async def _run_transition(self, transition: str, args: dict[str, Any]) -> None:
+    async def _run_transition(self, transition: str, args: dict[str, Any], why: str = "") -> None:
+        had_run = self.host.run is not None
         try:
             await self.host.transition(transition, args)
         except Exception as exc:
             self.status_text = f"{transition} failed: {exc}"
             log.error("Constellation %s failed: %s", transition, exc)
             return
-        if transition in ("stop", "_interrupt", "interrupt") and self.host.last_run is not None:
+        prefix = f"interrupted ({why}): " if why else ""
+        if had_run and transition != "start" and self.host.last_run is not None:
             run = self.host.last_run
-            self.status_text = f"run {run.run_id} ended {run.condition.describe()}"
+            self.status_text = f"{prefix}run {run.run_id} ended {run.condition.describe()}"
         elif transition == "start" and self.host.run is not None:
             self.status_text = f"run {self.host.run.run_id} running"
         else:
-            self.status_text = f"{transition} done"
+            self.status_text = f"{prefix}{transition} done"
         self._beat_now.set()
+
+    def interrupt_for(self, reason: str) -> None:
+        """Autonomy: another satellite failed; interrupt toward SAFE if in ORBIT or RUN."""
+        state = self.host.state
+        if state not in (State.ORBIT, State.RUN):
+            log.warning("autonomy: %s; nothing to interrupt in %s", reason, state.name)
+            return
+        if self._transition is not None and not self._transition.done():
+            log.warning("autonomy: %s; a transition is under way, not interrupting", reason)
+            return
+        log.warning("autonomy: %s: interrupting (%s -> SAFE)", reason, state.name)
+        self._transition = asyncio.create_task(self._run_transition("interrupt", {}, reason))
 
     # user commands: every receiver's cmd_<name>, as <receiver>_<name>
     def user_commands(self) -> dict[str, tuple[str, str, Any]]:

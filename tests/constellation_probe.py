@@ -11,13 +11,39 @@ from __future__ import annotations
 import json
 import socket
 import sys
+import threading
 import time
 from typing import Any
 
+import msgpack
 import zmq
 
 from daqd.errors import ProtocolError
 from daqd.protocols import chirp, chp, cscp
+
+
+class FakeSatellite:
+    """Heartbeats of a made-up satellite, from a thread that owns its XPUB socket."""
+
+    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], name: str, interval_ms: int) -> None:
+        self.name = name
+        self.interval_ms = interval_ms
+        self.state = 0x30
+        self.flags = 6
+        self.sending = True
+        self.sock = ctx.socket(zmq.XPUB)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind("tcp://127.0.0.1:0")
+        self.port = int(self.sock.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
+        threading.Thread(target=self._beat, daemon=True).start()
+
+    def _beat(self) -> None:
+        while True:
+            if self.sending:
+                stamp = msgpack.Timestamp.from_unix_nano(time.time_ns())
+                hb = chp.Heartbeat(self.name, stamp, self.state, self.flags, self.interval_ms)
+                self.sock.send_multipart(chp.encode(hb))
+            time.sleep(self.interval_ms * 0.8 / 1000)
 
 
 class Probe:
@@ -25,6 +51,24 @@ class Probe:
         self.ctx = zmq.Context()
         self.udp: socket.socket | None = None
         self.sub: zmq.Socket[bytes] | None = None
+        self.fakes: dict[str, FakeSatellite] = {}
+
+    def fake(
+        self, name: str, group: str, interval_ms: int, flags: int, state: int
+    ) -> dict[str, Any]:
+        """A satellite that only beats, announced by CHIRP."""
+        fake = FakeSatellite(self.ctx, name, interval_ms)
+        fake.flags, fake.state = flags, state
+        self.fakes[name] = fake
+        self.send("OFFER", "HEARTBEAT", fake.port, name, group)
+        return {"port": fake.port}
+
+    def fake_set(self, name: str, state: int | None = None, sending: bool = True) -> dict[str, Any]:
+        fake = self.fakes[name]
+        if state is not None:
+            fake.state = state
+        fake.sending = sending
+        return {}
 
     def chirp_open(self) -> dict[str, Any]:
         udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

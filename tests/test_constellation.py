@@ -483,3 +483,50 @@ async def test_beacons_registry_heartbeats_and_commands(isolated: IsolatedDaqd) 
     finally:
         await probe.stop()
     assert "Traceback" not in isolated.log()
+
+
+@needs_netns
+async def test_autonomy_interrupts_when_a_satellite_fails(isolated: IsolatedDaqd) -> None:
+    """CHP's rules: a DYNAMIC satellite (TRIGGER_INTERRUPT) in ERROR, or gone silent, interrupts
+    daqd to SAFE from ORBIT; a TRANSIENT one in ERROR does not."""
+    probe = await Proc.start(*isolated.in_namespace(sys.executable, PROBE_SCRIPT))
+
+    def remote(name: str) -> Any:
+        return isolated.status()["constellation"]["remote_heartbeats"].get(name)
+
+    def state_is(name: str, state: str) -> Any:
+        return lambda: (remote(name) or {}).get("state") == state
+
+    try:
+        await ask(probe, "chirp_open")
+        await ask(probe, "fake", name="Fake.t1", group=GROUP, interval_ms=300, flags=4, state=0x30)
+        await ask(probe, "fake", name="Fake.d1", group=GROUP, interval_ms=300, flags=6, state=0x30)
+        await wait_for(state_is("Fake.t1", "ORBIT"), 20, "Fake.t1's heartbeats")
+        await wait_for(state_is("Fake.d1", "ORBIT"), 20, "Fake.d1's heartbeats")
+        assert control(isolated, "CTRL", {"transition": "launch"})["state"] == "ORBIT"
+
+        await ask(probe, "fake_set", name="Fake.t1", state=0xF0)  # TRANSIENT: only noted
+        await wait_for(state_is("Fake.t1", "ERROR"), 20, "Fake.t1 in ERROR")
+        assert isolated.status()["state"] == "ORBIT"
+        assert isolated.status()["constellation"]["autonomy_interrupts"] == 0
+
+        await ask(probe, "fake_set", name="Fake.d1", state=0xF0)  # DYNAMIC: interrupt
+        await wait_for(lambda: isolated.status()["state"] == "SAFE", 20, "daqd in SAFE")
+        seen = isolated.status()["constellation"]
+        assert seen["autonomy_interrupts"] == 1
+        assert seen["status"] == "interrupted (Fake.d1 reports ERROR): interrupt done"
+
+        # well again, daqd back to ORBIT; then Fake.d1 falls silent: DEAD after 3 lives
+        await ask(probe, "fake_set", name="Fake.d1", state=0x30)
+        await wait_for(state_is("Fake.d1", "ORBIT"), 20, "Fake.d1 well again")
+        for step in ("initialize", "launch"):
+            control(isolated, "CTRL", {"transition": step})
+        assert isolated.status()["state"] == "ORBIT"
+        await ask(probe, "fake_set", name="Fake.d1", sending=False)
+        await wait_for(lambda: isolated.status()["state"] == "SAFE", 30, "daqd in SAFE again")
+        seen = isolated.status()["constellation"]
+        assert seen["autonomy_interrupts"] == 2
+        assert seen["remote_heartbeats"]["Fake.d1"]["state"] == "DEAD"
+        assert "no signs of life from Fake.d1" in seen["status"]
+    finally:
+        await probe.stop()

@@ -1,0 +1,157 @@
+"""Autonomy for the satellite: the other satellites' heartbeats, and CHP's rules for when one fails.
+
+Every HEARTBEAT service CHIRP finds in the group is subscribed to. A satellite has 3 lives and
+loses one whenever 1.5 intervals (its own announced interval) pass without a message; at none
+left it is DEAD. When a satellite whose flags carry TRIGGER_INTERRUPT reports ERROR or SAFE, or
+dies, or one whose flags carry DENY_DEPARTURE departs, daqd interrupts (toward SAFE) if it is in
+ORBIT or RUN, once per failure; a satellite that reports a good state again is well again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import zmq
+import zmq.asyncio
+
+from daqd.discovery import Offer
+from daqd.errors import ProtocolError
+from daqd.logs import LimitedLogger
+from daqd.protocols import chirp, chp
+from daqd.runstate import State
+
+if TYPE_CHECKING:
+    from daqd.host import Host
+
+log = logging.getLogger("daqd.satellite.autonomy")
+
+LIVES = 3
+CHECK_S = 0.05
+#: Until a satellite's first heartbeat says its interval, assume Constellation's default maximum.
+FIRST_INTERVAL_MS = 30_000
+FAILED_STATES = frozenset({State.ERROR.value, State.SAFE.value})
+
+
+@dataclass
+class Remote:
+    """What the heartbeats of one other satellite said last."""
+
+    endpoint: str
+    name: str = ""
+    state: int | None = None
+    flags: int = 0
+    interval_ms: int = FIRST_INTERVAL_MS
+    lives: int = LIVES
+    last_seen: float = 0.0
+    failed: bool = False  # a failure was acted on; cleared when it reports a good state
+
+    def summary(self) -> dict[str, object]:
+        try:
+            state = State(self.state).name if self.state is not None else None
+        except ValueError:
+            state = f"0x{self.state:02x}"
+        return {
+            "endpoint": self.endpoint,
+            "state": "DEAD" if self.lives == 0 else state,
+            "flags": self.flags,
+            "lives": self.lives,
+        }
+
+
+class HeartbeatWatcher:
+    def __init__(
+        self, host: Host, counters: dict[str, int], on_failure: Callable[[str], None]
+    ) -> None:
+        self.host = host
+        self.counters = counters
+        self.on_failure = on_failure  # the satellite interrupts, with this reason
+        self.remotes: dict[bytes, Remote] = {}  # host UUID -> what its heartbeats said
+        self.failures = 0
+        self._sub: zmq.asyncio.Socket | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._limited = LimitedLogger(log)
+
+    def start(self) -> None:
+        sub = self.host.zmq_context.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self._sub = sub
+        self._tasks = [
+            asyncio.create_task(self._read(), name="chp-watch"),
+            asyncio.create_task(self._check_lives(), name="chp-lives"),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._sub is not None:
+            self._sub.close(linger=0)
+            self._sub = None
+
+    def on_offer(self, new: Offer | None, old: Offer | None) -> None:
+        """Discovery's listener: follow HEARTBEAT services as they come, move and go."""
+        if self._sub is None:
+            return
+        if old is not None and old.service == chirp.Service.HEARTBEAT:
+            remote = self.remotes.pop(old.host, None)
+            if remote is not None:
+                with contextlib.suppress(zmq.ZMQError):
+                    self._sub.disconnect(remote.endpoint)
+                if new is None and remote.flags & chp.Flags.DENY_DEPARTURE and not remote.failed:
+                    self._fail(remote, f"{remote.name or remote.endpoint} departed")
+        if new is not None and new.service == chirp.Service.HEARTBEAT:
+            endpoint = f"tcp://{new.address}:{new.port}"
+            self._sub.connect(endpoint)
+            self.remotes[new.host] = Remote(endpoint, last_seen=time.monotonic())
+
+    async def _read(self) -> None:
+        assert self._sub is not None
+        while True:
+            frames = await self._sub.recv_multipart()
+            try:
+                hb = chp.decode(frames)
+            except ProtocolError as exc:
+                self.counters["chp_malformed"] = self.counters.get("chp_malformed", 0) + 1
+                self._limited.warning("chp_malformed", "CHP: malformed heartbeat: %s", exc)
+                continue
+            remote = self.remotes.get(chirp.name_uuid(hb.sender))
+            if remote is None:  # a satellite CHIRP has not told us of (or has since departed)
+                continue
+            remote.name, remote.state, remote.flags = hb.sender, hb.state, hb.flags
+            remote.interval_ms = max(hb.interval_ms, 1)
+            remote.lives = LIVES
+            remote.last_seen = time.monotonic()
+            if hb.state in FAILED_STATES and hb.flags & chp.Flags.TRIGGER_INTERRUPT:
+                if not remote.failed:
+                    self._fail(remote, f"{hb.sender} reports {State(hb.state).name}")
+            else:
+                remote.failed = False
+
+    async def _check_lives(self) -> None:
+        while True:
+            await asyncio.sleep(CHECK_S)
+            now = time.monotonic()
+            for remote in list(self.remotes.values()):
+                if remote.lives == 0 or now - remote.last_seen <= remote.interval_ms * 1.5e-3:
+                    continue
+                remote.lives -= 1
+                remote.last_seen = now  # the next life goes after another 1.5 intervals
+                if remote.lives == 0:
+                    name = remote.name or remote.endpoint
+                    log.warning("CHP: no signs of life from %s any more: DEAD", name)
+                    if remote.flags & chp.Flags.TRIGGER_INTERRUPT and not remote.failed:
+                        self._fail(remote, f"no signs of life from {name}")
+
+    def _fail(self, remote: Remote, reason: str) -> None:
+        remote.failed = True
+        self.failures += 1
+        self.on_failure(reason)
