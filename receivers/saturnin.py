@@ -155,7 +155,9 @@ class SaturninReceiver(ReceiverServer):
         recv = asyncio.ensure_future(self._ctl.recv_multipart())
         exited = asyncio.ensure_future(self.proc.wait())
         try:
-            await asyncio.wait({recv, exited}, timeout=timeout_s, return_when="FIRST_COMPLETED")
+            await asyncio.wait(
+                {recv, exited}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
             exited.cancel()
             if not recv.done():
@@ -246,9 +248,14 @@ class SaturninReceiver(ReceiverServer):
             left = deadline - loop.time()
             if left <= 0:
                 raise ControlError(f"no FINISHED within {self.s.stop_timeout_s:g} s of STOP")
-            if self.proc.returncode is not None and self.outcome == "ERROR":
-                break  # saturnin sends ERROR and exits when its loop fails: no FINISHED follows
             events = dict(await poller.poll(min(left, 0.1) * 1000))
+            if not events and self.proc.returncode is not None:
+                # gone with nothing left to read: saturnin sends ERROR and exits when its loop
+                # fails (no FINISHED follows); a crash sends nothing
+                if self.outcome != "ERROR":
+                    code = self.proc.returncode
+                    self.outcome, self.details = "ERROR", [f"exited with code {code} after STOP"]
+                break
             for sock in channels:
                 if sock in events:
                     await self._take(channels[sock], await sock.recv_multipart())

@@ -213,7 +213,8 @@ def service(address: str, settings: dict[str, Any]) -> int:
     """A real saturnin MicroService (its warm_up/run, its ICCPComponent) that binds a PUSH,
     announces it in READY as endpoint "output", and sends {"count"} messages
     [b"toy", n (8 bytes big-endian)], one every {"interval_ms"}. With {"fail": true} its start fails
-    (ERROR instead of READY); with {"bad_ready": true} it sends a READY saturnin could not parse
+    (ERROR instead of READY), with {"fail_stop": true} its stop (ERROR, no FINISHED); with
+    {"bad_ready": true} it sends a READY saturnin could not parse
     and then waits; {"inject": [[hex frames], ...]} are sent to the controller right after READY.
     What it sent is written to {"report"} (JSON) when it stops."""
     import platform
@@ -251,6 +252,8 @@ def service(address: str, settings: dict[str, Any]) -> int:
         def stop_activities(self) -> None:
             with open(settings["report"], "w") as f:
                 json.dump({"sent": self.sent, "pid": os.getpid()}, f)
+            if settings.get("fail_stop"):
+                raise RuntimeError("toy cannot park the motor")
 
         def release_resources(self) -> None:
             self.out.close(linger=5000)

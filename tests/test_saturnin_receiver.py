@@ -146,3 +146,18 @@ def test_malformed_control_messages_from_the_service_are_counted(
     assert toy["state"] == "running"
     assert d.ctl("transition", "land").returncode == 0
     assert service(d)["service"]["outcome"] == "OK"
+
+
+def test_a_service_whose_stop_fails_ends_as_error_without_waiting(
+    peer: str, daemon: Callable[..., Daemon], workdir: Path
+) -> None:
+    """saturnin's run() sends ERROR (a traceback) and no FINISHED when stopping fails: daqd
+    takes that and the exit as the end, not a timeout."""
+    settings = {"count": 2, "report": str(workdir / "r.json"), "fail_stop": True}
+    d = daemon(config(peer, "sate", **settings), name="sate")
+    wait_until(lambda: service(d)["records"] == 2, 30, "2 records")
+    assert d.ctl("transition", "land").returncode == 0
+    svc = service(d)["service"]
+    assert svc["outcome"] == "ERROR"
+    assert svc["details"] == ["RuntimeError: toy cannot park the motor"]
+    assert "killing the service" not in d.log()
