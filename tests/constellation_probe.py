@@ -9,6 +9,7 @@ every heartbeat and extrasystole).
 from __future__ import annotations
 
 import json
+import random
 import socket
 import sys
 import threading
@@ -151,6 +152,52 @@ class Probe:
         assert self.sub is not None
         self.sub.close()
         self.sub = None
+        return {}
+
+    def fuzz_cscp(self, port: int, count: int, seed: int) -> dict[str, Any]:
+        """`count` random requests (random frames, and valid ones with one byte changed), each on
+        one REQ socket in turn; the reply types seen, and how many got no reply in 10 s."""
+        rng = random.Random(seed)
+        good = cscp.encode(cscp.Message("fuzz", cscp.Type.REQUEST, "start", "run_1"))
+        sock = self.ctx.socket(zmq.REQ)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVTIMEO, 10000)
+        sock.connect(f"tcp://127.0.0.1:{port}")
+        kinds: dict[str, int] = {}
+        lost = 0
+        for _ in range(count):
+            if rng.random() < 0.5:
+                frames = [rng.randbytes(rng.randrange(0, 40)) for _ in range(rng.randrange(1, 5))]
+            else:
+                frames = [bytearray(f) for f in good]
+                which = frames[rng.randrange(len(frames))]
+                which[rng.randrange(len(which))] = rng.randrange(256)
+                frames = [bytes(f) for f in frames]
+            sock.send_multipart(frames)
+            try:
+                reply = cscp.decode(sock.recv_multipart())
+            except zmq.Again:
+                lost += 1
+                sock.close()
+                sock = self.ctx.socket(zmq.REQ)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.setsockopt(zmq.RCVTIMEO, 10000)
+                sock.connect(f"tcp://127.0.0.1:{port}")
+                continue
+            kinds[reply.type.name] = kinds.get(reply.type.name, 0) + 1
+        sock.close()
+        return {"kinds": kinds, "lost": lost}
+
+    def fuzz_chirp(self, count: int, seed: int) -> dict[str, Any]:
+        """Random datagrams to the CHIRP port: beacon-sized with the header, and of any size."""
+        assert self.udp is not None
+        rng = random.Random(seed)
+        for k in range(count):
+            if k % 2:
+                data = chirp.HEADER + rng.randbytes(36)
+            else:
+                data = rng.randbytes(rng.randrange(0, 100))
+            self.udp.sendto(data, (chirp.MULTICAST_ADDRESS, chirp.PORT))
         return {}
 
     def chp_subscribe(self, port: int) -> dict[str, Any]:

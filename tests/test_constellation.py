@@ -530,3 +530,46 @@ async def test_autonomy_interrupts_when_a_satellite_fails(isolated: IsolatedDaqd
         assert "no signs of life from Fake.d1" in seen["status"]
     finally:
         await probe.stop()
+
+
+@needs_netns
+async def test_fuzzed_requests_and_beacons_leave_it_serving(tmp_path: Path) -> None:
+    """Hundreds of random CSCP requests each get a reply of a CSCP type, random datagrams on the
+    CHIRP port are counted; the satellite still answers and still offers. Also: with
+    wait_for_controller = false daqd stays in ORBIT, and reconfigure is NOTIMPLEMENTED."""
+    config = satellite_config(tmp_path, "sat3", "wait_for_controller = false")
+    daqd = IsolatedDaqd(tmp_path, config, "sat3")
+    probe = await Proc.start(*daqd.in_namespace(sys.executable, PROBE_SCRIPT))
+    try:
+        assert daqd.status()["state"] == "ORBIT"
+        port = daqd.cmd_port
+        fuzz = await ask(probe, "fuzz_cscp", port=port, count=400, seed=7)
+        assert fuzz["lost"] == 0
+        assert sum(fuzz["kinds"].values()) == 400
+        assert set(fuzz["kinds"]) <= {"SUCCESS", "ERROR", "INVALID", "INCOMPLETE", "UNKNOWN"}
+        assert fuzz["kinds"]["ERROR"] > 100  # most random frames are not CSCP at all
+        await ask(probe, "chirp_open")
+        await ask(probe, "fuzz_chirp", count=300, seed=11)
+        await wait_for(
+            lambda: daqd.status()["constellation"]["errors"].get("chirp_malformed", 0) >= 250,
+            20,
+            "the malformed beacons to be counted",
+        )
+        reply = await ask(probe, "cscp", port=port, command="get_state")
+        assert reply["type"] == "SUCCESS" and reply["text"] in ("ORBIT", "RUN")
+        reply = await ask(probe, "cscp", port=port, command="reconfigure", payload={"a": 1})
+        assert reply["type"] == "NOTIMPLEMENTED"
+        await ask(probe, "send", type="REQUEST", service="CONTROL", port=0, host="P.q", group=GROUP)
+        offer = await ask(
+            probe,
+            "expect_beacon",
+            sender="Daqd.sat3",
+            type="OFFER",
+            services=["CONTROL"],
+            timeout=20,
+        )
+        assert offer["got"]["CONTROL"]["port"] == port
+    finally:
+        await probe.stop()
+        daqd.stop()
+    assert "Traceback" not in daqd.log()
