@@ -1,3 +1,41 @@
-"""daqd: an asyncio daemon suite for data acquisition."""
+"""daqd: an asyncio daemon suite for data acquisition.
+
+The map of daqd/, one line per module or package (receivers/ and publishers/ hold the plug-ins):
+  cli           `daqd`: serve, check, dump, demo, sim, export, send-packets (usage errors: one line)
+  ctl           `daqctl`: drive a running daemon over its control socket (status, runs, taps)
+  daemon        `daqd serve`: host, control socket, live tap, signals and systemd, in one loop
+  config        TOML -> validated settings; every error names the file, the table and the key
+  tomllines     where each table and key of a TOML text starts, for errors with line numbers
+  host          builds receivers and publishers from settings, routes records, runs the run state
+  receiver      ReceiverServer, the receivers' base class: sockets, tasks, commands, supervision
+  publisher     Publisher, the publishers' base class, and the bounded queue feeding each one
+  record        Record: the one thing that flows from receivers to publishers
+  runstate      the run state machine (Constellation's satellite states) and what a run carries
+  monitor       counters and rates of every receiver and publisher; the status snapshot
+  control       the control socket: ICCP server (ZeroMQ ROUTER) and the client daqctl uses
+  worker        a receiver in its own process, controlled over ICCP, feeding the parent
+  satellite     daqd as a Constellation satellite: CHIRP, CSCP, CHP over the host
+  satellite_autonomy  the other satellites' heartbeats and CHP's rules for when one fails
+  satellite_monitoring  CMDP: log lines and metrics published to Constellation listeners
+  discovery     CHIRP discovery for one host: its beacons and its group's registry
+  dhs/          the DCSS hardware server: handler API (handlers), devices, engine (Dhs)
+  packetstream/ cs.packetstream connections (connection) and `daqd send-packets` (send_packets)
+  http          HTTP for operation handlers: next image from a receiver, JSON to a service
+  web/          the web view: live page, /metrics for Prometheus, run control with a token
+  protocols/    sans-IO codecs, one per wire protocol (iccp, dcss, cdtp, chirp, packetstream, ...)
+  sim/          simulators of the peers (DCSS, CDTP sender, TARGET modules, trigger, timing board)
+  runfile       run files (msgpack: header, records, end marker): writer helpers and reader
+  hdf5          HDF5 run files: the layout (SSDAQ's slow-signal table, one per source) and writer
+  export        `daqd export`: a run file converted to the hdf5 publisher's layout
+  demo          `daqd demo`: bundled config, built-in UDP traffic, a rate table, a run file
+  render        plain-text tables, sizes, durations and counts for daqctl and daqd demo
+  logs          logging set-up (journal-aware) and LimitedLogger, rate-limited per-packet logging
+  trust         owner and mode checks (like sshd's StrictModes) for code and socket directories
+  errors        the exceptions daqd raises on purpose, each with a message a user can act on
+  deadline      the shutdown deadline every draining part shares; a second signal cuts it short
+  eager         eager tasks: a coroutine's first step runs at once, inside its task
+  netinfo       who holds an address daqd could not bind (/proc/net -> /proc/PID/fd)
+  systemd       sd_notify without libsystemd: READY, STATUS, WATCHDOG, STOPPING
+"""
 
 __version__ = "0.1.0"
