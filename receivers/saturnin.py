@@ -227,6 +227,7 @@ class SaturninReceiver(ReceiverServer):
                 self.outcome = "ERROR"
                 self.details = [str(exc)]
                 self.log.error("%s: %s; killing the service", self.name, exc)
+                await self._kill(grace_s=0)
         elif self.proc is not None and not self.outcome:
             self.outcome = "ERROR"
             self.details = [f"exited with code {self.proc.returncode} without FINISHED"]
@@ -292,12 +293,13 @@ class SaturninReceiver(ReceiverServer):
         self.outcome = message.outcome.value
         self.details = list(message.details)
 
-    async def _kill(self) -> None:
+    async def _kill(self, grace_s: float = 5.0) -> None:
+        """Wait up to `grace_s` for the service to exit, then kill it."""
         proc = self.proc
         if proc is None or proc.returncode is not None:
             return
         try:
-            await asyncio.wait_for(proc.wait(), 5.0)
+            await asyncio.wait_for(proc.wait(), grace_s)
         except TimeoutError:
             proc.kill()
             await proc.wait()

@@ -27,6 +27,7 @@ saturnin's parser or the controller's session rules refused it, or {"timeout": t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -214,20 +215,21 @@ def service(address: str, settings: dict[str, Any]) -> int:
     announces it in READY as endpoint "output", and sends {"count"} messages
     [b"toy", n (8 bytes big-endian)], one every {"interval_ms"}. With {"fail": true} its start fails
     (ERROR instead of READY), with {"fail_stop": true} its stop (ERROR, no FINISHED); with
-    {"bad_ready": true} it sends a READY saturnin could not parse
-    and then waits; {"inject": [[hex frames], ...]} are sent to the controller right after READY.
+    {"bad_ready": true} it sends a READY saturnin could not parse and then waits ({"silent": true}:
+    sends nothing); with {"deaf": true} STOP never reaches the service; {"inject": [[hex frames], ...]} are sent to the controller right after READY.
     What it sent is written to {"report"} (JSON) when it stops."""
     import platform
 
     from saturnin.base import AgentDescriptor, ComponentConfig, ServiceDescriptor
     from saturnin.component.micro import MicroService
 
-    if settings.get("bad_ready"):
+    if settings.get("bad_ready") or settings.get("silent"):
         ctx = zmq.Context.instance()
         pair = ctx.socket(zmq.PAIR)
         pair.connect(address)
-        pair.send_multipart([struct.pack("!H", 1), b"\x0a\x03abc", b""])
-        pair.poll(60000)
+        if settings.get("bad_ready"):
+            pair.send_multipart([struct.pack("!H", 1), b"\x0a\x03abc", b""])
+        pair.poll(60000)  # until daqd sends STOP
         return 0
 
     class Toy(MicroService):
@@ -290,6 +292,10 @@ def service(address: str, settings: dict[str, Any]) -> int:
     done = threading.Event()
     inject: list[list[str]] = list(settings.get("inject", []))
 
+    def forward(sock: zmq.Socket, frames: list[bytes]) -> None:
+        with contextlib.suppress(zmq.Again):  # a peer already gone must not block the relay
+            sock.send_multipart(frames, flags=zmq.NOBLOCK)
+
     def relay() -> None:  # frames both ways until the service has run, then what it left
         poller = zmq.Poller()
         poller.register(front, zmq.POLLIN)
@@ -297,12 +303,14 @@ def service(address: str, settings: dict[str, Any]) -> int:
         while True:
             events = dict(poller.poll(100))
             if front in events:
-                back.send_multipart(front.recv_multipart())
+                forward(back, front.recv_multipart())
                 for frames in inject:  # after READY: what the test wants daqd to refuse
                     back.send_multipart([bytes.fromhex(h) for h in frames])
                 inject.clear()
             if back in events:
-                front.send_multipart(back.recv_multipart())
+                frames = back.recv_multipart()
+                if not (settings.get("deaf") and frames[0] == struct.pack("!H", 5)):
+                    forward(front, frames)  # ("deaf": STOP never reaches the service)
             if done.is_set() and not events:
                 return
 

@@ -31,8 +31,8 @@ type = "saturnin"
 name = "toy"
 command = ["{python}", "{script}", "service", "{{controller}}", '{settings}']
 take = ["output"]
-start_timeout_s = 20
-stop_timeout_s = 20
+start_timeout_s = {start_timeout_s}
+stop_timeout_s = {stop_timeout_s}
 """
 
 
@@ -41,8 +41,22 @@ def peer() -> str:
     return str(peer_python("saturnin"))
 
 
-def config(peer: str, name: str, extra: str = "", **settings: Any) -> str:
-    text = CONFIG.format(name=name, python=peer, script=PEER_SCRIPT, settings=json.dumps(settings))
+def config(
+    peer: str,
+    name: str,
+    extra: str = "",
+    start_timeout_s: float = 20,
+    stop_timeout_s: float = 20,
+    **settings: Any,
+) -> str:
+    text = CONFIG.format(
+        name=name,
+        python=peer,
+        script=PEER_SCRIPT,
+        settings=json.dumps(settings),
+        start_timeout_s=start_timeout_s,
+        stop_timeout_s=stop_timeout_s,
+    )
     return text + extra
 
 
@@ -106,6 +120,8 @@ def test_a_killed_service_is_restarted(
             {"bad_ready": True},
             "saturnin service: ICCP READY: PeerIdentification.uid must be 16 bytes, got 3",
         ),
+        # nothing within start_timeout_s
+        ({"silent": True, "start_timeout_s": 1}, "saturnin service sent no READY within 1 s"),
         # saturnin connecting straight to an ipc controller: its warm_up fails (can_send race)
         ({"relay": False}, "saturnin service exited with code 1 before READY"),
     ],
@@ -161,3 +177,17 @@ def test_a_service_whose_stop_fails_ends_as_error_without_waiting(
     assert svc["outcome"] == "ERROR"
     assert svc["details"] == ["RuntimeError: toy cannot park the motor"]
     assert "killing the service" not in d.log()
+
+
+def test_a_service_that_does_not_finish_is_killed_and_error(
+    peer: str, daemon: Callable[..., Daemon], workdir: Path
+) -> None:
+    settings = {"count": 1, "report": str(workdir / "r.json"), "deaf": True}
+    d = daemon(config(peer, "satz", stop_timeout_s=1, **settings), name="satz")
+    pid = wait_until(lambda: (s := service(d))["records"] == 1 and s["service"]["pid"], 30, "READY")
+    assert d.ctl("transition", "land").returncode == 0
+    svc = service(d)["service"]
+    assert (svc["outcome"], svc["running"]) == ("ERROR", False)
+    assert svc["details"] == ["no FINISHED within 1 s of STOP"]
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # killed, and reaped
