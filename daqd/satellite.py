@@ -30,7 +30,12 @@ from daqd.errors import ProtocolError
 from daqd.logs import LimitedLogger
 from daqd.protocols import chirp, chp, cscp
 from daqd.runstate import TRANSITIONS, State
-from daqd.satellite_autonomy import HeartbeatWatcher
+from daqd.satellite_autonomy import (
+    DEFAULT_TRANSITION_TIMEOUT_S,
+    ConditionFailed,
+    HeartbeatWatcher,
+    parse_conditions,
+)
 from daqd.satellite_monitoring import MonitoringPublisher
 
 if TYPE_CHECKING:
@@ -126,6 +131,8 @@ class Satellite:
         self.group_uuid = chirp.name_uuid(self.group)
         self.config: dict[str, Any] = {}
         self.role = "DYNAMIC"
+        self.conditions: dict[str, list[str]] = {}
+        self.transition_timeout_s = DEFAULT_TRANSITION_TIMEOUT_S
         self.max_interval_ms = int(settings.max_heartbeat_interval_s * 1000)
         self.status_text = "started"
         self.counters: dict[str, int] = {}
@@ -526,12 +533,27 @@ class Satellite:
                     f"_autonomy.max_heartbeat_interval {interval!r} is not a positive number"
                 )
             max_s = float(interval)
+        try:
+            conditions, timeout_s = parse_conditions(config)
+        except ValueError as exc:
+            raise WrongArgument(str(exc)) from None
         self.config = config
         self.role = role
         self.max_interval_ms = int(max_s * 1000)
+        self.conditions, self.transition_timeout_s = conditions, timeout_s
 
     async def _run_transition(self, transition: str, args: dict[str, Any], why: str = "") -> None:
         had_run = self.host.run is not None
+        names = self.conditions.get(transition)
+        if names:  # _conditions: other satellites first
+            self.status_text = f"{transition}: waiting for {', '.join(names)}"
+            target = TRANSITIONS[transition][2]
+            try:
+                await self.autonomy.wait_for(names, target, self.transition_timeout_s)
+            except ConditionFailed as exc:
+                self.status_text = f"{transition} failed: {exc}"
+                self.host.machine.fail(f"{transition}: {exc}")
+                return
         try:
             await self.host.transition(transition, args)
         except Exception as exc:

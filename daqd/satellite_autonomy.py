@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import zmq
 import zmq.asyncio
@@ -36,6 +36,44 @@ CHECK_S = 0.05
 #: Until a satellite's first heartbeat says its interval, assume Constellation's default maximum.
 FIRST_INTERVAL_MS = 30_000
 FAILED_STATES = frozenset({State.ERROR.value, State.SAFE.value})
+# transition -> its transitional state, the name `_conditions` keys use
+TRANSITIONAL = {
+    "initialize": "initializing",
+    "launch": "launching",
+    "land": "landing",
+    "start": "starting",
+    "stop": "stopping",
+}
+DEFAULT_TRANSITION_TIMEOUT_S = 30.0
+
+
+class ConditionFailed(Exception):
+    """A satellite a transition waits for failed, or did not get there in time."""
+
+
+def parse_conditions(config: dict[str, Any]) -> tuple[dict[str, list[str]], float]:
+    """The `_conditions` section of a controller's configuration: transition -> the canonical
+    names it waits for (`require_<starting>_after`, or `require_<start>_after`), and the timeout.
+    Raises ValueError saying what is wrong."""
+    section = config.get("_conditions")
+    if section is None:
+        return {}, DEFAULT_TRANSITION_TIMEOUT_S
+    if not isinstance(section, dict):
+        raise ValueError("_conditions must be a map")
+    timeout = section.get("transition_timeout", DEFAULT_TRANSITION_TIMEOUT_S)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+        raise ValueError(f"_conditions.transition_timeout {timeout!r} is not a positive number")
+    keys = {f"require_{name}_after": t for t, via in TRANSITIONAL.items() for name in (t, via)}
+    out: dict[str, list[str]] = {}
+    for key, value in section.items():
+        if key == "transition_timeout":
+            continue
+        if key not in keys:
+            raise ValueError(f"_conditions.{key} is not known; known: {', '.join(sorted(keys))}")
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"_conditions.{key} must be a list of canonical names")
+        out.setdefault(keys[key], []).extend(value)
+    return out, float(timeout)
 
 
 @dataclass
@@ -150,6 +188,29 @@ class HeartbeatWatcher:
                     log.warning("CHP: no signs of life from %s any more: DEAD", name)
                     if remote.flags & chp.Flags.TRIGGER_INTERRUPT and not remote.failed:
                         self._fail(remote, f"no signs of life from {name}")
+
+    async def wait_for(self, names: list[str], target: State, timeout_s: float) -> None:
+        """Until every satellite in `names` reports `target`; ConditionFailed if one is in ERROR,
+        SAFE or dead, or the time is up."""
+        deadline = time.monotonic() + timeout_s
+        wanted = {n.lower() for n in names}
+        while True:
+            seen = {r.name.lower(): r for r in self.remotes.values() if r.name}
+            missing = []
+            for name in sorted(wanted):
+                remote = seen.get(name)
+                if remote is None or remote.state != target.value:
+                    missing.append(name)
+                if remote is not None and (remote.lives == 0 or remote.state in FAILED_STATES):
+                    said = remote.summary()["state"]
+                    raise ConditionFailed(f"{remote.name} is {said}")
+            if not missing:
+                return
+            if time.monotonic() > deadline:
+                raise ConditionFailed(
+                    f"not in {target.name} after {timeout_s:g} s: {', '.join(missing)}"
+                )
+            await asyncio.sleep(CHECK_S)
 
     def _fail(self, remote: Remote, reason: str) -> None:
         remote.failed = True

@@ -573,3 +573,51 @@ async def test_fuzzed_requests_and_beacons_leave_it_serving(tmp_path: Path) -> N
         await probe.stop()
         daqd.stop()
     assert "Traceback" not in daqd.log()
+
+
+@needs_netns
+async def test_conditions_wait_for_other_satellites(isolated: IsolatedDaqd) -> None:
+    """_conditions from initialize: launch waits until Fake.a1 is in ORBIT; start, waiting for a
+    satellite that never comes, fails after transition_timeout into ERROR; initialize recovers."""
+    probe = await Proc.start(*isolated.in_namespace(sys.executable, PROBE_SCRIPT))
+    port = isolated.cmd_port
+
+    def seen() -> dict[str, Any]:
+        result: dict[str, Any] = isolated.status()["constellation"]
+        return result
+
+    try:
+        await ask(probe, "chirp_open")
+        await ask(probe, "fake", name="Fake.a1", group=GROUP, interval_ms=300, flags=4, state=0x20)
+        await wait_for(lambda: "Fake.a1" in seen()["remote_heartbeats"], 20, "Fake.a1 followed")
+        conditions = {
+            "require_launching_after": ["Fake.a1"],
+            "require_starting_after": ["Fake.nobody"],
+            "transition_timeout": 1,
+        }
+        bad = await ask(
+            probe, "cscp", port=port, command="initialize", payload={"_conditions": {"x": 1}}
+        )
+        assert bad["type"] == "INCOMPLETE" and "_conditions.x" in bad["text"]
+        reply = await ask(
+            probe, "cscp", port=port, command="initialize", payload={"_conditions": conditions}
+        )
+        assert reply["type"] == "SUCCESS"
+        await wait_for(lambda: isolated.status()["state"] == "INIT", 20, "INIT")
+        assert (await ask(probe, "cscp", port=port, command="launch"))["type"] == "SUCCESS"
+        await wait_for(lambda: seen()["status"] == "launch: waiting for Fake.a1", 20, "waiting")
+        assert isolated.status()["state"] == "INIT"  # held back while Fake.a1 is in INIT
+        busy = await ask(probe, "cscp", port=port, command="launch")
+        assert busy["type"] == "INVALID" and "under way" in busy["text"]
+        await ask(probe, "fake_set", name="Fake.a1", state=0x30)
+        await wait_for(lambda: isolated.status()["state"] == "ORBIT", 20, "ORBIT after Fake.a1")
+
+        reply = await ask(probe, "cscp", port=port, command="start", payload="r9")
+        assert reply["type"] == "SUCCESS"
+        await wait_for(lambda: isolated.status()["state"] == "ERROR", 20, "ERROR after timeout")
+        assert seen()["status"] == "start failed: not in RUN after 1 s: fake.nobody"
+        reply = await ask(probe, "cscp", port=port, command="initialize", payload={})
+        assert reply["type"] == "SUCCESS"
+        await wait_for(lambda: isolated.status()["state"] == "INIT", 20, "INIT from ERROR")
+    finally:
+        await probe.stop()
