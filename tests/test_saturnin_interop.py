@@ -260,3 +260,19 @@ def test_sigterm_ends_the_component_with_finished(controller: Any) -> None:
     os.kill(ready["pid"], signal.SIGTERM)
     finished = c.ask("recv")
     assert (finished["type"], finished["outcome"], finished["exit_code"]) == ("FINISHED", "OK", 0)
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--iccp", "saturnin"], "daqd: --iccp saturnin needs --controller ENDPOINT"),
+        (
+            ["--controller", "ipc:///nowhere", "--iccp", "saturnin"],
+            "daqd: serve --iccp saturnin needs CONFIG (the daemon the component runs)",
+        ),
+        (["--controller", "ipc:///nowhere", "--iccp", "protobuf"], "'protobuf' is not one of"),
+    ],
+)
+def test_serve_iccp_usage_errors(args: list[str], words: str) -> None:
+    done = subprocess.run([DAQD, "serve", *args], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and words in done.stderr, done
