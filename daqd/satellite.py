@@ -151,6 +151,7 @@ class Satellite:
         self._xpub_now: zmq.Socket[bytes] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._transition: asyncio.Task[None] | None = None
+        self._waiting_for_others = False  # the transition waits on _conditions
         self._beat_now = asyncio.Event()
 
     # ----- life cycle ------------------------------------------------------------------------
@@ -211,6 +212,8 @@ class Satellite:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if self._transition is not None and not self._transition.done():
+            if self._waiting_for_others:  # nothing done yet: do not hold the shutdown for it
+                self._transition.cancel()
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await self._transition
         if self.chirp is not None:
@@ -548,12 +551,15 @@ class Satellite:
         if names:  # _conditions: other satellites first
             self.status_text = f"{transition}: waiting for {', '.join(names)}"
             target = TRANSITIONS[transition][2]
+            self._waiting_for_others = True
             try:
                 await self.autonomy.wait_for(names, target, self.transition_timeout_s)
             except ConditionFailed as exc:
                 self.status_text = f"{transition} failed: {exc}"
                 self.host.machine.fail(f"{transition}: {exc}")
                 return
+            finally:
+                self._waiting_for_others = False
         try:
             await self.host.transition(transition, args)
         except Exception as exc:

@@ -616,8 +616,17 @@ async def test_conditions_wait_for_other_satellites(isolated: IsolatedDaqd) -> N
         assert reply["type"] == "SUCCESS"
         await wait_for(lambda: isolated.status()["state"] == "ERROR", 20, "ERROR after timeout")
         assert seen()["status"] == "start failed: not in RUN after 1 s: fake.nobody"
-        reply = await ask(probe, "cscp", port=port, command="initialize", payload={})
+        never = {"require_launching_after": ["Fake.never"], "transition_timeout": 600}
+        reply = await ask(
+            probe, "cscp", port=port, command="initialize", payload={"_conditions": never}
+        )
         assert reply["type"] == "SUCCESS"
         await wait_for(lambda: isolated.status()["state"] == "INIT", 20, "INIT from ERROR")
+        assert (await ask(probe, "cscp", port=port, command="launch"))["type"] == "SUCCESS"
+        await wait_for(lambda: seen()["status"] == "launch: waiting for Fake.never", 20, "waiting")
+        # SIGTERM while a transition waits for another satellite: no wait for it
+        began = time.monotonic()
+        assert isolated.stop() == 0
+        assert time.monotonic() - began < 20
     finally:
         await probe.stop()
