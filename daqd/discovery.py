@@ -103,6 +103,13 @@ class Discovery:
         self.offers[key] = port
         self._beacon(chirp.BeaconType.OFFER, key[1], port, key[0])
 
+    def withdraw(self, service: chirp.Service, host: bytes | None = None) -> None:
+        """DEPART one offered service."""
+        key = (host or self.uuid, service)
+        port = self.offers.pop(key, None)
+        if port is not None:
+            self._beacon(chirp.BeaconType.DEPART, service, port, key[0])
+
     def request(self, service: chirp.Service) -> None:
         self._beacon(chirp.BeaconType.REQUEST, service, 0)
 

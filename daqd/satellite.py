@@ -51,6 +51,7 @@ RUN_ID = re.compile(r"^[\w-]{1,80}$")
 ROLES = tuple(chp.ROLE_FLAGS)
 
 _T = cscp.Type
+PUBLISHER_CHECK_S = 1.0  # how soon DATA offers follow a reload
 
 # command -> (description, payload it takes); transitions are listed with the rest
 STANDARD: dict[str, tuple[str, str]] = {
@@ -182,6 +183,7 @@ class Satellite:
             asyncio.create_task(self._serve_commands(), name="cscp"),
             asyncio.create_task(self._count_subscribers(), name="chp-subscriptions"),
             asyncio.create_task(self._heartbeats(), name="chp"),
+            asyncio.create_task(self._follow_publishers(), name="chirp-data"),
         ]
         self.chirp.offer(chirp.Service.CONTROL, self.cmd_port)
         self.chirp.offer(chirp.Service.HEARTBEAT, self.hb_port)
@@ -262,6 +264,24 @@ class Satellite:
             sender = getattr(pub, "sender_name", None) or f"daqd.{pub.name}"
             out[sender] = int(endpoint.rsplit(":", 1)[1])
         return out
+
+    async def _follow_publishers(self) -> None:
+        """Keep the DATA offers true when a reload (SIGHUP) adds, moves or removes a CDTP
+        publisher: DEPART what went, OFFER what came."""
+        offered = self.data_senders()
+        while True:
+            await asyncio.sleep(PUBLISHER_CHECK_S)
+            now = self.data_senders()
+            if now == offered or self.chirp is None:
+                continue
+            for sender, port in offered.items():
+                if now.get(sender) != port:
+                    self.chirp.withdraw(chirp.Service.DATA, chirp.name_uuid(sender))
+            for sender, port in now.items():
+                if offered.get(sender) != port:
+                    self.chirp.offer(chirp.Service.DATA, port, chirp.name_uuid(sender))
+            log.info("CHIRP: DATA offers now %s", now or "none")
+            offered = now
 
     def count(self, reason: str) -> None:
         self.counters[reason] = self.counters.get(reason, 0) + 1

@@ -630,3 +630,42 @@ async def test_conditions_wait_for_other_satellites(isolated: IsolatedDaqd) -> N
         assert time.monotonic() - began < 20
     finally:
         await probe.stop()
+
+
+def cdtp_publisher(name: str) -> str:
+    return f"""
+[[publisher]]
+type = "cdtp"
+name = "{name}"
+endpoint = "tcp://127.0.0.1:0"
+"""
+
+
+@needs_netns
+async def test_data_offers_follow_a_reload(tmp_path: Path) -> None:
+    """SIGHUP replacing CDTP publisher pa by pb: DATA of daqd.pa departs, DATA of daqd.pb is
+    offered on pb's port, and _get_services says so."""
+    config = satellite_config(tmp_path, "sat4")
+    daqd = IsolatedDaqd(tmp_path, config + cdtp_publisher("pa"), "sat4")
+    probe = await Proc.start(*daqd.in_namespace(sys.executable, PROBE_SCRIPT))
+    try:
+        await ask(probe, "chirp_open")
+        services = await ask(probe, "cscp", port=daqd.cmd_port, command="_get_services")
+        pa = services["payload"]["DATA daqd.pa"]
+        assert pa == int(daqd.status()["publishers"]["pa"]["addresses"]["endpoint"].split(":")[-1])
+        daqd.config_path.write_text(config + cdtp_publisher("pb"))
+        daqd.proc.send_signal(signal.SIGHUP)
+        gone = await ask(
+            probe, "expect_beacon", sender="daqd.pa", type="DEPART", services=["DATA"], timeout=20
+        )
+        assert gone["got"]["DATA"]["port"] == pa
+        came = await ask(
+            probe, "expect_beacon", sender="daqd.pb", type="OFFER", services=["DATA"], timeout=20
+        )
+        pb = int(daqd.status()["publishers"]["pb"]["addresses"]["endpoint"].split(":")[-1])
+        assert came["got"]["DATA"]["port"] == pb
+        services = await ask(probe, "cscp", port=daqd.cmd_port, command="_get_services")
+        assert {k for k in services["payload"] if k.startswith("DATA")} == {"DATA daqd.pb"}
+    finally:
+        await probe.stop()
+        assert daqd.stop() == 0
