@@ -309,18 +309,25 @@ class ReceiverServer:
         connect: str | None = None,
         key: str | None = None,
         limit: int = 1 << 16,
+        max_connections: int = 256,
     ) -> None:
         """A TCP server (`listen`: handler per client) or one client connection (`connect`).
 
-        A handler that raises is counted and logged and closes only its own connection.
+        A handler that raises is counted and logged and closes only its own connection. A server
+        holds at most `max_connections` clients: one more is closed at once, counted as error
+        "too_many_connections" (what a client holds is bounded by the peer, not by us).
         """
         if (listen is None) == (connect is None):
             raise ValueError("setup_stream needs exactly one of listen= or connect=")
         if listen is not None:
             host, port = parse_hostport(listen)
-            server = await asyncio.start_server(
-                lambda r, w: self._run_client(handler, r, w), host, port, limit=limit
-            )
+
+            def accept(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> Awaitable[None]:
+                if len(self._client_tasks) >= max_connections:
+                    return self._refuse_client(w, max_connections)
+                return self._run_client(handler, r, w)
+
+            server = await asyncio.start_server(accept, host, port, limit=limit)
             self._servers.append(server)
             self.addresses[key or "listen"] = format_hostport(server.sockets[0].getsockname())
         else:
@@ -329,6 +336,17 @@ class ReceiverServer:
             task = asyncio.create_task(self._run_client(handler, reader, writer))
             self._client_tasks.add(task)
             task.add_done_callback(self._client_tasks.discard)
+
+    async def _refuse_client(self, writer: asyncio.StreamWriter, most: int) -> None:
+        self.counters.error("too_many_connections")
+        self.limited.warning(
+            "too_many_connections",
+            "%s: refused a connection from %s: %d clients already (max_connections)",
+            self.name,
+            writer.get_extra_info("peername"),
+            most,
+        )
+        writer.close()
 
     async def connect_stream(
         self, connect: str, *, key: str = "connect"

@@ -18,6 +18,7 @@ class TcpSettings(ReceiverSettings):
     framing: Literal["length32", "line", "raw"] = "length32"
     max_message_bytes: int = Field(16 << 20, gt=0)
     raw_chunk_bytes: int = Field(64 << 10, gt=0)
+    max_connections: int = Field(256, ge=1)
 
 
 class TcpReceiver(ReceiverServer):
@@ -35,7 +36,9 @@ class TcpReceiver(ReceiverServer):
         # other framings read exact sizes and keep the default, smaller buffering per client)
         s = self.settings
         limit = s.max_message_bytes + 1 if s.framing == "line" else 1 << 16
-        await self.setup_stream(self._client, listen=self.settings.listen, limit=limit)
+        await self.setup_stream(
+            self._client, listen=s.listen, limit=limit, max_connections=s.max_connections
+        )
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         host, port = writer.get_extra_info("peername")[:2]

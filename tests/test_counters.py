@@ -126,6 +126,52 @@ def test_tcp_truncated_and_too_long_lines_are_counted_and_taint_the_run(
     wait_until(lambda: receiver(d, "line")["records"] == 2, what="the next client's line")
 
 
+TWO_CLIENTS = """
+[daemon]
+name = "t"
+
+[[receiver]]
+type = "tcp"
+name = "len"
+listen = "127.0.0.1:0"
+framing = "line"
+max_connections = 2
+"""
+
+
+def test_tcp_clients_beyond_max_connections_are_refused_and_counted(daemon: MakeDaemon) -> None:
+    """State input controls is bounded: with max_connections = 2 a third client is closed at
+    once and counted; the two held go on being served, and a client is taken again once one
+    of them left."""
+    d = daemon(TWO_CLIENTS)
+    where = address(d, "len")
+    first, second = socket.create_connection(where), socket.create_connection(where)
+    try:
+        first.sendall(b"one\n")
+        second.sendall(b"two\n")
+        wait_until(lambda: receiver(d, "len")["records"] == 2, what="two clients served")
+        with socket.create_connection(where) as third:
+            third.settimeout(30)
+            try:
+                assert third.recv(10) == b""  # closed by the daemon at once
+            except ConnectionResetError:
+                pass
+        wait_until(
+            lambda: receiver(d, "len")["errors"] == {"too_many_connections": 1},
+            what="the refusal counted",
+        )
+        first.sendall(b"three\n")
+        wait_until(lambda: receiver(d, "len")["records"] == 3, what="a held client still served")
+    finally:
+        first.close()
+        second.close()
+    wait_until(lambda: receiver(d, "len")["extra"].get("clients") == 0, what="both gone")
+    with socket.create_connection(where) as again:
+        again.sendall(b"four\n")
+    wait_until(lambda: receiver(d, "len")["records"] == 4, what="a new client taken again")
+    assert receiver(d, "len")["errors"] == {"too_many_connections": 1}
+
+
 # ------------------------------------------------------------------ file publisher rules
 
 
