@@ -23,7 +23,8 @@ from daqd.protocols.slowsignal import MV_PER_COUNT
 
 from .conftest import DAQD, Daemon, wait_until
 
-pytestmark = pytest.mark.browser
+# the first test may install the browser (apt-get): more than the default 120 s per test
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(900)]
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
