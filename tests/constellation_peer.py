@@ -102,7 +102,8 @@ def listen(settings: dict[str, Any]) -> None:
     thread.start()
     listener.set_topics(["LOG/INFO", "LOG/WARNING", "STAT/", "LOG?", "STAT?"])
     deadline = time.monotonic() + 30
-    while "RX_RECORDS" not in listener.metrics and time.monotonic() < deadline:
+    wanted = set(settings.get("metrics", ["RX_RECORDS"]))
+    while not wanted <= set(listener.metrics) and time.monotonic() < deadline:
         time.sleep(0.05)
     say(ready=sorted(listener.metrics))
     while not any(settings["until"] in str(line[3]) for line in listener.logs):

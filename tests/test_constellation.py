@@ -283,7 +283,12 @@ async def test_real_listener_gets_logs_and_metrics(peer: str, isolated: Isolated
     metrics, the lists of metrics and log components it asked for, and daqd's log lines."""
     proc = await Proc.start(
         *isolated.in_namespace(peer, PEER_SCRIPT),
-        stdin_json={"mode": "listen", "group": GROUP, "until": "transition launch"},
+        stdin_json={
+            "mode": "listen",
+            "group": GROUP,
+            "until": "transition launch",
+            "metrics": ["STATE", "RUN_ID", "RX_RECORDS", "TX_RECORDS", "DROPPED"],
+        },
     )
     try:
         ready = (await proc.line())["ready"]
