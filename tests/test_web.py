@@ -359,6 +359,7 @@ async def test_tap_only_while_watched_and_pushes_are_few(tmp_path: Path) -> None
             assert resp.status == 200
             assert resp.headers["Content-Type"].startswith("text/event-stream")
             await wait_for(lambda: host.taps_active, 10, "the tap to be subscribed")
+            assert view.snapshot()["watching"] == {"raw": 1}
             loop = asyncio.get_running_loop()
             started = loop.time()
             kind = ""
@@ -370,6 +371,7 @@ async def test_tap_only_while_watched_and_pushes_are_few(tmp_path: Path) -> None
                     events.append((kind, json.loads(line[6:])))
             elapsed = loop.time() - started
         await wait_for(lambda: not host.taps_active, 10, "the tap to be unsubscribed")
+        assert view.snapshot()["watching"] == {}
     finally:
         stop.set()
         await sender

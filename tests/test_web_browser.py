@@ -6,6 +6,7 @@ tests are skipped with the reason."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -13,6 +14,7 @@ import socket
 import subprocess
 import tempfile
 import threading
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -286,6 +288,28 @@ def test_camera_picture_of_a_simulated_readout(
     assert [tuple(p) for p in pixels[-2:]] == [MISSING, MISSING]  # modules 29, 31: missing
     distinct = {tuple(p) for p in pixels[: len(probes)]}
     assert len(distinct) >= 5  # a pattern, not one colour
+    # once nobody watches, the tap is let go; a page opened later shows the last picture at
+    # once, with nothing more sent
+    browser.get("about:blank")
+    wait_until(
+        lambda: (
+            json.loads(urllib.request.urlopen(address + "api/status", timeout=10).read())[
+                "watching"
+            ]
+            == {}
+        ),
+        30,
+        "nobody watching",
+    )
+    _open(browser, address)
+    wait_until(
+        lambda: (
+            browser.execute_script("return document.getElementById('camera-info').dataset.readout")
+            == "1"
+        ),
+        30,
+        "the last readout on a page opened later",
+    )
     assert _console_errors(browser) == []
 
 

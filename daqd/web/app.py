@@ -240,6 +240,7 @@ class WebView:
             "control": self.token is not None,
             "http_refused": dict(self.http_counters),
             "kinds": {n: r.settings.type for n, r in self.host.receivers.items()},
+            "watching": {n: w.watchers for n, w in self.watches.items() if w.watchers},
         }
 
     # ----- handlers ----------------------------------------------------------------------------

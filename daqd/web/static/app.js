@@ -279,5 +279,8 @@ async function main() {
   connect();
 }
 
+// leaving the page ends its stream at once (a page kept in the back/forward cache would otherwise
+// keep watching, and the daemon keep tapping, until the browser drops it)
+window.addEventListener("pagehide", () => { if (source) { source.close(); source = null; } });
 window.daqdCamera = { pixelAt, colour, STOPS };
 main();
