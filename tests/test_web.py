@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import socket
 import subprocess
@@ -392,3 +393,24 @@ async def test_tap_only_while_watched_and_pushes_are_few(tmp_path: Path) -> None
     assert len(records) <= 2 * elapsed + 2 and len(statuses) <= elapsed + 2
     rates = [s["history"][-1]["rates"].get("receiver/raw", 0) for s in statuses if s["history"]]
     assert any(r > 0 for r in rates)
+
+
+def test_a_taken_port_stops_the_start_with_one_line(workdir: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        runtime = workdir / "run"
+        runtime.mkdir(mode=0o700)
+        (workdir / "c.toml").write_text(f'[daemon]\nname = "webp"\nhttp = "127.0.0.1:{port}"\n')
+        out = subprocess.run(
+            [DAQD, "serve", str(workdir / "c.toml")],
+            env={**os.environ, "RUNTIME_DIRECTORY": str(runtime)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert out.returncode == 1
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"daqd: web view cannot listen on 127.0.0.1:{port}:")
+    assert "address already in use" in last and "Traceback" not in out.stderr
