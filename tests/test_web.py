@@ -361,6 +361,10 @@ async def test_tap_only_while_watched_and_pushes_are_few(tmp_path: Path) -> None
             assert resp.headers["Content-Type"].startswith("text/event-stream")
             await wait_for(lambda: host.taps_active, 10, "the tap to be subscribed")
             assert view.snapshot()["watching"] == {"raw": 1}
+            view.max_pages = 1  # one more page is refused, and counted
+            async with session.get(view.url + "events") as second:
+                assert second.status == 503
+            assert view.http_counters == {"too_many_pages": 1}
             loop = asyncio.get_running_loop()
             started = loop.time()
             kind = ""

@@ -118,6 +118,8 @@ def _short_tags(tags: Any) -> str:
 class WebView:
     """The aiohttp application and what feeds it."""
 
+    max_pages = 64  # open event streams at once; more get 503 (counted: too_many_pages)
+
     def __init__(self, host: Host, address: str, token_file: str | None) -> None:
         self.host = host
         self.bind = parse_http(address)
@@ -279,6 +281,11 @@ class WebView:
             self._sample()
 
     async def _events(self, request: web.Request) -> web.StreamResponse:
+        if len(self.clients) >= self.max_pages:
+            self._count("too_many_pages")
+            raise web.HTTPServiceUnavailable(
+                text=f"already {self.max_pages} open pages: close one, or use /api/status"
+            )
         watch_name = request.query.get("watch") or None
         if watch_name is not None and watch_name not in self.host.receivers:
             raise web.HTTPNotFound(text=f"no receiver named {watch_name!r}")
@@ -380,8 +387,11 @@ class WebView:
                 watch.take(header, frames[2:])
 
     # ----- run control -------------------------------------------------------------------------
-    def _refuse(self, reason: str, message: str) -> web.Response:
+    def _count(self, reason: str) -> None:
         self.http_counters[reason] = self.http_counters.get(reason, 0) + 1
+
+    def _refuse(self, reason: str, message: str) -> web.Response:
+        self._count(reason)
         log.warning("web view: run control refused (%s)", reason)
         return web.json_response({"error": message}, status=403)
 

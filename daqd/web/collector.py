@@ -89,7 +89,7 @@ class DaqdCollector(Collector):
         yield tap
         refused = CounterMetricFamily(
             "daqd_http_refused",
-            "Web requests refused (run control without a valid token), by reason.",
+            "Web requests refused (run control without a valid token, too many pages), by reason.",
             labels=["reason"],
         )
         for reason, n in self.http_counters.items():
