@@ -199,8 +199,11 @@ def main() -> None:
         listen(settings)
         return
     group, name = settings["group"], settings["name"]
-    say(garbage=garbage(f"tcp://127.0.0.1:{settings['cmd_port']}"))
-    ctrl = ScriptableController(group=group, interface=["lo"], log_level="WARNING", name="ctl")
+    address = settings.get("address", "127.0.0.1")  # where daqd is, from this namespace
+    say(garbage=garbage(f"tcp://{address}:{settings['cmd_port']}"))
+    interface = settings.get("interface", "lo")
+    level = settings.get("log_level", "WARNING")
+    ctrl = ScriptableController(group=group, interface=[interface], log_level=level, name="ctl")
     try:
         ctrl.await_satellites([f"Daqd.{name}"], timeout=30)
         sat = ctrl.constellation.get_satellite("Daqd", name)

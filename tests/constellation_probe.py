@@ -71,18 +71,21 @@ class Probe:
         fake.sending = sending
         return {}
 
-    def chirp_open(self) -> dict[str, Any]:
+    def chirp_open(self, addresses: tuple[str, ...] = ("127.0.0.1",)) -> dict[str, Any]:
         udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         udp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         udp.bind(("0.0.0.0", chirp.PORT))
-        group = socket.inet_aton(chirp.MULTICAST_ADDRESS) + socket.inet_aton("127.0.0.1")
-        udp.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, group)
+        for address in addresses:
+            group = socket.inet_aton(chirp.MULTICAST_ADDRESS) + socket.inet_aton(address)
+            udp.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, group)
         udp.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton("127.0.0.1"))
         udp.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
         self.udp = udp
         return {}
 
-    def send(self, type: str, service: str, port: int, host: str, group: str) -> dict[str, Any]:
+    def send(
+        self, type: str, service: str, port: int, host: str, group: str, via: str = "127.0.0.1"
+    ) -> dict[str, Any]:
         beacon = chirp.Beacon(
             chirp.BeaconType[type],
             chirp.name_uuid(group),
@@ -90,10 +93,11 @@ class Probe:
             chirp.Service[service],
             port,
         )
-        return self.send_raw(chirp.encode(beacon).hex())
+        return self.send_raw(chirp.encode(beacon).hex(), via)
 
-    def send_raw(self, hex: str) -> dict[str, Any]:
+    def send_raw(self, hex: str, via: str = "127.0.0.1") -> dict[str, Any]:
         assert self.udp is not None
+        self.udp.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(via))
         self.udp.sendto(bytes.fromhex(hex), (chirp.MULTICAST_ADDRESS, chirp.PORT))
         return {"sent_at": time.monotonic()}
 

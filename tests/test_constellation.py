@@ -56,7 +56,7 @@ needs_netns = pytest.mark.skipif(NO_NAMESPACES is not None, reason=str(NO_NAMESP
 class IsolatedDaqd:
     """`daqd serve` alone in a fresh network namespace, with its control socket in `runtime`."""
 
-    def __init__(self, tmp: Path, config: str, name: str) -> None:
+    def __init__(self, tmp: Path, config: str, name: str, netns_pid: int | None = None) -> None:
         self.runtime = tmp / "run"
         self.runtime.mkdir()
         self.name = name
@@ -64,15 +64,15 @@ class IsolatedDaqd:
         self.config_path.write_text(config)
         self.log_path = tmp / f"{name}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
+        # unshare and sh exec (or nsenter into the namespace of `netns_pid`): the pid is daqd's,
+        # and /proc/<pid>/ns/net its namespace
+        serve = f'exec "{DAQD}" serve "{self.config_path}"'
+        if netns_pid is None:
+            argv = ["unshare", "-n", "sh", "-c", f"ip link set lo up && {serve}"]
+        else:
+            argv = ["nsenter", f"--net=/proc/{netns_pid}/ns/net", "sh", "-c", serve]
         self.proc = subprocess.Popen(
-            # unshare and sh exec: the pid is daqd's, and /proc/<pid>/ns/net its namespace
-            [
-                "unshare",
-                "-n",
-                "sh",
-                "-c",
-                f'ip link set lo up && exec "{DAQD}" serve "{self.config_path}"',
-            ],
+            argv,
             env=self._env(),
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -674,3 +674,112 @@ async def test_data_offers_follow_a_reload(tmp_path: Path) -> None:
     finally:
         await probe.stop()
         assert daqd.stop() == 0
+
+
+class Netns:
+    """A network namespace held by a sleeping process, with lo up."""
+
+    def __init__(self) -> None:
+        self.holder = subprocess.Popen(
+            ["unshare", "-n", "sh", "-c", "ip link set lo up && exec sleep 600"]
+        )
+        wait_until(self._lo_up, 10, "the namespace's lo")
+
+    def _lo_up(self) -> bool:
+        out = self.run("ip", "-o", "link", "show", "lo", check=False)
+        return ",UP" in out.stdout
+
+    def run(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["nsenter", f"--net=/proc/{self.holder.pid}/ns/net", *argv],
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=30,
+        )
+
+    def wait_carrier(self, dev: str) -> None:
+        wait_until(
+            lambda: "LOWER_UP" in self.run("ip", "-o", "link", "show", dev).stdout,
+            10,
+            f"carrier on {dev}",
+        )
+
+    def argv(self, *argv: str) -> list[str]:
+        return ["nsenter", f"--net=/proc/{self.holder.pid}/ns/net", *argv]
+
+    def close(self) -> None:
+        self.holder.kill()
+        self.holder.wait()
+
+
+@pytest.mark.interop
+@needs_netns
+async def test_real_controller_across_a_veth_link(peer: str, tmp_path: Path) -> None:
+    """Two private namespaces joined by a veth pair (made inside them, never in the machine's
+    own): daqd announces on its veth by interface name, the real controller in the other
+    namespace finds it across the link and drives it through a run."""
+    a, b = Netns(), Netns()
+    try:
+        a.run(
+            "ip",
+            "link",
+            "add",
+            "va",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "vb",
+            "netns",
+            str(b.holder.pid),
+        )
+        a.run("ip", "addr", "add", "10.77.0.1/24", "dev", "va")
+        a.run("ip", "link", "set", "va", "up")
+        b.run("ip", "addr", "add", "10.77.0.2/24", "dev", "vb")
+        b.run("ip", "link", "set", "vb", "up")
+        a.wait_carrier("va")  # constellationdaq skips a link without carrier
+        b.wait_carrier("vb")
+        config = satellite_config(tmp_path, "sat5").replace(
+            'interface = ["lo"]', 'interface = ["va"]'
+        )
+        daqd = IsolatedDaqd(tmp_path, config, "sat5", netns_pid=a.holder.pid)
+        try:
+            assert "announced on 10.77.0.1, 127.0.0.1" in daqd.log()
+            proc = await Proc.start(
+                *b.argv(peer, PEER_SCRIPT),
+                stdin_json={
+                    "group": GROUP,
+                    "name": "sat5",
+                    "cmd_port": daqd.cmd_port,
+                    "run_id": "r_5",
+                    "address": "10.77.0.1",
+                    "interface": "vb",
+                },
+            )
+            try:
+                kinds = [r[0] for r in (await proc.line())["garbage"]]
+                assert kinds[-1] == "SUCCESS" and kinds.count("ERROR") == 3
+                found = await proc.line()
+                assert found["found"]["get_name"][0] == "Daqd.sat5"
+                for step, state in (
+                    ("initialize", "INIT"),
+                    ("launch", "ORBIT"),
+                    ("start", "RUN"),
+                    ("stop", "ORBIT"),
+                    ("land", "INIT"),
+                ):
+                    line = await proc.line()
+                    assert (line["step"], line["state"]) == (step, state)
+                    assert daqd.status()["state"] == state
+                    await proc.say("go")
+                await proc.line()  # the refused bad start
+                assert (await proc.line())["done"] is True
+            finally:
+                await proc.stop()
+            assert daqd.status()["last_run"]["run_id"] == "r_5"
+        finally:
+            assert daqd.stop() == 0
+    finally:
+        a.close()
+        b.close()
