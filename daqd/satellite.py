@@ -154,6 +154,7 @@ class Satellite:
         self._transition: asyncio.Task[None] | None = None
         self._waiting_for_others = False  # the transition waits on _conditions
         self._beat_now = asyncio.Event()
+        self._closing = False
 
     # ----- life cycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -205,6 +206,7 @@ class Satellite:
 
     async def stop(self) -> None:
         """DEPART every offered service, then close the sockets."""
+        self._closing = True
         if self.chirp is not None:
             self.chirp.depart()
         self.host.machine.__dict__.pop("_set", None)  # the state watch ends
@@ -302,11 +304,17 @@ class Satellite:
 
     async def _heartbeats(self) -> None:
         """A heartbeat every 80 % of the interval, and at once for a new subscriber."""
-        while True:
+        # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow the task's own
+        # cancellation when the event is set at the same moment, and this loop then never ended
+        # (stop() waited on it forever: daqd hung at SIGTERM after a controller went away)
+        while not self._closing:
             self._beat_now.clear()
             self._send_heartbeat(extrasystole=False)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._beat_now.wait(), self.interval_ms() * 0.8 / 1000)
+            try:
+                async with asyncio.timeout(self.interval_ms() * 0.8 / 1000):
+                    await self._beat_now.wait()
+            except TimeoutError:
+                pass
 
     def _watch_state(self) -> None:
         """An extrasystole for every state the host's machine enters, transitional ones too
