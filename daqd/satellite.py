@@ -52,6 +52,7 @@ ROLES = tuple(chp.ROLE_FLAGS)
 
 _T = cscp.Type
 PUBLISHER_CHECK_S = 1.0  # how soon DATA offers follow a reload
+STOP_TIMEOUT_S = 5.0
 
 # command -> (description, payload it takes); transitions are listed with the rest
 STANDARD: dict[str, tuple[str, str]] = {
@@ -212,9 +213,11 @@ class Satellite:
         self.host.machine.__dict__.pop("_set", None)  # the state watch ends
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._tasks:  # bounded: a task that ignores its cancellation must not hold shutdown
+            _, stuck = await asyncio.wait(self._tasks, timeout=STOP_TIMEOUT_S)
+            for task in stuck:
+                self.count("stop_stuck")
+                log.error("satellite: task %s did not end at shutdown", task.get_name())
         if self._transition is not None and not self._transition.done():
             if self._waiting_for_others:  # nothing done yet: do not hold the shutdown for it
                 self._transition.cancel()
