@@ -15,7 +15,6 @@ import contextlib
 import datetime as dt
 import inspect
 import logging
-import re
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -36,6 +35,17 @@ from daqd.satellite_autonomy import (
     HeartbeatWatcher,
     parse_conditions,
 )
+from daqd.satellite_commands import (
+    HIDDEN,
+    RUN_ID,
+    SHUTDOWN_STATES,
+    STANDARD,
+    TRANSITION_COMMANDS,
+    WrongArgument,
+    describe_user_command,
+    packable,
+    parameters,
+)
 from daqd.satellite_monitoring import MonitoringPublisher
 
 if TYPE_CHECKING:
@@ -47,78 +57,15 @@ log = logging.getLogger("daqd.satellite")
 SATELLITE_TYPE = "Daqd"
 #: The Constellation release whose wire formats this module speaks (get_cnstln_version).
 CONSTELLATION_VERSION = "1.0.2"
-RUN_ID = re.compile(r"^[\w-]{1,80}$")
 ROLES = tuple(chp.ROLE_FLAGS)
 
 _T = cscp.Type
 PUBLISHER_CHECK_S = 1.0  # how soon DATA offers follow a reload
 STOP_TIMEOUT_S = 5.0
 
-# command -> (description, payload it takes); transitions are listed with the rest
-STANDARD: dict[str, tuple[str, str]] = {
-    "get_name": ("Return the canonical name of the satellite.", "No arguments."),
-    "get_commands": ("Return the commands of the satellite with descriptions.", "No arguments."),
-    "get_state": (
-        "Return the state (verb), its code (payload) and when it last changed (tags).",
-        "No arguments.",
-    ),
-    "get_status": ("Return a one-line status of the satellite.", "No arguments."),
-    "get_config": ("Return the configuration received with initialize.", "No arguments."),
-    "get_run_id": ("Return the current run id, or the last one.", "No arguments."),
-    "get_version": ("Return the daqd version.", "No arguments."),
-    "get_cnstln_version": (
-        "Return the Constellation version whose protocols are spoken.",
-        "No arguments.",
-    ),
-    "get_role": (
-        "Return the autonomy role (verb) and its heartbeat flags (payload).",
-        "No arguments.",
-    ),
-    "initialize": (
-        "Initialize: stop receiving, take the configuration.",
-        "Arguments: config (map)",
-    ),
-    "launch": ("Launch: receivers start receiving.", "No arguments."),
-    "land": ("Land: receivers stop receiving.", "No arguments."),
-    "start": ("Start a run.", "Arguments: run_id (str, letters, digits, '_' and '-')"),
-    "stop": ("Stop the run; its condition is in get_status.", "No arguments."),
-    "shutdown": ("Stop daqd (in NEW, INIT, SAFE or ERROR only).", "No arguments."),
-}
-HIDDEN: dict[str, tuple[str, str]] = {
-    "_get_commands": ("Return the hidden commands with descriptions.", "No arguments."),
-    "_interrupt": ("Interrupt: end any run and go to SAFE.", "No arguments."),
-    "_failure": ("Go to ERROR (initialize leads back to INIT).", "No arguments."),
-    "_get_services": ("Return the services offered: name -> port.", "No arguments."),
-    "_get_remotes": (
-        "Return what the other hosts of the group offer: host UUID -> service -> URI.",
-        "No arguments.",
-    ),
-}
-TRANSITION_COMMANDS = {
-    "initialize": "initialize",
-    "launch": "launch",
-    "land": "land",
-    "start": "start",
-    "stop": "stop",
-    "_interrupt": "interrupt",
-}
-SHUTDOWN_STATES = frozenset({State.NEW, State.INIT, State.SAFE, State.ERROR})
-
-
-class WrongArgument(Exception):
-    """The payload does not fit the command: INCOMPLETE "Wrong argument: ..."."""
-
 
 def _timestamp(ns: int) -> msgpack.Timestamp:
     return msgpack.Timestamp.from_unix_nano(ns)
-
-
-def _packable(value: Any) -> bool:
-    try:
-        msgpack.packb(value, use_bin_type=True)
-    except (TypeError, ValueError, OverflowError):
-        return False
-    return True
 
 
 class Satellite:
@@ -463,7 +410,7 @@ class Satellite:
     def _cmd_get_commands(self) -> cscp.Message:
         cmds = {name: f"{doc}\n{args}" for name, (doc, args) in STANDARD.items()}
         for name, (rec, cmd, fn) in self.user_commands().items():
-            cmds[name] = _describe_user_command(rec, cmd, fn)
+            cmds[name] = describe_user_command(rec, cmd, fn)
         return self._reply(_T.SUCCESS, f"{len(cmds)} commands known", cmds)
 
     def _cmd_get_commands_hidden(self) -> cscp.Message:
@@ -631,7 +578,7 @@ class Satellite:
         self, command: str, entry: tuple[str, str, Any], payload: Any
     ) -> cscp.Message:
         rec_name, cmd, fn = entry
-        params = _parameters(fn)
+        params = parameters(fn)
         if payload is None:
             args: list[Any] = []
         elif len(params) == 1 and not isinstance(payload, list):
@@ -652,24 +599,9 @@ class Satellite:
         except Exception as exc:
             self.count("cscp_command_failed")
             return self._reply(_T.INVALID, f"Exception: {rec_name}.{cmd}: {exc}")
-        if result is not None and not _packable(result):
+        if result is not None and not packable(result):
             result = repr(result)
         return self._reply(_T.SUCCESS, f"{rec_name}.{cmd} done", result)
-
-
-def _parameters(fn: Any) -> list[str]:
-    return [
-        p.name
-        for p in inspect.signature(fn).parameters.values()
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-    ]
-
-
-def _describe_user_command(rec: str, cmd: str, fn: Any) -> str:
-    doc = (inspect.getdoc(fn) or f"Command {cmd} of receiver {rec}.").strip().splitlines()[0]
-    params = _parameters(fn)
-    args = f"Arguments: {', '.join(params)}" if params else "No arguments."
-    return f"{doc} (receiver {rec}, daqctl cmd {rec} {cmd})\n{args}"
 
 
 async def start_satellite(host: Host) -> Satellite | None:
