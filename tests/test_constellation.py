@@ -564,6 +564,18 @@ async def test_fuzzed_requests_and_beacons_leave_it_serving(tmp_path: Path) -> N
         assert reply["type"] == "SUCCESS" and reply["text"] in ("ORBIT", "RUN")
         reply = await ask(probe, "cscp", port=port, command="reconfigure", payload={"a": 1})
         assert reply["type"] == "NOTIMPLEMENTED"
+        reply = await ask(probe, "cscp", port=port, command="get_cnstln_version")
+        assert (reply["type"], reply["text"]) == ("SUCCESS", "1.0.2")
+        hidden = await ask(probe, "cscp", port=port, command="_get_commands")
+        assert set(hidden["payload"]) == {
+            "_get_commands", "_interrupt", "_failure", "_get_services", "_get_remotes"
+        }  # fmt: skip
+        assert (await ask(probe, "cscp", port=port, command="_failure"))["type"] == "SUCCESS"
+        assert daqd.status()["state"] == "ERROR"
+        assert (await ask(probe, "cscp", port=port, command="initialize", payload={}))["type"] == (
+            "SUCCESS"
+        )
+        await wait_for(lambda: daqd.status()["state"] == "INIT", 20, "INIT after ERROR")
         await ask(probe, "send", type="REQUEST", service="CONTROL", port=0, host="P.q", group=GROUP)
         offer = await ask(
             probe,
