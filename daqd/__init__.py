@@ -15,6 +15,7 @@ The map of daqd/, one line per module or package (receivers/ and publishers/ hol
   control       the control socket: ICCP server (ZeroMQ ROUTER) and the client daqctl uses
   worker        a receiver in its own process, controlled over ICCP, feeding the parent
   satellite     daqd as a Constellation satellite: CHIRP, CSCP, CHP over the host
+  satellite_commands  CSCP's standard commands (and receivers' cmd_ as user commands) on the host
   satellite_autonomy  the other satellites' heartbeats and CHP's rules for when one fails
   satellite_monitoring  CMDP: log lines and metrics published to Constellation listeners
   discovery     CHIRP discovery for one host: its beacons and its group's registry
