@@ -128,13 +128,17 @@ class Daemon:
     def signal(self, sig: int) -> None:
         assert self.proc is not None
         self.proc.send_signal(sig)
+        if sig in (signal.SIGTERM, signal.SIGINT):
+            self.stopping = True
+
+    stopping = False  # a SIGTERM/SIGINT was sent: another would force an exit at once
 
     def stop(self, timeout_s: float = 30.0) -> int:
         """SIGTERM and wait; returns the exit code."""
         if self.proc is None:
             return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+        if self.proc.poll() is None and not self.stopping:
+            self.signal(signal.SIGTERM)
         try:
             code = self.proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
