@@ -610,7 +610,9 @@ async def test_conditions_wait_for_other_satellites(isolated: IsolatedDaqd) -> N
         conditions = {
             "require_launching_after": ["Fake.a1"],
             "require_starting_after": ["Fake.nobody"],
-            "transition_timeout": 1,
+            # long enough that a loaded machine still sees the launch waiting (and refuses a
+            # second launch meanwhile) before the timeout could end the wait
+            "transition_timeout": 5,
         }
         bad = await ask(
             probe, "cscp", port=port, command="initialize", payload={"_conditions": {"x": 1}}
@@ -632,7 +634,7 @@ async def test_conditions_wait_for_other_satellites(isolated: IsolatedDaqd) -> N
         reply = await ask(probe, "cscp", port=port, command="start", payload="r9")
         assert reply["type"] == "SUCCESS"
         await wait_for(lambda: isolated.status()["state"] == "ERROR", 20, "ERROR after timeout")
-        assert seen()["status"] == "start failed: not in RUN after 1 s: fake.nobody"
+        assert seen()["status"] == "start failed: not in RUN after 5 s: fake.nobody"
         never = {"require_launching_after": ["Fake.never"], "transition_timeout": 600}
         reply = await ask(
             probe, "cscp", port=port, command="initialize", payload={"_conditions": never}
