@@ -177,9 +177,10 @@ def bench_daqd(size: int, count: int) -> Result:
     endpoint = hear(sender)["endpoint"]
 
     async def main() -> tuple[int, float, float]:
+        from daqd.receivers.cdtp import CdtpReceiver, SenderState
+
         from daqd.config import parse_config
         from daqd.host import Host
-        from receivers.cdtp import CdtpReceiver, SenderState
 
         host = Host(parse_config(RX_CONFIG.format(endpoint=endpoint), "<bench>"))
         await host.start()

@@ -25,13 +25,13 @@ from typing import Any
 import h5py
 import numpy as np
 from _common import cpu_s
+from daqd.publishers.hdf5 import Hdf5Publisher, Hdf5Settings
 
 from daqd.hdf5 import READOUT_DTYPE, Options
 from daqd.protocols.slowsignal import MV_PER_COUNT
 from daqd.publisher import PublisherQueue
 from daqd.record import Record
 from daqd.runstate import RunInfo
-from publishers.hdf5 import Hdf5Publisher, Hdf5Settings
 
 LEVELS = {"none": 0, "gzip": 1, "bzip2": 9, "blosc-zstd": 5, "zstd": 3}
 

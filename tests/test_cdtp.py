@@ -18,6 +18,8 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
+from daqd.publishers.cdtp import CdtpPublisher
+from daqd.receivers.cdtp import CdtpReceiver, SenderState
 
 from daqd.config import parse_config
 from daqd.host import Host
@@ -26,8 +28,6 @@ from daqd.record import Record
 from daqd.runfile import read_items
 from daqd.runstate import RunCondition, RunInfo
 from daqd.sim.cdtp import record_blocks
-from publishers.cdtp import CdtpPublisher
-from receivers.cdtp import CdtpReceiver, SenderState
 
 from .conftest import wait_for
 

@@ -16,12 +16,12 @@ from typing import Any
 import msgpack
 import zmq
 import zmq.asyncio
+from daqd.publishers.cdtp import CdtpPublisher
+from daqd.receivers.cdtp import CdtpReceiver
 
 from daqd.protocols import cdtp
 from daqd.record import Record
 from daqd.runstate import RunCondition
-from publishers.cdtp import CdtpPublisher
-from receivers.cdtp import CdtpReceiver
 
 from .conftest import wait_for, wait_until
 from .test_accounting import accounting_lines

@@ -15,11 +15,11 @@ from typing import Any
 
 import msgpack
 import pytest
+from daqd.receivers.cdtp import CdtpReceiver
 
 from daqd.record import Record
 from daqd.runstate import RunCondition
 from daqd.sim.cdtp import record_blocks
-from receivers.cdtp import CdtpReceiver
 from tests.conftest import wait_for
 from tests.peers import peer_python
 from tests.test_cdtp import (

@@ -60,3 +60,24 @@ def test_a_package_split_by_job_reexports_every_public_name(package: str) -> Non
         for name in public:
             assert getattr(pkg, name) is getattr(mod, name), name
     assert {name for name in exported if not hasattr(pkg, name)} == set()
+
+
+def test_every_package_is_installed_and_none_at_the_top_but_daqd() -> None:
+    """pyproject.toml lists the packages (receivers/ and publishers/ install as daqd.receivers
+    and daqd.publishers, which find cannot do): the list must match the tree, or a new package
+    would be left out of every install."""
+    import tomllib
+
+    root = DAQD_DIR.parent
+    setuptools = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    mapped = {v: k for k, v in setuptools["package-dir"].items()}
+    in_tree = set()
+    for init in [*DAQD_DIR.rglob("__init__.py"), *root.glob("*/__init__.py")]:
+        rel = init.parent.relative_to(root).as_posix()
+        top = rel.split("/")[0]
+        if top in mapped:
+            in_tree.add(mapped[top] + rel[len(top) :].replace("/", "."))
+        elif top == "daqd":
+            in_tree.add(rel.replace("/", "."))
+    assert set(setuptools["packages"]) == in_tree
+    assert all(name == "daqd" or name.startswith("daqd.") for name in setuptools["packages"])

@@ -11,13 +11,13 @@ from typing import Any
 
 import msgpack
 import pytest
+from daqd.publishers.file import CHUNK_BYTES, FilePublisher, FileSettings
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from daqd.record import Record
 from daqd.runfile import read_items, verify
 from daqd.runstate import RunInfo
-from publishers.file import CHUNK_BYTES, FilePublisher, FileSettings
 
 from .test_file_faults import fill, tmpfs
 

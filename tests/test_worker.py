@@ -23,6 +23,7 @@ import msgpack
 import pytest
 import zmq
 import zmq.asyncio
+from daqd.publishers.file import FilePublisher
 
 from daqd.config import parse_config
 from daqd.errors import ConfigError
@@ -32,7 +33,6 @@ from daqd.record import Record
 from daqd.runfile import read_items, verify
 from daqd.runstate import RunCondition
 from daqd.worker import WorkerReceiver
-from publishers.file import FilePublisher
 from tests.conftest import DAQD, Daemon, wait_for, wait_until
 
 
