@@ -39,6 +39,8 @@ from daqd.receiver import ReceiverServer, ReceiverSettings
 if TYPE_CHECKING:
     from daqd.host import Host
 
+LAST_WORDS_S = 2.0  # after the service exited, how long its last message may take to arrive
+
 
 class SaturninSettings(ReceiverSettings):
     command: list[str] = Field(min_length=1)  # "{controller}" in it becomes the control address
@@ -158,6 +160,9 @@ class SaturninReceiver(ReceiverServer):
             await asyncio.wait(
                 {recv, exited}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
             )
+            if not recv.done() and self.proc.returncode is not None:
+                # it exited: what it sent just before (its ERROR) may still be on its way
+                await asyncio.wait({recv}, timeout=LAST_WORDS_S)
         finally:
             exited.cancel()
             if not recv.done():
