@@ -421,8 +421,13 @@ class ReceiverServer:
         return result
 
     # ----- life cycle (driven by the host) ---------------------------------------------------
+    def refresh_extra(self) -> None:
+        """Put the receiver's own figures into `counters.extra`: called before every sample
+        and status, so a receiver keeps them in plain attributes on its hot path."""
+
     def sample(self) -> None:
         """Once a second: refresh rates and the kernel's drop counts."""
+        self.refresh_extra()
         self.counters.sample()
         if self._udp or self._kernel_base:
             now = sum(kernel_udp_drops(sock) or 0 for sock, _ in self._udp)
@@ -581,6 +586,7 @@ class ReceiverServer:
             self.log.warning("%s: close failed: %r", self.name, exc)
 
     def status(self) -> dict[str, Any]:
+        self.refresh_extra()
         return {
             "type": self.settings.type,
             "state": self.state,

@@ -763,18 +763,10 @@ class CdtpReceiver(ReceiverServer):
         """Each sender's run state, last seq, missed records and last run condition."""
         return self.sender_status()
 
-    def _extra(self) -> None:
+    def refresh_extra(self) -> None:
         extra = self.counters.extra
         extra["senders"] = self.sender_status()
         extra["senders_tracked"] = len(self.senders)
         extra.setdefault("senders_evicted", 0)
         if self.last_report is not None:
             extra["last_run"] = self.last_report
-
-    def sample(self) -> None:
-        super().sample()
-        self._extra()
-
-    def status(self) -> dict[str, Any]:
-        self._extra()
-        return super().status()

@@ -154,7 +154,7 @@ class SlowSignalReceiver(ReceiverServer):
             k: [0] * N_MODULES for k in ("datagrams", "blocks", "missing", "duplicates", "late")
         }
         self.unknown_sources: dict[str, int] = {}
-        self._refresh_extra()
+        self.refresh_extra()
 
     def _grow(self) -> None:
         old = self.store.shape[0]
@@ -542,7 +542,7 @@ class SlowSignalReceiver(ReceiverServer):
         return self.new_record([payload], tags, time_ns=ro.cpu_ns)
 
     # ----- status and commands ---------------------------------------------------------------
-    def _refresh_extra(self) -> None:
+    def refresh_extra(self) -> None:
         extra = self.counters.extra
         extra["readouts_complete"] = self.complete
         extra["readouts_incomplete"] = self.incomplete
@@ -553,14 +553,6 @@ class SlowSignalReceiver(ReceiverServer):
         extra["paused"] = self.paused
         extra["modules"] = {k: list(v) for k, v in self.per_module.items()}
         extra["unknown_sources"] = dict(self.unknown_sources)
-
-    def sample(self) -> None:
-        self._refresh_extra()
-        super().sample()
-
-    def status(self) -> dict[str, Any]:
-        self._refresh_extra()
-        return super().status()
 
     def cmd_reset_readout_count(self) -> dict[str, Any]:
         """The next published readout is number 1 again."""
@@ -581,7 +573,7 @@ class SlowSignalReceiver(ReceiverServer):
 
     def cmd_stats(self) -> dict[str, Any]:
         """Readout counters, drops, and per-module datagrams, blocks, missing, duplicates, late."""
-        self._refresh_extra()
+        self.refresh_extra()
         blocks = self.per_module["blocks"]
         shown = sorted(
             {m for m in range(N_MODULES) if blocks[m]} | set(self.settings.expected_modules())

@@ -69,7 +69,7 @@ class TimestampReceiver(ReceiverServer):
         self._sock: zmq.asyncio.Socket | None = None
         self._monitor: zmq.asyncio.Socket | None = None
         self._ssdaq_tags: dict[str, Any] = {"format": "ssdaq"}
-        self._refresh_extra()
+        self.refresh_extra()
 
     async def setup(self) -> None:
         s = self.settings
@@ -269,7 +269,7 @@ class TimestampReceiver(ReceiverServer):
             self.connected = False
 
     # ----- status and commands ---------------------------------------------------------------
-    def _refresh_extra(self) -> None:
+    def refresh_extra(self) -> None:
         extra = self.counters.extra
         extra["bunches"] = self.bunches
         extra["triggers"] = self.triggers
@@ -280,17 +280,9 @@ class TimestampReceiver(ReceiverServer):
         extra["connects"] = self.connects
         extra["disconnects"] = self.disconnects
 
-    def sample(self) -> None:
-        self._refresh_extra()
-        super().sample()
-
-    def status(self) -> dict[str, Any]:
-        self._refresh_extra()
-        return super().status()
-
     def cmd_stats(self) -> dict[str, Any]:
         """Bunches, triggers, the connection, and refused messages by reason."""
-        self._refresh_extra()
+        self.refresh_extra()
         return {
             **self.counters.extra,
             "errors": dict(self.counters.errors),

@@ -46,7 +46,7 @@ class TriggerReceiver(ReceiverServer):
         self._pending_bytes = 0
         self._peers: dict[Any, str] = {}
         self._ssdaq_tags: dict[str, Any] = {"format": "ssdaq"}
-        self._refresh_extra()
+        self.refresh_extra()
 
     async def setup(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -118,24 +118,16 @@ class TriggerReceiver(ReceiverServer):
         self._flush()
 
     # ----- status and commands ---------------------------------------------------------------
-    def _refresh_extra(self) -> None:
+    def refresh_extra(self) -> None:
         extra = self.counters.extra
         extra["packets"] = dict(self.per_type)
         extra["busy"] = self.busy
         extra["window_beyond_field"] = self.beyond_field
         extra["last_tack"] = self.last_tack
 
-    def sample(self) -> None:
-        self._refresh_extra()
-        super().sample()
-
-    def status(self) -> dict[str, Any]:
-        self._refresh_extra()
-        return super().status()
-
     def cmd_stats(self) -> dict[str, Any]:
         """Packets per type, busy packets, the last TACK, and the refused packets by reason."""
-        self._refresh_extra()
+        self.refresh_extra()
         return {
             "packets": dict(self.per_type),
             "busy": self.busy,
