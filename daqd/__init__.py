@@ -13,7 +13,7 @@ The map of daqd/, one line per module or package (receivers/ and publishers/ hol
   runstate      the run state machine (Constellation's satellite states) and what a run carries
   monitor       counters and rates of every receiver and publisher; the status snapshot
   control       the control socket: ICCP server (ZeroMQ ROUTER) and the client daqctl uses
-  worker        a receiver in its own process, controlled over ICCP, feeding the parent
+  worker/       worker processes: the parent side (parent), the worker (component), the link, Saturnin
   satellite     daqd as a Constellation satellite: CHIRP, CSCP, CHP over the host
   satellite_commands  CSCP's standard commands (and receivers' cmd_ as user commands) on the host
   satellite_autonomy  the other satellites' heartbeats and CHP's rules for when one fails
