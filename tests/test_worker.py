@@ -26,7 +26,7 @@ import zmq.asyncio
 from daqd.publishers.file import FilePublisher
 
 from daqd.config import parse_config
-from daqd.errors import ConfigError
+from daqd.errors import ConfigError, ControlError
 from daqd.host import Host
 from daqd.protocols import iccp
 from daqd.record import Record
@@ -708,6 +708,25 @@ async def test_a_worker_killed_as_its_run_ends_is_counted_in_that_run(
     records = records_in(short_dir / "data" / "run-e1.daqd")
     assert len(records) == disk["delivered"]
     assert all(b > a for a, b in itertools.pairwise([r.seq for r in records]))
+
+
+async def test_a_request_to_a_worker_that_dies_fails_as_an_error_not_a_cancellation(
+    short_dir: Path,
+) -> None:
+    """The worker is killed with requests going to it: each one ends with a ControlError (the
+    run's end catches those), never with the CancelledError of a send its dead peer held while
+    the supervisor closed the socket (which escaped the run's end, found by CI)."""
+    host = Host(parse_config(STALL_CONFIG.format(data=short_dir / "data"), "<test>"))
+    await host.start()
+    try:
+        rec = host.receivers["raw"]
+        assert isinstance(rec, WorkerReceiver) and rec.proc is not None
+        os.kill(rec.proc.pid, signal.SIGKILL)
+        with pytest.raises(ControlError):
+            while True:  # until the death is seen: a dead worker cannot answer for long
+                await rec._request("STAT", {}, 10.0)
+    finally:
+        await host.stop()
 
 
 async def test_a_worker_that_never_finishes_is_killed_and_what_it_held_counted(

@@ -147,12 +147,15 @@ class WorkerReceiver(ReceiverServer):
         try:
             await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            if not task.done():
+            timed_out = not task.done()
+            if timed_out:
                 task.cancel()
-        if task.done() and not task.cancelled():
+        if not timed_out and not task.cancelled():
             return task.result()
         if exited is not None and exited.done() and not exited.cancelled():
             raise ControlError(f"worker exited with code {exited.result()} before {waiting_for}")
+        if not timed_out:  # cancelled by the supervisor closing the socket of a dead worker
+            raise ControlError(f"the worker's socket closed before {waiting_for}")
         raise TimeoutError(f"no {waiting_for} within {timeout_s:g} s")
 
     async def _receive(self, timeout_s: float, what: str) -> iccp.Message:
@@ -182,7 +185,12 @@ class WorkerReceiver(ReceiverServer):
                 if isinstance(_codec.decode(stale), iccp.Ready):
                     raise ControlError("worker sent READY after READY: protocol error")
             self.counters.error("late_worker_reply")
-        await self._ctl.send_multipart(_codec.encode(iccp.Request(code, args)))
+        # A DEALER with no peer holds a send: a worker that dies now must not hold this one.
+        sending = self._ctl.send_multipart(_codec.encode(iccp.Request(code, args)))
+        try:
+            await self._unless_exited(sending, timeout_s or self.request_timeout_s, code)
+        except TimeoutError:
+            raise ControlError(f"the worker did not take {code}") from None
         reply = await self._receive(timeout_s or self.request_timeout_s, f"reply to {code}")
         if isinstance(reply, iccp.Ok):
             return reply.result
