@@ -1,9 +1,10 @@
 """Run files: a msgpack stream of a header, records and an end marker; writer helpers and reader.
 
-Layout: item 1 is a map {"daqd": "runfile", "version": 2, "kind": "run"|"live", "part": n, ...run
-metadata}; then records as 5-element arrays [source, seq, time_ns, tags, [blocks]] (see
-Record.pack); the last item is a map {"end": <run metadata with condition, and "file": what this
-file holds>}. Version 1 files (no "part", no "file" in the end marker) are read the same way.
+Layout: item 1 is a map {"daqd": "runfile", "version": 2, "kind": "run"|"live", "part": n,
+"receiver_types": {receiver name: its type}, ...run metadata}; then records as 5-element arrays
+[source, seq, time_ns, tags, [blocks]] (see Record.pack); the last item is a map {"end": <run
+metadata with condition, and "file": what this file holds>}. Version 1 files (no "part", no "file"
+in the end marker) are read the same way; files without "receiver_types" too.
 
 A file publisher that cannot write (disk full, I/O error, file removed) cuts its file back to the
 last whole record and goes on in a new part, `<name>.p2.daqd`, `.p3`, ...: a part's header names

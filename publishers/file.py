@@ -176,12 +176,17 @@ class FilePublisher(Publisher):
         return part
 
     def _header(self, part: _Part) -> bytes:
+        host = self.host  # None where a test drives send() alone
+        receivers = host.receivers.items() if host is not None else ()
+        receiver_types = {n: r.settings.type for n, r in receivers}
         header: dict[str, Any] = {
             "daqd": "runfile",
             "version": VERSION,
             "kind": self._kind,
             "publisher": self.name,
             "part": part.number,
+            # which type of receiver made each source's records (daqd export --to sof reads it)
+            "receiver_types": receiver_types,
             **self._meta,
         }
         if part.number > 1:
