@@ -8,15 +8,16 @@ import gc
 import logging
 import os
 import signal
+from collections.abc import Callable
 from typing import Any
 
 from daqd.config import Config, load_config
+from daqd.constellation import Satellite, start_satellite
 from daqd.control import ControlServer, control_endpoint, ipc_path, probe_ipc, tap_endpoint
 from daqd.errors import ConfigError, ControlError
 from daqd.host import Host
 from daqd.protocols.iccp import Outcome
 from daqd.runstate import RunCondition, State
-from daqd.satellite import Satellite, start_satellite
 from daqd.systemd import Notifier
 
 log = logging.getLogger("daqd.daemon")
@@ -27,7 +28,7 @@ async def serve(config: Config) -> int:
     d = config.daemon
     if d.runtime_dir:  # one setting for every socket: control, tap, worker links
         os.environ["RUNTIME_DIRECTORY"] = d.runtime_dir
-    _refuse_if_running(d.name)
+    refuse_if_running(d.name)
     serve_path = os.path.abspath(config.path)  # what SIGHUP re-reads, whatever reconfigure sent
     host = Host(config)
     await host.start()
@@ -37,29 +38,14 @@ async def serve(config: Config) -> int:
 
     satellite: Satellite | None = None  # with a [constellation] table, once started
 
-    async def handle_request(code: str, args: dict[str, Any]) -> Any:
-        result = await host.handle_request(code, args)
-        if code == "STAT":  # the control socket's own counts: refused, malformed, oversize, ...
-            result["control"] = dict(server.counters)
-            if satellite is not None:
-                result["constellation"] = satellite.status()
-            if web is not None:
-                result["http"] = web.url
-        return result
+    def more_status(result: dict[str, Any]) -> None:
+        if satellite is not None:
+            result["constellation"] = satellite.status()
+        if web is not None:
+            result["http"] = web.url
 
-    server = ControlServer(
-        handle_request,
-        name=d.name,
-        group=d.control_group,
-        tcp=d.control_tcp,
-        curve_secret_key_file=d.curve_server_key_file,
-        curve_clients_dir=d.curve_authorized_keys_dir,
-        max_request_bytes=d.max_request_bytes,
-        on_stop=lambda: _stop_from_control(host),
-    )
     try:
-        await server.start()
-        host.open_tap(tap_endpoint(d.name))
+        server = await open_control(host, more_status)
         if d.http:
             from daqd.web.app import start_web  # aiohttp, prometheus_client: only when asked
 
@@ -124,6 +110,41 @@ async def serve(config: Config) -> int:
     return 0
 
 
+async def open_control(
+    host: Host, more_status: Callable[[dict[str, Any]], None] | None = None
+) -> ControlServer:
+    """Open the control socket and the live tap of `host`, as `[daemon]` configures them (daqd
+    serve and daqd demo). STAT adds the control socket's own counts and what `more_status` adds;
+    ICCP STOP (`daqctl shutdown`) requests the host's stop. The caller closes the server."""
+    d = host.config.daemon
+
+    async def handle_request(code: str, args: dict[str, Any]) -> Any:
+        result = await host.handle_request(code, args)
+        if code == "STAT":  # the control socket's own counts: refused, malformed, oversize, ...
+            result["control"] = dict(server.counters)
+            if more_status is not None:
+                more_status(result)
+        return result
+
+    server = ControlServer(
+        handle_request,
+        name=d.name,
+        group=d.control_group,
+        tcp=d.control_tcp,
+        curve_secret_key_file=d.curve_server_key_file,
+        curve_clients_dir=d.curve_authorized_keys_dir,
+        max_request_bytes=d.max_request_bytes,
+        on_stop=lambda: _stop_from_control(host),
+    )
+    await server.start()
+    try:
+        host.open_tap(tap_endpoint(d.name))
+    except Exception:
+        await server.close()
+        raise
+    return server
+
+
 def tune_for_throughput() -> None:
     """Process settings for a daemon that moves many small objects (also used by benchmarks).
 
@@ -145,7 +166,7 @@ def tune_for_throughput() -> None:
 _M_TOP_PAD = -2  # glibc malloc.h
 
 
-def _refuse_if_running(name: str) -> None:
+def refuse_if_running(name: str) -> None:
     """Before anything starts: a daemon of the same name already answering here is an error
     (ControlServer checks again when it binds, for a daemon that started in between)."""
     path = ipc_path(control_endpoint(name))
