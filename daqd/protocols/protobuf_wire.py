@@ -8,7 +8,8 @@ a length: every length is checked against the bytes left, nesting is bounded, an
 raises `WireError` (a ValueError) saying what and where.
 
 (Named protobuf_wire to be usable by any daqd protocol that needs bare protobuf; it holds no
-message of its own beyond the google.protobuf well-known types.)
+message of its own beyond the google.protobuf well-known types. ssdaq_pb decodes SSDAQ's messages
+with `scan`, which walks a message in place, memoryviews included.)
 """
 
 from __future__ import annotations
@@ -20,10 +21,21 @@ from typing import Any
 VARINT, FIXED64, LEN, FIXED32 = 0, 1, 2, 5
 MAX_DEPTH = 64  # Struct/ListValue/ConfigProto nesting accepted when decoding
 _U64 = (1 << 64) - 1
+_FIXED64 = struct.Struct("<Q")
+_FIXED32 = struct.Struct("<I")
 
 
 class WireError(ValueError):
-    """Bytes that are not valid protobuf for the expected message."""
+    """Bytes that are not valid protobuf for the expected message. `reason` names the fault in
+    one word, for a receiver's counters: truncated, bad_varint, bad_field, bad_wire_type, or
+    malformed (anything else)."""
+
+    def __init__(self, message: str, reason: str = "malformed") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+Buffer = bytes | bytearray | memoryview
 
 
 # ----- scalars --------------------------------------------------------------------------------
@@ -43,12 +55,14 @@ def varint(value: int) -> bytes:
     return bytes(out)
 
 
-def read_varint(data: bytes, pos: int) -> tuple[int, int]:
-    """Decode a varint at `pos`; return (value, next position)."""
+def read_varint(data: Buffer, pos: int, end: int | None = None) -> tuple[int, int]:
+    """Decode the varint at `pos`, within data[:end]; return (value, next position). More than
+    10 bytes, or a value beyond 64 bits, is refused (no encoder writes either)."""
+    stop = len(data) if end is None else end
     result = shift = 0
     while True:
-        if pos >= len(data):
-            raise WireError("truncated varint")
+        if pos >= stop:
+            raise WireError("truncated varint", "truncated")
         byte = data[pos]
         pos += 1
         result |= (byte & 0x7F) << shift
@@ -56,8 +70,10 @@ def read_varint(data: bytes, pos: int) -> tuple[int, int]:
             break
         shift += 7
         if shift >= 70:
-            raise WireError("varint longer than 10 bytes")
-    return result & _U64, pos
+            raise WireError("varint longer than 10 bytes", "bad_varint")
+    if result > _U64:
+        raise WireError("varint beyond 64 bits", "bad_varint")
+    return result, pos
 
 
 def zigzag(value: int) -> int:
@@ -95,44 +111,63 @@ def field_double(field: int, value: float) -> bytes:
 # ----- reading fields -------------------------------------------------------------------------
 
 
-def fields(data: bytes | bytearray | memoryview) -> Iterator[tuple[int, int, Any]]:
-    """Yield (field number, wire type, value) for each field: an int for VARINT/FIXED32/FIXED64
-    (raw, unsigned), bytes for LEN. Groups (wire types 3, 4) and field number 0 are refused."""
-    buf = bytes(data)
-    pos, end = 0, len(buf)
-    while pos < end:
-        k, pos = read_varint(buf, pos)
+def scan(data: Buffer, start: int = 0, end: int | None = None) -> list[tuple[int, int, int, int]]:
+    """The fields of the message in data[start:end], without copying: (number, wire type, value,
+    value end). VARINT/FIXED32/FIXED64 values are raw unsigned ints (value end 0); for LEN, value
+    is the payload's start and value end its end. Every length is checked against `end`; groups
+    (wire types 3, 4) and field number 0 are refused."""
+    stop = len(data) if end is None else end
+    out = []
+    pos = start
+    while pos < stop:
+        k, pos = read_varint(data, pos, stop)
         number, wire_type = k >> 3, k & 7
-        value: Any
         if number == 0 or number > (1 << 29) - 1:
-            raise WireError(f"field number {number} is out of range")
+            raise WireError(f"field number {number} is out of range", "bad_field")
         if wire_type == VARINT:
-            value, pos = read_varint(buf, pos)
+            value, pos = read_varint(data, pos, stop)
+            out.append((number, wire_type, value, 0))
         elif wire_type == FIXED64:
-            if pos + 8 > end:
-                raise WireError(f"field {number}: truncated fixed64")
-            value = int.from_bytes(buf[pos : pos + 8], "little")
+            if pos + 8 > stop:
+                raise WireError(f"field {number}: truncated fixed64", "truncated")
+            out.append((number, wire_type, _FIXED64.unpack_from(data, pos)[0], 0))
             pos += 8
         elif wire_type == FIXED32:
-            if pos + 4 > end:
-                raise WireError(f"field {number}: truncated fixed32")
-            value = int.from_bytes(buf[pos : pos + 4], "little")
+            if pos + 4 > stop:
+                raise WireError(f"field {number}: truncated fixed32", "truncated")
+            out.append((number, wire_type, _FIXED32.unpack_from(data, pos)[0], 0))
             pos += 4
         elif wire_type == LEN:
-            size, pos = read_varint(buf, pos)
-            if size > end - pos:
-                raise WireError(f"field {number}: length {size} is past the end ({end - pos} left)")
-            value = buf[pos : pos + size]
+            size, pos = read_varint(data, pos, stop)
+            if size > stop - pos:
+                raise WireError(
+                    f"field {number}: length {size} is past the end ({stop - pos} left)",
+                    "truncated",
+                )
+            out.append((number, wire_type, pos, pos + size))
             pos += size
         else:
-            raise WireError(f"field {number}: wire type {wire_type} is not supported")
-        yield number, wire_type, value
+            raise WireError(
+                f"field {number}: wire type {wire_type} is not supported", "bad_wire_type"
+            )
+    return out
+
+
+def fields(data: Buffer) -> Iterator[tuple[int, int, Any]]:
+    """Yield (field number, wire type, value) for each field, as `scan`, but with a LEN field's
+    value as its bytes."""
+    buf = bytes(data)
+    for number, wire_type, value, value_end in scan(buf):
+        yield number, wire_type, buf[value:value_end] if wire_type == LEN else value
 
 
 def expect(number: int, wire_type: int, want: int, what: str) -> None:
     if wire_type != want:
         names = {VARINT: "varint", FIXED64: "fixed64", LEN: "length-delimited", FIXED32: "fixed32"}
-        raise WireError(f"{what} (field {number}) must be {names[want]}, got wire type {wire_type}")
+        raise WireError(
+            f"{what} (field {number}) must be {names[want]}, got wire type {wire_type}",
+            "bad_wire_type",
+        )
 
 
 def text(raw: bytes, what: str) -> str:

@@ -19,15 +19,25 @@ exact bytes it was sent as (`raw`), which is what SSDAQ re-published.
 
 from __future__ import annotations
 
+import functools
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from daqd.errors import ProtocolError
+from daqd.protocols.protobuf_wire import FIXED32 as I32
+from daqd.protocols.protobuf_wire import FIXED64 as I64
+from daqd.protocols.protobuf_wire import LEN, VARINT, WireError, scan, varint
+from daqd.protocols.protobuf_wire import expect as _expect
+from daqd.protocols.protobuf_wire import field_bytes as _len_field
+from daqd.protocols.protobuf_wire import key as _key
 
-VARINT, I64, LEN, I32 = 0, 1, 2, 5
+__all__ = ["I32", "I64", "LEN", "VARINT", "varint"]  # re-exported: the tests build wire bytes
+
+P = ParamSpec("P")
+T = TypeVar("T")
 _U32 = (1 << 32) - 1
-_U64 = (1 << 64) - 1
 _FIXED64 = struct.Struct("<Q")
 
 TRIGGER_TYPES = {
@@ -119,66 +129,18 @@ class TriggerBunch:
     arrival_time: TimeStamp | None = None
 
 
-# ----- wire level ----------------------------------------------------------------------------
-def read_varint(buf: bytes | memoryview, pos: int, end: int) -> tuple[int, int]:
-    """(value, next position) of the varint at `pos`; at most 10 bytes, within `end`."""
-    value = 0
-    shift = 0
-    while True:
-        if pos >= end:
-            raise PbError("truncated", "a varint runs past the end of its message")
-        b = buf[pos]
-        pos += 1
-        value |= (b & 0x7F) << shift
-        if not b & 0x80:
-            break
-        shift += 7
-        if shift >= 70:
-            raise PbError("bad_varint", "a varint longer than 10 bytes")
-    if value > _U64:
-        raise PbError("bad_varint", "a varint beyond 64 bits")
-    return value, pos
+# ----- wire level (protobuf_wire's primitives; their faults become PbError by reason) ---------
+def _decoder(fn: Callable[P, T]) -> Callable[P, T]:
+    """A public decoder: protobuf_wire's WireError leaves it as a PbError with the same reason."""
 
+    @functools.wraps(fn)
+    def decode(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return fn(*args, **kwargs)
+        except WireError as exc:
+            raise PbError(exc.reason, str(exc)) from None
 
-def fields(buf: bytes | memoryview, start: int, end: int) -> list[tuple[int, int, int, int]]:
-    """The fields of the message in buf[start:end]: (number, wire type, value, value end).
-    For LEN fields value is the payload's start and value end its end; else value end is 0."""
-    out = []
-    pos = start
-    while pos < end:
-        key, pos = read_varint(buf, pos, end)
-        number, wire = key >> 3, key & 7
-        if number == 0 or number > 0x1FFFFFFF:
-            raise PbError("bad_field", f"field number {number}")
-        if wire == VARINT:
-            value, pos = read_varint(buf, pos, end)
-            out.append((number, wire, value, 0))
-        elif wire == I64:
-            if pos + 8 > end:
-                raise PbError("truncated", f"fixed64 field {number} runs past the end")
-            out.append((number, wire, _FIXED64.unpack_from(buf, pos)[0], 0))
-            pos += 8
-        elif wire == I32:
-            if pos + 4 > end:
-                raise PbError("truncated", f"fixed32 field {number} runs past the end")
-            out.append((number, wire, int.from_bytes(buf[pos : pos + 4], "little"), 0))
-            pos += 4
-        elif wire == LEN:
-            length, pos = read_varint(buf, pos, end)
-            if pos + length > end:
-                raise PbError("truncated", f"field {number} of {length} bytes runs past the end")
-            out.append((number, wire, pos, pos + length))
-            pos += length
-        else:
-            raise PbError(
-                "bad_wire_type", f"field {number} has wire type {wire} (groups unsupported)"
-            )
-    return out
-
-
-def _expect(number: int, wire: int, want: int, what: str) -> None:
-    if wire != want:
-        raise PbError("bad_wire_type", f"{what} field {number} has wire type {wire}, not {want}")
+    return decode
 
 
 def _u32(number: int, value: int, what: str) -> int:
@@ -187,9 +149,9 @@ def _u32(number: int, value: int, what: str) -> int:
     return value
 
 
-def decode_timestamp(buf: bytes | memoryview, start: int = 0, end: int | None = None) -> TimeStamp:
+def _timestamp(buf: bytes | memoryview, start: int = 0, end: int | None = None) -> TimeStamp:
     ts = TimeStamp()
-    for number, wire, value, _ in fields(buf, start, len(buf) if end is None else end):
+    for number, wire, value, _ in scan(buf, start, len(buf) if end is None else end):
         if 1 <= number <= 8:
             _expect(number, wire, VARINT, "TimeStamp")
             setattr(
@@ -200,12 +162,12 @@ def decode_timestamp(buf: bytes | memoryview, start: int = 0, end: int | None = 
     return ts
 
 
-def decode_trigger_message(
+def _trigger_message(
     buf: bytes | memoryview, start: int = 0, end: int | None = None
 ) -> TriggerMessage:
     stop = len(buf) if end is None else end
     msg = TriggerMessage(raw=bytes(buf[start:stop]))
-    for number, wire, value, vend in fields(buf, start, stop):
+    for number, wire, value, vend in scan(buf, start, stop):
         if number == 1:
             _expect(number, wire, VARINT, "TriggerMessage")
             msg.telescope = _u32(number, value, "TriggerMessage")
@@ -220,7 +182,7 @@ def decode_trigger_message(
             msg.clock_counter = value
         elif number == 5:
             _expect(number, wire, LEN, "TriggerMessage")
-            msg.time = decode_timestamp(buf, value, vend)
+            msg.time = _timestamp(buf, value, vend)
         elif number == 6:
             _expect(number, wire, VARINT, "TriggerMessage")
             msg.type = value
@@ -233,11 +195,11 @@ def decode_trigger_message(
     return msg
 
 
-def decode_trigger_bunch(buf: bytes | memoryview) -> TriggerBunch:
+def _trigger_bunch(buf: bytes | memoryview) -> TriggerBunch:
     """Decode one TriggerBunch; raises PbError (truncated, bad_varint, bad_field, bad_wire_type,
     out_of_range) for anything that is not one."""
     bunch = TriggerBunch()
-    for number, wire, value, vend in fields(buf, 0, len(buf)):
+    for number, wire, value, vend in scan(buf):
         if number == 1:
             _expect(number, wire, VARINT, "TriggerBunch")
             bunch.telescope = _u32(number, value, "TriggerBunch")
@@ -246,33 +208,19 @@ def decode_trigger_bunch(buf: bytes | memoryview) -> TriggerBunch:
             bunch.bunch_counter = value
         elif number == 3:
             _expect(number, wire, LEN, "TriggerBunch")
-            bunch.triggers.append(decode_trigger_message(buf, value, vend))
+            bunch.triggers.append(_trigger_message(buf, value, vend))
         elif number == 4:
             _expect(number, wire, LEN, "TriggerBunch")
-            bunch.arrival_time = decode_timestamp(buf, value, vend)
+            bunch.arrival_time = _timestamp(buf, value, vend)
     return bunch
 
 
+decode_timestamp = _decoder(_timestamp)
+decode_trigger_message = _decoder(_trigger_message)
+decode_trigger_bunch = _decoder(_trigger_bunch)
+
+
 # ----- encoding (simulators and tests) ---------------------------------------------------------
-def varint(value: int) -> bytes:
-    if not 0 <= value <= _U64:
-        raise ValueError(f"varint out of range: {value}")
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _key(number: int, wire: int) -> bytes:
-    return varint(number << 3 | wire)
-
-
-def _len_field(number: int, payload: bytes) -> bytes:
-    return _key(number, LEN) + varint(len(payload)) + payload
-
-
 def encode_timestamp(ts: TimeStamp) -> bytes:
     out = bytearray()
     for number, name in enumerate(TIMESTAMP_FIELDS, 1):
