@@ -14,11 +14,7 @@ The map of daqd/, one line per module or package (receivers/ and publishers/ hol
   monitor       counters and rates of every receiver and publisher; the status snapshot
   control       the control socket: ICCP server (ZeroMQ ROUTER) and the client daqctl uses
   worker/       worker processes: the parent side (parent), the worker (component), the link, Saturnin
-  satellite     daqd as a Constellation satellite: CHIRP, CSCP, CHP over the host
-  satellite_commands  CSCP's standard commands (and receivers' cmd_ as user commands) on the host
-  satellite_autonomy  the other satellites' heartbeats and CHP's rules for when one fails
-  satellite_monitoring  CMDP: log lines and metrics published to Constellation listeners
-  discovery     CHIRP discovery for one host: its beacons and its group's registry
+  constellation/ daqd as a Constellation satellite: CHIRP discovery, CSCP control, CHP, CMDP
   dhs/          the DCSS hardware server: handler API (handlers), devices, engine (Dhs)
   packetstream/ cs.packetstream connections (connection) and `daqd send-packets` (send_packets)
   http          HTTP for operation handlers: next image from a receiver, JSON to a service

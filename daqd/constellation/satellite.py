@@ -24,18 +24,13 @@ import zmq
 import zmq.asyncio
 
 from daqd import __version__
-from daqd.discovery import Discovery, interface_addresses
-from daqd.errors import ProtocolError
-from daqd.logs import LimitedLogger
-from daqd.protocols import chirp, chp, cscp
-from daqd.runstate import TRANSITIONS, State
-from daqd.satellite_autonomy import (
+from daqd.constellation.autonomy import (
     DEFAULT_TRANSITION_TIMEOUT_S,
     ConditionFailed,
     HeartbeatWatcher,
     parse_conditions,
 )
-from daqd.satellite_commands import (
+from daqd.constellation.commands import (
     HIDDEN,
     RUN_ID,
     SHUTDOWN_STATES,
@@ -46,7 +41,12 @@ from daqd.satellite_commands import (
     packable,
     parameters,
 )
-from daqd.satellite_monitoring import MonitoringPublisher
+from daqd.constellation.discovery import Discovery, interface_addresses
+from daqd.constellation.monitoring import MonitoringPublisher
+from daqd.errors import ProtocolError
+from daqd.logs import LimitedLogger
+from daqd.protocols import chirp, chp, cscp
+from daqd.runstate import TRANSITIONS, State
 
 if TYPE_CHECKING:
     from daqd.config import ConstellationSettings

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 import zmq.asyncio
 
-from daqd.discovery import Offer
+from daqd.constellation.discovery import Offer
 from daqd.errors import ProtocolError
 from daqd.logs import LimitedLogger
 from daqd.protocols import chirp, chp
