@@ -1,8 +1,11 @@
 """Receiver `saturnin`: run a Saturnin (Firebird Butler) micro-service as a child process, control
 it over ICCP in Saturnin's bytes, and take what it sends on the endpoints it announced as records.
 
-The receiver binds a PAIR (ipc, in the runtime dir: saturnin's components cannot use a tcp
-control address) and starts `command` with "{controller}" replaced by that address. The service
+The receiver binds a PAIR (ipc, in the runtime dir, owner only) and starts the service: with
+`service`, daqd's launcher (daqd/worker/saturnin_launch.py, run by `python`, which needs saturnin
+but not daqd) builds it from its descriptor and Saturnin configuration file and relays its control
+channel over inproc, working around saturnin 0.10.0's warm_up that fails on any ipc or tcp
+controller; with `command`, that command, "{controller}" replaced by the address. The service
 connects and sends READY (PeerIdentification + endpoints) or ERROR. With `conf`, a REQUEST CONF
 (the specified [code, ConfigProto] form) follows and must be answered OK. For each channel in
 `take`, a PULL (or SUB) is connected to the addresses READY gave for it, and every multipart
@@ -24,13 +27,16 @@ import contextlib
 import itertools
 import logging
 import os
+import sys
 import uuid
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import zmq
 import zmq.asyncio
-from pydantic import Field
+from pydantic import Field, model_validator
 
+import daqd.worker
 from daqd.control import runtime_dir
 from daqd.errors import ControlError, ProtocolError
 from daqd.protocols import iccp
@@ -39,17 +45,47 @@ from daqd.receiver import ReceiverServer, ReceiverSettings
 if TYPE_CHECKING:
     from daqd.host import Host
 
+# run by the service's Python; it imports saturnin, never daqd (see its docstring for why)
+LAUNCHER = Path(daqd.worker.__file__).resolve().with_name("saturnin_launch.py")
 LAST_WORDS_S = 2.0  # after the service exited, how long its last message may take to arrive
 
 
 class SaturninSettings(ReceiverSettings):
-    command: list[str] = Field(min_length=1)  # "{controller}" in it becomes the control address
+    # what to run: a Saturnin service (through daqd's launcher, run by `python`), or a command
+    service: str | None = None  # "module:DESCRIPTOR", or an installed service's name or uid
+    service_config: str | None = None  # the service's Saturnin configuration file (INI)
+    section: str | None = None  # its section there (default: the service's configuration name)
+    python: str = sys.executable  # a Python that has saturnin installed (daqd it needs not)
+    command: list[str] | None = None  # "{controller}" in it becomes the control address
+    env: dict[str, str] = Field(default_factory=dict)  # added to the service's environment
     take: list[str] = Field(default_factory=list)  # READY endpoint channels to read records from
     socket: Literal["pull", "sub"] = "pull"
     conf: dict[str, str | bool | int | float] | None = None  # options sent in CONF after READY
     start_timeout_s: float = Field(10.0, gt=0)  # READY, and the answer to CONF
     stop_timeout_s: float = Field(10.0, gt=0)  # FINISHED after STOP
     max_message_bytes: int = Field(16 << 20, gt=0)  # ICCP frames over this are refused unread
+
+    @model_validator(mode="after")
+    def _one_way_to_start(self) -> SaturninSettings:
+        if (self.service is None) == (self.command is None):
+            raise ValueError("give either service (a Saturnin service) or command, not both")
+        if self.command is not None and not self.command:
+            raise ValueError("command must not be empty")
+        if self.service is None and (self.service_config or self.section):
+            raise ValueError("service_config and section go with service")
+        return self
+
+    def argv(self, controller: str) -> list[str]:
+        """The service's command line, for a controller at `controller`."""
+        if self.command is not None:
+            return [a.replace("{controller}", controller) for a in self.command]
+        argv = [self.python, str(LAUNCHER), "--controller", controller, "--service"]
+        argv.append(str(self.service))
+        if self.service_config is not None:
+            argv += ["--config", self.service_config]
+        if self.section is not None:
+            argv += ["--section", self.section]
+        return argv
 
 
 class SaturninReceiver(ReceiverServer):
@@ -85,12 +121,11 @@ class SaturninReceiver(ReceiverServer):
             )
         finally:
             os.umask(old)
-        controller = self._ctl.getsockopt_string(zmq.LAST_ENDPOINT)
-        argv = [a.replace("{controller}", controller) for a in self.s.command]
+        argv = self.s.argv(self._ctl.getsockopt_string(zmq.LAST_ENDPOINT))
         self.peer, self.outcome, self.details = {}, "", []
         try:
             self.proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL
+                *argv, stdin=asyncio.subprocess.DEVNULL, env={**os.environ, **self.s.env}
             )
         except OSError as exc:
             self._close_sockets()

@@ -4,7 +4,7 @@ Runs inside the peer venv (.venv-peers/saturnin), never imports daqd. Usage:
     python saturnin_peer.py control < JSON settings, then commands on stdin, one per line
     python saturnin_peer.py encode  (prints frames saturnin's own encoder makes, as hex)
     python saturnin_peer.py decode  (hex frames in, one JSON list per line: what saturnin parses)
-    python saturnin_peer.py service ADDRESS JSON  (a saturnin MicroService under daqd's control)
+    python saturnin_peer.py service ADDRESS JSON  (a broken service, for daqd's error paths)
 
 `control` is Saturnin's controller side, as its ThreadController does it: a PairChannel with an
 ICCPController bound on {"address": "ipc://..."}; it starts {"command": [...]} (the string
@@ -27,13 +27,10 @@ saturnin's parser or the controller's session rules refused it, or {"timeout": t
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import struct
 import subprocess
 import sys
-import threading
 import uuid
 from typing import Any
 
@@ -211,117 +208,31 @@ def encode() -> int:
 
 
 def service(address: str, settings: dict[str, Any]) -> int:
-    """A real saturnin MicroService (its warm_up/run, its ICCPComponent) that binds a PUSH,
-    announces it in READY as endpoint "output", and sends {"count"} messages
-    [b"toy", n (8 bytes big-endian)], one every {"interval_ms"}. With {"fail": true} its start fails
-    (ERROR instead of READY), with {"fail_stop": true} its stop (ERROR, no FINISHED); with
-    {"bad_ready": true} it sends a READY saturnin could not parse and then waits ({"silent": true}:
-    sends nothing); with {"deaf": true} STOP never reaches the service; {"inject": [[hex frames], ...]} are sent to the controller right after READY.
-    What it sent is written to {"report"} (JSON) when it stops."""
-    import platform
+    """What a Saturnin service is not, for daqd's error paths (saturnin services themselves run
+    through daqd's launcher, tests/saturnin_toy.py): with {"bad_ready": true} a READY saturnin
+    could not parse, then it waits; with {"silent": true} nothing at all; with {"bare": CONFIG}
+    the toy service started as saturnin itself would, straight on the ipc controller address,
+    which fails in saturnin's warm_up (the bug daqd's launcher works around)."""
+    if settings.get("bare"):
+        from configparser import ConfigParser
 
-    from saturnin.base import AgentDescriptor, ComponentConfig, ServiceDescriptor
-    from saturnin.component.micro import MicroService
+        from saturnin_toy import SERVICE_DESCRIPTOR, Toy
 
-    if settings.get("bad_ready") or settings.get("silent"):
-        ctx = zmq.Context.instance()
-        pair = ctx.socket(zmq.PAIR)
-        pair.connect(address)
-        if settings.get("bad_ready"):
-            pair.send_multipart([struct.pack("!H", 1), b"\x0a\x03abc", b""])
-        pair.poll(60000)  # until daqd sends STOP
-        return 0
-
-    class Toy(MicroService):
-        sent = 0
-
-        def aquire_resources(self) -> None:
-            if settings.get("fail"):
-                raise RuntimeError("toy cannot start: no detector attached")
-            self.out = zmq.Context.instance().socket(zmq.PUSH)
-            self.out.bind("tcp://127.0.0.1:*")
-            self.endpoints["output"] = [ZMQAddress(self.out.getsockopt_string(zmq.LAST_ENDPOINT))]
-
-        def start_activities(self) -> None:
-            self.schedule(self.tick, settings.get("interval_ms", 1))
-
-        def tick(self) -> None:
-            if self.sent < settings.get("count", 0):
-                self.out.send_multipart([b"toy", struct.pack(">Q", self.sent)])
-                self.sent += 1
-                self.schedule(self.tick, settings.get("interval_ms", 1))
-
-        def stop_activities(self) -> None:
-            with open(settings["report"], "w") as f:
-                json.dump({"sent": self.sent, "pid": os.getpid()}, f)
-            if settings.get("fail_stop"):
-                raise RuntimeError("toy cannot park the motor")
-
-        def release_resources(self) -> None:
-            self.out.close(linger=5000)
-
-    agent = AgentDescriptor(
-        uid=uuid.UUID("11111111-2222-3333-4444-555555555555"),
-        name="toy",
-        version="1.0",
-        vendor_uid=uuid.UUID("11111111-2222-3333-4444-000000000000"),
-        classification="test/toy",
-    )
-    descriptor = ServiceDescriptor(
-        agent=agent,
-        api=[],
-        description="daqd test service",
-        facilities=[],
-        factory="saturnin_peer:Toy",
-        config=lambda: ComponentConfig("toy"),
-    )
-    svc = Toy(zmq.Context.instance(), descriptor)
-    config = ComponentConfig("toy")
-    svc.initialize(config)
-    if not settings.get("relay", True):  # saturnin as it is: fails on an ipc/tcp controller
+        config = SERVICE_DESCRIPTOR.config()
+        parser = ConfigParser()
+        parser.read(settings["bare"])
+        config.load_config(parser, "toy")
+        svc = Toy(zmq.Context.instance(), SERVICE_DESCRIPTOR)
+        svc.initialize(config)
         svc.warm_up(ZMQAddress(address))
         svc.run()
         return 0
-    # saturnin's warm_up checks can_send() with a 0 ms timeout right after connect(), which only
-    # an inproc peer (bound first) passes. So the service's control channel connects to an
-    # inproc PAIR here, relayed frame for frame to the controller's address.
     ctx = zmq.Context.instance()
-    front, back = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
-    front.bind("inproc://daqd-relay")
-    back.connect(address)
-    done = threading.Event()
-    inject: list[list[str]] = list(settings.get("inject", []))
-
-    def forward(sock: zmq.Socket, frames: list[bytes]) -> None:
-        with contextlib.suppress(zmq.Again):  # a peer already gone must not block the relay
-            sock.send_multipart(frames, flags=zmq.NOBLOCK)
-
-    def relay() -> None:  # frames both ways until the service has run, then what it left
-        poller = zmq.Poller()
-        poller.register(front, zmq.POLLIN)
-        poller.register(back, zmq.POLLIN)
-        while True:
-            events = dict(poller.poll(100))
-            if front in events:
-                forward(back, front.recv_multipart())
-                for frames in inject:  # after READY: what the test wants daqd to refuse
-                    back.send_multipart([bytes.fromhex(h) for h in frames])
-                inject.clear()
-            if back in events:
-                frames = back.recv_multipart()
-                if not (settings.get("deaf") and frames[0] == struct.pack("!H", 5)):
-                    forward(front, frames)  # ("deaf": STOP never reaches the service)
-            if done.is_set() and not events:
-                return
-
-    thread = threading.Thread(target=relay, daemon=True)
-    thread.start()
-    svc.warm_up(ZMQAddress("inproc://daqd-relay"))
-    svc.run()
-    done.set()
-    thread.join(10)
-    back.close(linger=5000)  # FINISHED is on its way out
-    print(f"toy on {platform.node()} finished", file=sys.stderr)
+    pair = ctx.socket(zmq.PAIR)
+    pair.connect(address)
+    if settings.get("bad_ready"):
+        pair.send_multipart([struct.pack("!H", 1), b"\x0a\x03abc", b""])
+    pair.poll(60000)  # until daqd sends STOP
     return 0
 
 

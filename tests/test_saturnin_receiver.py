@@ -1,6 +1,7 @@
 """Receiver `saturnin`: a `daqd serve` daemon starts a real saturnin 0.10.0 MicroService
-(tests/saturnin_peer.py service, in the peer venv) as its child, controls it over ICCP in
-Saturnin's bytes, and publishes what the service sends on its announced endpoint as records."""
+(tests/saturnin_toy.py, in the peer venv) through daqd's own launcher as its child, controls it
+over ICCP in Saturnin's bytes, and publishes what the service sends on its announced endpoint as
+records."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import DAQD, Daemon, wait_until
-from tests.peers import peer_python
+from tests.peers import ROOT, peer_python
 
 pytestmark = pytest.mark.interop
 
@@ -29,10 +30,25 @@ drain_timeout_s = 5
 [[receiver]]
 type = "saturnin"
 name = "toy"
-command = ["{python}", "{script}", "service", "{{controller}}", '{settings}']
+python = "{python}"
+service = "tests.saturnin_toy:SERVICE_DESCRIPTOR"
+service_config = "{service_config}"
+env = {{ PYTHONPATH = "{root}" }}
 take = ["output"]
 start_timeout_s = {start_timeout_s}
 stop_timeout_s = {stop_timeout_s}
+"""
+
+COMMAND = """
+[daemon]
+name = "{name}"
+drain_timeout_s = 5
+
+[[receiver]]
+type = "saturnin"
+name = "toy"
+command = ["{python}", "{script}", "service", "{{controller}}", '{settings}']
+start_timeout_s = {start_timeout_s}
 """
 
 
@@ -41,23 +57,32 @@ def peer() -> str:
     return str(peer_python("saturnin"))
 
 
+def service_config(workdir: Path, **options: Any) -> Path:
+    """The toy's Saturnin configuration file (INI, section [toy])."""
+    path = workdir / "toy.cfg"
+    lines = ["[toy]", f"report = {workdir / 'report.json'}"]
+    for key, value in options.items():
+        lines.append(f"{key} = {json.dumps(value) if key == 'inject' else value}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def config(
     peer: str,
     name: str,
-    extra: str = "",
+    workdir: Path,
     start_timeout_s: float = 20,
     stop_timeout_s: float = 20,
-    **settings: Any,
+    **options: Any,
 ) -> str:
-    text = CONFIG.format(
+    return CONFIG.format(
         name=name,
         python=peer,
-        script=PEER_SCRIPT,
-        settings=json.dumps(settings),
+        service_config=service_config(workdir, **options),
+        root=ROOT,
         start_timeout_s=start_timeout_s,
         stop_timeout_s=stop_timeout_s,
     )
-    return text + extra
 
 
 def service(d: Daemon) -> dict[str, Any]:
@@ -65,11 +90,15 @@ def service(d: Daemon) -> dict[str, Any]:
     return toy
 
 
+def report(workdir: Path) -> dict[str, Any]:
+    got: dict[str, Any] = json.loads((workdir / "report.json").read_text())
+    return got
+
+
 def test_daqd_runs_a_saturnin_service(
     peer: str, daemon: Callable[..., Daemon], workdir: Path
 ) -> None:
-    report = workdir / "report.json"
-    d = daemon(config(peer, "satd", count=50, report=str(report)), name="satd")
+    d = daemon(config(peer, "satd", workdir, count=50), name="satd")
     toy = wait_until(lambda: (s := service(d))["records"] == 50 and s, 30, "50 records")
     assert toy["bytes"] == 50 * 11  # [b"toy", 8-byte counter] each
     svc = toy["service"]
@@ -81,15 +110,14 @@ def test_daqd_runs_a_saturnin_service(
     assert d.ctl("transition", "land").returncode == 0  # closes the receiver: STOP -> FINISHED
     svc = service(d)["service"]
     assert (svc["running"], svc["outcome"]) == (False, "OK"), (svc, d.log())
-    assert json.loads(report.read_text()) == {"sent": 50, "pid": svc["pid"]}
+    assert report(workdir) == {"sent": 50, "pid": svc["pid"]}
     assert d.stop() == 0
 
 
 def test_a_killed_service_is_restarted(
     peer: str, daemon: Callable[..., Daemon], workdir: Path
 ) -> None:
-    report = workdir / "report.json"
-    d = daemon(config(peer, "satk", count=5, report=str(report)), name="satk")
+    d = daemon(config(peer, "satk", workdir, count=5), name="satk")
     first = wait_until(lambda: (s := service(d))["records"] == 5 and s, 30, "5 records")
     os.kill(first["service"]["pid"], signal.SIGKILL)
     again = wait_until(
@@ -104,34 +132,10 @@ def test_a_killed_service_is_restarted(
     assert service(d)["service"]["outcome"] == "OK"
 
 
-@pytest.mark.parametrize(
-    ("settings", "words"),
-    [
-        # CONF in the form saturnin's parser reads: its handler then fails on its own bug A7.2
-        (
-            {"conf": 'conf = { logging_id = "toy" }'},
-            "saturnin service refused CONF: AttributeError: 'ICCPMessage' object has no "
-            "attribute 'config'",
-        ),
-        # saturnin's ERROR (a whole traceback) instead of READY: its last line is the reason
-        ({"fail": True}, "saturnin service could not start: RuntimeError: toy cannot start"),
-        # a READY saturnin's own parser would call INVALID (uid of 3 bytes)
-        (
-            {"bad_ready": True},
-            "saturnin service: ICCP READY: PeerIdentification.uid must be 16 bytes, got 3",
-        ),
-        # nothing within start_timeout_s
-        ({"silent": True, "start_timeout_s": 1}, "saturnin service sent no READY within 1 s"),
-        # saturnin connecting straight to an ipc controller: its warm_up fails (can_send race)
-        ({"relay": False}, "saturnin service exited with code 1 before READY"),
-    ],
-)
-def test_a_service_that_does_not_start_is_a_clear_error(
-    peer: str, workdir: Path, settings: dict[str, Any], words: str
-) -> None:
+def serve_fails(workdir: Path, text: str) -> str:
+    """`daqd serve` of `text`, which must fail at start; its stderr."""
     path = workdir / "sat.toml"
-    extra = settings.pop("conf", "")
-    path.write_text(config(peer, "satf", extra, report=str(workdir / "r.json"), **settings))
+    path.write_text(text)
     runtime = workdir / "run"
     runtime.mkdir(mode=0o700)
     done = subprocess.run(
@@ -141,18 +145,98 @@ def test_a_service_that_does_not_start_is_a_clear_error(
         text=True,
         timeout=60,
     )
-    assert done.returncode == 1
-    assert f"receiver 'toy' cannot start: {words}" in done.stderr
+    assert done.returncode == 1, done.stderr
+    return done.stderr
+
+
+@pytest.mark.parametrize(
+    ("extra", "options", "words"),
+    [
+        # CONF in the form saturnin's parser reads: its handler then fails on its own bug A7.2
+        (
+            'conf = { logging_id = "toy" }',
+            {},
+            "saturnin service refused CONF: AttributeError: 'ICCPMessage' object has no "
+            "attribute 'config'",
+        ),
+        # saturnin's ERROR (a whole traceback) instead of READY: its last line is the reason
+        ("", {"fail": "yes"}, "saturnin service could not start: RuntimeError: toy cannot start"),
+        # the service's configuration is refused by saturnin itself: the launcher says why
+        (
+            "",
+            {"count": "many"},
+            "saturnin service could not start: Error: Configuration error: invalid literal for int()",
+        ),
+    ],
+)
+def test_a_service_that_does_not_start_is_a_clear_error(
+    peer: str, workdir: Path, extra: str, options: dict[str, Any], words: str
+) -> None:
+    stderr = serve_fails(workdir, config(peer, "satf", workdir, **options) + extra)
+    assert f"receiver 'toy' cannot start: {words}" in stderr
+
+
+def test_an_unknown_service_is_named_with_those_installed(peer: str, workdir: Path) -> None:
+    text = config(peer, "satu", workdir).replace(
+        '"tests.saturnin_toy:SERVICE_DESCRIPTOR"', '"saturnin.no.such.reader"'
+    )
+    stderr = serve_fails(workdir, text)
+    assert (
+        "receiver 'toy' cannot start: saturnin service could not start: LookupError: no "
+        "Saturnin service 'saturnin.no.such.reader' is installed (installed: "
+    ) in stderr
+
+
+@pytest.mark.parametrize(
+    ("settings", "words"),
+    [
+        # a READY saturnin's own parser would call INVALID (uid of 3 bytes)
+        (
+            {"bad_ready": True},
+            "saturnin service: ICCP READY: PeerIdentification.uid must be 16 bytes, got 3",
+        ),
+        # nothing within start_timeout_s
+        ({"silent": True}, "saturnin service sent no READY within 1 s"),
+    ],
+)
+def test_a_command_that_is_no_saturnin_service_is_a_clear_error(
+    peer: str, workdir: Path, settings: dict[str, Any], words: str
+) -> None:
+    text = COMMAND.format(
+        name="satc",
+        python=peer,
+        script=PEER_SCRIPT,
+        settings=json.dumps(settings),
+        start_timeout_s=1,
+    )
+    assert f"receiver 'toy' cannot start: {words}" in serve_fails(workdir, text)
+
+
+def test_saturnin_without_the_launcher_fails_on_an_ipc_controller(peer: str, workdir: Path) -> None:
+    """The bug the launcher works around: the same toy service, started as saturnin itself starts
+    one but on daqd's ipc controller address, fails in its warm_up before sending anything."""
+    settings = {"bare": str(service_config(workdir, count=1))}
+    text = COMMAND.format(
+        name="satb",
+        python=peer,
+        script=PEER_SCRIPT,
+        settings=json.dumps(settings),
+        start_timeout_s=20,
+    )
+    stderr = serve_fails(workdir, text)
+    assert "saturnin.base.types.ServiceError: Broken component control channel" in stderr
+    assert "receiver 'toy' cannot start: saturnin service exited with code 1 before READY" in (
+        stderr
+    )
 
 
 def test_malformed_control_messages_from_the_service_are_counted(
     peer: str, daemon: Callable[..., Daemon], workdir: Path
 ) -> None:
-    """After READY the service's side sends garbage and messages out of turn: each is counted,
-    the service goes on, and STOP still gets its FINISHED."""
+    """After READY the service sends garbage and messages out of turn on its control channel:
+    each is counted, the service goes on, and STOP still gets its FINISHED."""
     inject = [["01"], ["0001", "0aff"], ["0063"], ["0003"]]
-    settings = {"count": 3, "report": str(workdir / "r.json"), "inject": inject}
-    d = daemon(config(peer, "satm", **settings), name="satm")
+    d = daemon(config(peer, "satm", workdir, count=3, inject=inject), name="satm")
     toy = wait_until(
         lambda: (s := service(d))["records"] == 3 and len(s["errors"]) == 2 and s,
         30,
@@ -169,8 +253,7 @@ def test_a_service_whose_stop_fails_ends_as_error_without_waiting(
 ) -> None:
     """saturnin's run() sends ERROR (a traceback) and no FINISHED when stopping fails: daqd
     takes that and the exit as the end, not a timeout."""
-    settings = {"count": 2, "report": str(workdir / "r.json"), "fail_stop": True}
-    d = daemon(config(peer, "sate", **settings), name="sate")
+    d = daemon(config(peer, "sate", workdir, count=2, fail_stop="yes"), name="sate")
     wait_until(lambda: service(d)["records"] == 2, 30, "2 records")
     assert d.ctl("transition", "land").returncode == 0
     svc = service(d)["service"]
@@ -182,8 +265,8 @@ def test_a_service_whose_stop_fails_ends_as_error_without_waiting(
 def test_a_service_that_does_not_finish_is_killed_and_error(
     peer: str, daemon: Callable[..., Daemon], workdir: Path
 ) -> None:
-    settings = {"count": 1, "report": str(workdir / "r.json"), "deaf": True}
-    d = daemon(config(peer, "satz", stop_timeout_s=1, **settings), name="satz")
+    text = config(peer, "satz", workdir, stop_timeout_s=1, count=1, stall_stop_s=60)
+    d = daemon(text, name="satz")
     pid = wait_until(lambda: (s := service(d))["records"] == 1 and s["service"]["pid"], 30, "READY")
     assert d.ctl("transition", "land").returncode == 0
     svc = service(d)["service"]
@@ -191,3 +274,14 @@ def test_a_service_that_does_not_finish_is_killed_and_error(
     assert svc["details"] == ["no FINISHED within 1 s of STOP"]
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # killed, and reaped
+
+
+def test_service_and_command_are_one_or_the_other(workdir: Path) -> None:
+    path = workdir / "both.toml"
+    path.write_text(
+        '[daemon]\nname = "satv"\n\n[[receiver]]\ntype = "saturnin"\nname = "toy"\n'
+        'service = "saturnin.text.reader"\ncommand = ["x"]\n'
+    )
+    done = subprocess.run([DAQD, "check", str(path)], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert f'{path}: [[receiver]] #1 (name "toy"): give either service' in done.stderr

@@ -15,7 +15,9 @@ message whose first frame is empty is a marker (end of a run, end of work) that 
 that every record sent before it has arrived.
 
 Modules: `link` (the wire between the two ends), `parent` (WorkerReceiver), `component`
-(`run_component`), `saturnin` (`run_saturnin_component`: the same for a Saturnin controller).
+(`run_component`), `saturnin` (`run_saturnin_component`: the same for a Saturnin controller),
+`saturnin_launch` (a script, never imported: starts a Saturnin micro-service for the `saturnin`
+receiver with the Python that has saturnin, relaying its control channel over inproc).
 """
 
 from daqd.worker.component import Component, LinkPublisher, run_component
