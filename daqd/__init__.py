@@ -23,7 +23,8 @@ The map of daqd/, one line per module or package (receivers/ and publishers/ hol
   sim/          simulators of the peers (DCSS, CDTP sender, TARGET modules, trigger, timing board)
   runfile       run files (msgpack: header, records, end marker): writer helpers and reader
   hdf5          HDF5 run files: the layout (SSDAQ's slow-signal table, one per source) and writer
-  export        `daqd export`: a run file converted to the hdf5 publisher's layout
+  export        `daqd export`: a run file converted to the hdf5 publisher's layout or to SOF
+  sof           SSDAQ's streamed object files (SOF protocol 1): sans-IO writer, checking reader
   demo          `daqd demo`: bundled config, built-in UDP traffic, a rate table, a run file
   render        plain-text tables, sizes, durations and counts for daqctl and daqd demo
   logs          logging set-up (journal-aware) and LimitedLogger, rate-limited per-packet logging
