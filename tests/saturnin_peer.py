@@ -4,6 +4,7 @@ Runs inside the peer venv (.venv-peers/saturnin), never imports daqd. Usage:
     python saturnin_peer.py control < JSON settings, then commands on stdin, one per line
     python saturnin_peer.py encode  (prints frames saturnin's own encoder makes, as hex)
     python saturnin_peer.py decode  (hex frames in, one JSON list per line: what saturnin parses)
+    python saturnin_peer.py fbdp-encode / fbdp-decode  (the same for FBDP, the data pipe)
     python saturnin_peer.py service ADDRESS JSON  (a broken service, for daqd's error paths)
 
 `control` is Saturnin's controller side, as its ThreadController does it: a PairChannel with an
@@ -253,6 +254,72 @@ def decode() -> int:
     return 0
 
 
+def fbdp_encode() -> int:
+    """FBDP frames saturnin's own FBDPMessage makes, one JSON object per line: {"name", "frames"}."""
+    from firebird.base.protobuf import create_message, dict2struct
+    from saturnin.protocol.fbdp import (
+        PROTO_ERROR,
+        PROTO_OPEN,
+        ErrorCode,
+        FBDPMessage,
+        MsgFlag,
+        MsgType,
+    )
+
+    def make(kind: Any, type_data: int = 0, flags: Any = MsgFlag.NONE, frame: Any = None) -> Any:
+        msg = FBDPMessage()
+        msg.msg_type, msg.type_data, msg.flags, msg.data_frame = kind, type_data, flags, frame
+        return msg
+
+    opened = create_message(PROTO_OPEN)
+    opened.data_pipe, opened.pipe_socket, opened.data_format = "words", 2, "text/plain"
+    opened.parameters.CopyFrom(dict2struct({"charset": "utf-8", "n": 3}))
+    err = create_message(PROTO_ERROR)
+    err.code, err.description = 5, "bad data"
+    err.context.CopyFrom(dict2struct({"line": 7}))
+    close = make(MsgType.CLOSE, ErrorCode.INVALID_DATA, frame=[err])
+    close.note_exception(RuntimeError("second"))
+    made = {
+        "open": make(MsgType.OPEN, frame=opened),
+        "ready": make(MsgType.READY, 50),
+        "ready_zero": make(MsgType.READY, 0),
+        "noop_ack_req": make(MsgType.NOOP, flags=MsgFlag.ACK_REQ),
+        "data": make(MsgType.DATA, 7, frame=b"hello"),
+        "data_ack_req": make(MsgType.DATA, 65535, MsgFlag.ACK_REQ, b""),
+        "data_ack_reply": make(MsgType.DATA, 9, MsgFlag.ACK_REPLY),
+        "close_ok": make(MsgType.CLOSE, ErrorCode.OK, frame=[]),
+        "close_error": close,
+    }
+    for name, msg in made.items():
+        out({"name": name, "frames": [bytes(f).hex() for f in msg.as_zmsg()]})
+    return 0
+
+
+def fbdp_decode() -> int:
+    """Hex frames in, one JSON object per line: what saturnin's FBDPMessage.from_zmsg makes."""
+    from firebird.base.protobuf import struct2dict
+    from saturnin.protocol.fbdp import FBDPMessage, MsgType
+
+    for line in sys.stdin:
+        msg = FBDPMessage()
+        try:
+            msg.from_zmsg([bytes.fromhex(h) for h in json.loads(line)])
+        except Exception as exc:
+            out({"invalid": True, "reason": f"{type(exc).__name__}: {exc}"})
+            continue
+        d: dict[str, Any] = {"type": msg.msg_type.name, "flags": int(msg.flags)}
+        d["type_data"] = int(msg.type_data)
+        if msg.msg_type is MsgType.OPEN:
+            f = msg.data_frame
+            d["open"] = [f.data_pipe, f.pipe_socket, f.data_format, struct2dict(f.parameters)]
+        elif msg.msg_type is MsgType.DATA:
+            d["data"] = None if msg.data_frame is None else bytes(msg.data_frame).hex()
+        elif msg.msg_type is MsgType.CLOSE:
+            d["errors"] = [[e.code, e.description] for e in msg.data_frame]
+        out(d)
+    return 0
+
+
 if __name__ == "__main__":
     mode = sys.argv[1]
     if mode == "control":
@@ -263,4 +330,8 @@ if __name__ == "__main__":
         sys.exit(encode())
     if mode == "decode":
         sys.exit(decode())
+    if mode == "fbdp-encode":
+        sys.exit(fbdp_encode())
+    if mode == "fbdp-decode":
+        sys.exit(fbdp_decode())
     sys.exit(f"unknown mode {mode!r}")
