@@ -297,19 +297,43 @@ def export(
 
 
 @main.command()
-@click.option("--seconds", default=10.0, show_default=True, help="How long to run.")
-@click.option("--rate", default=5000, show_default=True, help="Datagrams per second to send.")
+@click.option(
+    "--seconds",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="How long to run.",
+)
+@click.option(
+    "--rate",
+    default=1000,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Datagrams per second to send.",
+)
 @click.option(
     "--directory", default="daqd-demo-data", show_default=True, help="Where run files go."
 )
-def demo(seconds: float, rate: int, directory: str) -> None:
-    """Run a bundled config with a built-in UDP traffic source and show the rates."""
-    from daqd.demo import run_demo
+@click.option(
+    "--max-run-mb",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="A run whose file nears this size (MB, 10^6 bytes) is ended.",
+)
+def demo(seconds: float, rate: int, directory: str, max_run_mb: float) -> None:
+    """Run a bundled config with its control socket, a built-in UDP traffic source, a rate
+    table and bounded run files."""
+    from daqd.demo import bound_problem, run_demo
     from daqd.logs import setup_logging
 
+    max_run_bytes = int(max_run_mb * 1e6)
+    problem = bound_problem(rate, max_run_bytes)
+    if problem:
+        raise click.UsageError(problem)
     setup_logging("WARNING")
     try:
-        run_loop(run_demo(seconds, rate, directory))
+        run_loop(run_demo(seconds, rate, directory, max_run_bytes))
     except DaqdError as exc:
         fail(str(exc), 1)
 
