@@ -250,16 +250,30 @@ def _verify_file(file: str) -> NoReturn:
 
 @main.command()
 @click.argument("runfile", type=click.Path(exists=True, dir_okay=False))
-@click.option("--to", "fmt", type=click.Choice(["hdf5"]), required=True, help="Output format.")
-@click.argument("out", type=click.Path(dir_okay=False))
+@click.option(
+    "--to", "fmt", type=click.Choice(["hdf5", "sof"]), required=True, help="Output format."
+)
+@click.argument("out", type=click.Path())
 @click.option(
     "--compression",
     type=click.Choice(["none", "gzip", "bzip2", "blosc-lz4", "blosc-zstd", "zstd"]),
-    default="gzip",
-    show_default=True,
+    default=None,
+    help="hdf5: any (default gzip); sof: none or bzip2 (default bzip2, as SSDAQ).",
 )
-@click.option("--complevel", type=click.IntRange(0, 22), default=1, show_default=True)
+@click.option(
+    "--complevel",
+    type=click.IntRange(0, 22),
+    default=None,
+    help="Compression level (default: hdf5 1, sof 9).",
+)
 @click.option("--tags-format", type=click.Choice(["json", "msgpack"]), default="json")
+@click.option(
+    "--kind",
+    "kinds",
+    multiple=True,
+    metavar="SOURCE=TYPE",
+    help="sof: the receiver type (trigger, timestamp) of a source, over what the run file says.",
+)
 @click.option(
     "--progress/--no-progress",
     default=None,
@@ -270,21 +284,33 @@ def export(
     fmt: str,
     out: str,
     compression: Any,
-    complevel: int,
+    complevel: int | None,
     tags_format: Any,
+    kinds: tuple[str, ...],
     progress: bool | None,
 ) -> None:
-    """Convert a run file to another format (hdf5: the hdf5 publisher's layout).
+    """Convert a run file to another format.
 
-    OUT must not exist. A run file without an end marker is converted up to its last whole
-    record; export then says so and exits 1.
+    hdf5: the hdf5 publisher's layout in the file OUT, which must not exist. sof: SSDAQ's
+    streamed object files in the directory OUT, one per trigger or timestamp source
+    (OUT/SOURCE.sof); records of other sources are counted and reported as skipped.
+
+    A run file without an end marker is converted up to its last whole record; export then says
+    so and exits 1.
     """
+    show = sys.stderr.isatty() if progress is None else progress
+    if fmt == "sof":
+        _export_sof(runfile, out, compression, complevel, kinds, show)
+        return
     from daqd.export import export_hdf5
     from daqd.hdf5 import Options
 
-    options = Options(compression=compression, complevel=complevel, tags_format=tags_format)
+    options = Options(
+        compression=compression or "gzip",
+        complevel=1 if complevel is None else complevel,
+        tags_format=tags_format,
+    )
     try:
-        show = sys.stderr.isatty() if progress is None else progress
         s = export_hdf5(runfile, out, options, progress=show)
     except DaqdError as exc:
         fail(str(exc), 1)
@@ -292,6 +318,41 @@ def export(
         fail(f"export to {out} failed: {exc}", 1)
     tables = ", ".join(f"{t['rows']} in {p}" for p, t in s.tables.items()) or "no tables"
     click.echo(f"wrote {out}: {s.records} records ({tables})")
+    if s.note:
+        fail(f"{runfile}: {s.note}", 1)
+
+
+def _export_sof(
+    runfile: str,
+    out: str,
+    compression: str | None,
+    complevel: int | None,
+    kinds: tuple[str, ...],
+    progress: bool,
+) -> None:
+    from daqd.export import SOF_STREAMS, export_sof
+
+    if compression not in (None, "none", "bzip2"):
+        fail(f"--compression {compression}: a SOF file is stored bzip2-compressed or not at all")
+    if complevel is not None and not 1 <= complevel <= 9:
+        fail(f"--complevel {complevel}: bzip2's levels are 1 to 9")
+    level = None if compression == "none" else (9 if complevel is None else complevel)
+    by_source: dict[str, str] = {}
+    for k in kinds:
+        source, sep, kind = k.rpartition("=")
+        if not sep or not source or kind not in SOF_STREAMS:
+            fail(f"--kind {k}: expected SOURCE=TYPE with TYPE one of {', '.join(SOF_STREAMS)}")
+        by_source[source] = kind
+    try:
+        s = export_sof(runfile, out, kinds=by_source, complevel=level, progress=progress)
+    except DaqdError as exc:
+        fail(str(exc), 1)
+    for source, f in s.files.items():
+        click.echo(f"wrote {f.path}: {f.objects} records of {source} ({f.receiver_type})")
+    for source, (n, why) in s.skipped.items():
+        click.echo(f"skipped {n} records of source {source}: {why}", err=True)
+    if not s.files:
+        fail(f"{runfile}: no trigger or timestamp records: no SOF file written", 1)
     if s.note:
         fail(f"{runfile}: {s.note}", 1)
 
