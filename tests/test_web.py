@@ -269,6 +269,29 @@ def test_page_and_assets_are_served(daemon: Any, tmp_path: Path) -> None:
     assert snapshot["control"] is True and snapshot["kinds"] == {"raw": "udp", "cam": "slowsignal"}
 
 
+def test_camera_module_placement_is_configurable(daemon: Any, tmp_path: Path) -> None:
+    """The page draws modules where [daemon] http_camera_modules puts them; a layout that does
+    not fit the focal plane is refused naming the key."""
+    default = camera.module_positions()
+    mirrored = [[r, 5 - c] for r, c in default]  # the grid seen from the other side
+    text = config(tmp_path).replace(
+        'http = "127.0.0.1:0"\n', f'http = "127.0.0.1:0"\nhttp_camera_modules = {mirrored}\n'
+    )
+    d = daemon(text, name="web")
+    status, body, _ = get(url(d), "/api/geometry")
+    assert status == 200 and json.loads(body)["modules"] == mirrored
+    for bad, why in (
+        (mirrored[:31], "needs 32"),
+        ([[0, 6], *mirrored[1:]], "outside the 6x6 grid"),
+        ([mirrored[1], *mirrored[1:]], "two modules at the same place"),
+    ):
+        text = config(tmp_path).replace(
+            'http = "127.0.0.1:0"\n', f'http = "127.0.0.1:0"\nhttp_camera_modules = {bad}\n'
+        )
+        with pytest.raises(ConfigError, match=rf"http_camera_modules.*{why}"):
+            parse_config(text, "w.toml")
+
+
 def test_off_unless_set(daemon: Any, tmp_path: Path) -> None:
     text = config(tmp_path).replace('http = "127.0.0.1:0"\n', "")
     d = daemon(text, name="web")

@@ -274,7 +274,7 @@ class WebView:
         return web.json_response(self.snapshot(), dumps=_dumps)
 
     async def _geometry(self, request: web.Request) -> web.Response:
-        return web.json_response(camera.geometry())
+        return web.json_response(camera.geometry(self.host.config.daemon.http_camera_modules))
 
     def _sample_if_stale(self) -> None:
         if time.monotonic() - self._last_t > 2.0:

@@ -5,7 +5,9 @@ record's payload is 32x64 counts (`<u2`, mV = counts x 0.0763), mV (`<f4`, NaN =
 frame (`format = "ssdaq"`); `modules_present` is the bitmask of modules in it. Within a module the
 64 slow-signal channels sit on an 8x8 grid by SSDAQ's `ssl2colrow` mapping (grid position j shows
 channel ssl2colrow[j]; j = row * 8 + column). The modules tile the focal plane as CHEC-S's 6x6
-grid without its four corners, numbered row by row (module 0 at the top left).
+grid without its four corners. Which module sits where is not in those facts: by default they are
+numbered row by row (module 0 at the top left), and `[daemon] http_camera_modules` gives a camera's
+real placement.
 """
 
 from __future__ import annotations
@@ -42,12 +44,13 @@ def channel_positions() -> list[tuple[int, int]]:
     return where
 
 
-def geometry() -> dict[str, Any]:
-    """What the page draws with: module and channel positions."""
+def geometry(modules: list[tuple[int, int]] | None = None) -> dict[str, Any]:
+    """What the page draws with: module positions (`[daemon] http_camera_modules`, or the
+    default grid) and channel positions."""
     return {
         "grid": GRID,
         "module_side": MODULE_SIDE,
-        "modules": [list(p) for p in module_positions()],
+        "modules": [list(p) for p in (modules or module_positions())],
         "channels": [list(p) for p in channel_positions()],
     }
 

@@ -1,4 +1,4 @@
-"""The web view's two [daemon] keys, checked without importing the web server itself."""
+"""The web view's [daemon] keys, checked without importing the web server itself."""
 
 from __future__ import annotations
 
@@ -53,6 +53,24 @@ class HttpSettings(BaseModel):
     http: str | None = None
     # a file holding the token for run control from the page; required off loopback
     http_token_file: str | None = None
+    # where the camera picture draws modules 0..31: [row, column] on a 6x6 grid, one per module;
+    # default: CHEC-S's grid without its corners, numbered row by row from the top left
+    http_camera_modules: list[tuple[int, int]] | None = None
+
+    @field_validator("http_camera_modules")
+    @classmethod
+    def _modules(cls, value: list[tuple[int, int]] | None) -> list[tuple[int, int]] | None:
+        if value is None:
+            return value
+        if len(value) != 32:
+            raise ValueError(f"needs 32 [row, column] pairs, one per module (got {len(value)})")
+        outside = [list(p) for p in value if not (0 <= p[0] < 6 and 0 <= p[1] < 6)]
+        if outside:
+            raise ValueError(f"rows and columns are 0..5: {outside} lie outside the 6x6 grid")
+        twice = sorted({tuple(p) for p in value if value.count(p) > 1})
+        if twice:
+            raise ValueError(f"two modules at the same place: {[list(p) for p in twice]}")
+        return value
 
     @field_validator("http")
     @classmethod
