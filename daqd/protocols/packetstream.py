@@ -1,6 +1,6 @@
 """Sans-IO codec for the cs.packetstream wire format: BSUInt integers and request/response packets.
 
-Wire format (see shared/protocols/packetstream.md):
+Wire format (see docs/protocols/packetstream.md):
 
     packet = BSUInt(len(body)) body
     body   = BSUInt(tag) BSUInt(flagword) [BSUInt(channel)] [BSUInt(rq_type + 1)] payload

@@ -1,6 +1,6 @@
 """A DCSS simulator: the server side of the DHS protocol, for tests, demos and benchmarks.
 
-It behaves as SSRL's DCSS does towards a hardware server (shared/protocols/dcss.md §2): on connect
+It behaves as SSRL's DCSS does towards a hardware server (docs/protocols/dcss.md): on connect
 it sends the v1 `stoc_send_client_type` and closes a DHS that does not answer within 1 s, takes the
 protocol level from its own DHS table, closes an unknown name at once and a duplicate name after
 3 s, sends one `stoh_register_*` per device of that DHS (DCSS's own text forms), answers

@@ -1,6 +1,6 @@
 """The CHEC-S focal plane for the camera picture, and slow-signal readouts decoded to mV.
 
-Facts (shared/protocols/slowsignal.md, ssdaq-streams.md): 32 TARGET modules x 64 pixels; a readout
+Facts (docs/protocols/slowsignal.md, ssdaq-streams.md): 32 TARGET modules x 64 pixels; a readout
 record's payload is 32x64 counts (`<u2`, mV = counts x 0.0763), mV (`<f4`, NaN = missing) or SSDAQ's
 frame (`format = "ssdaq"`); `modules_present` is the bitmask of modules in it. Within a module the
 64 slow-signal channels sit on an 8x8 grid by SSDAQ's `ssl2colrow` mapping (grid position j shows

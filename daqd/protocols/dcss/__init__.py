@@ -1,6 +1,6 @@
 """DCS protocol v1/v2 framing, tokenising and typed messages for a DCSS hardware server (sans-IO).
 
-Wire facts are in shared/protocols/dcss.md. In short: the first frame each way is the v1 handshake
+Wire facts are in docs/protocols/dcss.md. In short: the first frame each way is the v1 handshake
 (200 bytes, NUL padded); after it every frame uses the connection's protocol level, 1 (200-byte
 frames) or 2 (a 26-byte header of two decimals, text with its NUL counted, then a binary part).
 Bytes never raise: text that is not UTF-8 is decoded with replacement and counted in `bad_bytes`.
