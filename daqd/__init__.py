@@ -28,6 +28,7 @@ The map of daqd/, one line per module or package (receivers/ and publishers/ hol
   demo          `daqd demo`: bundled config, built-in UDP traffic, a rate table, a run file
   render        plain-text tables, sizes, durations and counts for daqctl and daqd demo
   logs          logging set-up (journal-aware) and LimitedLogger, rate-limited per-packet logging
+  loghandler    DaqdLogHandler: a logging.Handler sending records to a daqd `log` receiver
   trust         owner and mode checks (like sshd's StrictModes) for code and socket directories
   errors        the exceptions daqd raises on purpose, each with a message a user can act on
   deadline      the shutdown deadline every draining part shares; a second signal cuts it short

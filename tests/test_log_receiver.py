@@ -1,0 +1,224 @@
+"""The `log` receiver through real TCP, in an in-process Host: SSDAQ's unframed LogData senders
+(a SocketHandler writing Google-serialized LogData, as SSDAQ's ChecSocketLogHandler does), daqd's
+length-framed DaqdLogHandler end to end, the level filter, and refused input by reason."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import logging.handlers
+import socket
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+
+from daqd.config import parse_config
+from daqd.host import Host
+from daqd.loghandler import DaqdLogHandler
+from daqd.protocols import ssdaq_pb as pb
+from daqd.protocols.logstream import frame
+
+from .conftest import wait_for
+from .test_ssdaq_logmon_codec import RefLogData
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def config_text(tmp_path: Path, listen: str, level: str) -> str:
+    return f"""
+[daemon]
+name = "logtest"
+[[receiver]]
+type = "log"
+name = "logs"
+listen = "{listen}"
+level = "{level}"
+max_record_bytes = 4096
+publish_to = ["out"]
+[[publisher]]
+name = "out"
+type = "file"
+directory = "{tmp_path}"
+fsync = "never"
+"""
+
+
+class Rig:
+    def __init__(self, host: Host, tmp_path: Path) -> None:
+        self.host = host
+        self.rec: Any = host.receivers["logs"]
+        self.port = int(self.rec.addresses["listen"].rpartition(":")[2])
+        self.tmp_path = tmp_path
+
+    async def wait(self, what: str, cond: Callable[[], bool]) -> None:
+        try:
+            await wait_for(cond, 30.0, what)
+        except AssertionError as e:
+            raise AssertionError(f"{e}: {self.rec.cmd_stats()}") from None
+
+    def records(self, run_id: str) -> tuple[list[Any], dict[str, Any]]:
+        with open(self.tmp_path / f"run-{run_id}.daqd", "rb") as f:
+            items = list(msgpack.Unpacker(f, raw=False, strict_map_key=False))
+        return [i for i in items[1:-1] if i[0] == "logs"], items[-1]["end"]
+
+
+@pytest.fixture
+async def rig_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    hosts: list[Host] = []
+
+    async def make(level: str = "info", port: int = 0) -> Rig:
+        text = config_text(tmp_path, f"127.0.0.1:{port}", level)
+        host = Host(parse_config(text, path="<test>"))
+        await host.start()
+        hosts.append(host)
+        return Rig(host, tmp_path)
+
+    yield make
+    for host in hosts:
+        await host.stop()
+
+
+class SsdaqStyleHandler(logging.handlers.SocketHandler):
+    """What SSDAQ's ChecSocketLogHandler does: a SocketHandler whose 'pickle' is the bare
+    serialized LogData (Google's runtime), no length prefix."""
+
+    def makePickle(self, record: logging.LogRecord) -> bytes:
+        data: bytes = RefLogData(
+            systemType=0, severity=record.levelno, sender=record.name, message=record.msg,
+            time=int(record.created * 1e9), pid=record.process or 0,
+            sourceFile=record.pathname, line=record.lineno,
+        ).SerializeToString()  # fmt: skip
+        return data
+
+
+def _logger(name: str, handler: logging.Handler) -> logging.Logger:
+    logger = logging.getLogger(name)
+    logger.propagate = False
+    logger.setLevel(logging.DEBUG)
+    logger.handlers = [handler]
+    return logger
+
+
+async def test_ssdaq_and_daqd_senders_on_one_port_with_a_level_filter(
+    rig_factory: Callable[..., Any],
+) -> None:
+    rig = await rig_factory(level="info")
+    await rig.host.begin_run("r1")
+    # SSDAQ's sender: 30 records written as fast as logging goes, so TCP puts several in a read
+    old = SsdaqStyleHandler("127.0.0.1", rig.port)
+    old_log = _logger("ssdaq.camera", old)
+    for i in range(30):
+        old_log.log(logging.DEBUG if i % 10 == 0 else logging.WARNING, "old %d", i)
+    # daqd's handler
+    new = DaqdLogHandler("127.0.0.1", rig.port)
+    new_log = _logger("chec.server", new)
+    new_log.info("started %s", "ok")
+    new_log.debug("not wanted")  # below the receiver's level
+    new_log.critical("fan %d stopped", 3)
+    try:
+        await rig.wait(
+            "29 records and 4 filtered",
+            lambda: rig.rec.counters.records == 29 and rig.rec.below_level == 4,
+        )
+    finally:
+        old.close()
+        new.close()
+    await rig.host.end_run()
+    assert new.sent == 3 and new.dropped == {}
+    records, end = rig.records("r1")
+    olds = [r for r in records if r[3]["sender"] == "ssdaq.camera"]
+    news = [r for r in records if r[3]["sender"] == "chec.server"]
+    # SSDAQ's logger sends record.msg unformatted, as its handler did
+    assert [r[3]["message"] for r in olds] == ["old %d"] * 27
+    assert {r[3]["severity"] for r in olds} == {"WARNING"}
+    assert {r[3]["framing"] for r in olds} == {"ssdaq"}
+    for _src, _seq, _t, tags, payload in olds:  # the payload is the LogData as sent
+        ref = RefLogData.FromString(payload[0])
+        assert (ref.severity, ref.sender, ref.time) == (30, "ssdaq.camera", tags["time"])
+    assert [(r[3]["severity"], r[3]["level"], r[3]["message"]) for r in news] == [
+        ("INFO", 20, "started ok"),
+        ("FATAL", 50, "fan 3 stopped"),
+    ]
+    tags = news[0][3]
+    assert tags["framing"] == "length" and tags["source_file"] == __file__
+    assert tags["peer"].startswith("127.0.0.1:") and tags["line"] > 0
+    assert abs(tags["time"] - news[0][2]) < 60 * 10**9  # the record's own time, in ns
+    assert pb.decode_log_data(news[1][4][0]).message == "fan 3 stopped"
+    stats = rig.rec.cmd_stats()
+    assert stats["filtered"] == {"below_level": 4}
+    assert stats["messages"] == {"ssdaq": 30, "length": 3}
+    assert stats["connections"] == {"ssdaq": 1, "length": 1}
+    assert stats["errors"] == {} and end["condition"] == "GOOD"  # a filter is not a loss
+
+
+async def test_bad_input_is_counted_by_reason_and_a_bad_length_closes_its_connection(
+    rig_factory: Callable[..., Any],
+) -> None:
+    rig = await rig_factory(level="debug")
+    await rig.host.begin_run("r2")
+    good = pb.encode_log_data(pb.LogData(severity=20, sender="raw", message="ok", time=5))
+
+    async def send(data: bytes) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", rig.port)
+        writer.write(data)
+        await writer.drain()
+        writer.write_eof()
+        answer = await reader.read()  # b"" when the receiver closes the connection
+        writer.close()
+        return answer
+
+    # framed, then a length over max_record_bytes: the receiver closes the connection
+    assert await send(frame(good) + frame(b"\x08\x01") + (1 << 20).to_bytes(4, "big")) == b""
+    await send(frame(good) + frame(good)[:9])  # the connection ends inside a message
+    await send(good + b"\x0f\xff")  # unframed, then not protobuf
+    await rig.wait(
+        "3 records and 4 refused",
+        lambda: rig.rec.counters.records == 3 and sum(rig.rec.counters.errors.values()) == 4,
+    )
+    await rig.host.end_run()
+    assert rig.rec.counters.errors == {
+        "missing_field": 1,
+        "too_long": 1,
+        "truncated": 1,
+        "bad_wire_type": 1,
+    }
+    records, end = rig.records("r2")
+    assert [r[4] for r in records] == [[good]] * 3
+    assert end["condition"] == "TAINTED"
+
+
+async def test_the_handler_waits_for_a_receiver_that_is_not_there_yet_and_counts_overflow(
+    rig_factory: Callable[..., Any],
+) -> None:
+    port = free_port()
+    handler = DaqdLogHandler("127.0.0.1", port, queue_size=5)
+    log = _logger("early", handler)
+    for i in range(8):  # nobody listens: 5 wait in the queue (one may be in the thread's hand)
+        log.error("early %d", i)
+    assert 2 <= handler.dropped["queue_full"] <= 3
+    rig = await rig_factory(port=port)
+    try:
+        await rig.wait("the queued records", lambda: handler.sent >= 5)
+        await rig.wait("them published", lambda: rig.rec.counters.records == handler.sent)
+        assert handler.sent + handler.dropped["queue_full"] == 8
+        # the receiver goes away and comes back on the same port: the handler connects again
+        await rig.host.stop()
+        log.error("while away")
+        rig = await rig_factory(port=port)
+        log.error("after")
+        await rig.wait("both", lambda: rig.rec.counters.records == 2)
+        assert handler.connects == 2
+    finally:
+        handler.close()
+    lonely = DaqdLogHandler("127.0.0.1", free_port(), close_timeout_s=0.2)
+    _logger("lonely", lonely).error("nobody hears this")
+    lonely.close()
+    assert lonely.dropped == {"closed": 1} and lonely.sent == 0
