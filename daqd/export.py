@@ -3,9 +3,10 @@
 - hdf5: the same tables, columns and attributes as a file the `hdf5` publisher writes live
   (daqd.hdf5): the run file's header gives the run's metadata, its end marker the condition,
   accounting and reasons.
-- sof: SSDAQ's streamed object files (daqd.sof), one per source of the trigger and timestamp
-  streams, in the directory OUT: `<source>.sof` holds each record's payload (the trigger packet as
-  received, the TriggerMessage's bytes), what SSDAQ's ATriggerWriter / ATimestampWriter stored.
+- sof: SSDAQ's streamed object files (daqd.sof), one per source of the trigger, timestamp and
+  log streams, in the directory OUT: `<source>.sof` holds each record's payload (the trigger
+  packet as received, the TriggerMessage's or the LogData's bytes), what SSDAQ's ATriggerWriter,
+  ATimestampWriter and LogWriter stored.
   One file per source, not per kind: SOF keeps no source per object, so two trigger receivers'
   packets in one file could not be told apart. The run file header's `receiver_types` says which
   receiver made each source (`kinds` adds or overrides); records of any other source are counted
@@ -172,7 +173,7 @@ def _write(writer: RunFileWriter, layout: Layout, records: list[Record], s: Expo
 
 # ----- sof ------------------------------------------------------------------------------------
 # receiver type -> the SOF data type its records' payloads are stored as
-SOF_STREAMS = {"trigger": sof.TRIGGER, "timestamp": sof.TIMESTAMP}
+SOF_STREAMS = {"trigger": sof.TRIGGER, "timestamp": sof.TIMESTAMP, "log": sof.LOG}
 
 
 @dataclass
@@ -217,7 +218,7 @@ def export_sof(
     complevel: int | None = 9,
     progress: bool = False,
 ) -> SofSummary:
-    """Write one SOF file per trigger or timestamp source of `runfile` into `out_dir` (made if
+    """Write one SOF file per trigger, timestamp or log source of `runfile` into `out_dir` (made if
     missing; no file in it is written over). `kinds` maps a source to a receiver type, over what
     the run file's header says; `complevel` None stores the objects uncompressed, 1-9 is bz2's
     level (9, SSDAQ's). Raises DaqdError with the reason; on an error no SOF file is left."""
@@ -298,11 +299,11 @@ def _convert_sof(
         summary.note = "the run file has no end marker (the run was not closed)"
     for source, n in skipped.items():
         if source in types:
-            why = f"not a trigger/timestamp stream (receiver type {types[source]})"
+            why = f"not a trigger/timestamp/log stream (receiver type {types[source]})"
         else:
             why = (
-                "not a trigger/timestamp stream (the run file does not say which receiver made "
-                "it; name its type with --kind SOURCE=trigger|timestamp)"
+                "not a trigger/timestamp/log stream (the run file does not say which receiver "
+                "made it; name its type with --kind SOURCE=trigger|timestamp|log)"
             )
         summary.skipped[source] = (n, why)
 
