@@ -272,7 +272,7 @@ def _verify_file(file: str) -> NoReturn:
     "kinds",
     multiple=True,
     metavar="SOURCE=TYPE",
-    help="sof: the receiver type (trigger, timestamp) of a source, over what the run file says.",
+    help="sof: the receiver type (trigger, timestamp, log) of a source, over the run file's.",
 )
 @click.option(
     "--progress/--no-progress",
@@ -292,7 +292,7 @@ def export(
     """Convert a run file to another format.
 
     hdf5: the hdf5 publisher's layout in the file OUT, which must not exist. sof: SSDAQ's
-    streamed object files in the directory OUT, one per trigger or timestamp source
+    streamed object files in the directory OUT, one per trigger, timestamp or log source
     (OUT/SOURCE.sof); records of other sources are counted and reported as skipped.
 
     A run file without an end marker is converted up to its last whole record; export then says
@@ -352,7 +352,7 @@ def _export_sof(
     for source, (n, why) in s.skipped.items():
         click.echo(f"skipped {n} records of source {source}: {why}", err=True)
     if not s.files:
-        fail(f"{runfile}: no trigger or timestamp records: no SOF file written", 1)
+        fail(f"{runfile}: no trigger, timestamp or log records: no SOF file written", 1)
     if s.note:
         fail(f"{runfile}: {s.note}", 1)
 
