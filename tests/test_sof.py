@@ -1,6 +1,6 @@
 """SSDAQ's SOF files: the writer against bytes SSDAQ's own writer made, the reader's checks, and
-`daqd export RUNFILE --to sof OUT` on a run file a daemon wrote from triggers and timestamps sent
-through real sockets; each SOF file is read back with daqd.sof and also walked by hand by the
+`daqd export RUNFILE --to sof OUT` on a run file a daemon wrote from triggers, timestamps and log
+records sent through real sockets; each SOF file is read back with daqd.sof and also walked by hand by the
 spec's byte layout (header fields, bunch data, index, trailer)."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from daqd.config import parse_config
 from daqd.host import Host
-from daqd.protocols.ssdaq_pb import encode_trigger_message
+from daqd.protocols.ssdaq_pb import LogData, encode_log_data, encode_trigger_message
 from daqd.sim.timestamp import TimingBoard
 from daqd.sim.trigger import TriggerSource
 from daqd.sof import BZ2, LOG, NONE, TIMESTAMP, TRIGGER, SofError, SofWriter, read_sof
@@ -123,6 +123,7 @@ def test_reader_errors_name_what_is_wrong() -> None:
 # ----- the export -----------------------------------------------------------------------------
 N_TRIGGERS = 800  # all four packet types: about 1.3 MB, more than one SOF bunch
 N_BUNCHES = 10  # TriggerBunches of 3 TriggerMessages
+N_LOGS = 12
 
 
 def config_text(tmp_path: Path, board: str) -> str:
@@ -142,6 +143,12 @@ type = "timestamp"
 name = "ts"
 connect = "{board}"
 format = "ssdaq"
+publish_to = ["out"]
+
+[[receiver]]
+type = "log"
+name = "logs"
+listen = "127.0.0.1:0"
 publish_to = ["out"]
 
 [[receiver]]
@@ -202,6 +209,7 @@ async def test_export_writes_a_sof_file_per_trigger_and_timestamp_source(tmp_pat
         try:
             trig: Any = host.receivers["trig"]
             ts: Any = host.receivers["ts"]
+            logs: Any = host.receivers["logs"]
             raw: Any = host.receivers["raw"]
             await host.begin_run("s1")
             with TriggerSource(target(host, "trig")) as sim:
@@ -213,6 +221,15 @@ async def test_export_writes_a_sof_file_per_trigger_and_timestamp_source(tmp_pat
                 board.run(N_BUNCHES, 2000.0)
 
             await asyncio.to_thread(send_bunches)
+            # log records in daqd's framing (a 4-byte big-endian length before each LogData)
+            log_data = [
+                encode_log_data(
+                    LogData(1, 10 * (1 + k % 5), "cam", f"message {k}", 10**18 + k, 42, "x.py", k)
+                )
+                for k in range(N_LOGS)
+            ]
+            with socket.create_connection(target(host, "logs")) as c:
+                c.sendall(b"".join(struct.pack(">I", len(m)) + m for m in log_data))
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
                 for k in range(5):
                     s.sendto(b"other %d" % k, target(host, "raw"))
@@ -220,10 +237,11 @@ async def test_export_writes_a_sof_file_per_trigger_and_timestamp_source(tmp_pat
                 lambda: (
                     trig.counters.records == N_TRIGGERS
                     and ts.triggers == 3 * N_BUNCHES
+                    and logs.counters.records == N_LOGS
                     and raw.counters.records == 5
                 ),
                 30.0,
-                "every trigger, timestamp and datagram",
+                "every trigger, timestamp, log record and datagram",
             )
             await host.end_run()
         finally:
@@ -240,15 +258,17 @@ async def test_export_writes_a_sof_file_per_trigger_and_timestamp_source(tmp_pat
         timeout=60,
     )
     assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines() == [
+    assert sorted(r.stdout.splitlines()) == [  # in the order each source's first record came
+        f"wrote {out}/logs.sof: {N_LOGS} records of logs (log)",
         f"wrote {out}/trig.sof: {N_TRIGGERS} records of trig (trigger)",
         f"wrote {out}/ts.sof: {3 * N_BUNCHES} records of ts (timestamp)",
     ]
     assert r.stderr.splitlines() == [
-        "skipped 5 records of source raw: not a trigger/timestamp stream (receiver type udp)"
+        "skipped 5 records of source raw: not a trigger/timestamp/log stream (receiver type udp)"
     ]
-    assert sorted(p.name for p in out.iterdir()) == ["trig.sof", "ts.sof"]
-    for name, data_type, sent in (("trig", TRIGGER, packets), ("ts", TIMESTAMP, messages)):
+    assert sorted(p.name for p in out.iterdir()) == ["logs.sof", "trig.sof", "ts.sof"]
+    streams = (("trig", TRIGGER, packets), ("ts", TIMESTAMP, messages), ("logs", LOG, log_data))
+    for name, data_type, sent in streams:
         data = (out / f"{name}.sof").read_bytes()
         f = read_sof(data)
         assert f.objects == sent
@@ -282,7 +302,7 @@ async def test_export_writes_a_sof_file_per_trigger_and_timestamp_source(tmp_pat
     )
     assert r.returncode == 1
     assert "trig.sof exists; export never writes over a file" in r.stderr
-    assert sorted(p.name for p in (out / "plain").iterdir()) == ["trig.sof", "ts.sof"]
+    assert sorted(p.name for p in (out / "plain").iterdir()) == ["logs.sof", "trig.sof", "ts.sof"]
     assert (out / "plain" / "trig.sof").read_bytes() == data
 
 
@@ -309,9 +329,9 @@ def test_a_source_the_run_file_does_not_type_is_skipped_unless_named(tmp_path: P
     )
     assert r.returncode == 1
     assert r.stderr.splitlines() == [
-        "skipped 20 records of source t: not a trigger/timestamp stream (the run file does not "
-        "say which receiver made it; name its type with --kind SOURCE=trigger|timestamp)",
-        f"daqd: {runfile}: no trigger or timestamp records: no SOF file written",
+        "skipped 20 records of source t: not a trigger/timestamp/log stream (the run file does "
+        "not say which receiver made it; name its type with --kind SOURCE=trigger|timestamp|log)",
+        f"daqd: {runfile}: no trigger, timestamp or log records: no SOF file written",
     ]
     assert not (tmp_path / "a").exists()
 
