@@ -29,6 +29,7 @@ The map of daqd/, one line per module or package (receivers/ and publishers/ hol
   render        plain-text tables, sizes, durations and counts for daqctl and daqd demo
   logs          logging set-up (journal-aware) and LimitedLogger, rate-limited per-packet logging
   loghandler    DaqdLogHandler: a logging.Handler sending records to a daqd `log` receiver
+  ssdaq_monitor [daemon] monitor_push: receivers' rates as SSDAQ MonitorData, once a second
   trust         owner and mode checks (like sshd's StrictModes) for code and socket directories
   errors        the exceptions daqd raises on purpose, each with a message a user can act on
   deadline      the shutdown deadline every draining part shares; a second signal cuts it short

@@ -43,6 +43,8 @@ class DaemonSettings(HttpSettings):  # http, http_token_file: the web view (daqd
     curve_server_key_file: str | None = None  # zmq certificate with the server's secret key
     curve_authorized_keys_dir: str | None = None  # public certificates of allowed clients
     max_request_bytes: int = Field(16 << 20, gt=0)
+    # e.g. "tcp://127.0.0.101:10002": every receiver's rate as SSDAQ MonitorData (ssdaq_monitor)
+    monitor_push: str | None = Field(None, pattern=r"^(tcp|ipc)://.+")
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -30,6 +30,7 @@ from daqd.runstate import (
     default_run_id,
     judge,
 )
+from daqd.ssdaq_monitor import MonitorPush
 
 log = logging.getLogger("daqd.host")
 
@@ -72,6 +73,7 @@ class Host:
         self._tap_topics: set[str] = set()
         self._tap_task: asyncio.Task[None] | None = None
         self._sampler: asyncio.Task[None] | None = None
+        self.monitor_push: MonitorPush | None = None
         self._run_base: dict[str, Any] = {}
         self.stopped = asyncio.Event()
         self.stop_requested = asyncio.Event()
@@ -99,6 +101,11 @@ class Host:
     async def start(self) -> None:
         """NEW → initialize → INIT → launch → ORBIT: publishers first, then receivers."""
         _hosts[asyncio.get_running_loop()] = self
+        if self.config.daemon.monitor_push:
+            try:
+                self.monitor_push = MonitorPush(self.zmq_context, self.config.daemon.monitor_push)
+            except zmq.ZMQError as exc:
+                raise ConfigError(f"[daemon] monitor_push: {exc}") from exc
         self.machine.begin("initialize")
         self.machine.finish()
         self.machine.begin("launch")
@@ -155,6 +162,8 @@ class Host:
                 rec.sample()
             for pub in self.publishers.values():
                 pub.counters.sample()
+            if self.monitor_push is not None:
+                self.monitor_push.tick(self.receivers.values())
 
     async def stop(self, condition: RunCondition = RunCondition.INTERRUPTED) -> None:
         """Stop receiving, end the run with `condition` (OR'd with what happened), drain, close.
@@ -429,6 +438,11 @@ class Host:
         Receivers and publishers whose settings did not change keep running untouched.
         """
         new = parse_config(text, path or self.config.path)
+        if new.daemon.monitor_push != self.config.daemon.monitor_push:
+            raise ConfigError(
+                f'{new.path}: [daemon]: key "monitor_push": cannot change on a running daemon; '
+                "restart it"
+            )
         if new.daemon.name != self.config.daemon.name:
             raise ConfigError(
                 f'{new.path}: [daemon]: key "name": cannot change from {self.name!r} on a '
@@ -606,6 +620,7 @@ class Host:
             "run": self._run_status(self.run),
             "last_run": self.last_run.metadata() if self.last_run else None,
             "tap": {"endpoint": self.tap_endpoint, "drops": self.tap_drops},
+            **({"monitor_push": self.monitor_push.status()} if self.monitor_push else {}),
             "receivers": {n: r.status() for n, r in self.receivers.items()},
             "publishers": {n: q.status() for n, q in self.queues.items()},
         }
