@@ -196,7 +196,7 @@ class _SofOut:
     """One source's SOF file being written."""
 
     def __init__(self, path: Path, data_type: int, created_s: int, complevel: int | None) -> None:
-        self.file = open(path, "xb")  # noqa: SIM115 - closed by close() or abandon()
+        self.file = open(path, "xb")  # noqa: SIM115 - closed by close(), or export_sof on an error
         self.writer = sof.SofWriter(
             data_type, created_s, compress=complevel is not None, complevel=complevel or 9
         )
@@ -233,7 +233,11 @@ def export_sof(
     try:
         _convert_sof(RunFileReader(runfile), out, kinds or {}, complevel, progress, summary, outs)
         for source, o in outs.items():
-            summary.files[source].bytes = o.close()
+            try:
+                summary.files[source].bytes = o.close()
+            except OSError as exc:
+                path = summary.files[source].path
+                raise DaqdError(f"cannot write {path}: {exc.strerror}") from None
         if made_dir and not outs:
             out.rmdir()
     except BaseException:

@@ -27,6 +27,7 @@ from daqd.sim.trigger import TriggerSource
 from daqd.sof import BZ2, LOG, NONE, TIMESTAMP, TRIGGER, SofError, SofWriter, read_sof
 
 from .conftest import DAQD, wait_for
+from .test_file_faults import tmpfs
 
 # SSDAQ's RawObjectWriterV1 (sstcam/SSDAQ 7c70571, Python's bz2) writing the objects b"abc", b"",
 # b"0123456789ab", b"zzzzz" with bunchsize=10 and the CHEC header extension (file version 1,
@@ -370,3 +371,20 @@ def test_a_file_that_is_not_a_run_file_is_refused_and_nothing_is_left(tmp_path: 
     assert r.returncode == 1
     assert r.stderr.startswith(f"daqd: {bogus}: not a daqd run file")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_full_disk_is_an_error_and_leaves_no_sof_file(tmp_path: Path) -> None:
+    with TriggerSource(("127.0.0.1", 9), (2,)) as sim:
+        packets = [sim.packet(k) for k in range(200)]  # 4189 bytes each: 838 kB, stored as sent
+    runfile = tmp_path / "big.daqd"
+    handmade_runfile(runfile, packets, {"run_id": "b1", "receiver_types": {"t": "trigger"}})
+    with tmpfs(tmp_path / "disk", size="256k") as disk:
+        r = subprocess.run(
+            [DAQD, "export", str(runfile), "--to", "sof", str(disk / "out"), "--compression=none"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert r.returncode == 1
+        assert r.stderr == f"daqd: cannot write {disk}/out/t.sof: No space left on device\n"
+        assert not (disk / "out").exists()
