@@ -20,7 +20,7 @@ The map of daqd/, one line per module or package (receivers/ and publishers/ hol
   http          HTTP for operation handlers: next image from a receiver, JSON to a service
   web/          the web view: live page, /metrics for Prometheus, run control with a token
   protocols/    sans-IO codecs, one per wire protocol (iccp, dcss, cdtp, chirp, packetstream, ...)
-  sim/          simulators of the peers (DCSS, CDTP sender, TARGET modules, trigger, timing board)
+  sim/          peer simulators: DCSS, CDTP, TARGET modules, trigger, timing board, log, monitor
   runfile       run files (msgpack: header, records, end marker): writer helpers and reader
   hdf5          HDF5 run files: the layout (SSDAQ's slow-signal table, one per source) and writer
   export        `daqd export`: a run file converted to the hdf5 publisher's layout or to SOF

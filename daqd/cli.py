@@ -19,6 +19,8 @@ SIM_COMMANDS = {
     "dcss": "daqd.sim.dcss",
     "trigger": "daqd.sim.trigger",
     "timestamp": "daqd.sim.timestamp",
+    "log": "daqd.sim.log",
+    "monitor": "daqd.sim.monitor",
 }
 
 

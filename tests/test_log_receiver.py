@@ -8,6 +8,7 @@ import asyncio
 import logging
 import logging.handlers
 import socket
+import subprocess
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,10 @@ from daqd.loghandler import DaqdLogHandler
 from daqd.protocols import ssdaq_pb as pb
 from daqd.protocols.logstream import frame
 
-from .conftest import wait_for
+from .conftest import DAQD, Daemon, wait_for, wait_until
 from .test_ssdaq_logmon_codec import RefLogData
+
+SIM_LOG = [DAQD, "sim", "log", "--rate", "2000", "--quiet"]
 
 
 def free_port() -> int:
@@ -222,3 +225,35 @@ async def test_the_handler_waits_for_a_receiver_that_is_not_there_yet_and_counts
     _logger("lonely", lonely).error("nobody hears this")
     lonely.close()
     assert lonely.dropped == {"closed": 1} and lonely.sent == 0
+
+
+def test_daqd_serve_takes_both_framings_from_daqd_sim_log(daemon: Callable[..., Daemon]) -> None:
+    port = free_port()
+    d = daemon(
+        f"""
+[daemon]
+name = "simlog"
+[[receiver]]
+type = "log"
+name = "logs"
+listen = "127.0.0.1:{port}"
+level = "warning"
+""",
+        name="simlog",
+    )
+    for framing in ("ssdaq", "length"):
+        subprocess.run(
+            [*SIM_LOG, "--connect", f"127.0.0.1:{port}", "--framing", framing, "--count", "25"],
+            check=True,
+            timeout=60,
+        )
+
+    def logs() -> dict[str, Any]:
+        status: dict[str, Any] = d.status()["receivers"]["logs"]
+        return status
+
+    wait_until(lambda: logs()["extra"]["messages"] == {"ssdaq": 25, "length": 25}, 30, "50 logs")
+    status = logs()
+    # severities cycle DEBUG..FATAL: WARNING, ERROR and FATAL pass, 3 in 5
+    assert status["records"] == 30 and status["extra"]["filtered"] == {"below_level": 20}
+    assert status["errors"] == {} and status["extra"]["connections"] == {"ssdaq": 1, "length": 1}

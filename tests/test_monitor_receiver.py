@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -21,8 +22,10 @@ from daqd.errors import ConfigError
 from daqd.host import Host
 from daqd.loghandler import DaqdLogHandler
 
-from .conftest import Daemon, wait_for, wait_until
+from .conftest import DAQD, Daemon, wait_for, wait_until
 from .test_ssdaq_logmon_codec import RefMonitorData
+
+SIM_MONITOR = [DAQD, "sim", "monitor", "--count", "3", "--interval", "0.05", "--quiet"]
 
 
 def free_port() -> int:
@@ -164,3 +167,24 @@ listen = "tcp://127.0.0.1:0"
     assert status["dropped"] == 0
     pull.close()
     ctx.term()
+
+
+def test_daqd_serve_takes_daqd_sim_monitor(daemon: Callable[..., Daemon]) -> None:
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    d = daemon(
+        f'[daemon]\nname = "simmon"\n[[receiver]]\ntype = "monitor"\nname = "mon"\n'
+        f'listen = "{endpoint}"\n',
+        name="simmon",
+    )
+    subprocess.run(
+        [*SIM_MONITOR, "--connect", endpoint, "--name", "ReadoutAssembler", "--rate-hz", "12.5"],
+        check=True,
+        timeout=60,
+    )
+
+    def mon() -> dict[str, Any]:
+        status: dict[str, Any] = d.status()["receivers"]["mon"]
+        return status
+
+    wait_until(lambda: mon()["records"] == 3, 30, "3 MonitorData")
+    assert mon()["extra"]["senders"] == {"ReadoutAssembler": 12.5} and mon()["errors"] == {}
