@@ -188,3 +188,22 @@ def test_daqd_serve_takes_daqd_sim_monitor(daemon: Callable[..., Daemon]) -> Non
 
     wait_until(lambda: mon()["records"] == 3, 30, "3 MonitorData")
     assert mon()["extra"]["senders"] == {"ReadoutAssembler": 12.5} and mon()["errors"] == {}
+
+
+async def test_monitor_push_cannot_change_on_reconfigure(tmp_path: Path) -> None:
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    pull.setsockopt(zmq.LINGER, 0)
+    port = pull.bind_to_random_port("tcp://127.0.0.1")
+    text = f'[daemon]\nmonitor_push = "tcp://127.0.0.1:{port}"\n'
+    h = Host(parse_config(text, path="a.toml"))
+    await h.start()
+    try:
+        with pytest.raises(ConfigError, match=r'key "monitor_push": cannot change'):
+            await h.reconfigure("", "b.toml")
+        assert h.status()["monitor_push"]["endpoint"] == f"tcp://127.0.0.1:{port}"
+        assert await h.reconfigure(text, "a.toml") == []  # the same value: nothing changes
+    finally:
+        await h.stop()
+        pull.close()
+        ctx.term()
