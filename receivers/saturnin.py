@@ -9,8 +9,14 @@ controller; with `command`, that command, "{controller}" replaced by the address
 connects and sends READY (PeerIdentification + endpoints) or ERROR. With `conf`, a REQUEST CONF
 (the specified [code, ConfigProto] form) follows and must be answered OK. For each channel in
 `take`, a PULL (or SUB) is connected to the addresses READY gave for it, and every multipart
-message that arrives is one record (its frames are the payload, tag `channel`). Saturnin's data
-pipe protocol (FBDP) is not spoken: its frames are taken as they are.
+message that arrives is one record (its frames are the payload, tag `channel`). With `fbdp`, a
+DEALER connects to the data pipe READY announced (Saturnin's data services: "pipe") and speaks
+FBDP as the client of its OUTPUT (protocols/fbdp.py): OPEN, READY for each batch the service
+offers, ACK-REPLY where asked; each DATA is one record (payload: its data frame; tag `channel`,
+and `type_data` when not 0). Malformed FBDP and the service's moves out of turn are counted as
+errors.fbdp_<reason>, a CLOSE with an error code as errors.fbdp_close_<code>. A service that
+FINISHes OK by itself after its pipe closed OK (Saturnin's stop_on_close) has done its work: it
+is not restarted. Stopping CLOSEs the pipe (OK) before STOP: saturnin would CLOSE it as ERROR.
 
 Supervision is the receivers' own: the process exiting, an ERROR or a FINISHED it was not asked
 for, or no READY within `start_timeout_s` restarts the service with backoff (errors.crash). On
@@ -29,17 +35,19 @@ import logging
 import os
 import sys
 import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import zmq
 import zmq.asyncio
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 import daqd.worker
 from daqd.control import runtime_dir
 from daqd.errors import ControlError, ProtocolError
-from daqd.protocols import iccp
+from daqd.protocols import fbdp, iccp
 from daqd.receiver import ReceiverServer, ReceiverSettings
 
 if TYPE_CHECKING:
@@ -48,6 +56,18 @@ if TYPE_CHECKING:
 # run by the service's Python; it imports saturnin, never daqd (see its docstring for why)
 LAUNCHER = Path(daqd.worker.__file__).resolve().with_name("saturnin_launch.py")
 LAST_WORDS_S = 2.0  # after the service exited, how long its last message may take to arrive
+
+
+class FbdpSettings(BaseModel):
+    """A data pipe of the service's to read with FBDP, as the client of its OUTPUT socket."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    channel: str = "pipe"  # the READY endpoint (Saturnin's data services announce "pipe")
+    pipe: str = Field(min_length=1)  # the data pipe's identification (the service's `pipe`)
+    format: str = Field(min_length=1)  # the data format asked for in OPEN (a MIME type)
+    batch: int = Field(fbdp.DEFAULT_BATCH, ge=1, le=0xFFFF)  # DATA taken per READY at most
+    parameters: dict[str, str | bool | int | float] = Field(default_factory=dict)  # in OPEN
 
 
 class SaturninSettings(ReceiverSettings):
@@ -59,6 +79,7 @@ class SaturninSettings(ReceiverSettings):
     command: list[str] | None = None  # "{controller}" in it becomes the control address
     env: dict[str, str] = Field(default_factory=dict)  # added to the service's environment
     take: list[str] = Field(default_factory=list)  # READY endpoint channels to read records from
+    fbdp: FbdpSettings | None = None  # a data pipe to read with FBDP: each DATA is a record
     socket: Literal["pull", "sub"] = "pull"
     conf: dict[str, str | bool | int | float] | None = None  # options sent in CONF after READY
     start_timeout_s: float = Field(10.0, gt=0)  # READY, and the answer to CONF
@@ -103,7 +124,13 @@ class SaturninReceiver(ReceiverServer):
         self.details: list[str] = []
         self._ctx: zmq.asyncio.Context | None = None
         self._ctl: zmq.asyncio.Socket | None = None
-        self._data: list[tuple[str, zmq.asyncio.Socket]] = []
+        # every socket records come from, and what takes a message from it
+        self._inputs: dict[zmq.asyncio.Socket, Callable[[list[bytes]], Awaitable[None]]] = {}
+        self._pipe: fbdp.PipeClient | None = None
+        self._pipe_sock: zmq.asyncio.Socket | None = None
+        self._pipe_ended = asyncio.Event()  # the service's CLOSE came
+        self._done = asyncio.Event()  # the service ended its work by itself: no restart
+        self.pipe: dict[str, Any] = {}
         self._generation = itertools.count(1)
 
     # ----- start ----------------------------------------------------------------------------
@@ -122,7 +149,9 @@ class SaturninReceiver(ReceiverServer):
         finally:
             os.umask(old)
         argv = self.s.argv(self._ctl.getsockopt_string(zmq.LAST_ENDPOINT))
-        self.peer, self.outcome, self.details = {}, "", []
+        self.peer, self.outcome, self.details, self.pipe = {}, "", [], {}
+        self._pipe_ended.clear()
+        self._done.clear()
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, env={**os.environ, **self.s.env}
@@ -180,11 +209,40 @@ class SaturninReceiver(ReceiverServer):
             for i, address in enumerate(addresses):
                 sock.connect(address)
                 self.addresses[f"{channel}{i or ''}"] = address
-            self._data.append((channel, sock))
+            self._inputs[sock] = partial(self._take, channel)
+        if self.s.fbdp is not None:
+            await self._open_pipe(self.s.fbdp, first.endpoints)
+
+    async def _open_pipe(self, s: FbdpSettings, endpoints: Mapping[str, Sequence[str]]) -> None:
+        """Connect to the data pipe READY announced and send OPEN (one pipe, its first address)."""
+        assert self._ctx is not None
+        addresses = endpoints.get(s.channel)
+        if not addresses:
+            known = ", ".join(sorted(endpoints)) or "none"
+            raise ControlError(
+                f"saturnin service announced no data pipe endpoint {s.channel!r} (it has: {known})"
+            )
+        self._pipe = fbdp.PipeClient(s.pipe, s.format, s.batch, s.parameters)
+        sock = self._pipe_sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.s.max_message_bytes)
+        sock.connect(addresses[0])
+        self.addresses[s.channel] = addresses[0]
+        self._inputs[sock] = self._take_pipe
+        self.pipe = {"pipe": s.pipe, "format": s.format, "state": "open", "data": 0}
+        await sock.send_multipart(self._pipe.open())
 
     async def _send(self, message: iccp.Message) -> None:
+        """Send, never wait: a PAIR whose peer is gone would block for ever (the service may
+        have ended by itself just before)."""
         assert self._ctl is not None
-        await self._ctl.send_multipart(self.codec.encode(message))
+        try:
+            await self._ctl.send_multipart(self.codec.encode(message), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            name = type(message).__name__.upper()
+            raise ControlError(
+                f"cannot send {name}: the service's control channel is gone"
+            ) from None
 
     async def _receive(self, timeout_s: float, what: str) -> iccp.Message:
         """The next control message, within `timeout_s` and while the service lives."""
@@ -218,6 +276,11 @@ class SaturninReceiver(ReceiverServer):
     async def ct_process(self) -> None:
         assert self.proc is not None
         code = await self.proc.wait()
+        if code == 0:
+            with contextlib.suppress(TimeoutError):  # its FINISHED may still be on its way
+                await asyncio.wait_for(self._done.wait(), LAST_WORDS_S)
+        if self._done.is_set() and code == 0:
+            return  # it ended its work by itself (its data pipe closed OK, then FINISHED OK)
         raise RuntimeError(f"saturnin service pid {self.proc.pid} exited with code {code}")
 
     async def ct_control(self) -> None:
@@ -235,6 +298,15 @@ class SaturninReceiver(ReceiverServer):
                 raise RuntimeError(f"saturnin service reported ERROR: {self.details[0]}")
             if isinstance(message, iccp.Finished):
                 self._finished(message)
+                if self._pipe is not None:  # the CLOSE before it may come later: other socket
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._pipe_ended.wait(), LAST_WORDS_S)
+                closed = self._pipe.closed if self._pipe is not None else None
+                if self.outcome == "OK" and closed is not None and closed.code is fbdp.ErrorCode.OK:
+                    # a data service that stops when its pipe is done (Saturnin's stop_on_close)
+                    self.log.info("%s: saturnin service finished its data pipe: OK", self.name)
+                    self._done.set()
+                    return
                 raise RuntimeError(f"saturnin service finished on its own: {self.outcome}")
             # a READY after READY, or an OK nobody asked for: a protocol error, counted
             self.counters.error("iccp_unexpected")
@@ -243,23 +315,64 @@ class SaturninReceiver(ReceiverServer):
             )
 
     async def ct_data(self) -> None:
-        if not self._data:
-            return
         poller = zmq.asyncio.Poller()
-        channels = {}
-        for channel, sock in self._data:
+        polled = set(self._inputs)
+        for sock in polled:
             poller.register(sock, zmq.POLLIN)
-            channels[sock] = channel
-        while True:
+        while polled:
             for sock, _ in await poller.poll():
-                await self._take(channels[sock], await sock.recv_multipart())
+                await self._inputs[sock](await sock.recv_multipart())
+                if sock is self._pipe_sock and self._pipe_ended.is_set():
+                    poller.unregister(sock)  # nothing more may come on a closed pipe
+                    polled.discard(sock)
 
     async def _take(self, channel: str, frames: list[bytes]) -> None:
         await self.publish(self.new_record(frames, {"channel": channel}))
 
+    async def _take_pipe(self, frames: list[bytes]) -> None:
+        """One FBDP message from the data pipe: DATA is a record, the rest is the protocol."""
+        assert self._pipe is not None and self._pipe_sock is not None and self.s.fbdp is not None
+        try:
+            message = fbdp.decode(frames)
+        except fbdp.FbdpError as exc:
+            self.counters.error(f"fbdp_{exc.reason}")
+            self.limited.warning("fbdp", "%s: refused a data pipe message: %s", self.name, exc)
+            return
+        step = self._pipe.receive(message)
+        if step.violation is not None:
+            self.counters.error(f"fbdp_{step.violation}")
+            self.limited.warning(
+                "fbdp", "%s: data pipe: %s (%s)", self.name, step.violation, type(message).__name__
+            )
+        for reply in step.replies:
+            with contextlib.suppress(zmq.Again):  # a service gone reads nothing
+                await self._pipe_sock.send_multipart(reply, flags=zmq.NOBLOCK)
+        if step.data is not None:
+            payload = [] if step.data.payload is None else [step.data.payload]
+            tags: dict[str, Any] = {"channel": self.s.fbdp.channel}
+            if step.data.type_data:
+                tags["type_data"] = step.data.type_data
+            self.pipe["data"] += 1
+            await self.publish(self.new_record(payload, tags))
+        if step.closed is not None and not self._pipe_ended.is_set():
+            self._pipe_closed(step.closed)
+
+    def _pipe_closed(self, close: fbdp.Close) -> None:
+        errors = [e.description for e in close.errors]
+        self.pipe.update(state="closed", code=close.code.name, errors=errors)
+        self._pipe_ended.set()
+        if close.code is fbdp.ErrorCode.OK or self._pipe is None or self._pipe.closing:
+            self.log.info("%s: data pipe closed by the service: %s", self.name, close.code.name)
+            return
+        self.counters.error(f"fbdp_close_{close.code.name.lower()}")
+        self.log.error(
+            "%s: the service closed the data pipe: %s %s", self.name, close.code.name, errors
+        )
+
     # ----- stop -----------------------------------------------------------------------------
     async def close(self) -> None:
-        """STOP → records still coming → FINISHED; killed if it does not finish in time."""
+        """(CLOSE the data pipe) STOP → records still coming → FINISHED; killed if it does not
+        finish in time."""
         if self.proc is not None and self.proc.returncode is None and self._ctl is not None:
             try:
                 await self._stop_service()
@@ -276,14 +389,19 @@ class SaturninReceiver(ReceiverServer):
 
     async def _stop_service(self) -> None:
         assert self._ctl is not None and self.proc is not None
-        await self._send(iccp.Stop())
+        if self._pipe is not None and self._pipe_sock is not None and self._pipe.closed is None:
+            # a client ends its pipe before the service goes (else saturnin CLOSEs it as ERROR)
+            with contextlib.suppress(zmq.Again):
+                await self._pipe_sock.send_multipart(self._pipe.close(), flags=zmq.NOBLOCK)
+            self.pipe["state"] = "closed by daqd"
+        with contextlib.suppress(ControlError):  # gone already: its FINISHED or exit tells
+            await self._send(iccp.Stop())
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.s.stop_timeout_s
         poller = zmq.asyncio.Poller()
         poller.register(self._ctl, zmq.POLLIN)
-        for _, sock in self._data:
+        for sock in self._inputs:
             poller.register(sock, zmq.POLLIN)
-        channels = {sock: channel for channel, sock in self._data}
         finished = False
         while not finished:
             left = deadline - loop.time()
@@ -297,9 +415,9 @@ class SaturninReceiver(ReceiverServer):
                     code = self.proc.returncode
                     self.outcome, self.details = "ERROR", [f"exited with code {code} after STOP"]
                 break
-            for sock in channels:
+            for sock, take in self._inputs.items():
                 if sock in events:
-                    await self._take(channels[sock], await sock.recv_multipart())
+                    await take(await sock.recv_multipart())
             if self._ctl in events:
                 try:
                     message = self.codec.decode(await self._ctl.recv_multipart())
@@ -317,13 +435,13 @@ class SaturninReceiver(ReceiverServer):
                 else:
                     self.counters.error("iccp_unexpected")
         # what it sent before FINISHED may still be on its way on other connections
-        while self._data and loop.time() < deadline:
+        while self._inputs and loop.time() < deadline:
             events = dict(await poller.poll(self.settle_s * 1000))
-            if not any(sock in events for sock in channels):
+            if not any(sock in events for sock in self._inputs):
                 break
-            for sock in channels:
+            for sock, take in self._inputs.items():
                 if sock in events:
-                    await self._take(channels[sock], await sock.recv_multipart())
+                    await take(await sock.recv_multipart())
         log_at = logging.INFO if self.outcome == "OK" else logging.ERROR
         self.log.log(
             log_at, "%s: saturnin service finished: %s %s", self.name, self.outcome, self.details
@@ -346,14 +464,14 @@ class SaturninReceiver(ReceiverServer):
             self.outcome = self.outcome or "ERROR"
 
     def _close_sockets(self) -> None:
-        socks = [s for _, s in self._data] + ([self._ctl] if self._ctl is not None else [])
+        socks = [*self._inputs, *([self._ctl] if self._ctl is not None else [])]
         for sock in socks:
             path = sock.getsockopt_string(zmq.LAST_ENDPOINT) if sock is self._ctl else ""
             sock.close(linger=0)
             if path.startswith("ipc://"):
                 with contextlib.suppress(OSError):
                     os.unlink(path[len("ipc://") :])
-        self._ctl, self._data = None, []
+        self._ctl, self._inputs, self._pipe, self._pipe_sock = None, {}, None, None
         if self._ctx is not None:
             self._ctx.term()
             self._ctx = None
@@ -367,6 +485,8 @@ class SaturninReceiver(ReceiverServer):
             "outcome": self.outcome or None,
             "details": self.details,
         }
+        if self.s.fbdp is not None:
+            status["pipe"] = dict(self.pipe)
         return status
 
 

@@ -4,6 +4,7 @@ Runs inside the peer venv (.venv-peers/saturnin), never imports daqd. Usage:
     python saturnin_peer.py control < JSON settings, then commands on stdin, one per line
     python saturnin_peer.py encode  (prints frames saturnin's own encoder makes, as hex)
     python saturnin_peer.py decode  (hex frames in, one JSON list per line: what saturnin parses)
+    python saturnin_peer.py bare-race TOY.cfg N  (saturnin's warm_up on an ipc controller, N times)
     python saturnin_peer.py fbdp-encode / fbdp-decode  (the same for FBDP, the data pipe)
     python saturnin_peer.py service ADDRESS JSON  (a broken service, for daqd's error paths)
 
@@ -211,23 +212,7 @@ def encode() -> int:
 def service(address: str, settings: dict[str, Any]) -> int:
     """What a Saturnin service is not, for daqd's error paths (saturnin services themselves run
     through daqd's launcher, tests/saturnin_toy.py): with {"bad_ready": true} a READY saturnin
-    could not parse, then it waits; with {"silent": true} nothing at all; with {"bare": CONFIG}
-    the toy service started as saturnin itself would, straight on the ipc controller address,
-    which fails in saturnin's warm_up (the bug daqd's launcher works around)."""
-    if settings.get("bare"):
-        from configparser import ConfigParser
-
-        from saturnin_toy import SERVICE_DESCRIPTOR, Toy
-
-        config = SERVICE_DESCRIPTOR.config()
-        parser = ConfigParser()
-        parser.read(settings["bare"])
-        config.load_config(parser, "toy")
-        svc = Toy(zmq.Context.instance(), SERVICE_DESCRIPTOR)
-        svc.initialize(config)
-        svc.warm_up(ZMQAddress(address))
-        svc.run()
-        return 0
+    could not parse, then it waits; with {"silent": true} nothing at all."""
     ctx = zmq.Context.instance()
     pair = ctx.socket(zmq.PAIR)
     pair.connect(address)
@@ -320,6 +305,42 @@ def fbdp_decode() -> int:
     return 0
 
 
+def bare_race(config_path: str, attempts: int) -> int:
+    """The bug daqd's launcher works around: the toy service's warm_up, as saturnin runs it but
+    straight on an ipc controller (a fresh PAIR bound here each time), `attempts` times. Prints
+    {"attempts", "failed", "errors"}: warm_up's can_send() right after connect() is a race that
+    the ipc connection mostly loses."""
+    import tempfile
+    from configparser import ConfigParser
+
+    from saturnin_toy import SERVICE_DESCRIPTOR, Toy
+
+    ctx = zmq.Context.instance()
+    failed, errors = 0, set()
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in range(attempts):
+            controller = ctx.socket(zmq.PAIR)
+            controller.bind(f"ipc://{tmp}/c{n}")
+            config = SERVICE_DESCRIPTOR.config()
+            parser = ConfigParser()
+            parser.read(config_path)
+            config.load_config(parser, "toy")
+            svc = Toy(ctx, SERVICE_DESCRIPTOR)
+            svc.initialize(config)
+            try:
+                svc.warm_up(ZMQAddress(f"ipc://{tmp}/c{n}"))
+            except Exception as exc:
+                failed += 1
+                errors.add(f"{type(exc).__name__}: {exc}")
+            else:
+                svc.stop_activities()
+                svc.release_resources()
+            svc.mngr.shutdown(forced=True)
+            controller.close(linger=0)
+    out({"attempts": attempts, "failed": failed, "errors": sorted(errors)})
+    return 0
+
+
 if __name__ == "__main__":
     mode = sys.argv[1]
     if mode == "control":
@@ -330,6 +351,8 @@ if __name__ == "__main__":
         sys.exit(encode())
     if mode == "decode":
         sys.exit(decode())
+    if mode == "bare-race":
+        sys.exit(bare_race(sys.argv[2], int(sys.argv[3])))
     if mode == "fbdp-encode":
         sys.exit(fbdp_encode())
     if mode == "fbdp-decode":

@@ -8,6 +8,9 @@ Its options come from a Saturnin configuration file, section [toy]:
     fail_stop = yes    its stop fails (saturnin sends ERROR, no FINISHED)
     stall_stop_s = N   its stop takes N seconds (FINISHED comes late)
     inject = JSON      lists of hex frames it sends on its own control channel right after READY
+    pipe_frames = JSON lists of hex frames it sends, as they are, on a DEALER it binds and
+                       announces as endpoint "pipe", once a client has sent something there
+                       (a data pipe server that speaks FBDP as badly as the test wants)
 What it sent is written to `report` (JSON) when it stops.
 """
 
@@ -42,6 +45,7 @@ class ToyConfig(ComponentConfig):
         self.fail_stop = BoolOption("fail_stop", "fail to stop", default=False)
         self.stall_stop_s = IntOption("stall_stop_s", "seconds stopping takes", default=0)
         self.inject = StrOption("inject", "JSON: frames (hex) sent after READY", default="[]")
+        self.pipe_frames = StrOption("pipe_frames", "JSON: frames (hex) for a client", default="")
 
 
 class Toy(MicroService):
@@ -56,10 +60,25 @@ class Toy(MicroService):
         self.out = zmq.Context.instance().socket(zmq.PUSH)
         self.out.bind("tcp://127.0.0.1:*")
         self.endpoints["output"] = [ZMQAddress(self.out.getsockopt_string(zmq.LAST_ENDPOINT))]
+        self.pipe = None
+        if self.cfg.pipe_frames.value:
+            self.pipe = zmq.Context.instance().socket(zmq.DEALER)
+            self.pipe.bind("tcp://127.0.0.1:*")
+            self.endpoints["pipe"] = [ZMQAddress(self.pipe.getsockopt_string(zmq.LAST_ENDPOINT))]
 
     def start_activities(self) -> None:
         self.schedule(self.inject, 0)  # runs in run(), after READY has left
         self.schedule(self.tick, self.cfg.interval_ms.value)
+        if self.pipe is not None:
+            self.schedule(self.serve_pipe, 1)
+
+    def serve_pipe(self) -> None:
+        if not self.pipe.poll(0):
+            self.schedule(self.serve_pipe, 1)
+            return
+        self.pipe.recv_multipart()  # the client's OPEN, whatever it is
+        for frames in json.loads(self.cfg.pipe_frames.value):
+            self.pipe.send_multipart([bytes.fromhex(h) for h in frames])
 
     def inject(self) -> None:
         control = self.mngr.channels[SVC_CTRL]
@@ -81,6 +100,8 @@ class Toy(MicroService):
 
     def release_resources(self) -> None:
         self.out.close(linger=5000)
+        if self.pipe is not None:
+            self.pipe.close(linger=5000)
 
 
 AGENT = AgentDescriptor(

@@ -62,7 +62,11 @@ def find_descriptor(spec: str) -> Any:
         return _load(spec)
     known = []
     for entry in entry_points(group="saturnin.service"):
-        descriptor = entry.load()
+        try:
+            descriptor = entry.load()
+        except Exception as exc:  # another package's broken service must not hide this one
+            known.append(f"{entry.value} (cannot load: {type(exc).__name__})")
+            continue
         agent = descriptor.agent
         if spec in (agent.name, str(agent.uid), agent.uid.hex, entry.name):
             return descriptor
