@@ -25,7 +25,7 @@ The map of daqd/, one line per module or package (receivers/ and publishers/ hol
   hdf5          HDF5 run files: the layout (SSDAQ's slow-signal table, one per source) and writer
   export        `daqd export`: a run file converted to the hdf5 publisher's layout or to SOF
   sof           SSDAQ's streamed object files (SOF protocol 1): sans-IO writer, checking reader
-  demo          `daqd demo`: bundled config, built-in UDP traffic, a rate table, a run file
+  demo          `daqd demo`: bundled config, its control socket, UDP traffic, bounded run files
   render        plain-text tables, sizes, durations and counts for daqctl and daqd demo
   logs          logging set-up (journal-aware) and LimitedLogger, rate-limited per-packet logging
   loghandler    DaqdLogHandler: a logging.Handler sending records to a daqd `log` receiver
