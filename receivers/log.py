@@ -12,7 +12,8 @@ connection's `framing`.
 A message that does not decode is refused: counted under errors by reason (truncated,
 missing_field, out_of_range, bad_wire_type, bad_field, bad_varint, too_long), logged
 rate-limited. A length over `max_record_bytes` also closes that connection (its stream cannot be
-trusted any further). Records below `level` are not published and are counted in
+trusted any further). A message half-read when the receiver stops is counted as dropped
+(`stopped_mid_message`). Records below `level` are not published and are counted in
 extra["filtered"]["below_level"]: a filter the configuration asked for, not a loss.
 """
 
@@ -59,6 +60,7 @@ class LogReceiver(ReceiverServer):
         self.connections = {"ssdaq": 0, "length": 0}
         self.messages = {"ssdaq": 0, "length": 0}
         self.below_level = 0
+        self.bytes_in = 0
         self.refresh_extra()
 
     async def setup(self) -> None:
@@ -72,10 +74,14 @@ class LogReceiver(ReceiverServer):
         self.clients += 1
         try:
             while True:
-                data = await reader.read(_READ_BYTES)
+                try:
+                    data = await reader.read(_READ_BYTES)
+                except ConnectionError:  # reset by the peer: what it sent ends here, as at EOF
+                    data = b""
                 if not data:
                     await self._publish(stream.close(), stream, peer)
                     return
+                self.bytes_in += len(data)
                 first = stream.framing is None
                 messages = stream.feed(data)
                 if first and stream.framing is not None:
@@ -86,6 +92,10 @@ class LogReceiver(ReceiverServer):
                         "log_broken", "%s: closing the connection from %s", self.name, peer
                     )
                     return
+        except asyncio.CancelledError:  # the receiver stops: a message half-read is lost here
+            if stream.pending:
+                self.counters.drop("stopped_mid_message")
+            raise
         finally:
             self.clients -= 1
 
@@ -119,12 +129,13 @@ class LogReceiver(ReceiverServer):
     def refresh_extra(self) -> None:
         extra = self.counters.extra
         extra["clients"] = self.clients
+        extra["bytes_in"] = self.bytes_in
         extra["connections"] = dict(self.connections)
         extra["messages"] = dict(self.messages)
         extra["filtered"] = {"below_level": self.below_level}
 
     def cmd_stats(self) -> dict[str, Any]:
-        """Connected senders, LogData read by framing, filtered ones, refused ones by reason."""
+        """Connected senders, bytes read, LogData by framing, filtered ones, refused ones by reason."""
         self.refresh_extra()
         return {
             **self.counters.extra,

@@ -8,6 +8,7 @@ import asyncio
 import logging
 import logging.handlers
 import socket
+import struct
 import subprocess
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -257,3 +258,26 @@ level = "warning"
     # severities cycle DEBUG..FATAL: WARNING, ERROR and FATAL pass, 3 in 5
     assert status["records"] == 30 and status["extra"]["filtered"] == {"below_level": 20}
     assert status["errors"] == {} and status["extra"]["connections"] == {"ssdaq": 1, "length": 1}
+
+
+async def test_a_reset_connection_and_a_stop_mid_message_are_counted(
+    rig_factory: Callable[..., Any],
+) -> None:
+    rig = await rig_factory(level="debug")
+    good = frame(pb.encode_log_data(pb.LogData(severity=40, sender="r", message="x", time=9)))
+    _, writer = await asyncio.open_connection("127.0.0.1", rig.port)
+    writer.write(good + good[:9])
+    await rig.wait("the bytes read", lambda: rig.rec.bytes_in == len(good) + 9)
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()  # an RST, not a FIN
+    await rig.wait("the cut message counted", lambda: "truncated" in rig.rec.counters.errors)
+    assert rig.rec.counters.records == 1 and rig.rec.counters.errors == {"truncated": 1}
+    # a message half-read when the receiver stops: lost there, and counted as such
+    _, writer = await asyncio.open_connection("127.0.0.1", rig.port)
+    writer.write(good[:9])
+    await rig.wait("the bytes read", lambda: rig.rec.bytes_in == len(good) + 18)
+    rec = rig.rec
+    await rig.host.stop()
+    writer.close()
+    assert rec.counters.drops == {"stopped_mid_message": 1}

@@ -116,3 +116,9 @@ def test_faults_are_named() -> None:
     stream = LogStream(max_record=100)  # unframed: one field longer than max_record
     got = _run(stream, [b"\x08\x01\x22\x80\x02" + bytes(120)])
     assert [m.error.reason if m.error else "ok" for m in got] == ["too_long"]
+
+
+def test_the_example_in_docs_protocols() -> None:
+    """docs/protocols/ssdaq-streams.md shows these bytes for the length framing."""
+    wire = frame(pb.encode_log_data(pb.LogData(severity=20, sender="a", time=1)))
+    assert wire.hex(" ") == "00 00 00 11 08 00 10 14 1a 01 61 22 00 28 01 30 00 3a 00 40 00"

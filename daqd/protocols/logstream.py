@@ -53,6 +53,11 @@ class LogStream:
         self._buf = bytearray()
         self._scanned = 0  # ssdaq: the buffer is whole fields up to here
 
+    @property
+    def pending(self) -> int:
+        """Bytes held for a message not yet whole."""
+        return len(self._buf)
+
     def feed(self, data: bytes) -> list[Message]:
         if self.broken or not data:
             return []
