@@ -11,6 +11,9 @@ import subprocess
 import threading
 from pathlib import Path
 
+import pytest
+
+from daqd.demo import _command_name
 from daqd.runfile import verify
 
 from .conftest import DAQD, wait_until
@@ -22,7 +25,8 @@ class Demo:
     def __init__(self, workdir: Path, *args: str) -> None:
         runtime = workdir / "run"
         runtime.mkdir(mode=0o700, exist_ok=True)
-        self.env = {**os.environ, "RUNTIME_DIRECTORY": str(runtime)}
+        # PATH without the venv: the demo then names daqctl by its path, as after `make demo`
+        self.env = {**os.environ, "RUNTIME_DIRECTORY": str(runtime), "PATH": "/usr/bin:/bin"}
         self.env.pop("DAQD_NAME", None)
         self.proc = subprocess.Popen(
             [DAQD, "demo", *args],
@@ -160,3 +164,17 @@ def test_demo_refuses_a_rate_its_bound_cannot_hold(workdir: Path) -> None:
     assert "--rate 100000 writes 32.0 MB a second" in out.stderr
     assert "Traceback" not in out.stderr
     assert not (workdir / "d").exists()
+
+
+def test_the_printed_commands_are_plain_names_when_path_finds_the_same_ones(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    bin_dir = Path(DAQD).parent
+    monkeypatch.setattr("sys.argv", [DAQD, "demo"])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    assert _command_name("daqctl") == "daqctl"  # an activated venv
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    assert _command_name("daqctl") == str(bin_dir / "daqctl")  # elsewhere: the full path
+    monkeypatch.chdir(bin_dir.parent.parent)
+    assert _command_name("daqctl") == f"{bin_dir.parent.name}/bin/daqctl"  # .venv/bin/daqctl
