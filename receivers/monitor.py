@@ -7,6 +7,7 @@ payload the MonitorData as sent (what SSDAQ re-published on PUB 9005 for chec-da
 the decoded fields (receiver, pid, recv_data, data_rate, time {sec, nsec}, from_tm when set).
 The last rate of each sender name is kept in extra["senders"] for `daqctl status`. A message
 that does not decode, or has more than one frame, is refused: counted under errors by reason.
+What ZeroMQ holds when the receiver stops is published, not lost.
 
 daqd's own receivers can send their rates the same way: `[daemon] monitor_push` (see
 daqd/ssdaq_monitor.py).
@@ -22,8 +23,10 @@ from pydantic import Field, field_validator
 
 from daqd.protocols.ssdaq_pb import PbError, decode_monitor_data
 from daqd.receiver import ReceiverServer, ReceiverSettings, zmq_bindable
+from daqd.record import Record
 
 _MAX_SENDERS = 256  # names kept in extra["senders"]; the oldest goes first
+_CLOSE_DRAIN_MAX = 100_000  # messages taken at close; rcvhwm bounds what ZeroMQ holds anyway
 
 
 def zmq_endpoint(value: str) -> str:
@@ -71,29 +74,49 @@ class MonitorReceiver(ReceiverServer):
         assert self._sock is not None
         sock = self._sock
         while True:
-            frames = await sock.recv_multipart()
-            if len(frames) != 1:
-                self._bad("multipart", f"a message of {len(frames)} frames, expected 1")
-                continue
-            try:
-                mon = decode_monitor_data(frames[0])
-            except PbError as exc:
-                self._bad(exc.reason, str(exc))
-                continue
-            if mon.receiver is not None:
-                name = mon.receiver.name
-                if name not in self.senders and len(self.senders) >= _MAX_SENDERS:
-                    del self.senders[next(iter(self.senders))]
-                self.senders[name] = mon.receiver.data_rate
-            await self.publish(self.new_record((frames[0],), mon.tags()))
+            record = self._record(await sock.recv_multipart())
+            if record is not None:
+                await self.publish(record)
+
+    def _record(self, frames: list[bytes]) -> Record | None:
+        """The record of one message, or None (refused, and counted)."""
+        if len(frames) != 1:
+            self._bad("multipart", f"a message of {len(frames)} frames, expected 1")
+            return None
+        try:
+            mon = decode_monitor_data(frames[0])
+        except PbError as exc:
+            self._bad(exc.reason, str(exc))
+            return None
+        if mon.receiver is not None:
+            name = mon.receiver.name
+            if name not in self.senders and len(self.senders) >= _MAX_SENDERS:
+                del self.senders[next(iter(self.senders))]
+            self.senders[name] = mon.receiver.data_rate
+        return self.new_record((frames[0],), mon.tags())
 
     def _bad(self, reason: str, message: str) -> None:
         self.counters.error(reason)  # refused input: the run is TAINTED
         self.limited.warning(reason, "%s: bad MonitorData: %s", self.name, message)
 
     async def close(self) -> None:
+        """What ZeroMQ already took off the wire is published before closing, not lost."""
         sock, self._sock = self._sock, None
-        if sock is not None:
+        if sock is None:
+            return
+        try:
+            sync: zmq.Socket[bytes] = zmq.Socket.shadow(sock.underlying)
+            records: list[Record] = []
+            while len(records) < _CLOSE_DRAIN_MAX:
+                try:
+                    record = self._record(sync.recv_multipart(zmq.NOBLOCK))
+                except zmq.Again:
+                    break
+                if record is not None:
+                    records.append(record)
+            if records:
+                self.publish_many_nowait(records)
+        finally:
             sock.close(linger=0)
 
     # ----- status and commands ---------------------------------------------------------------

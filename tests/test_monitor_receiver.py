@@ -207,3 +207,20 @@ async def test_monitor_push_cannot_change_on_reconfigure(tmp_path: Path) -> None
         await h.stop()
         pull.close()
         ctx.term()
+
+
+async def test_what_zeromq_holds_when_the_receiver_stops_is_published(host: Host) -> None:
+    rec: Any = host.receivers["mon"]
+    for task in rec._tasks:  # nothing reads any more: what comes stays in ZeroMQ's queue
+        task.cancel()
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 2000)
+    push.connect(rec.addresses["listen"])
+    push.send(_ssdaq_message("held", 1.0, 1_700_000_000))
+    held = zmq.Socket.shadow(rec._sock.underlying)
+    await wait_for(lambda: held.poll(0), 30.0, "the message waiting in ZeroMQ")
+    push.close()
+    ctx.term()
+    await host.stop()
+    assert rec.counters.records == 1 and set(rec.senders) == {"held"}
