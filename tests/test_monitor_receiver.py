@@ -218,7 +218,7 @@ async def test_what_zeromq_holds_when_the_receiver_stops_is_published(host: Host
     push.setsockopt(zmq.LINGER, 2000)
     push.connect(rec.addresses["listen"])
     push.send(_ssdaq_message("held", 1.0, 1_700_000_000))
-    held = zmq.Socket.shadow(rec._sock.underlying)
+    held: zmq.Socket[bytes] = zmq.Socket.shadow(rec._sock.underlying)
     await wait_for(lambda: held.poll(0), 30.0, "the message waiting in ZeroMQ")
     push.close()
     ctx.term()
