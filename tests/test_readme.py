@@ -34,7 +34,11 @@ def test_the_contents_list_every_section_in_order() -> None:
     sections = [h for h in headings(text, "## ") if h != "## Contents"]
     block = text.split("## Contents\n", 1)[1].split("\n\n", 1)[0]
     listed = re.findall(r"^- \[.*\]\(#([^)]+)\)$", block, re.MULTILINE)
-    assert listed == [anchor(h) for h in sections]
+    expected = [anchor(h) for h in sections]
+    assert listed == expected, (
+        "README.md: the '## Contents' list must name every '## ' section, in order: "
+        f"add or move '- [Title](#anchor)' lines (missing: {sorted(set(expected) - set(listed))})"
+    )
 
 
 def test_links_inside_the_repository_lead_somewhere() -> None:
