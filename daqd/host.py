@@ -283,6 +283,17 @@ class Host:
         log.info("run %s started", run.run_id)
         return run
 
+    def mark_run(self, reason: str) -> bool:
+        """Mark the current run with a named reason from outside its data (a Constellation peer
+        that failed: `constellation.peer_lost:<name>`); judge() makes it DEGRADED and lists the
+        reason. False if no run is on."""
+        run = self.run
+        if run is None:
+            return False
+        run.marked[reason] = run.marked.get(reason, 0) + 1
+        log.warning("run %s marked DEGRADED: %s", run.run_id, reason)
+        return True
+
     async def end_run(self, condition: RunCondition = RunCondition.GOOD) -> RunInfo:
         self.machine.begin("stop")
         run = await self._end_run(condition, None)
@@ -348,6 +359,8 @@ class Host:
                 )
                 publishers[name] = ledger
         run.accounting = {"receivers": receivers, "publishers": publishers}
+        if run.marked:
+            run.accounting["marked"] = dict(run.marked)
         flags, reasons = judge(run.accounting)
         run.condition = condition | run.condition | flags
         run.reasons = reasons

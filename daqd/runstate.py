@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,6 +79,9 @@ class RunInfo:
     # what was counted in this run (see judge()); filled when the run ends
     accounting: dict[str, Any] = field(default_factory=dict)
     reasons: list[str] = field(default_factory=list)  # one line per flag: why it is not GOOD
+    # named reasons something outside the data marked the run with while it ran (Host.mark_run:
+    # a Constellation peer that failed, say), each with how often; judged DEGRADED
+    marked: dict[str, int] = field(default_factory=dict)
 
     def metadata(self) -> dict[str, Any]:
         return {
@@ -105,8 +109,8 @@ def judge(accounting: dict[str, Any]) -> tuple[RunCondition, list[str]]:
     """The run's condition by the README's table, from what each part counted during the run.
 
     `accounting` = {"receivers": {name: {"received", "drops", "errors", "failed"?}},
-    "publishers": {name: {"offered", "delivered", "drops", "errors", "late"?}}}. Returns the
-    flags and one line per finding, in the user's words.
+    "publishers": {name: {"offered", "delivered", "drops", "errors", "late"?}},
+    "marked"?: {reason: times}}. Returns the flags and one line per finding, in the user's words.
     """
     flags = RunCondition.GOOD
     reasons: list[str] = []
@@ -147,6 +151,8 @@ def judge(accounting: dict[str, Any]) -> tuple[RunCondition, list[str]]:
         missing = p.get("offered", 0) - p.get("delivered", 0) - sum(p.get("drops", {}).values())
         if missing and not late:
             flag(RunCondition.INCOMPLETE, f"publisher {name}: {missing} records unaccounted for")
+    for reason, n in sorted(accounting.get("marked", {}).items()):
+        flag(RunCondition.DEGRADED, f"marked {reason}" + (f" ({n} times)" if n > 1 else ""))
     return flags, reasons
 
 
@@ -161,9 +167,17 @@ class StateMachine:
     def __init__(self) -> None:
         self.state = State.NEW
         self.since_ns = time.time_ns()
+        self._listeners: list[Callable[[State], None]] = []
         self._began = 0.0
         self._target: State | None = None
         self._source: State | None = None
+
+    def add_listener(self, listener: Callable[[State], None]) -> Callable[[], None]:
+        """Call `listener(state)` on every state entered, transitional ones too, right after the
+        change; returns the function that removes it. A listener's exception is logged, never
+        passed on: it cannot break a transition."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
 
     def allowed(self) -> list[str]:
         return [name for name, (sources, _, _) in TRANSITIONS.items() if self.state in sources]
@@ -210,3 +224,8 @@ class StateMachine:
     def _set(self, state: State) -> None:
         self.state = state
         self.since_ns = time.time_ns()
+        for listener in list(self._listeners):
+            try:
+                listener(state)
+            except Exception as exc:
+                log.exception("a state listener failed on %s: %r", state.name, exc)

@@ -492,8 +492,10 @@ async def test_beacons_registry_heartbeats_and_commands(isolated: IsolatedDaqd) 
 
 @needs_netns
 async def test_autonomy_interrupts_when_a_satellite_fails(isolated: IsolatedDaqd) -> None:
-    """CHP's rules: a DYNAMIC satellite (TRIGGER_INTERRUPT) in ERROR, or gone silent, interrupts
-    daqd to SAFE from ORBIT; a TRANSIENT one in ERROR does not."""
+    """CHP's rules by the failed satellite's flags: a TRANSIENT one (MARK_DEGRADED) in ERROR
+    during a run marks the run DEGRADED with a named reason and does not interrupt; a DYNAMIC one
+    (TRIGGER_INTERRUPT too) in ERROR interrupts daqd to SAFE; one that falls silent in a run
+    interrupts it and the run ends INTERRUPTED and DEGRADED, the reason listed."""
     probe = await Proc.start(*isolated.in_namespace(sys.executable, PROBE_SCRIPT))
 
     def remote(name: str) -> Any:
@@ -509,30 +511,50 @@ async def test_autonomy_interrupts_when_a_satellite_fails(isolated: IsolatedDaqd
         await wait_for(state_is("Fake.t1", "ORBIT"), 20, "Fake.t1's heartbeats")
         await wait_for(state_is("Fake.d1", "ORBIT"), 20, "Fake.d1's heartbeats")
         assert control(isolated, "CTRL", {"transition": "launch"})["state"] == "ORBIT"
+        control(isolated, "CTRL", {"transition": "start", "args": {"run_id": "r1"}})
 
-        await ask(probe, "fake_set", name="Fake.t1", state=0xF0)  # TRANSIENT: only noted
-        await wait_for(state_is("Fake.t1", "ERROR"), 20, "Fake.t1 in ERROR")
-        assert isolated.status()["state"] == "ORBIT"
-        assert isolated.status()["constellation"]["autonomy_interrupts"] == 0
+        await ask(probe, "fake_set", name="Fake.t1", state=0xF0)  # TRANSIENT: the run is marked
+        await wait_for(
+            lambda: isolated.status()["constellation"]["autonomy_marks"] == 1, 20, "a mark"
+        )
+        seen = isolated.status()
+        assert seen["state"] == "RUN"
+        assert seen["constellation"]["autonomy_interrupts"] == 0
+        assert seen["constellation"]["status"] == (
+            "run r1 marked DEGRADED: constellation.peer_failed:Fake.t1"
+        )
+        control(isolated, "CTRL", {"transition": "stop"})
+        last = isolated.status()["last_run"]
+        assert last["condition"] == "DEGRADED", last
+        assert last["reasons"] == ["marked constellation.peer_failed:Fake.t1 -> DEGRADED"]
+        assert last["accounting"]["marked"] == {"constellation.peer_failed:Fake.t1": 1}
 
         await ask(probe, "fake_set", name="Fake.d1", state=0xF0)  # DYNAMIC: interrupt
         await wait_for(lambda: isolated.status()["state"] == "SAFE", 20, "daqd in SAFE")
         seen = isolated.status()["constellation"]
         assert seen["autonomy_interrupts"] == 1
+        assert seen["autonomy_marks"] == 1  # no run to mark
         assert seen["status"] == "interrupted (Fake.d1 reports ERROR): interrupt done"
 
-        # well again, daqd back to ORBIT; then Fake.d1 falls silent: DEAD after 3 lives
+        # well again, daqd back to ORBIT and in a run; then Fake.d1 falls silent: DEAD after 3
+        # lives, the run marked and interrupted
         await ask(probe, "fake_set", name="Fake.d1", state=0x30)
         await wait_for(state_is("Fake.d1", "ORBIT"), 20, "Fake.d1 well again")
         for step in ("initialize", "launch"):
             control(isolated, "CTRL", {"transition": step})
-        assert isolated.status()["state"] == "ORBIT"
+        control(isolated, "CTRL", {"transition": "start", "args": {"run_id": "r2"}})
+        assert isolated.status()["state"] == "RUN"
         await ask(probe, "fake_set", name="Fake.d1", sending=False)
         await wait_for(lambda: isolated.status()["state"] == "SAFE", 30, "daqd in SAFE again")
-        seen = isolated.status()["constellation"]
-        assert seen["autonomy_interrupts"] == 2
-        assert seen["remote_heartbeats"]["Fake.d1"]["state"] == "DEAD"
-        assert "no signs of life from Fake.d1" in seen["status"]
+        seen = isolated.status()
+        assert seen["constellation"]["autonomy_interrupts"] == 2
+        assert seen["constellation"]["autonomy_marks"] == 2
+        assert seen["constellation"]["remote_heartbeats"]["Fake.d1"]["state"] == "DEAD"
+        assert "Fake.d1 shows no signs of life" in seen["constellation"]["status"]
+        last = seen["last_run"]
+        assert last["run_id"] == "r2"
+        assert last["condition"] == "INTERRUPTED|DEGRADED", last
+        assert "marked constellation.peer_lost:Fake.d1 -> DEGRADED" in last["reasons"]
     finally:
         await probe.stop()
 

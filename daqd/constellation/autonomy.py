@@ -2,9 +2,11 @@
 
 Every HEARTBEAT service CHIRP finds in the group is subscribed to. A satellite has 3 lives and
 loses one whenever 1.5 intervals (its own announced interval) pass without a message; at none
-left it is DEAD. When a satellite whose flags carry TRIGGER_INTERRUPT reports ERROR or SAFE, or
-dies, or one whose flags carry DENY_DEPARTURE departs, daqd interrupts (toward SAFE) if it is in
-ORBIT or RUN, once per failure; a satellite that reports a good state again is well again.
+left it is DEAD. A satellite fails when it reports ERROR or SAFE, dies, or departs while its flags
+carry DENY_DEPARTURE. Once per failure, by the failed satellite's flags: MARK_DEGRADED marks the
+current run DEGRADED with a named reason (`constellation.peer_failed:<name>`, `peer_lost`,
+`peer_departed`), TRIGGER_INTERRUPT interrupts daqd (toward SAFE) if it is in ORBIT or RUN. A
+satellite that reports a good state again is well again.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ CHECK_S = 0.05
 #: Until a satellite's first heartbeat says its interval, assume Constellation's default maximum.
 FIRST_INTERVAL_MS = 30_000
 FAILED_STATES = frozenset({State.ERROR.value, State.SAFE.value})
+#: the flags that make a satellite's failure matter to daqd
+ACTED_ON = chp.Flags.TRIGGER_INTERRUPT | chp.Flags.MARK_DEGRADED
 # transition -> its transitional state, the name `_conditions` keys use
 TRANSITIONAL = {
     "initialize": "initializing",
@@ -104,13 +108,19 @@ class Remote:
 
 class HeartbeatWatcher:
     def __init__(
-        self, host: Host, counters: dict[str, int], on_failure: Callable[[str], None]
+        self,
+        host: Host,
+        counters: dict[str, int],
+        on_interrupt: Callable[[str], None],
+        on_degraded: Callable[[str], None],
     ) -> None:
         self.host = host
         self.counters = counters
-        self.on_failure = on_failure  # the satellite interrupts, with this reason
+        self.on_interrupt = on_interrupt  # the satellite interrupts, with this reason
+        self.on_degraded = on_degraded  # the satellite marks the run, with this named reason
         self.remotes: dict[bytes, Remote] = {}  # host UUID -> what its heartbeats said
-        self.failures = 0
+        self.interrupts = 0  # failures that interrupted (TRIGGER_INTERRUPT)
+        self.marks = 0  # failures that marked a run (MARK_DEGRADED, in a run)
         self._sub: zmq.asyncio.Socket | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._limited = LimitedLogger(log)
@@ -145,7 +155,7 @@ class HeartbeatWatcher:
                 with contextlib.suppress(zmq.ZMQError):
                     self._sub.disconnect(remote.endpoint)
                 if new is None and remote.flags & chp.Flags.DENY_DEPARTURE and not remote.failed:
-                    self._fail(remote, f"{remote.name or remote.endpoint} departed")
+                    self._fail(remote, "peer_departed", "departed")
         if new is not None and new.service == chirp.Service.HEARTBEAT:
             endpoint = f"tcp://{new.address}:{new.port}"
             self._sub.connect(endpoint)
@@ -168,9 +178,9 @@ class HeartbeatWatcher:
             remote.interval_ms = max(hb.interval_ms, 1)
             remote.lives = LIVES
             remote.last_seen = time.monotonic()
-            if hb.state in FAILED_STATES and hb.flags & chp.Flags.TRIGGER_INTERRUPT:
+            if hb.state in FAILED_STATES and hb.flags & ACTED_ON:
                 if not remote.failed:
-                    self._fail(remote, f"{hb.sender} reports {State(hb.state).name}")
+                    self._fail(remote, "peer_failed", f"reports {State(hb.state).name}")
             else:
                 remote.failed = False
 
@@ -186,8 +196,8 @@ class HeartbeatWatcher:
                 if remote.lives == 0:
                     name = remote.name or remote.endpoint
                     log.warning("CHP: no signs of life from %s any more: DEAD", name)
-                    if remote.flags & chp.Flags.TRIGGER_INTERRUPT and not remote.failed:
-                        self._fail(remote, f"no signs of life from {name}")
+                    if remote.flags & ACTED_ON and not remote.failed:
+                        self._fail(remote, "peer_lost", "shows no signs of life")
 
     async def wait_for(self, names: list[str], target: State, timeout_s: float) -> None:
         """Until every satellite in `names` reports `target`; ConditionFailed if one is in ERROR,
@@ -212,7 +222,13 @@ class HeartbeatWatcher:
                 )
             await asyncio.sleep(CHECK_S)
 
-    def _fail(self, remote: Remote, reason: str) -> None:
+    def _fail(self, remote: Remote, kind: str, what: str) -> None:
+        """Act on one failure of `remote` by its flags: mark the run, then interrupt."""
         remote.failed = True
-        self.failures += 1
-        self.on_failure(reason)
+        name = remote.name or remote.endpoint
+        if remote.flags & chp.Flags.MARK_DEGRADED and self.host.run is not None:
+            self.marks += 1
+            self.on_degraded(f"constellation.{kind}:{name}")
+        if remote.flags & chp.Flags.TRIGGER_INTERRUPT:
+            self.interrupts += 1
+            self.on_interrupt(f"{name} {what}")

@@ -17,6 +17,7 @@ import inspect
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -93,7 +94,7 @@ class Satellite:
         self.hb_port = 0
         self.chirp: Discovery | None = None
         self.monitoring = MonitoringPublisher(host, self.name, self.counters)
-        self.autonomy = HeartbeatWatcher(host, self.counters, self.interrupt_for)
+        self.autonomy = HeartbeatWatcher(host, self.counters, self.interrupt_for, self.mark_run)
         self._limited = LimitedLogger(log)
         self._rep: zmq.asyncio.Socket | None = None
         self._xpub: zmq.asyncio.Socket | None = None
@@ -103,6 +104,7 @@ class Satellite:
         self._waiting_for_others = False  # the transition waits on _conditions
         self._beat_now = asyncio.Event()
         self._closing = False
+        self._unlisten: Callable[[], None] = lambda: None
 
     # ----- life cycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -121,7 +123,7 @@ class Satellite:
         self._xpub = xpub
         self._xpub_now = zmq.Socket.shadow(xpub.underlying)  # sends at once, from any callback
         self.hb_port = int(xpub.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
-        self._watch_state()
+        self._unlisten = self.host.machine.add_listener(self._on_state)
         self.autonomy.start()
         self.chirp.listeners.append(self.autonomy.on_offer)
         self.chirp.open()
@@ -157,7 +159,8 @@ class Satellite:
         self._closing = True
         if self.chirp is not None:
             self.chirp.depart()
-        self.host.machine.__dict__.pop("_set", None)  # the state watch ends
+        self._unlisten()  # the state watch ends
+        self._unlisten = lambda: None
         for task in self._tasks:
             task.cancel()
         if self._tasks:  # bounded: a task that ignores its cancellation must not hold shutdown
@@ -201,7 +204,8 @@ class Satellite:
             "remote_heartbeats": {
                 r.name or r.endpoint: r.summary() for r in self.autonomy.remotes.values()
             },
-            "autonomy_interrupts": self.autonomy.failures,
+            "autonomy_interrupts": self.autonomy.interrupts,
+            "autonomy_marks": self.autonomy.marks,
             "errors": dict(self.counters),
         }
 
@@ -266,25 +270,14 @@ class Satellite:
             except TimeoutError:
                 pass
 
-    def _watch_state(self) -> None:
+    def _on_state(self, state: State) -> None:
         """An extrasystole for every state the host's machine enters, transitional ones too
-        (a controller waiting on a transition from INIT to INIT must see `initializing`).
-
-        runstate.StateMachine has no listener hook, so its `_set` is wrapped on this one
-        instance; stop() removes the wrapper.
-        """
-        machine = self.host.machine
-        original = type(machine)._set.__get__(machine)
-
-        def _set(state: State) -> None:
-            original(state)
-            try:
-                self._send_heartbeat(extrasystole=True, state=state)
-            except Exception as exc:  # never let a heartbeat break a transition
-                self.count("chp_send")
-                self._limited.warning("chp_send", "CHP: extrasystole not sent: %r", exc)
-
-        machine.__dict__["_set"] = _set
+        (a controller waiting on a transition from INIT to INIT must see `initializing`)."""
+        try:
+            self._send_heartbeat(extrasystole=True, state=state)
+        except Exception as exc:  # never let a heartbeat break a transition
+            self.count("chp_send")
+            self._limited.warning("chp_send", "CHP: extrasystole not sent: %r", exc)
 
     def _send_heartbeat(self, extrasystole: bool, state: State | None = None) -> None:
         if self._xpub_now is None:
@@ -565,6 +558,14 @@ class Satellite:
             return
         log.warning("autonomy: %s: interrupting (%s -> SAFE)", reason, state.name)
         self._transition = asyncio.create_task(self._run_transition("interrupt", {}, reason))
+
+    def mark_run(self, reason: str) -> None:
+        """Autonomy: a MARK_DEGRADED satellite failed; the current run (if any) ends DEGRADED
+        with `reason` (e.g. `constellation.peer_lost:Type.Name`) among its reasons."""
+        run = self.host.run
+        if run is not None and self.host.mark_run(reason):
+            self.status_text = f"run {run.run_id} marked DEGRADED: {reason}"
+            self._beat_now.set()
 
     # user commands: every receiver's cmd_<name>, as <receiver>_<name>
     def user_commands(self) -> dict[str, tuple[str, str, Any]]:
