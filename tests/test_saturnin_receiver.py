@@ -286,3 +286,25 @@ def test_service_and_command_are_one_or_the_other(workdir: Path) -> None:
     done = subprocess.run([DAQD, "check", str(path)], capture_output=True, text=True, timeout=30)
     assert done.returncode == 2
     assert f'{path}: [[receiver]] #1 (name "toy"): give either service' in done.stderr
+
+
+def gone(pid: int) -> bool:
+    """The process has ended (a zombie not yet reaped by init counts as ended)."""
+    try:
+        return "\nState:\tZ" in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+
+
+def test_a_service_whose_daqd_dies_is_stopped_not_orphaned(
+    peer: str, daemon: Callable[..., Daemon], workdir: Path
+) -> None:
+    """daqd killed -9: the launcher sees its parent gone and sends the service STOP, so it stops
+    as it would on daqd's STOP (its stop_activities writes the report) and exits."""
+    d = daemon(config(peer, "sato", workdir, count=3), name="sato")
+    pid = wait_until(lambda: (s := service(d))["records"] == 3 and s["service"]["pid"], 30, "READY")
+    assert d.proc is not None
+    d.proc.kill()
+    d.proc.wait()
+    wait_until(lambda: gone(pid), 30, "the service to exit")
+    assert report(workdir) == {"sent": 3, "pid": pid}

@@ -19,7 +19,9 @@ only an inproc peer bound beforehand passes (Saturnin's own runners always use i
 service's control channel is pointed at an inproc PAIR bound here, and a thread relays every
 message, frame for frame and unchanged, between it and the controller's address. When the
 service can not even be built (unknown service, bad configuration), this launcher sends the ICCP
-ERROR itself, so the controller gets a reason rather than silence.
+ERROR itself, so the controller gets a reason rather than silence. If the controller's process
+dies (this process's parent changes), the service is sent STOP, so it ends its work as usual
+instead of running on unwatched.
 """
 
 from __future__ import annotations
@@ -109,6 +111,7 @@ class Relay:
         self.outer.setsockopt(zmq.SNDTIMEO, DRAIN_MS)
         self.outer.connect(controller)
         self.done = threading.Event()
+        self.orphaned = False  # the controller's process is gone: nobody to send to
         self.thread = threading.Thread(target=self._run, name="iccp-relay", daemon=True)
 
     def start(self) -> None:
@@ -118,15 +121,15 @@ class Relay:
         poller = zmq.Poller()
         poller.register(self.inner, zmq.POLLIN)
         poller.register(self.outer, zmq.POLLIN)
-        parent = os.getppid()
+        parent = os.getppid()  # the controller, which started this process
         while True:
             events = dict(poller.poll(100))
             if self.inner in events:
                 self._up(self.inner.recv_multipart(copy=False))
             if self.outer in events:
                 self._down(self.outer.recv_multipart(copy=False))
-            if not self.done.is_set() and os.getppid() != parent:
-                parent = os.getppid()  # the controller's process is gone: stop, not orphaned
+            if not self.orphaned and os.getppid() != parent:
+                self.orphaned = True  # the controller died: the service stops, not lingers
                 self._down([STOP])
             if self.done.is_set() and not events:
                 with contextlib.suppress(zmq.Again):  # what the service sent last (FINISHED)
@@ -135,6 +138,8 @@ class Relay:
                 return
 
     def _up(self, frames: list[Any]) -> None:
+        if self.orphaned:
+            return
         with contextlib.suppress(zmq.Again):  # a controller gone for DRAIN_MS reads nothing
             self.outer.send_multipart(frames, copy=False)
 
@@ -152,7 +157,7 @@ class Relay:
         if self.thread.is_alive():
             self.thread.join()
         self.inner.close(linger=0)
-        self.outer.close(linger=DRAIN_MS)
+        self.outer.close(linger=0 if self.orphaned else DRAIN_MS)
 
 
 def main(argv: list[str] | None = None) -> int:
