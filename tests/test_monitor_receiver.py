@@ -4,6 +4,7 @@ MonitorData to a PULL socket of the test, which decodes them with Google's proto
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -11,16 +12,20 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import msgpack
 import pytest
 import zmq
+import zmq.asyncio
 
 from daqd.config import parse_config
 from daqd.errors import ConfigError
 from daqd.host import Host
 from daqd.loghandler import DaqdLogHandler
+from daqd.monitor import Counters
+from daqd.ssdaq_monitor import SNDHWM, MonitorPush
 
 from .conftest import DAQD, Daemon, wait_for, wait_until
 from .test_ssdaq_logmon_codec import RefMonitorData
@@ -224,3 +229,24 @@ async def test_what_zeromq_holds_when_the_receiver_stops_is_published(host: Host
     ctx.term()
     await host.stop()
     assert rec.counters.records == 1 and set(rec.senders) == {"held"}
+
+
+async def test_monitor_push_never_waits_and_counts_what_nobody_takes() -> None:
+    """Nobody listens at the endpoint: ZeroMQ holds SNDHWM messages, the rest are counted."""
+
+    ctx = zmq.asyncio.Context()
+    push = MonitorPush(ctx, f"tcp://127.0.0.1:{free_port()}")
+    receivers: list[Any] = [
+        SimpleNamespace(name=f"r{i}", counters=Counters()) for i in range(SNDHWM + 20)
+    ]
+    try:
+        push.tick(receivers)  # the first tick starts the clock
+        assert (push.sent, push.dropped) == (0, 0)
+        await asyncio.sleep(0.01)
+        push.tick(receivers)  # returns: a send that finds no room is counted, never waited for
+        assert push.sent + push.dropped == SNDHWM + 20
+        assert 0 < push.sent <= SNDHWM and push.dropped >= 20
+        assert push.status()["dropped"] == push.dropped
+    finally:
+        push.close()
+        ctx.term()
