@@ -21,6 +21,7 @@ import zmq.asyncio
 from daqd import render
 from daqd.config import parse_config
 from daqd.daemon import open_control, refuse_if_running
+from daqd.errors import DaqdError
 from daqd.host import Host
 from daqd.receiver import ReceiverServer
 from daqd.runstate import RunCondition, TransitionRefused
@@ -168,12 +169,17 @@ async def run_demo(seconds: float, rate: int, directory: str, max_run_bytes: int
     except Exception:
         await host.stop(RunCondition.ABORTED)
         raise
+    try:
+        run = await host.begin_run(f"demo-{time.strftime('%Y%m%dT%H%M%S')}")
+    except TransitionRefused as exc:  # the run file could not be created: one line, no traceback
+        await host.stop(RunCondition.ABORTED)
+        await server.close()
+        raise DaqdError(str(exc)) from None
     ctx = zmq.asyncio.Context()
     live = [0]
     counter = asyncio.create_task(
         _count_live(host.publishers["live"].addresses["endpoint"], ctx, live)
     )
-    run = await host.begin_run(f"demo-{time.strftime('%Y%m%dT%H%M%S')}")
     receiver = host.receivers["camera"]
     host_addr, port = receiver.addresses["listen"].rsplit(":", 1)
     stop = asyncio.Event()

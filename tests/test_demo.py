@@ -178,3 +178,35 @@ def test_the_printed_commands_are_plain_names_when_path_finds_the_same_ones(
     assert _command_name("daqctl") == str(bin_dir / "daqctl")  # elsewhere: the full path
     monkeypatch.chdir(bin_dir.parent.parent)
     assert _command_name("daqctl") == f"{bin_dir.parent.name}/bin/daqctl"  # .venv/bin/daqctl
+
+
+def test_a_run_file_that_cannot_be_created_is_one_line(workdir: Path) -> None:
+    """The directory is a tmpfs of one inode (its own), in a private mount namespace: the demo
+    starts, then its run file cannot be created (ENOSPC), and it says so in one line."""
+    full = workdir / "full"
+    full.mkdir()
+    probe = subprocess.run(
+        ["unshare", "-m", "mount", "-t", "tmpfs", "-o", "nr_inodes=1", "none", str(full)],
+        capture_output=True,
+        text=True,
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs in a private mount namespace: {probe.stderr.strip()}")
+    runtime = workdir / "run"
+    runtime.mkdir(mode=0o700)
+    env = {**os.environ, "RUNTIME_DIRECTORY": str(runtime)}
+    script = (
+        'mount -t tmpfs -o nr_inodes=1 none "$1" && exec "$2" demo --seconds 1 --directory "$1"'
+    )
+    out = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script, "sh", str(full), DAQD],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("daqd: run demo-") and "cannot create a run file" in last, last
+    assert "ENOSPC" in last
