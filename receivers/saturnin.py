@@ -224,8 +224,7 @@ class SaturninReceiver(ReceiverServer):
             )
         self._pipe = fbdp.PipeClient(s.pipe, s.format, s.batch, s.parameters)
         sock = self._pipe_sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, self.s.max_message_bytes)
+        sock.setsockopt(zmq.LINGER, 0)  # no MAXMSGSIZE: ZeroMQ would drop the peer unsaid
         sock.connect(addresses[0])
         self.addresses[s.channel] = addresses[0]
         self._inputs[sock] = self._take_pipe
