@@ -101,7 +101,7 @@ class LogReceiver(ReceiverServer):
 
     async def _publish(self, messages: list[Message], stream: LogStream, peer: str) -> None:
         framing = stream.framing or "ssdaq"
-        for m in messages:
+        for i, m in enumerate(messages):
             if m.log is None:
                 assert m.error is not None
                 reason = m.error.reason
@@ -123,7 +123,13 @@ class LogReceiver(ReceiverServer):
             tags = m.log.tags()
             tags["peer"] = peer
             tags["framing"] = framing
-            await self.publish(self.new_record((m.raw,), tags))
+            try:
+                await self.publish(self.new_record((m.raw,), tags))
+            except asyncio.CancelledError:  # stopped while a `block` queue was full
+                rest = sum(1 for later in messages[i + 1 :] if later.log is not None)
+                if rest:
+                    self.counters.drop("cancelled", rest)
+                raise
 
     # ----- status and commands ---------------------------------------------------------------
     def refresh_extra(self) -> None:
