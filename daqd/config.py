@@ -287,6 +287,35 @@ def parse_config(text: str, path: str = "<config>", *, from_file: bool = False) 
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return _from_doc(doc, text, path, {}, _CodeTrust(text, path, from_file))
+
+
+def replace_tables(config: Config, tables: dict[str, Any], where: str) -> Config:
+    """`config`'s file with its `receiver` / `publisher` arrays replaced by those in `tables`
+    (each as in TOML: a list of maps), validated as the file is; `where` names the source in
+    errors (a Constellation controller's `initialize`). Settings that load code are refused in
+    the replaced arrays: code comes only from trusted files."""
+    doc = tomllib.loads(config.text)
+    untrusted = _UntrustedCode(where)
+    code_for: dict[str, _CodeTrust | _UntrustedCode] = {}
+    for table in ("receiver", "publisher"):
+        if table in tables:
+            doc[table] = tables[table]
+            code_for[table] = untrusted
+    new = _from_doc(doc, "", where, code_for, _CodeTrust(config.text, config.path, False))
+    new.path, new.text = config.path, config.text
+    return new
+
+
+def _from_doc(
+    doc: dict[str, Any],
+    text: str,
+    path: str,
+    code_for: dict[str, _CodeTrust | _UntrustedCode],
+    code: _CodeTrust,
+) -> Config:
+    """The configuration in the parsed TOML `doc`; `code_for`: tables whose code settings are
+    checked otherwise than by `code`."""
     problems = _Problems(path, text)
     for table in sorted(set(doc) - set(_TABLES)):
         problems.add(
@@ -306,7 +335,6 @@ def parse_config(text: str, path: str = "<config>", *, from_file: bool = False) 
             problems.add_validation(f"{path}: [daemon]", ("daemon",), exc, DaemonSettings)
         else:
             _check_daemon_settings(path, daemon, problems)
-    code = _CodeTrust(text, path, from_file)
     found: dict[str, list[Any]] = {}
     for table, group in (("receiver", RECEIVER_GROUP), ("publisher", PUBLISHER_GROUP)):
         entries = doc.get(table, [])
@@ -314,7 +342,8 @@ def parse_config(text: str, path: str = "<config>", *, from_file: bool = False) 
             problems.add(path, (table,), f"{table} must be an array of tables: write [[{table}]]")
             entries = []
         found[table] = [
-            _entry(path, table, i, e, group, code, problems) for i, e in enumerate(entries, 1)
+            _entry(path, table, i, e, group, code_for.get(table, code), problems)
+            for i, e in enumerate(entries, 1)
         ]
     _check_names(path, doc, problems)
     problems.raise_if_any()
@@ -480,13 +509,27 @@ class _CodeTrust:
                 )
 
 
+class _UntrustedCode:
+    """Code settings from a source that may not load code (a controller's configuration map)."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def check(self, where: str, key: str, value: Any) -> None:
+        if value:
+            raise ConfigError(
+                f'{where}: key "{key}": refusing to load code given by {self.source}: code is '
+                "loaded only from trusted configuration files"
+            )
+
+
 def _entry(
     path: str,
     table: str,
     index: int,
     entry: Any,
     group: str,
-    code: _CodeTrust,
+    code: _CodeTrust | _UntrustedCode,
     problems: _Problems,
 ) -> Any:
     """One [[receiver]] or [[publisher]]: its settings, or None with its problems added."""
