@@ -7,9 +7,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import logging.handlers
+import random
 import socket
 import struct
 import subprocess
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,8 @@ from daqd.config import parse_config
 from daqd.host import Host
 from daqd.loghandler import DaqdLogHandler
 from daqd.protocols import ssdaq_pb as pb
-from daqd.protocols.logstream import frame
+from daqd.protocols.logstream import LogStream, frame
+from daqd.sim.log import log_record
 
 from .conftest import DAQD, Daemon, wait_for, wait_until
 from .test_ssdaq_logmon_codec import RefLogData
@@ -281,3 +284,66 @@ async def test_a_reset_connection_and_a_stop_mid_message_are_counted(
     await rig.host.stop()
     writer.close()
     assert rec.counters.drops == {"stopped_mid_message": 1}
+
+
+async def test_fuzzed_connections_are_counted_exactly_and_never_stop_the_receiver(
+    rig_factory: Callable[..., Any],
+) -> None:
+    """300 seeded connections of garbage, cut, oversized and corrupted input. Length-framed ones
+    are counted by reason exactly as the sans-IO codec counts them (its result does not depend on
+    how TCP cuts the bytes); unframed ones may be cut differently by TCP, so of them each must come
+    out as records or errors. After all of it a valid record still gets in."""
+    rig = await rig_factory(level="notset")
+    rec = rig.rec
+    rng = random.Random(15)
+    good = [pb.encode_log_data(log_record(i)) for i in range(20)]
+
+    def outcomes() -> int:
+        return int(rec.counters.records) + sum(rec.counters.errors.values())
+
+    async def send(data: bytes) -> None:
+        before = outcomes()
+        _, writer = await asyncio.open_connection("127.0.0.1", rig.port)
+        writer.write(data)
+        writer.close()
+        await rig.wait("the input counted", lambda: outcomes() > before and rec.clients == 0)
+
+    def corrupt(body: bytes) -> bytes:
+        out = bytearray(body)
+        out[rng.randrange(len(out))] = rng.randrange(256)
+        return bytes(out)
+
+    model_records = 0
+    model_errors: Counter[str] = Counter()
+    for n in range(150):  # length-framed
+        body = rng.choice(good)
+        data = [
+            b"\x00" + bytes(rng.randrange(256) for _ in range(rng.randrange(0, 60))),
+            frame(corrupt(body)) + frame(rng.choice(good)),
+            frame(body)[: rng.randrange(1, len(body) + 4)],
+            (5000).to_bytes(4, "big") + body,  # over max_record_bytes (4096)
+            frame(body) + frame(corrupt(body))[: rng.randrange(1, len(body) + 4)],
+        ][n % 5]
+        model = LogStream(4096)
+        for m in model.feed(data) + model.close():
+            if m.error is None:
+                model_records += 1
+            else:
+                model_errors[m.error.reason] += 1
+        await send(data)
+    assert rec.connections == {"length": 150, "ssdaq": 0}
+    assert rec.counters.records == model_records and rec.counters.errors == model_errors
+    records, errors = rec.counters.records, sum(rec.counters.errors.values())
+    for n in range(150):  # unframed (SSDAQ's)
+        body = rng.choice(good)
+        data = [
+            bytes(rng.randrange(1, 256) for _ in range(rng.randrange(1, 60))),
+            corrupt(body) + rng.choice(good),
+            body[: rng.randrange(1, len(body))],
+        ][n % 3]
+        await send(b"\x08" + data[1:] if data[0] == 0 else data)
+    assert rec.connections == {"length": 150, "ssdaq": 150}
+    assert outcomes() - records - errors >= 150
+    await send(frame(good[0]))
+    # every LogData read was published, but for a corruption that made its severity negative
+    assert rec.counters.records == records + rec.messages["ssdaq"] - rec.below_level + 1
