@@ -140,13 +140,22 @@ class Host:
         log.info("publisher %s (%s) started %s", pub.name, settings.type, pub.addresses or "")
 
     async def _start_receiver(
-        self, settings: ReceiverSettings, previous: ReceiverServer | None = None
+        self,
+        settings: ReceiverSettings,
+        previous: ReceiverServer | None = None,
+        receiving: bool = True,
     ) -> None:
+        """Make the receiver and start it, or (not `receiving`: in INIT) only make it: the
+        next launch starts it with the others."""
         rec = self._make_receiver(settings)
         if previous is not None:  # same source name: seq stays gap-free, counters go on
             rec.counters = previous.counters
             rec._seq = previous._seq
         self._link(rec)
+        if not receiving:
+            self.receivers[rec.name] = rec
+            log.info("receiver %s (%s) made; it starts at launch", rec.name, settings.type)
+            return
         try:
             await rec.start()
         except Exception as exc:
@@ -437,6 +446,13 @@ class Host:
         elif name in ("initialize", "recover", "reset"):
             self.machine.begin(name)
             await asyncio.gather(*(r.stop_receiving() for r in self.receivers.values()))
+            config = args.get("config")  # a Constellation controller's, validated
+            if isinstance(config, Config):
+                try:
+                    await self.apply_config(config, receiving=False)
+                except Exception as exc:
+                    self.machine.fail(f"{name}: configuration not applied: {exc}")
+                    raise
             self.machine.finish()
         elif name == "shutdown":
             self.request_stop(RunCondition.INTERRUPTED)
@@ -450,7 +466,12 @@ class Host:
 
         Receivers and publishers whose settings did not change keep running untouched.
         """
-        new = parse_config(text, path or self.config.path)
+        return await self.apply_config(parse_config(text, path or self.config.path))
+
+    async def apply_config(self, new: Config, receiving: bool = True) -> list[str]:
+        """Apply the validated configuration `new` (from a file, or a Constellation controller's
+        `initialize`); on any error nothing changes. Not `receiving` (in INIT): receivers it
+        makes are started by the next launch."""
         if new.daemon.monitor_push != self.config.daemon.monitor_push:
             raise ConfigError(
                 f'{new.path}: [daemon]: key "monitor_push": cannot change on a running daemon; '
@@ -489,10 +510,10 @@ class Host:
             for rec in self.receivers.values():
                 self._link(rec)
             for n in add_r:
-                await self._start_receiver(new_r[n], stopped.get(n))
+                await self._start_receiver(new_r[n], stopped.get(n), receiving)
                 started_r.append(n)
         except Exception as exc:
-            await self._roll_back(started_r, started_p, stopped, retired, old_r, old_p)
+            await self._roll_back(started_r, started_p, stopped, retired, old_r, old_p, receiving)
             raise ConfigError(f"{new.path}: {exc}; the previous configuration is running") from exc
         changed = [f"publisher {n}" for n in sorted(set(gone_p) | set(add_p))]
         changed += [f"receiver {n}" for n in sorted(set(gone_r) | set(add_r))]
@@ -511,6 +532,7 @@ class Host:
         retired: dict[str, Publisher],
         old_r: dict[str, ReceiverSettings],
         old_p: dict[str, PublisherSettings],
+        receiving: bool,
     ) -> None:
         """Undo a reconfiguration that failed part-way: back to the settings that were running."""
         try:
@@ -524,7 +546,7 @@ class Host:
             for rec in self.receivers.values():
                 self._link(rec)
             for n, rec in stopped.items():
-                await self._start_receiver(old_r[n], rec)
+                await self._start_receiver(old_r[n], rec, receiving)
         except Exception as exc:
             self.machine.fail(f"reconfiguration failed and could not be undone: {exc}")
             raise

@@ -25,6 +25,7 @@ import zmq
 import zmq.asyncio
 
 from daqd import __version__
+from daqd.config import Config, ConstellationSettings, replace_tables
 from daqd.constellation.autonomy import (
     DEFAULT_TRANSITION_TIMEOUT_S,
     ConditionFailed,
@@ -44,13 +45,12 @@ from daqd.constellation.commands import (
 )
 from daqd.constellation.discovery import Discovery, interface_addresses
 from daqd.constellation.monitoring import MonitoringPublisher
-from daqd.errors import ProtocolError
+from daqd.errors import ConfigError, ProtocolError
 from daqd.logs import LimitedLogger
 from daqd.protocols import chirp, chp, cscp
 from daqd.runstate import TRANSITIONS, State
 
 if TYPE_CHECKING:
-    from daqd.config import ConstellationSettings
     from daqd.host import Host
 
 log = logging.getLogger("daqd.satellite")
@@ -342,16 +342,16 @@ class Satellite:
             )
         command = request.text.lower()
         try:
-            return await self._command(command, request.payload)
+            return await self._command(command, request.payload, request.sender)
         except WrongArgument as exc:
             self.count("cscp_wrong_argument")
             return self._reply(_T.INCOMPLETE, f"Wrong argument: {exc}", str(exc))
         except NotImplementedError as exc:
             return self._reply(_T.NOTIMPLEMENTED, f"{command}: {exc}")
 
-    async def _command(self, command: str, payload: Any) -> cscp.Message:
+    async def _command(self, command: str, payload: Any, sender: str) -> cscp.Message:
         if command in TRANSITION_COMMANDS:
-            return self._begin_transition(command, payload)
+            return self._begin_transition(command, payload, sender)
         handler = self._handlers().get(command)
         if handler is not None:
             if payload is not None:
@@ -459,7 +459,7 @@ class Satellite:
         return self._reply(_T.SUCCESS, "failure")
 
     # transitions
-    def _begin_transition(self, command: str, payload: Any) -> cscp.Message:
+    def _begin_transition(self, command: str, payload: Any, sender: str) -> cscp.Message:
         transition = TRANSITION_COMMANDS[command]
         args: dict[str, Any] = {}
         if transition == "initialize":
@@ -489,11 +489,20 @@ class Satellite:
                 f"Transition not allowed: {transition} in state {state.name} (allowed from {allowed})",
             )
         if transition == "initialize":
-            self._take_config(payload)
+            try:
+                args["config"] = self._take_config(payload, sender)
+            except ConfigError as exc:
+                self.count("cscp_invalid_config")
+                return self._reply(_T.INVALID, f"Invalid configuration: {exc}", str(exc))
         self._transition = asyncio.create_task(self._run_transition(transition, args))
         return self._reply(_T.SUCCESS, "transitioning", transition)
 
-    def _take_config(self, config: dict[str, Any]) -> None:
+    def _take_config(self, config: dict[str, Any], sender: str) -> Config:
+        """The controller's map: the framework sections taken, and daqd's configuration with the
+        map's `receiver` / `publisher` arrays (the file's where absent), validated as a file;
+        WrongArgument or ConfigError, and nothing taken, if any of it is wrong."""
+        tables: dict[str, Any] = {k: config[k] for k in ("receiver", "publisher") if k in config}
+        new = replace_tables(self.host.config, tables, f"initialize from {sender}")
         autonomy = config.get("_autonomy")
         role, max_s = "DYNAMIC", self.settings.max_heartbeat_interval_s
         if isinstance(autonomy, dict):
@@ -515,6 +524,7 @@ class Satellite:
         self.role = role
         self.max_interval_ms = int(max_s * 1000)
         self.conditions, self.transition_timeout_s = conditions, timeout_s
+        return new
 
     async def _run_transition(self, transition: str, args: dict[str, Any], why: str = "") -> None:
         had_run = self.host.run is not None

@@ -1,0 +1,110 @@
+"""daqd's configuration and data in a Constellation: the controller's `initialize` map, CDTP
+senders found by CHIRP, and the full run with real constellationdaq 1.0.2 satellites.
+
+Every case runs in a private network namespace (see tests/test_constellation.py), so CHIRP never
+leaves the test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import wait_for
+from tests.test_cdtp import Proc
+from tests.test_constellation import (
+    PROBE_SCRIPT,
+    IsolatedDaqd,
+    ask,
+    needs_netns,
+    satellite_config,
+)
+
+
+def send_udp(daqd: IsolatedDaqd, address: str, n: int) -> None:
+    """`n` datagrams to `address` ("host:port") from inside daqd's namespace."""
+    host, port = address.rsplit(":", 1)
+    code = (
+        "import socket, sys\n"
+        "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        f"for k in range({n}): s.sendto(b'dgram %d' % k, ({host!r}, {int(port)}))\n"
+    )
+    subprocess.run(daqd.in_namespace(sys.executable, "-c", code), check=True, timeout=30)
+
+
+@needs_netns
+async def test_initialize_applies_the_controllers_receivers(tmp_path: Path) -> None:
+    """`initialize` with `receiver` / `publisher` arrays replaces the file's, validated by the
+    same models: a bad one is answered INVALID naming the table, entry and key, and daqd stays
+    as it was; a good one is what launch starts and a run goes through; an initialize without
+    them goes back to the file's."""
+    daqd = IsolatedDaqd(tmp_path, satellite_config(tmp_path, "sat1"), "sat1")
+    probe = await Proc.start(*daqd.in_namespace(sys.executable, PROBE_SCRIPT))
+    port = daqd.cmd_port
+
+    async def cscp(command: str, payload: Any = None) -> dict[str, Any]:
+        reply: dict[str, Any] = await ask(
+            probe, "cscp", port=port, command=command, payload=payload
+        )
+        return reply
+
+    async def state_is(state: str) -> None:
+        deadline = time.monotonic() + 20
+        while (await cscp("get_state"))["text"] != state:
+            assert time.monotonic() < deadline, f"not in {state} within 20 s"
+            await asyncio.sleep(0.02)
+
+    udp = {"type": "udp", "name": "u1", "listen": "127.0.0.1:0", "publish_to": ["disk"]}
+    try:
+        await state_is("INIT")
+        bad = await cscp("initialize", {"receiver": [{**udp, "lisen": "x"}], "answer": 1})
+        assert bad["type"] == "INVALID", bad
+        assert bad["text"].startswith("Invalid configuration: initialize from probe: ")
+        assert '[[receiver]] #1 (name "u1"): key "lisen": unknown key' in bad["text"]
+        bad = await cscp("initialize", {"receiver": [{**udp, "publish_to": ["nowhere"]}]})
+        assert bad["type"] == "INVALID", bad
+        assert "nowhere" in bad["text"] and '[[receiver]] #1 (name "u1")' in bad["text"]
+        bad = await cscp("initialize", {"publisher": "disk"})
+        assert bad["type"] == "INVALID", bad
+        assert "publisher must be an array of tables" in bad["text"]
+        evil = {**udp, "type": "packetstream", "name": "p1", "handler": "evil.py:Evil"}
+        bad = await cscp("initialize", {"receiver": [evil]})
+        assert bad["type"] == "INVALID", bad
+        assert 'key "handler": refusing to load code given by initialize from probe' in bad["text"]
+        assert (await cscp("get_config"))["payload"] == {}  # nothing was taken
+        status = daqd.status()
+        assert status["state"] == "INIT" and sorted(status["receivers"]) == ["ss"]
+
+        good = await cscp("initialize", {"receiver": [udp], "_autonomy": {"role": "NONE"}})
+        assert good["type"] == "SUCCESS" and good["payload"] == "initialize", good
+        await state_is("INIT")
+        assert (await cscp("get_role"))["text"] == "NONE"
+        status = daqd.status()
+        assert sorted(status["receivers"]) == ["u1"], status["receivers"]
+        assert (await cscp("launch"))["type"] == "SUCCESS"
+        await state_is("ORBIT")
+        u1 = daqd.status()["receivers"]["u1"]
+        assert u1["state"] == "running", u1
+        assert (await cscp("start", "r1"))["type"] == "SUCCESS"
+        await state_is("RUN")
+        send_udp(daqd, u1["addresses"]["listen"], 5)
+        await wait_for(lambda: daqd.status()["receivers"]["u1"]["records"] == 5, 20, "5 records")
+        assert (await cscp("stop"))["type"] == "SUCCESS"
+        await state_is("ORBIT")
+        last = daqd.status()["last_run"]
+        assert (last["run_id"], last["condition"], last["records"]) == ("r1", "GOOD", {"u1": 5})
+
+        assert (await cscp("land"))["type"] == "SUCCESS"
+        await state_is("INIT")
+        assert (await cscp("initialize", {}))["type"] == "SUCCESS"  # the file's again
+        await state_is("INIT")
+        assert sorted(daqd.status()["receivers"]) == ["ss"]
+        assert "cscp_invalid_config" in json.dumps(daqd.status()["constellation"]["errors"])
+    finally:
+        await probe.stop()
+        daqd.stop()
