@@ -448,7 +448,8 @@ class SaturninReceiver(ReceiverServer):
 
     def _finished(self, message: iccp.Finished) -> None:
         self.outcome = message.outcome.value
-        self.details = list(message.details)
+        # one line each, as ICCP says; saturnin sends a traceback in chunks of several lines
+        self.details = [ln.strip() for d in message.details for ln in d.splitlines() if ln.strip()]
 
     async def _kill(self, grace_s: float = 5.0) -> None:
         """Wait up to `grace_s` for the service to exit, then kill it."""

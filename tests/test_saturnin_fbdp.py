@@ -156,9 +156,11 @@ def test_a_pipe_the_service_refuses_is_counted_by_its_close_code(
     assert r["pipe"]["errors"] == ["Unknown data pipe 'nosuch'"]
     assert r["records"] == 0
     assert d.ctl("transition", "land").returncode == 0
-    svc = reader(d)["service"]  # its FINISHED(ERROR) says why, as a traceback
+    svc = reader(d)["service"]  # its FINISHED(ERROR) says why: a traceback, one line each
     assert svc["outcome"] == "ERROR" and not svc["running"]
-    assert "StopError: Unknown data pipe 'nosuch'" in svc["details"][-1]
+    assert svc["details"][0] == "Traceback (most recent call last):"
+    assert svc["details"][-1] == "saturnin.base.types.StopError: Unknown data pipe 'nosuch'"
+    assert all("\n" not in line for line in svc["details"])
 
 
 def test_bad_fbdp_from_a_service_is_counted_by_reason_and_the_pipe_goes_on(
