@@ -57,8 +57,6 @@ from daqd.protocols.protobuf_wire import expect as _expect
 from daqd.protocols.protobuf_wire import field_bytes as _len_field
 from daqd.protocols.protobuf_wire import key as _key
 
-__all__ = ["I32", "I64", "LEN", "VARINT", "varint"]  # re-exported: the tests build wire bytes
-
 P = ParamSpec("P")
 T = TypeVar("T")
 _U32 = (1 << 32) - 1
