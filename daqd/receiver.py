@@ -76,6 +76,10 @@ class ReceiverSettings(BaseModel):
     publish_to: list[str] = Field(default_factory=list)
     process: bool = False
 
+    def constellation_keys(self) -> list[str]:
+        """Keys set here that need the [constellation] table (config refuses them without)."""
+        return []
+
 
 def kernel_udp_drops(sock: socket.socket) -> int | None:
     """The kernel's drop count for this UDP socket (/proc/net/udp 'drops' column), if Linux says."""
@@ -376,7 +380,10 @@ class ReceiverServer:
         except (ConnectionError, asyncio.IncompleteReadError) as exc:
             self.log.debug("connection %s ended: %s", peer, exc or type(exc).__name__)
         except asyncio.CancelledError:
-            raise
+            # Only the receiver's stop cancels a client, and nothing awaits the task for its
+            # outcome: end it normally, because Python 3.11's start_server callback calls
+            # exception() on a cancelled task and logs that as an ERROR with a traceback.
+            return
         except Exception as exc:
             self.counters.error("connection")
             self.limited.warning("conn", "%s: connection %s failed: %r", self.name, peer, exc)

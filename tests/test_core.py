@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from pathlib import Path
 from typing import Any
@@ -376,6 +377,24 @@ async def test_tcp_line_and_raw_framing(tmp_path: Path) -> None:
     await wait_for(lambda: sum(r.nbytes for r in got) == len(data), what="all raw bytes")
     assert b"".join(bytes(r.payload[0]) for r in got) == data
     await host.stop()
+
+
+async def test_stopping_with_clients_connected_logs_no_asyncio_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client still connected when the receiver stops is ended quietly: no 'Exception in
+    callback' traceback from asyncio (Python 3.11 logs one for a cancelled start_server task)."""
+    host, h, p = await tcp_host(tmp_path, "length32")
+    got = await sent_records(host)
+    _, w = await asyncio.open_connection(h, p)
+    w.write((5).to_bytes(4, "big") + b"hello" + (9).to_bytes(4, "big") + b"cut")  # one half-sent
+    await w.drain()
+    await wait_for(lambda: len(got) == 1, what="the whole message")
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        await host.stop()
+        await asyncio.sleep(0)  # the done callbacks of the cancelled client tasks run
+    assert not [r for r in caplog.records if r.name == "asyncio"], caplog.text
+    w.close()
 
 
 def test_config_errors_never_echo_secrets() -> None:
