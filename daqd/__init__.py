@@ -13,7 +13,7 @@ The map of daqd/, one line per module or package (receivers/ and publishers/ hol
   runstate      the run state machine (Constellation's satellite states) and what a run carries
   monitor       counters and rates of every receiver and publisher; the status snapshot
   control       the control socket: ICCP server (ZeroMQ ROUTER) and the client daqctl uses
-  worker/       worker processes: the parent side (parent), the worker (component), the link, Saturnin
+  worker/       worker processes: parent side, worker (component), link; Saturnin and its launcher
   constellation/ daqd as a Constellation satellite: CHIRP discovery, CSCP control, CHP, CMDP
   dhs/          the DCSS hardware server: handler API (handlers), devices, engine (Dhs)
   packetstream/ cs.packetstream connections (connection) and `daqd send-packets` (send_packets)
