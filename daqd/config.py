@@ -350,6 +350,14 @@ def _from_doc(
     assert daemon is not None
     config = Config(path, text, daemon, found["receiver"], found["publisher"])
     config.constellation = _constellation(path, doc, daemon, problems)
+    if config.constellation is None:
+        for i, r in enumerate(config.receivers, 1):
+            for key in r.constellation_keys():
+                problems.add(
+                    f'{path}: [[receiver]] #{i} (name "{r.name}")',
+                    ("receiver", i, key),
+                    f'key "{key}": needs a [constellation] table (CHIRP runs in the satellite)',
+                )
     problems.raise_if_any()
     return config
 
