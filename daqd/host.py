@@ -15,6 +15,7 @@ import zmq
 import zmq.asyncio
 
 from daqd.config import Config, parse_config, publisher_class, receiver_class
+from daqd.constellation.discovery import Discovery
 from daqd.control import bind_ipc
 from daqd.deadline import Deadline
 from daqd.errors import ConfigError, ControlError, DaqdError
@@ -74,6 +75,9 @@ class Host:
         self._tap_task: asyncio.Task[None] | None = None
         self._sampler: asyncio.Task[None] | None = None
         self.monitor_push: MonitorPush | None = None
+        # CHIRP, with a [constellation] table: the satellite offers through it, and receivers
+        # that find their senders by it subscribe to its registry (Discovery.subscribe)
+        self.discovery: Discovery | None = None
         self._run_base: dict[str, Any] = {}
         self.stopped = asyncio.Event()
         self.stop_requested = asyncio.Event()
@@ -106,6 +110,9 @@ class Host:
                 self.monitor_push = MonitorPush(self.zmq_context, self.config.daemon.monitor_push)
             except zmq.ZMQError as exc:
                 raise ConfigError(f"[daemon] monitor_push: {exc}") from exc
+        if self.config.constellation is not None:
+            self.discovery = Discovery.for_settings(self.config.constellation, self.name)
+            self.discovery.open()
         self.machine.begin("initialize")
         self.machine.finish()
         self.machine.begin("launch")
@@ -119,6 +126,8 @@ class Host:
             await self._shutdown_components(
                 RunCondition.ABORTED, Deadline(self.config.daemon.drain_timeout_s)
             )
+            if self.discovery is not None:
+                self.discovery.close()
             raise
         self.machine.finish()
         self._sampler = asyncio.create_task(self._sample_forever(), name="sampler")
@@ -189,6 +198,8 @@ class Host:
             "stopping: no more input; draining within %.1f s", self.config.daemon.drain_timeout_s
         )
         await self._shutdown_components(condition, self.deadline)
+        if self.discovery is not None:
+            self.discovery.close()
         if self._sampler is not None:
             self._sampler.cancel()
         if self._tap_task is not None:

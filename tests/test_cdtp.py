@@ -536,14 +536,15 @@ async def test_messages_waiting_in_zeromq_at_stop_are_handled_not_lost(tmp_path:
         push.send(enc.encode(cdtp.BeginOfRun("Raw.late"))[0])
         await wait_for(lambda: "Raw.late" in rx.senders, what="the BOR")
         # the receive loop stops here, as when the daemon stops right after this point
-        for task in rx._pullers:
-            task.cancel()
-        await asyncio.gather(*rx._pullers, return_exceptions=True)
+        [link] = rx._links.values()
+        pull = link.tasks[0]
+        pull.cancel()
+        await asyncio.gather(pull, return_exceptions=True)
         parts: list[cdtp.Block] = []
         for seq in range(1, 51):
             enc.record_parts(seq, {"k": seq}, [bytes([seq]) * 100], parts)
         push.send(enc.data_message(50, parts))
-        [(_, sock, _)] = rx._sockets
+        sock = link.sock
         poller = zmq.Poller()
         poller.register(zmq.Socket.shadow(sock.underlying), zmq.POLLIN)
         assert poller.poll(30_000), "the DATA message never reached the receiver's socket"
@@ -755,7 +756,8 @@ async def test_stopping_with_a_stalled_publisher_counts_what_is_left_and_ends(
         push.send(data(1))
         await wait_for(lambda: host.queues["tx"].depth == 5, what="a full queue")
         push.send(data(11))
-        [(_, sock, _)] = rx._sockets
+        [link] = rx._links.values()
+        sock = link.sock
         poller = zmq.Poller()
         poller.register(zmq.Socket.shadow(sock.underlying), zmq.POLLIN)
         assert poller.poll(30_000), "the second DATA message never reached the receiver's socket"
@@ -782,13 +784,15 @@ async def test_a_sender_gone_before_its_bor_is_handled_still_ends_aborted(tmp_pa
         assert isinstance(rx, CdtpReceiver)
         await host.begin_run("gone")
         # nothing is handled until the sender is gone and its disconnect was seen
-        for task in rx._pullers:
-            task.cancel()
-        await asyncio.gather(*rx._pullers, return_exceptions=True)
+        [link] = rx._links.values()
+        pull = link.tasks[0]
+        pull.cancel()
+        await asyncio.gather(pull, return_exceptions=True)
         await sim.say("go")
         assert await sim.end() == 0
         await wait_for(lambda: rx.counters.extra.get("disconnects"), what="the disconnect")
-        [(endpoint, sock, _)] = rx._sockets
+        [link] = rx._links.values()
+        endpoint, sock = link.endpoint, link.sock
         await rx._drain(endpoint, sock)  # what the receive loop would have handled late
         await wait_for(lambda: ended(rx, "Sim.g"), timeout_s=10, what="the substitute EOR")
         sender = rx.senders["Sim.g"]

@@ -15,12 +15,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from daqd.config import parse_config
+from daqd.errors import ConfigError
 from tests.conftest import wait_for
 from tests.test_cdtp import Proc
 from tests.test_constellation import (
+    GROUP,
     PROBE_SCRIPT,
     IsolatedDaqd,
     ask,
+    cdtp_publisher,
+    control,
     needs_netns,
     satellite_config,
 )
@@ -108,3 +115,119 @@ async def test_initialize_applies_the_controllers_receivers(tmp_path: Path) -> N
     finally:
         await probe.stop()
         daqd.stop()
+
+
+def test_discover_needs_the_constellation_table() -> None:
+    """`discover = true` without [constellation] (CHIRP runs in the satellite) and a cdtp receiver
+    with neither senders nor discover are config errors naming the receiver and key."""
+    rx = '[[receiver]]\ntype = "cdtp"\nname = "rx"\ndiscover = true\n'
+    with pytest.raises(ConfigError) as err:
+        parse_config('[daemon]\nname = "d"\n' + rx, "c.toml")
+    assert str(err.value) == (
+        'c.toml: [[receiver]] #1 (name "rx"): key "discover": needs a [constellation] table '
+        "(CHIRP runs in the satellite) (line 6)"
+    )
+    parse_config('[daemon]\nname = "d"\n' + rx + '[constellation]\ngroup = "g"\n')
+    with pytest.raises(ConfigError) as err:
+        parse_config('[daemon]\nname = "d"\n[[receiver]]\ntype = "cdtp"\nname = "rx"\n', "c.toml")
+    assert "no senders: give senders (endpoints), or discover = true" in str(err.value)
+
+
+def pair_configs(tmp: Path) -> tuple[str, str]:
+    """daqd `a` (UDP in -> cdtp publisher `pub`, offered as DATA `daqd.pub`) and daqd `b` (cdtp
+    receiver finding `daqd.pub` by CHIRP -> run files), both staying in ORBIT."""
+    a = f"""
+[daemon]
+name = "a"
+drain_timeout_s = 5
+
+[[receiver]]
+type = "udp"
+name = "in"
+listen = "127.0.0.1:0"
+publish_to = ["pub"]
+
+{cdtp_publisher("pub")}
+[constellation]
+group = "{GROUP}"
+interface = ["lo"]
+wait_for_controller = false
+"""
+    b = f"""
+[daemon]
+name = "b"
+drain_timeout_s = 5
+
+[[receiver]]
+type = "cdtp"
+name = "rx"
+discover = true
+receive_from = ["daqd.pub"]
+eor_timeout_s = 3
+publish_to = ["disk"]
+
+[[publisher]]
+type = "file"
+name = "disk"
+directory = "{tmp / "data"}"
+
+[constellation]
+group = "{GROUP}"
+interface = ["lo"]
+wait_for_controller = false
+"""
+    return a, b
+
+
+@needs_netns
+async def test_cdtp_receiver_finds_its_senders_by_chirp(tmp_path: Path) -> None:
+    """A `cdtp` receiver with `discover = true` connects to the DATA offer of the name in
+    `receive_from` (another daqd's publisher), takes two runs from it GOOD with every record,
+    counts an offer it does not want, and closes the link when that daqd DEPARTs."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    conf_a, conf_b = pair_configs(tmp_path / "b")
+    b = IsolatedDaqd(tmp_path / "b", conf_b, "b")
+    a = IsolatedDaqd(tmp_path / "a", conf_a, "a", netns_pid=b.proc.pid)
+    probe = await Proc.start(*b.in_namespace(sys.executable, PROBE_SCRIPT))
+    try:
+
+        def rx() -> dict[str, Any]:
+            status: dict[str, Any] = b.status()["receivers"]["rx"]
+            return status
+
+        await wait_for(lambda: "discovered daqd.pub" in rx()["addresses"], 20, "the DATA offer")
+        pub_port = a.status()["publishers"]["pub"]["addresses"]["endpoint"].rsplit(":", 1)[1]
+        assert rx()["addresses"]["discovered daqd.pub"] == f"tcp://127.0.0.1:{pub_port}"
+        listen = a.status()["receivers"]["in"]["addresses"]["listen"]
+        for k, n in enumerate((20, 7)):
+            run_id = f"r{k}"
+            control(b, "CTRL", {"transition": "start", "args": {"run_id": run_id}})
+            control(a, "CTRL", {"transition": "start", "args": {"run_id": run_id}})
+            send_udp(a, listen, n)
+            total = sum((20, 7)[: k + 1])
+            await wait_for(lambda t=total: a.status()["receivers"]["in"]["records"] == t, 20, "UDP")
+            control(a, "CTRL", {"transition": "stop"})
+            control(b, "CTRL", {"transition": "stop"})
+            sent, got = a.status()["last_run"], b.status()["last_run"]
+            assert (sent["condition"], got["condition"]) == ("GOOD", "GOOD"), (sent, got)
+            assert got["records"] == {"daqd.pub": n}
+            assert sent["accounting"]["publishers"]["pub"]["delivered"] == n
+
+        # an offer of another sender of the group: counted, not connected
+        me = {"host": "Other.x", "group": GROUP}
+        await ask(probe, "chirp_open")
+        await ask(probe, "send", type="OFFER", service="DATA", port=4999, **me)
+        await wait_for(
+            lambda: rx().get("extra", {}).get("offers_not_wanted", 0) >= 1, 20, "the count"
+        )
+        assert sorted(rx()["addresses"]) == ["discovered daqd.pub"]
+
+        assert a.stop() == 0  # DEPARTs: the link goes
+        await wait_for(lambda: not rx()["addresses"], 20, "the link closed")
+        assert rx()["state"] == "running"
+        assert rx()["extra"]["offers_taken"] == 1
+    finally:
+        await probe.stop()
+        a.stop()
+        b.stop()

@@ -17,12 +17,18 @@ import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from daqd.errors import DaqdError, ProtocolError
 from daqd.logs import LimitedLogger
 from daqd.protocols import chirp
 
+if TYPE_CHECKING:
+    from daqd.config import ConstellationSettings
+
 log = logging.getLogger("daqd.satellite.chirp")
+
+SATELLITE_TYPE = "Daqd"
 
 REQUEST_ANSWER_DELAY_S = 0.2  # an OFFER answers a REQUEST after a random 0-200 ms
 
@@ -73,8 +79,26 @@ def _interface_ipv4(name: str) -> str | None:
     return socket.inet_ntoa(raw[20:24])
 
 
+Listener = Callable[[Offer | None, Offer | None], None]
+
+
+def canonical_name(settings: ConstellationSettings, daemon_name: str) -> str:
+    """The satellite's canonical name, `Daqd.<name>` (default: the daemon's name)."""
+    return f"{SATELLITE_TYPE}.{settings.name or daemon_name}"
+
+
 class Discovery:
-    """The CHIRP side of the host `name` in `group`: what it offers, and what the others offer."""
+    """The CHIRP side of the host `name` in `group`: what it offers, and what the others offer.
+
+    The host owns it (made and opened before receivers start, closed after the satellite left):
+    the satellite offers its services through it, and parts that need the group's offers (the
+    satellite's heartbeat watch, a `cdtp` receiver with `discover`) subscribe() to its registry.
+    """
+
+    @classmethod
+    def for_settings(cls, settings: ConstellationSettings, daemon_name: str) -> Discovery:
+        addresses = interface_addresses(settings.interface)
+        return cls(canonical_name(settings, daemon_name), settings.group, addresses, {})
 
     def __init__(
         self, name: str, group: str, addresses: list[str], counters: dict[str, int]
@@ -82,16 +106,29 @@ class Discovery:
         self.uuid = chirp.name_uuid(name)
         self.group_uuid = chirp.name_uuid(group)
         self.addresses = addresses
-        self.counters = counters  # shared with the satellite: chirp_* reasons
+        self.counters = counters  # the satellite's errors by reason (chirp_* here)
         # (host UUID, service) -> port: the satellite's own services, and a DATA service for each
         # CDTP publisher under the UUID of its own sender name
         self.offers: dict[tuple[bytes, chirp.Service], int] = {}
         self.registry: dict[tuple[bytes, chirp.Service], Offer] = {}
         self._udp: socket.socket | None = None
         self._limited = LimitedLogger(log)
-        # called with (offer, old offer or None) when an offer appears or changes port, and with
-        # (None, old offer) when it departs
-        self.listeners: list[Callable[[Offer | None, Offer | None], None]] = []
+        self._listeners: list[Listener] = []  # see subscribe()
+
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        """Call `listener(offer, old offer or None)` when an offer of the group appears or
+        changes port, and `listener(None, old offer)` when it departs; at once with (offer, None)
+        for each offer already known. Returns the function that ends the subscription. A
+        listener's exception is counted (chirp_listener) and logged; discovery goes on."""
+        self._listeners.append(listener)
+        for offer in list(self.registry.values()):
+            self._call(listener, offer, None)
+
+        def unsubscribe() -> None:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+        return unsubscribe
 
     def open(self) -> None:
         self._udp = self._chirp_socket()
@@ -217,12 +254,15 @@ class Discovery:
                 self._tell(None, gone)
 
     def _tell(self, new: Offer | None, old: Offer | None) -> None:
-        for listener in self.listeners:
-            try:
-                listener(new, old)
-            except Exception as exc:  # a listener's bug must not stop discovery
-                self._count("chirp_listener")
-                log.exception("CHIRP: a listener failed: %r", exc)
+        for listener in list(self._listeners):
+            self._call(listener, new, old)
+
+    def _call(self, listener: Listener, new: Offer | None, old: Offer | None) -> None:
+        try:
+            listener(new, old)
+        except Exception as exc:  # a listener's bug must not stop discovery
+            self._count("chirp_listener")
+            log.exception("CHIRP: a listener failed: %r", exc)
 
     def _answer_request(self, service: chirp.Service) -> None:
         for (host, offered), port in list(self.offers.items()):

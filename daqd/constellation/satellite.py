@@ -43,7 +43,7 @@ from daqd.constellation.commands import (
     packable,
     parameters,
 )
-from daqd.constellation.discovery import Discovery, interface_addresses
+from daqd.constellation.discovery import Discovery, canonical_name
 from daqd.constellation.monitoring import MonitoringPublisher
 from daqd.errors import ConfigError, ProtocolError
 from daqd.logs import LimitedLogger
@@ -55,7 +55,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("daqd.satellite")
 
-SATELLITE_TYPE = "Daqd"
 #: The Constellation release whose wire formats this module speaks (get_cnstln_version).
 CONSTELLATION_VERSION = "1.0.2"
 ROLES = tuple(chp.ROLE_FLAGS)
@@ -75,7 +74,7 @@ class Satellite:
     def __init__(self, host: Host, settings: ConstellationSettings) -> None:
         self.host = host
         self.settings = settings
-        self.name = f"{SATELLITE_TYPE}.{settings.name or host.name}"
+        self.name = canonical_name(settings, host.name)
         self.group = settings.group
         self.uuid = chirp.name_uuid(self.name)
         self.group_uuid = chirp.name_uuid(self.group)
@@ -85,14 +84,15 @@ class Satellite:
         self.transition_timeout_s = DEFAULT_TRANSITION_TIMEOUT_S
         self.max_interval_ms = int(settings.max_heartbeat_interval_s * 1000)
         self.status_text = "started"
-        self.counters: dict[str, int] = {}
+        # the host's discovery (made with the [constellation] table): its counts are ours
+        self.chirp: Discovery | None = host.discovery
+        self.counters: dict[str, int] = host.discovery.counters if host.discovery else {}
         self.subscribers = 0
         self.requests = 0
         self.heartbeats = 0
         self.extrasystoles = 0
         self.cmd_port = 0
         self.hb_port = 0
-        self.chirp: Discovery | None = None
         self.monitoring = MonitoringPublisher(host, self.name, self.counters)
         self.autonomy = HeartbeatWatcher(host, self.counters, self.interrupt_for, self.mark_run)
         self._limited = LimitedLogger(log)
@@ -105,11 +105,12 @@ class Satellite:
         self._beat_now = asyncio.Event()
         self._closing = False
         self._unlisten: Callable[[], None] = lambda: None
+        self._unsubscribe: Callable[[], None] = lambda: None
 
     # ----- life cycle ------------------------------------------------------------------------
     async def start(self) -> None:
-        addresses = interface_addresses(self.settings.interface)
-        self.chirp = Discovery(self.name, self.group, addresses, self.counters)
+        if self.chirp is None:
+            raise RuntimeError("the satellite needs the host's discovery ([constellation] table)")
         ctx = self.host.zmq_context
         rep = ctx.socket(zmq.REP)
         rep.setsockopt(zmq.LINGER, 2000)
@@ -125,8 +126,7 @@ class Satellite:
         self.hb_port = int(xpub.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
         self._unlisten = self.host.machine.add_listener(self._on_state)
         self.autonomy.start()
-        self.chirp.listeners.append(self.autonomy.on_offer)
-        self.chirp.open()
+        self._unsubscribe = self.chirp.subscribe(self.autonomy.on_offer)
         self.monitoring.start()
         if self.settings.wait_for_controller and self.host.state == State.ORBIT:
             await self.host.transition("land", {})  # the controller initializes and launches
@@ -151,7 +151,7 @@ class Satellite:
             self.cmd_port,
             self.hb_port,
             self.monitoring.port,
-            ", ".join(addresses),
+            ", ".join(self.chirp.addresses),
         )
 
     async def stop(self) -> None:
@@ -173,8 +173,7 @@ class Satellite:
                 self._transition.cancel()
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await self._transition
-        if self.chirp is not None:
-            self.chirp.close()
+        self._unsubscribe()
         await self.monitoring.stop()
         await self.autonomy.stop()
         self._xpub_now = None
