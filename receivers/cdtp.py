@@ -1,6 +1,10 @@
 """The `cdtp` receiver: pulls CDTP2 data from Constellation transmitters (satellites or daqd).
 
-One PULL socket connects to each endpoint in `senders`. Each sender (keyed by the canonical name in
+One PULL socket connects to each endpoint in `senders`, and (`discover = true`, with the
+[constellation] table) to each DATA service CHIRP finds in the group, of the canonical names in
+`receive_from` if given, as it is offered; a DEPART closes it after handling what it holds (a
+sender that departs mid-run ends ABORTED unless its EOR or an offer comes back in time). Each
+sender (keyed by the canonical name in
 its messages, as Constellation does) has its own run state: NOT_CONNECTED, BOR_RECEIVED or
 EOR_RECEIVED, the last sequence number and the records missed. Every DATA record becomes a daqd
 Record with source = the sender's name, the sender's tags (plus `seq_tag`: its CDTP sequence
@@ -19,21 +23,23 @@ import enum
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 import zmq
 import zmq.asyncio
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from zmq.utils.monitor import parse_monitor_message
 
-from daqd.errors import ProtocolError
-from daqd.protocols import cdtp
+from daqd.errors import ConfigError, ProtocolError
+from daqd.protocols import cdtp, chirp
 from daqd.receiver import ReceiverServer, ReceiverSettings, parse_hostport
 from daqd.record import Record
 from daqd.runstate import RunCondition, RunInfo
 
 if TYPE_CHECKING:
+    from daqd.constellation.discovery import Offer
     from daqd.host import Host
 
 RELINK_AFTER_S = 1.0  # a link silent this long after a disconnect was given up by ZeroMQ
@@ -105,8 +111,20 @@ def _endpoint(value: str) -> str:
     return f"tcp://{value}"
 
 
+@dataclass
+class Link:
+    """One PULL socket, connected to one transmitter endpoint, and its receive tasks."""
+
+    endpoint: str
+    sock: zmq.asyncio.Socket
+    monitor: zmq.asyncio.Socket
+    offered_by: bytes | None = None  # the host UUID of the DATA offer it was found by
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+
 class CdtpReceiverSettings(ReceiverSettings):
-    senders: list[str] = Field(min_length=1)  # transmitter endpoints: "host:port" or "tcp://..."
+    senders: list[str] = []  # transmitter endpoints: "host:port" or "tcp://..."
+    discover: bool = False  # also every DATA offer of the [constellation] group, found by CHIRP
     receive_from: list[str] | None = None  # canonical names; messages from others are refused
     eor_timeout_s: float = Field(10.0, gt=0)  # wait for EORs at end of run / after a sender left
     max_message_bytes: int = Field(cdtp.MAX_MESSAGE_BYTES, ge=4096, le=(1 << 31) - 1)
@@ -119,6 +137,15 @@ class CdtpReceiverSettings(ReceiverSettings):
     @classmethod
     def _check_senders(cls, value: list[str]) -> list[str]:
         return [_endpoint(v) for v in value]
+
+    @model_validator(mode="after")
+    def _some_sender(self) -> CdtpReceiverSettings:
+        if not self.senders and not self.discover:
+            raise ValueError("no senders: give senders (endpoints), or discover = true")
+        return self
+
+    def constellation_keys(self) -> list[str]:
+        return ["discover"] if self.discover else []
 
 
 class CdtpReceiver(ReceiverServer):
@@ -142,8 +169,12 @@ class CdtpReceiver(ReceiverServer):
         self._without_bor_total = 0
         self.last_report: dict[str, Any] | None = None  # the last daqd run's (see _report)
         self._changed = asyncio.Event()  # set whenever a sender's run ends
-        self._sockets: list[tuple[str, zmq.asyncio.Socket, zmq.asyncio.Socket]] = []
-        self._pullers: list[asyncio.Task[None]] = []  # the receive loops, one per socket
+        self._links: dict[str, Link] = {}  # endpoint -> its socket
+        self._group: asyncio.TaskGroup | None = None  # ct_receive's, running the links' tasks
+        self._retiring: set[asyncio.Task[None]] = set()  # links closing after a DEPART
+        self._unsubscribe: Callable[[], None] = lambda: None  # from the host's discovery
+        self._wanted: dict[bytes, str] | None = None  # receive_from by CHIRP host UUID
+        self._open = False  # between setup and close: more can arrive
         self._closing = False  # handling what was left in the sockets: never wait for room
         self._down: set[str] = set()  # endpoints disconnected and not connected again since
 
@@ -151,40 +182,119 @@ class CdtpReceiver(ReceiverServer):
     async def setup(self) -> None:
         s = self.settings
         self._closing = False
+        self._open = True
         self._down.clear()
         for i, endpoint in enumerate(s.senders):
-            sock = self.host.zmq_context.socket(zmq.PULL)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.RCVHWM, s.rcvhwm)
-            # libzmq drops a connection that announces a bigger message before reading it
-            sock.setsockopt(zmq.MAXMSGSIZE, s.max_message_bytes)
-            monitor = sock.get_monitor_socket(
-                zmq.EVENT_HANDSHAKE_SUCCEEDED
-                | zmq.EVENT_DISCONNECTED
-                | zmq.EVENT_CONNECTED
-                | zmq.EVENT_CONNECT_DELAYED
-                | zmq.EVENT_CONNECT_RETRIED
-            )
-            sock.connect(endpoint)
-            self._sockets.append((endpoint, sock, monitor))
+            self._connect(endpoint)
             self.addresses[f"sender{i}" if len(s.senders) > 1 else "sender"] = endpoint
+        if s.discover:
+            discovery = self.host.discovery
+            if discovery is None:  # config refuses discover without [constellation]
+                raise ConfigError(f"receiver {self.name}: discover = true needs [constellation]")
+            names = s.receive_from
+            self._wanted = {chirp.name_uuid(n): n for n in names} if names else None
+            self._unsubscribe = discovery.subscribe(self._on_offer)
+
+    def _connect(self, endpoint: str, offered_by: bytes | None = None) -> Link:
+        sock = self.host.zmq_context.socket(zmq.PULL)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, self.settings.rcvhwm)
+        # libzmq drops a connection that announces a bigger message before reading it
+        sock.setsockopt(zmq.MAXMSGSIZE, self.settings.max_message_bytes)
+        monitor = sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED
+            | zmq.EVENT_DISCONNECTED
+            | zmq.EVENT_CONNECTED
+            | zmq.EVENT_CONNECT_DELAYED
+            | zmq.EVENT_CONNECT_RETRIED
+        )
+        sock.connect(endpoint)
+        link = self._links[endpoint] = Link(endpoint, sock, monitor, offered_by)
+        if self._group is not None:
+            self._run(link)
+        return link
+
+    def _run(self, link: Link) -> None:
+        assert self._group is not None
+        link.tasks = [
+            self._group.create_task(self._pull(link.endpoint, link.sock), name=f"{self.name}.pull"),
+            self._group.create_task(
+                self._watch(link.endpoint, link.sock, link.monitor), name=f"{self.name}.watch"
+            ),
+        ]
+
+    def _on_offer(self, new: Offer | None, old: Offer | None) -> None:
+        """Discovery's listener: connect to DATA offers as they come, close what departed."""
+        extra = self.counters.extra
+        if old is not None and old.service == chirp.Service.DATA:
+            link = self._links.get(f"tcp://{old.address}:{old.port}")
+            if link is not None and link.offered_by == old.host:
+                self._retire(link, "departed" if new is None else "moved")
+        if new is None or new.service != chirp.Service.DATA:
+            return
+        name = new.host.hex()
+        if self._wanted is not None:
+            if new.host not in self._wanted:  # another sender of the group: not ours
+                extra["offers_not_wanted"] = extra.get("offers_not_wanted", 0) + 1
+                return
+            name = self._wanted[new.host]
+        endpoint = f"tcp://{new.address}:{new.port}"
+        if endpoint in self._links:
+            return  # also in `senders`, or offered again
+        self._connect(endpoint, new.host)
+        self.addresses[f"discovered {name}"] = endpoint
+        extra["offers_taken"] = extra.get("offers_taken", 0) + 1
+        self.log.info("%s: connecting to DATA of %s at %s (CHIRP)", self.name, name, endpoint)
+
+    def _retire(self, link: Link, why: str) -> None:
+        """A discovered sender departed (or moved): stop its link, handle what its socket holds,
+        close it; a sender of it still in a run ends ABORTED unless it comes back in time."""
+        del self._links[link.endpoint]
+        for key, endpoint in list(self.addresses.items()):
+            if endpoint == link.endpoint and key.startswith("discovered "):
+                del self.addresses[key]
+        for task in link.tasks:
+            task.cancel()
+        task = asyncio.create_task(self._close_link(link, why), name=f"{self.name}.retire")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _close_link(self, link: Link, why: str) -> None:
+        await asyncio.gather(*link.tasks, return_exceptions=True)
+        try:
+            await self._drain(link.endpoint, link.sock)
+        finally:
+            self._close_sockets(link)
+        self.log.info("%s: sender at %s %s (CHIRP): link closed", self.name, link.endpoint, why)
+        for sender in self.senders.values():
+            if sender.endpoint == link.endpoint and sender.state is SenderState.BOR_RECEIVED:
+                sender.abort_at = time.monotonic() + self.settings.eor_timeout_s
+                sender.back = False
+
+    @staticmethod
+    def _close_sockets(link: Link) -> None:
+        try:
+            link.sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        link.monitor.close(linger=0)
+        link.sock.close(linger=0)
 
     async def close(self) -> None:
-        sockets, self._sockets = self._sockets, []
+        self._unsubscribe()
+        self._unsubscribe = lambda: None
+        links, self._links = list(self._links.values()), {}
         self._closing = True
+        self._open = False
         try:
-            for endpoint, sock, _ in sockets:
+            await asyncio.gather(*self._retiring, return_exceptions=True)
+            for link in links:
                 # what ZeroMQ already took off the wire is ours (the sender counts it as sent):
                 # handle it as usual before closing, so that nothing is lost uncounted
-                await self._drain(endpoint, sock)
+                await self._drain(link.endpoint, link.sock)
         finally:
-            for _, sock, monitor in sockets:
-                try:
-                    sock.disable_monitor()
-                except zmq.ZMQError:
-                    pass
-                monitor.close(linger=0)
-                sock.close(linger=0)
+            for link in links:
+                self._close_sockets(link)
 
     async def _drain(self, endpoint: str, sock: zmq.asyncio.Socket) -> None:
         """Handle every message waiting in `sock` without waiting for more; a sender that keeps
@@ -208,13 +318,16 @@ class CdtpReceiver(ReceiverServer):
             )
 
     async def ct_receive(self) -> None:
-        # one failing loop cancels the others, and the base class restarts the receiver
-        async with asyncio.TaskGroup() as group:
-            self._pullers = []
-            for endpoint, sock, monitor in self._sockets:
-                pull = group.create_task(self._pull(endpoint, sock), name=f"{self.name}.pull")
-                self._pullers.append(pull)
-                group.create_task(self._watch(endpoint, sock, monitor), name=f"{self.name}.watch")
+        """Run every link's receive tasks, and those of links discovered later; one failing
+        task cancels the others, and the base class restarts the receiver."""
+        try:
+            async with asyncio.TaskGroup() as group:
+                self._group = group
+                for link in self._links.values():
+                    self._run(link)
+                await asyncio.Event().wait()  # links come and go with the offers
+        finally:
+            self._group = None
 
     async def _pull(self, endpoint: str, sock: zmq.asyncio.Socket) -> None:
         """Take messages as they come. Waits on ZeroMQ's file descriptor directly: pyzmq's
@@ -706,7 +819,7 @@ class CdtpReceiver(ReceiverServer):
         """Wait up to eor_timeout_s for every sender's EOR, then end the rest ABORTED; the
         sender runs that ended in this daqd run flag it, and are reported."""
         # once the sockets are closed (the daemon is stopping) nothing more can arrive
-        wait_s = self.settings.eor_timeout_s if self._sockets else 0.0
+        wait_s = self.settings.eor_timeout_s if self._open else 0.0
         deadline = time.monotonic() + wait_s
         while True:
             waiting = [s for s in self.senders.values() if s.state is SenderState.BOR_RECEIVED]
