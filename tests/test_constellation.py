@@ -722,6 +722,13 @@ class Netns:
         wait_until(self._lo_up, 10, "the namespace's lo")
 
     def _lo_up(self) -> bool:
+        # until unshare has made the namespace, /proc/<pid>/ns/net is still the machine's own (and
+        # its lo is up): anything run in it then would change the machine's network
+        try:
+            if os.readlink(f"/proc/{self.holder.pid}/ns/net") == os.readlink("/proc/self/ns/net"):
+                return False
+        except FileNotFoundError:
+            raise AssertionError(f"unshare exited with {self.holder.wait()}") from None
         out = self.run("ip", "-o", "link", "show", "lo", check=False)
         return ",UP" in out.stdout
 
