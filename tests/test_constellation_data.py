@@ -20,6 +20,7 @@ import pytest
 from daqd.config import parse_config
 from daqd.errors import ConfigError
 from tests.conftest import wait_for
+from tests.peers import peer_python
 from tests.test_cdtp import Proc
 from tests.test_constellation import (
     GROUP,
@@ -231,3 +232,149 @@ async def test_cdtp_receiver_finds_its_senders_by_chirp(tmp_path: Path) -> None:
         await probe.stop()
         a.stop()
         b.stop()
+
+
+CHAIN_SCRIPT = str(Path(__file__).with_name("constellation_chain.py"))
+TX = "PyRandomTransmitter.tx"
+
+
+@pytest.fixture(scope="session")
+def constellation_python() -> str:
+    return str(peer_python("constellation"))
+
+
+@needs_netns
+@pytest.mark.slow
+@pytest.mark.interop
+async def test_real_transmitter_daqd_devnull_receiver_chain(
+    constellation_python: str, tmp_path: Path
+) -> None:
+    """A real ScriptableController finds daqd, a real SatellitePyRandomTransmitter (its own
+    process) and a PyDevNullReceiver in one group and takes all three through initialize ->
+    launch -> start -> stop, two runs; daqd's receiver and publisher come from the controller's
+    map, daqd receives the transmitter's data by CHIRP discovery and the DevNullReceiver finds
+    daqd's publisher by CHIRP: every run GOOD on every side, the record counts equal. A garbage
+    CSCP request comes first. In a third run the transmitter is killed: its DYNAMIC role makes
+    daqd interrupt to SAFE and mark the run DEGRADED with the reason."""
+    config = f"""
+[daemon]
+name = "chain"
+drain_timeout_s = 5
+
+[constellation]
+group = "{GROUP}"
+interface = ["lo"]
+"""
+    daqd = IsolatedDaqd(tmp_path, config, "chain")
+    tx_bin = str(Path(constellation_python).with_name("SatellitePyRandomTransmitter"))
+    tx_log = open(tmp_path / "tx.log", "wb")  # noqa: SIM115 (closed below)
+    tx = subprocess.Popen(
+        daqd.in_namespace(tx_bin, "-g", GROUP, "-n", "tx", "-i", "lo", "-l", "WARNING"),
+        stdout=tx_log,
+        stderr=subprocess.STDOUT,
+    )
+    daqd_map = {
+        "_autonomy": {"role": "DYNAMIC"},
+        # as a controller's file can give them: a map of name -> table (no arrays of tables)
+        "receiver": {
+            "rx": {
+                "type": "cdtp",
+                "discover": True,
+                "receive_from": [TX],
+                "eor_timeout_s": 3,
+                "publish_to": ["pub"],
+            }
+        },
+        "publisher": {"pub": {"type": "cdtp", "endpoint": "tcp://127.0.0.1:0"}},
+    }
+    settings = {
+        "group": GROUP,
+        "daqd": "chain",
+        "tx": "tx",
+        "cmd_port": daqd.cmd_port,
+        "sender": "daqd.pub",
+        "records": 2000,
+        "runs": ["run1", "run2", "run3"],
+        "kill_in": "run3",
+        "tx_config": {
+            "block_size": 64,
+            "_autonomy": {"role": "DYNAMIC", "max_heartbeat_interval": 1},
+        },
+        "daqd_config": daqd_map,
+    }
+    began = time.monotonic()
+    driver = await Proc.start(
+        *daqd.in_namespace(constellation_python, CHAIN_SCRIPT), stdin_json=settings
+    )
+    try:
+        out = await driver.line(timeout_s=60)
+        assert out["garbage"][0][0] == "ERROR", out  # not CSCP: answered, and it goes on
+        assert out["garbage"][1] == ["SUCCESS", "INIT"], out
+        out = await driver.line(timeout_s=180)
+        assert out["initialize"] == {"tx": True, "null": True, "daqd": True}, out
+        assert set(out["states"].values()) == {"ORBIT"}, out
+        assert sorted(daqd.status()["receivers"]) == ["rx"]
+
+        counts = []
+        for run_id in ("run1", "run2"):
+            out = await driver.line(timeout_s=180)
+            assert out["run"] == run_id, out
+            assert set(out["states"].values()) == {"ORBIT"}, out
+            status = daqd.status()
+            last = status["last_run"]
+            assert (last["run_id"], last["condition"]) == (run_id, "GOOD"), last
+            n = last["records"][TX]
+            assert n >= settings["records"]
+            # the transmitter's own EOR (condition GOOD, data_records = the last seq) as daqd saw it
+            sender = status["receivers"]["rx"]["extra"]["senders"][TX]
+            assert (sender["run_id"], sender["condition"], sender["seq"]) == (run_id, "GOOD", n)
+            assert (sender["records"], sender["missed"]) == (n, 0)
+            assert last["accounting"]["publishers"]["pub"]["delivered"] == n
+            # the DevNullReceiver: daqd's EOR GOOD, every record, none missed
+            assert out["eors"] == [["daqd.pub", "GOOD", n]], out
+            assert out["null"] == ["EOR_RECEIVED", n, 0], out
+            counts.append(n)
+            await driver.say("go")
+
+        out = await driver.line(timeout_s=180)
+        assert out == {"running": "run3"}
+        await wait_for(
+            lambda: daqd.status()["receivers"]["rx"]["records"] > 2 * settings["records"],
+            60,
+            "data of run3",
+        )
+        killed = time.monotonic()
+        tx.kill()
+        tx.wait(30)
+        await wait_for(lambda: daqd.status()["state"] == "SAFE", 60, "daqd interrupted to SAFE")
+        acted_s = time.monotonic() - killed
+        await driver.say("go")
+        out = await driver.line(timeout_s=120)
+        status = daqd.status()
+        seen = status["constellation"]
+        assert seen["remote_heartbeats"][TX]["state"] == "DEAD"
+        # (the DevNullReceiver's own interrupt, SAFE with a DYNAMIC role, may count here too)
+        assert seen["autonomy_interrupts"] >= 1 and seen["autonomy_marks"] == 1, seen
+        assert f"{TX} shows no signs of life" in seen["status"]
+        last = status["last_run"]
+        assert last["run_id"] == "run3"
+        flags = set(last["condition"].split("|"))
+        assert {"INTERRUPTED", "DEGRADED"} <= flags, last
+        assert f"marked constellation.peer_lost:{TX} -> DEGRADED" in last["reasons"], last
+        # what daqd took of the transmitter before it died went on to the DevNullReceiver
+        assert last["accounting"]["publishers"]["pub"]["delivered"] == last["records"][TX]
+        assert out["killed_run"] == "run3"
+        assert [e[0] for e in out["eors"]] == ["daqd.pub"]
+        assert out["eors"][0][1] != "GOOD"
+        print(
+            f"chain test: {time.monotonic() - began:.1f} s in all; records per GOOD run {counts}; "
+            f"daqd acted {acted_s:.1f} s after the kill; run3 {last['condition']}"
+        )
+        assert (await driver.line(timeout_s=60)) == {"done": True}
+    finally:
+        await driver.stop()
+        if tx.poll() is None:
+            tx.kill()
+            tx.wait()
+        tx_log.close()
+        daqd.stop()

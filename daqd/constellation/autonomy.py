@@ -2,10 +2,10 @@
 
 Every HEARTBEAT service CHIRP finds in the group is subscribed to. A satellite has 3 lives and
 loses one whenever 1.5 intervals (its own announced interval) pass without a message; at none
-left it is DEAD. A satellite fails when it reports ERROR or SAFE, dies, or departs while its flags
-carry DENY_DEPARTURE. Once per failure, by the failed satellite's flags: MARK_DEGRADED marks the
-current run DEGRADED with a named reason (`constellation.peer_failed:<name>`, `peer_lost`,
-`peer_departed`), TRIGGER_INTERRUPT interrupts daqd (toward SAFE) if it is in ORBIT or RUN. A
+left it is DEAD. A satellite fails when it reports ERROR or SAFE, dies, or departs. Once per
+failure, by the failed satellite's flags: MARK_DEGRADED marks the current run DEGRADED with a
+named reason (`constellation.peer_failed:<name>`, `peer_lost`, `peer_departed`); TRIGGER_INTERRUPT
+(for a departure: DENY_DEPARTURE) interrupts daqd (toward SAFE) if it is in ORBIT or RUN. A
 satellite that reports a good state again is well again.
 """
 
@@ -154,8 +154,8 @@ class HeartbeatWatcher:
             if remote is not None:
                 with contextlib.suppress(zmq.ZMQError):
                     self._sub.disconnect(remote.endpoint)
-                if new is None and remote.flags & chp.Flags.DENY_DEPARTURE and not remote.failed:
-                    self._fail(remote, "peer_departed", "departed")
+                if new is None and not remote.failed:
+                    self._fail(remote, "peer_departed", "departed", chp.Flags.DENY_DEPARTURE)
         if new is not None and new.service == chirp.Service.HEARTBEAT:
             endpoint = f"tcp://{new.address}:{new.port}"
             self._sub.connect(endpoint)
@@ -222,13 +222,20 @@ class HeartbeatWatcher:
                 )
             await asyncio.sleep(CHECK_S)
 
-    def _fail(self, remote: Remote, kind: str, what: str) -> None:
-        """Act on one failure of `remote` by its flags: mark the run, then interrupt."""
+    def _fail(
+        self,
+        remote: Remote,
+        kind: str,
+        what: str,
+        interrupt_flag: chp.Flags = chp.Flags.TRIGGER_INTERRUPT,
+    ) -> None:
+        """Act on one failure of `remote` by its flags: mark the run (MARK_DEGRADED), then
+        interrupt (`interrupt_flag`: DENY_DEPARTURE for a departure, as Constellation does)."""
         remote.failed = True
         name = remote.name or remote.endpoint
         if remote.flags & chp.Flags.MARK_DEGRADED and self.host.run is not None:
             self.marks += 1
             self.on_degraded(f"constellation.{kind}:{name}")
-        if remote.flags & chp.Flags.TRIGGER_INTERRUPT:
+        if remote.flags & interrupt_flag:
             self.interrupts += 1
             self.on_interrupt(f"{name} {what}")

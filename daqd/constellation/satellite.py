@@ -500,7 +500,10 @@ class Satellite:
         """The controller's map: the framework sections taken, and daqd's configuration with the
         map's `receiver` / `publisher` arrays (the file's where absent), validated as a file;
         WrongArgument or ConfigError, and nothing taken, if any of it is wrong."""
-        tables: dict[str, Any] = {k: config[k] for k in ("receiver", "publisher") if k in config}
+        tables: dict[str, Any] = {}
+        for key in ("receiver", "publisher"):
+            if key in config:
+                tables[key] = _entries(key, config[key])
         new = replace_tables(self.host.config, tables, f"initialize from {sender}")
         autonomy = config.get("_autonomy")
         role, max_s = "DYNAMIC", self.settings.max_heartbeat_interval_s
@@ -612,6 +615,22 @@ class Satellite:
         if result is not None and not packable(result):
             result = repr(result)
         return self._reply(_T.SUCCESS, f"{rec_name}.{cmd} done", result)
+
+
+def _entries(table: str, value: Any) -> Any:
+    """A controller's `receiver` / `publisher`: a list of tables as in TOML, or a map of name ->
+    table (a Constellation configuration holds maps and lists of scalars only, so a controller's
+    file gives `[satellites.Daqd.<name>.receiver.<receiver name>]`); as a list of tables."""
+    if not isinstance(value, dict):
+        return value  # a list, or wrong: replace_tables says what is wrong with it
+    out = []
+    for name, entry in value.items():
+        if isinstance(entry, dict):
+            if entry.get("name", name) != name:
+                raise WrongArgument(f"{table}.{name}: name {entry['name']!r} is not its key")
+            entry = {"name": name, **entry}
+        out.append(entry)
+    return out
 
 
 async def start_satellite(host: Host) -> Satellite | None:
