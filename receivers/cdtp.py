@@ -142,6 +142,8 @@ class CdtpReceiverSettings(ReceiverSettings):
     def _some_sender(self) -> CdtpReceiverSettings:
         if not self.senders and not self.discover:
             raise ValueError("no senders: give senders (endpoints), or discover = true")
+        if self.discover and self.process:
+            raise ValueError("discover takes CHIRP from the daemon: not with process = true")
         return self
 
     def constellation_keys(self) -> list[str]:

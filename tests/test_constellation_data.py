@@ -132,6 +132,11 @@ def test_discover_needs_the_constellation_table() -> None:
     with pytest.raises(ConfigError) as err:
         parse_config('[daemon]\nname = "d"\n[[receiver]]\ntype = "cdtp"\nname = "rx"\n', "c.toml")
     assert "no senders: give senders (endpoints), or discover = true" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        parse_config(
+            '[daemon]\nname = "d"\n' + rx + 'process = true\n[constellation]\ngroup = "g"\n'
+        )
+    assert "discover takes CHIRP from the daemon: not with process = true" in str(err.value)
 
 
 def pair_configs(tmp: Path) -> tuple[str, str]:
