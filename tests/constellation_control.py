@@ -10,7 +10,8 @@ further line is one JSON operation, answered with one JSON line:
 - `{"op": "cmd", "name": "Type.Name", "cmd": ..., "payload": ...}`: one CSCP command; answers
   `reply` = [success, verb message, payload].
 - `{"op": "transition", "name": ..., "cmd": ..., "payload": ..., "state": ..., "timeout": s}`:
-  the command, then wait until the controller sees the satellite in `state` (from its heartbeats);
+  the command, then wait until the controller sees the satellite in `state` (from its heartbeats,
+  after a state change since the command, as the controller's own `await_state` does);
   answers `reply`, `state` and `seconds` from sending the command to seeing the state.
 - `{"op": "states"}`: answers `states`, every known satellite's state as the controller sees it.
 - `{"op": "quit"}`: leaves the constellation and exits.
@@ -47,8 +48,12 @@ def known(ctrl: ScriptableController, names: list[str]) -> bool:
 
 
 def in_state(ctrl: ScriptableController, name: str, state: str) -> bool:
-    seen = ctrl.states.get(name)
-    return seen is not None and bool(seen.name == state)
+    """The satellite reported `state` since the last transition command sent to it: the command
+    marks its heartbeat state outdated until a state change comes (INIT -> initialize -> INIT)."""
+    for hb in list(ctrl._remote_heartbeat_states.values()):
+        if hb.name.lower() == name.lower():
+            return not hb.outdated and bool(hb.state.name == state)
+    return False
 
 
 def wait(predicate: Any, timeout: float) -> bool:
