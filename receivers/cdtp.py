@@ -197,7 +197,7 @@ class CdtpReceiver(ReceiverServer):
             self._wanted = {chirp.name_uuid(n): n for n in names} if names else None
             self._unsubscribe = discovery.subscribe(self._on_offer)
 
-    def _connect(self, endpoint: str, offered_by: bytes | None = None) -> Link:
+    def _connect(self, endpoint: str, offered_by: bytes | None = None) -> None:
         sock = self.host.zmq_context.socket(zmq.PULL)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, self.settings.rcvhwm)
@@ -214,7 +214,6 @@ class CdtpReceiver(ReceiverServer):
         link = self._links[endpoint] = Link(endpoint, sock, monitor, offered_by)
         if self._group is not None:
             self._run(link)
-        return link
 
     def _run(self, link: Link) -> None:
         assert self._group is not None
