@@ -23,6 +23,7 @@ from daqd.publisher import Publisher, PublisherQueue, PublisherSettings
 from daqd.receiver import ReceiverServer, ReceiverSettings
 from daqd.record import Record
 from daqd.runstate import (
+    TRANSITIONS,
     RunCondition,
     RunInfo,
     State,
@@ -467,9 +468,21 @@ class Host:
             self.machine.finish()
         elif name == "shutdown":
             self.request_stop(RunCondition.INTERRUPTED)
+        elif name == "reconfigure":  # begun here, nothing would ever finish it
+            raise TransitionRefused(
+                "reconfigure needs a configuration: daqctl reconfigure FILE, or SIGHUP to re-read "
+                "the file the daemon was started with"
+            )
         else:
-            self.machine.begin(name)  # refuses unknown names with the list of known ones
+            raise TransitionRefused(
+                f"unknown transition {name!r}; known: {', '.join(self.transitions())}"
+            )
         return self.state
+
+    @staticmethod
+    def transitions() -> list[str]:
+        """The transitions `transition` drives (CTRL, daqctl, a Constellation controller)."""
+        return [*(t for t in TRANSITIONS if t != "reconfigure"), "shutdown"]
 
     # ----- reconfiguration -------------------------------------------------------------------
     async def reconfigure(self, text: str, path: str | None = None) -> list[str]:

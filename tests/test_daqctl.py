@@ -138,6 +138,10 @@ def test_status_start_stop_and_refused_transitions(daemon: MakeDaemon, workdir: 
     assert ok(d.ctl("transition", "land")) == "state INIT\n"
     assert "unknown transition 'fly'" in refused(d.ctl("transition", "fly"))
     assert ok(d.ctl("transition", "launch")) == "state ORBIT\n"
+    # reconfigure is no bare transition (it needs a file): refused, and the state stays ORBIT
+    assert "daqctl reconfigure FILE" in refused(d.ctl("transition", "reconfigure"))
+    assert d.status()["state"] == "ORBIT"
+    assert ok(d.ctl("transition", "land")) == "state INIT\n"
 
 
 def test_cmd_calls_receiver_commands_and_names_the_known_ones(
