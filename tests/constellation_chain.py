@@ -160,6 +160,15 @@ def main() -> None:
                 states={k: v.name for k, v in ctrl.states.items()},
             )
             eors.clear()
+            if run_id == settings["land_after"]:  # all three land, then launch again
+                for sat, name in ((tx, tx_name), (daqd, daqd_name), (rx, null_name)):
+                    sat.land()
+                    until_state(ctrl, name, S.INIT, 60)
+                landed = {k: v.name for k, v in ctrl.states.items()}
+                for sat, name in ((daqd, daqd_name), (tx, tx_name), (rx, null_name)):
+                    sat.launch()
+                    until_state(ctrl, name, S.ORBIT, 60)
+                say(landed=landed, states={k: v.name for k, v in ctrl.states.items()})
             wait_go()
     finally:
         ctrl.reentry()

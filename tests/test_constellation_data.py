@@ -256,7 +256,7 @@ async def test_real_transmitter_daqd_devnull_receiver_chain(
 ) -> None:
     """A real ScriptableController finds daqd, a real SatellitePyRandomTransmitter (its own
     process) and a PyDevNullReceiver in one group and takes all three through initialize ->
-    launch -> start -> stop, two runs; daqd's receiver and publisher come from the controller's
+    launch -> start -> stop (two runs) -> land -> launch; daqd's receiver and publisher come from the controller's
     map, daqd receives the transmitter's data by CHIRP discovery and the DevNullReceiver finds
     daqd's publisher by CHIRP: every run GOOD on every side, the record counts equal. A garbage
     CSCP request comes first. In a third run the transmitter is killed: its DYNAMIC role makes
@@ -300,6 +300,7 @@ interface = ["lo"]
         "sender": "daqd.pub",
         "records": 2000,
         "runs": ["run1", "run2", "run3"],
+        "land_after": "run2",
         "kill_in": "run3",
         "tx_config": {
             "block_size": 64,
@@ -339,12 +340,17 @@ interface = ["lo"]
             assert out["eors"] == [["daqd.pub", "GOOD", n]], out
             assert out["null"] == ["EOR_RECEIVED", n, 0], out
             counts.append(n)
+            if run_id == "run2":  # land all three, launch again: run3 is found again by CHIRP
+                out = await driver.line(timeout_s=180)
+                assert set(out["landed"].values()) == {"INIT"}, out
+                assert set(out["states"].values()) == {"ORBIT"}, out
             await driver.say("go")
 
         out = await driver.line(timeout_s=180)
         assert out == {"running": "run3"}
+        before = sum(counts)  # what came after the relaunch: run3's, from the rediscovered sender
         await wait_for(
-            lambda: daqd.status()["receivers"]["rx"]["records"] > 2 * settings["records"],
+            lambda: daqd.status()["receivers"]["rx"]["records"] > before + 100,
             60,
             "data of run3",
         )
@@ -362,7 +368,7 @@ interface = ["lo"]
         assert seen["autonomy_interrupts"] >= 1 and seen["autonomy_marks"] == 1, seen
         assert f"{TX} shows no signs of life" in seen["status"]
         last = status["last_run"]
-        assert last["run_id"] == "run3"
+        assert last["run_id"] == "run3" and last["records"][TX] > 100, last
         flags = set(last["condition"].split("|"))
         assert {"INTERRUPTED", "DEGRADED"} <= flags, last
         assert f"marked constellation.peer_lost:{TX} -> DEGRADED" in last["reasons"], last
