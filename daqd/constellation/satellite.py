@@ -557,7 +557,6 @@ class Satellite:
             self.status_text = f"run {self.host.run.run_id} running"
         else:
             self.status_text = f"{prefix}{transition} done"
-        self._beat_now.set()
 
     def interrupt_for(self, reason: str) -> None:
         """Autonomy: another satellite failed; interrupt toward SAFE if in ORBIT or RUN."""
