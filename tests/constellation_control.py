@@ -95,12 +95,14 @@ def main() -> None:
             elif what == "transition":
                 began = time.monotonic()
                 reply = command(ctrl, op)
+                replied = time.monotonic() - began
                 ok = reply[0] and wait(
                     lambda: in_state(ctrl, op["name"], op["state"]),  # noqa: B023
                     op.get("timeout", 30),
                 )
                 seconds = time.monotonic() - began
-                say(ok=ok, reply=reply, seconds=seconds, state=states(ctrl).get(op["name"]))
+                state = states(ctrl).get(op["name"])
+                say(ok=ok, reply=reply, seconds=seconds, replied=replied, state=state)
             elif what == "states":
                 say(states=states(ctrl))
             else:

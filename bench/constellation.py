@@ -1,0 +1,363 @@
+"""Benchmark: daqd as a Constellation satellite against constellationdaq 1.0.2's own Python
+satellites, in the same run, seen by the real controller (a ScriptableController driven by
+tests/constellation_control.py). Everything runs in a private network namespace: the script runs
+itself again under `unshare -n`, so CHIRP never leaves it.
+
+  * discovery: from starting the process to the controller knowing it (its CONTROL offer taken and
+    its heartbeat state in hand): `daqd serve` (udp -> file) vs `SatellitePyDevNullReceiver`.
+    Goal: daqd < 1 s.
+  * transitions: initialize, launch, start, stop, land, each from the controller sending the
+    command to the controller seeing the state reached (by heartbeat): the same two satellites.
+    Goal: daqd <= the Python satellite.
+  * throughput: Constellation runs of `SatellitePyRandomTransmitter` (1 KiB records) into
+    `SatellitePyDevNullReceiver`, directly and through daqd (a `cdtp` receiver that finds the
+    transmitter by CHIRP -> a `cdtp` publisher the receiver finds by CHIRP), alternating:
+    records/s by the receiver's own `get_data_rate` over its run. Goal: through daqd >= 1.0x.
+
+    .venv/bin/python bench/constellation.py [--rounds 3] [--seconds 5] [--cycles 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from _common import cpu_s  # noqa: E402
+
+from daqd.control import ControlClient  # noqa: E402
+from tests.peers import peer_python  # noqa: E402
+
+CONTROL_SCRIPT = ROOT / "tests" / "constellation_control.py"
+DAQD = str(Path(sys.executable).parent / "daqd")
+GROUP = "bench"
+IN_NAMESPACE = "DAQD_BENCH_NETNS"
+BLOCK = 1024
+STEPS = [
+    ("initialize", "INIT"),
+    ("launch", "ORBIT"),
+    ("start", "RUN"),
+    ("stop", "ORBIT"),
+    ("land", "INIT"),
+]
+
+
+def into_namespace() -> None:
+    """Run this script again in a new network namespace with lo up (root, or where permitted)."""
+    if os.environ.get(IN_NAMESPACE) == "1":
+        return
+    if not shutil.which("unshare"):
+        raise SystemExit("bench/constellation.py needs unshare (util-linux) for its namespace")
+    argv = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh"]
+    env = {**os.environ, IN_NAMESPACE: "1"}
+    result = subprocess.run([*argv, sys.executable, *sys.argv], env=env)
+    raise SystemExit(result.returncode)
+
+
+class Controller:
+    def __init__(self, peer: str) -> None:
+        self.proc = subprocess.Popen(
+            [peer, str(CONTROL_SCRIPT)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        self._say({"group": GROUP, "interface": ["lo"]})
+        self._hear()
+
+    def _say(self, what: dict[str, Any]) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(what) + "\n")
+        self.proc.stdin.flush()
+
+    def _hear(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the controller exited with {self.proc.wait()}")
+        result: dict[str, Any] = json.loads(line)
+        return result
+
+    def ask(self, op: str, **args: Any) -> dict[str, Any]:
+        self._say({"op": op, **args})
+        return self._hear()
+
+    def transition(self, name: str, cmd: str, state: str, payload: Any = None) -> float:
+        out = self.ask("transition", name=name, cmd=cmd, payload=payload, state=state, timeout=60)
+        if not out["ok"]:
+            raise RuntimeError(f"{name} {cmd}: {out}")
+        seconds: float = out["seconds"]
+        return seconds
+
+    def close(self) -> None:
+        self._say({"op": "quit"})
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class Process:
+    """A satellite process: `daqd serve` or a constellationdaq satellite's command."""
+
+    def __init__(self, argv: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+        self.log = log
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, env=env or dict(os.environ)
+            )
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def start_daqd(tmp: Path, name: str, body: str) -> Process:
+    runtime = tmp / f"run-{name}"
+    runtime.mkdir()
+    config = tmp / f"{name}.toml"
+    config.write_text(
+        f'[daemon]\nname = "{name}"\ndrain_timeout_s = 15\n{body}\n'
+        f'[constellation]\ngroup = "{GROUP}"\ninterface = ["lo"]\n'
+    )
+    env = {**os.environ, "RUNTIME_DIRECTORY": str(runtime)}
+    env.pop("NOTIFY_SOCKET", None)
+    return Process([DAQD, "serve", str(config)], tmp / f"{name}.log", env)
+
+
+def daqd_status(tmp: Path, name: str) -> dict[str, Any]:
+    with ControlClient(f"ipc://{tmp}/run-{name}/{name}.ctl", timeout_s=10.0) as c:
+        result: dict[str, Any] = c.request("STAT", {})
+    return result
+
+
+def start_python(peer_bin: Path, kind: str, name: str, tmp: Path) -> Process:
+    argv = [str(peer_bin / f"Satellite{kind}"), "--group", GROUP, "--name", name]
+    return Process([*argv, "--interface", "lo", "--level", "WARNING"], tmp / f"{name}.log")
+
+
+def disk_config(tmp: Path, name: str) -> str:
+    return f"""
+[[receiver]]
+type = "udp"
+name = "raw"
+listen = "127.0.0.1:0"
+publish_to = ["disk"]
+
+[[publisher]]
+type = "file"
+name = "disk"
+directory = "{tmp / f"data-{name}"}"
+"""
+
+
+BRIDGE_CONFIG = """
+[[receiver]]
+type = "cdtp"
+name = "in"
+discover = true
+receive_from = ["PyRandomTransmitter.tx"]
+publish_to = ["pub"]
+
+[[publisher]]
+type = "cdtp"
+name = "pub"
+endpoint = "tcp://127.0.0.1:0"
+"""
+
+
+# ----- discovery and transitions --------------------------------------------------------------
+def satellite_trial(
+    ctrl: Controller, start: Any, canonical: str, cycles: int, run_prefix: str
+) -> tuple[float, dict[str, list[float]]]:
+    """Start a satellite; the seconds until the controller knows it, and each transition's."""
+    began = time.monotonic()
+    process = start()
+    try:
+        found = ctrl.ask("await", names=[canonical], timeout=60)
+        if not found["ok"]:
+            raise RuntimeError(f"the controller did not find {canonical}: {found}")
+        discovery = found["seen"] - began
+        seconds: dict[str, list[float]] = {cmd: [] for cmd, _ in STEPS}
+        for k in range(cycles):
+            for cmd, state in STEPS:
+                payload: Any = {} if cmd == "initialize" else None
+                if cmd == "start":
+                    payload = f"{run_prefix}{k}"
+                seconds[cmd].append(ctrl.transition(canonical, cmd, state, payload))
+    finally:
+        process.stop()
+    return discovery, seconds
+
+
+# ----- throughput -----------------------------------------------------------------------------
+def throughput_trial(
+    ctrl: Controller,
+    tmp: Path,
+    via_daqd: bool,
+    seconds: float,
+    run_id: str,
+    pids: dict[str, int],
+) -> tuple[float, str, dict[str, float]]:
+    """One run transmitter -> (daqd ->) receiver: records/s at the receiver, a note, and the CPU
+    seconds each process used from the first start to the last stop."""
+    tx, null = "PyRandomTransmitter.tx", "PyDevNullReceiver.null"
+    sats = [null, tx]
+    daqd: Process | None = None
+    name = f"bridge{run_id}"
+    if via_daqd:
+        daqd = start_daqd(tmp, name, BRIDGE_CONFIG)
+        sats = [null, f"Daqd.{name}", tx]
+        if not ctrl.ask("await", names=sats, timeout=60)["ok"]:
+            raise RuntimeError(f"the controller did not find {name}")
+    try:
+        configs = {
+            tx: {"block_size": BLOCK, "number_of_blocks": 1},
+            null: {"_data": {"receive_from": ["daqd.pub" if via_daqd else tx]}},
+            f"Daqd.{name}": {},
+        }
+        for sat in sats:
+            ctrl.transition(sat, "initialize", "INIT", configs[sat])
+        for sat in sats:
+            ctrl.transition(sat, "launch", "ORBIT")
+        procs = dict(pids, **({"daqd": daqd.proc.pid} if daqd is not None else {}))
+        cpu = {kind: cpu_s(pid) for kind, pid in procs.items()}
+        for sat in sats:  # the receiving end first
+            ctrl.transition(sat, "start", "RUN", run_id)
+        time.sleep(seconds)  # the run: the transmitter sends as fast as it can
+        for sat in reversed(sats):  # the sending end first, so every EOR goes through
+            ctrl.transition(sat, "stop", "ORBIT")
+        cpu = {kind: cpu_s(pid) - cpu[kind] for kind, pid in procs.items()}
+        gbps = ctrl.ask("cmd", name=null, cmd="get_data_rate")["reply"][2]
+        note = ""
+        if via_daqd:
+            last = daqd_status(tmp, name)["last_run"]
+            pub = last["accounting"]["publishers"]["pub"]
+            note = f"daqd run {last['condition']}, {pub['delivered']} records delivered"
+            if last["condition"] != "GOOD" or pub["delivered"] != pub["offered"]:
+                note += f" (NOT GOOD: {last['reasons']})"
+        for sat in sats:
+            ctrl.transition(sat, "land", "INIT")
+    finally:
+        if daqd is not None:
+            daqd.stop()
+    return float(gbps) * 1e9 / 8 / BLOCK, note, cpu
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3, help="trials of each kind, alternating")
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of a throughput run")
+    parser.add_argument("--cycles", type=int, default=5, help="transition cycles per satellite")
+    args = parser.parse_args()
+    into_namespace()
+    started = time.monotonic()
+    peer = str(peer_python("constellation"))
+    peer_bin = Path(peer).parent
+    ctrl = Controller(peer)
+    discovery: dict[str, list[float]] = {"daqd": [], "python": []}
+    transitions: dict[str, dict[str, list[float]]] = {
+        kind: {cmd: [] for cmd, _ in STEPS} for kind in discovery
+    }
+    rates: dict[str, list[float]] = {"direct": [], "daqd": []}
+    notes: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="bench-constellation-") as where:
+        tmp = Path(where)
+        try:
+            for k in range(args.rounds):  # alternate, so load changes hit both alike
+                trials = {
+                    "daqd": (
+                        lambda n=f"d{k}": start_daqd(tmp, n, disk_config(tmp, n)),
+                        f"Daqd.d{k}",
+                    ),
+                    "python": (
+                        lambda n=f"n{k}": start_python(peer_bin, "PyDevNullReceiver", n, tmp),
+                        f"PyDevNullReceiver.n{k}",
+                    ),
+                }
+                for kind, (start, canonical) in trials.items():
+                    found, seconds = satellite_trial(ctrl, start, canonical, args.cycles, f"r{k}_")
+                    discovery[kind].append(found)
+                    for cmd, values in seconds.items():
+                        transitions[kind][cmd].extend(values)
+            tx = start_python(peer_bin, "PyRandomTransmitter", "tx", tmp)
+            null = start_python(peer_bin, "PyDevNullReceiver", "null", tmp)
+            pids = {"transmitter": tx.proc.pid, "receiver": null.proc.pid}
+            try:
+                sats = ["PyRandomTransmitter.tx", "PyDevNullReceiver.null"]
+                if not ctrl.ask("await", names=sats, timeout=60)["ok"]:
+                    raise RuntimeError("the controller did not find the Python satellites")
+                for k in range(args.rounds):
+                    for kind in rates:
+                        rate, note, cpu = throughput_trial(
+                            ctrl, tmp, kind == "daqd", args.seconds, f"t{k}{kind}", pids
+                        )
+                        rates[kind].append(rate)
+                        use = ", ".join(f"{p} {c:.1f}" for p, c in cpu.items())
+                        notes.append(f"{kind}: {rate:.0f} records/s; CPU s: {use}. {note}")
+            finally:
+                tx.stop()
+                null.stop()
+        finally:
+            ctrl.close()
+    report(args, discovery, transitions, rates, notes, time.monotonic() - started)
+
+
+def report(
+    args: argparse.Namespace,
+    discovery: dict[str, list[float]],
+    transitions: dict[str, dict[str, list[float]]],
+    rates: dict[str, list[float]],
+    notes: list[str],
+    wall_s: float,
+) -> None:
+    ms = 1000.0
+    print(f"{'':<22} {'daqd':>9} {'python':>9} {'daqd/py':>8}   (medians)")
+    d, p = statistics.median(discovery["daqd"]), statistics.median(discovery["python"])
+    print(f"{'discovery ms':<22} {d * ms:>9.0f} {p * ms:>9.0f} {d / p:>8.2f}")
+    worst = 0.0
+    for cmd, _ in STEPS:
+        d = statistics.median(transitions["daqd"][cmd])
+        p = statistics.median(transitions["python"][cmd])
+        worst = max(worst, d / p)
+        print(f"{cmd + ' ms':<22} {d * ms:>9.1f} {p * ms:>9.1f} {d / p:>8.2f}")
+    direct, via = statistics.median(rates["direct"]), statistics.median(rates["daqd"])
+    paired = statistics.median(v / r for v, r in zip(rates["daqd"], rates["direct"], strict=True))
+    print(f"{'records/s, 1 KiB':<22} {'via daqd':>9} {'direct':>9} {'ratio':>8}")
+    print(f"{'':<22} {via:>9.0f} {direct:>9.0f} {via / direct:>8.2f}")
+    for note in notes:
+        print(f"  {note}")
+    print()
+    print(
+        f"discovery daqd        : {statistics.median(discovery['daqd']) * ms:.0f} ms  (goal < 1000)"
+    )
+    print(f"ratio transitions     : worst daqd/python {worst:.2f}  (goal <= 1.0)")
+    print(f"ratio throughput      : daqd/direct {paired:.2f} (median of rounds)  (goal >= 1.0)")
+    load = os.getloadavg()[0]
+    print(
+        f"rounds {args.rounds}, runs of {args.seconds:.0f} s, {args.cycles} transition cycles each;"
+        f" load average {load:.1f} on {os.cpu_count()} cpus; wall time {wall_s:.1f} s"
+    )
+
+
+if __name__ == "__main__":
+    main()
