@@ -46,6 +46,7 @@ class TriggerReceiver(ReceiverServer):
         self._pending_bytes = 0
         self._peers: dict[Any, str] = {}
         self._ssdaq_tags: dict[str, Any] = {"format": "ssdaq"}
+        self._relay = settings.format == "ssdaq"
         self.refresh_extra()
 
     async def setup(self) -> None:
@@ -69,7 +70,7 @@ class TriggerReceiver(ReceiverServer):
         self.last_tack = packet.tack
         if packet.window_beyond_field:
             self.beyond_field += 1
-        mismatch = packet.outside_union()
+        mismatch = packet.mismatch
         if mismatch:  # readable but self-contradictory: kept, and counted (the run is TAINTED)
             self.counters.error("union_mismatch")
             self.limited.warning(
@@ -79,7 +80,7 @@ class TriggerReceiver(ReceiverServer):
                 *addr[:2],
                 packet.tack,
             )
-        if self.settings.format == "ssdaq":
+        if self._relay:
             tags = self._ssdaq_tags
         else:
             tags = packet.tags()
