@@ -468,7 +468,16 @@ class Host:
             self.machine.finish()
         elif name == "shutdown":
             self.request_stop(RunCondition.INTERRUPTED)
-        elif name == "reconfigure":  # begun here, nothing would ever finish it
+        elif name == "reconfigure" and isinstance(args.get("config"), Config):
+            # a Constellation controller's (validated); daqctl reconfigure FILE needs no state
+            self.machine.begin("reconfigure")
+            try:
+                await self.apply_config(args["config"])
+            except Exception as exc:  # apply_config left the previous configuration running
+                self.machine.abandon(f"reconfigure: {exc}")
+                raise
+            self.machine.finish()
+        elif name == "reconfigure":  # without a configuration there is nothing to do
             raise TransitionRefused(
                 "reconfigure needs a configuration: daqctl reconfigure FILE, or SIGHUP to re-read "
                 "the file the daemon was started with"

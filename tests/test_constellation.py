@@ -27,7 +27,7 @@ import pytest
 
 from daqd.config import parse_config
 from daqd.control import ControlClient
-from daqd.errors import ConfigError
+from daqd.errors import ConfigError, ControlError
 from daqd.protocols import chirp
 from tests.conftest import DAQD, wait_for, wait_until
 from tests.peers import peer_python
@@ -563,7 +563,7 @@ async def test_autonomy_interrupts_when_a_satellite_fails(isolated: IsolatedDaqd
 async def test_fuzzed_requests_and_beacons_leave_it_serving(tmp_path: Path) -> None:
     """Hundreds of random CSCP requests each get a reply of a CSCP type, random datagrams on the
     CHIRP port are counted; the satellite still answers and still offers. Also: with
-    wait_for_controller = false daqd stays in ORBIT, and reconfigure is NOTIMPLEMENTED."""
+    wait_for_controller = false daqd stays in ORBIT."""
     config = satellite_config(tmp_path, "sat3", "wait_for_controller = false")
     daqd = IsolatedDaqd(tmp_path, config, "sat3")
     probe = await Proc.start(*daqd.in_namespace(sys.executable, PROBE_SCRIPT))
@@ -584,8 +584,6 @@ async def test_fuzzed_requests_and_beacons_leave_it_serving(tmp_path: Path) -> N
         )
         reply = await ask(probe, "cscp", port=port, command="get_state")
         assert reply["type"] == "SUCCESS" and reply["text"] in ("ORBIT", "RUN")
-        reply = await ask(probe, "cscp", port=port, command="reconfigure", payload={"a": 1})
-        assert reply["type"] == "NOTIMPLEMENTED"
         reply = await ask(probe, "cscp", port=port, command="get_cnstln_version")
         assert (reply["type"], reply["text"]) == ("SUCCESS", "1.0.2")
         hidden = await ask(probe, "cscp", port=port, command="_get_commands")
@@ -608,6 +606,55 @@ async def test_fuzzed_requests_and_beacons_leave_it_serving(tmp_path: Path) -> N
             timeout=20,
         )
         assert offer["got"]["CONTROL"]["port"] == port
+    finally:
+        await probe.stop()
+        daqd.stop()
+    assert "Traceback" not in daqd.log()
+
+
+@needs_netns
+async def test_reconfigure_replaces_the_running_tables_in_orbit(tmp_path: Path) -> None:
+    """CSCP reconfigure (ORBIT only): the map's receiver table replaces the running one, the
+    untouched publisher keeps running; a bad map is INVALID naming the key and changes nothing;
+    outside ORBIT it is refused; daqctl's CTRL 'reconfigure' without a file is refused."""
+    config = satellite_config(tmp_path, "sat4", "wait_for_controller = false")
+    daqd = IsolatedDaqd(tmp_path, config, "sat4")
+    probe = await Proc.start(*daqd.in_namespace(sys.executable, PROBE_SCRIPT))
+    port = daqd.cmd_port
+    extra = {"type": "udp", "name": "extra", "listen": "127.0.0.1:0", "publish_to": ["disk"]}
+    try:
+        assert daqd.status()["state"] == "ORBIT"
+        bad = {"receiver": {"extra": {**extra, "listen": "nowhere"}}}
+        reply = await ask(probe, "cscp", port=port, command="reconfigure", payload=bad)
+        assert reply["type"] == "INVALID" and 'key "listen"' in reply["text"], reply
+        assert sorted(daqd.status()["receivers"]) == ["ss"]
+        new = {"receiver": {"extra": extra}}
+        reply = await ask(probe, "cscp", port=port, command="reconfigure", payload=new)
+        assert (reply["type"], reply["text"]) == ("SUCCESS", "transitioning"), reply
+        await wait_for(
+            lambda: (
+                sorted(daqd.status()["receivers"]) == ["extra"]
+                and daqd.status()["state"] == "ORBIT"
+            ),
+            20,
+            "the new receiver table running, back in ORBIT",
+        )
+        # the publisher, whose table did not change, kept running untouched
+        assert "reconfigured: receiver extra, receiver ss\n" in daqd.log()
+        udp = daqd.status()["receivers"]["extra"]
+        assert udp["state"] == "running" and udp["addresses"]["listen"].startswith("127.0.0.1:")
+        # the same map again: nothing changes, still SUCCESS
+        reply = await ask(probe, "cscp", port=port, command="reconfigure", payload=new)
+        assert reply["type"] == "SUCCESS"
+        await wait_for(lambda: daqd.status()["state"] == "ORBIT", 20, "ORBIT again")
+        with pytest.raises(ControlError, match="reconfigure needs a configuration"):
+            control(daqd, "CTRL", {"transition": "reconfigure"})
+        reply = await ask(probe, "cscp", port=port, command="land")
+        await wait_for(lambda: daqd.status()["state"] == "INIT", 20, "INIT")
+        reply = await ask(probe, "cscp", port=port, command="reconfigure", payload=new)
+        assert reply["type"] == "INVALID" and "reconfigure in state INIT" in reply["text"], reply
+        commands = await ask(probe, "cscp", port=port, command="get_commands")
+        assert "reconfigure" in commands["payload"]
     finally:
         await probe.stop()
         daqd.stop()

@@ -1,10 +1,10 @@
 """daqd as a Constellation satellite (only with a [constellation] table).
 
-  satellite   the satellite `Daqd.<name>`: CHIRP offers, CSCP control and CHP heartbeats over the host
-  commands    CSCP's standard commands (and receivers' cmd_ as user commands) on the host
-  autonomy    the other satellites' heartbeats and CHP's rules for when one fails
-  monitoring  CMDP: log lines and metrics published to Constellation listeners
-  discovery   CHIRP discovery for one host: its beacons and its group's registry
+satellite   the satellite `Daqd.<name>`: CHIRP offers, CSCP control and CHP heartbeats over the host
+commands    CSCP's standard commands (and receivers' cmd_ as user commands) on the host
+autonomy    the other satellites' heartbeats and CHP's rules for when one fails
+monitoring  CMDP: log lines and metrics published to Constellation listeners
+discovery   CHIRP discovery for one host: its beacons and its group's registry
 """
 
 from daqd.constellation.satellite import Satellite, start_satellite

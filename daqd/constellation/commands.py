@@ -41,6 +41,11 @@ STANDARD: dict[str, tuple[str, str]] = {
     "land": ("Land: receivers stop receiving.", "No arguments."),
     "start": ("Start a run.", "Arguments: run_id (str, letters, digits, '_' and '-')"),
     "stop": ("Stop the run; its condition is in get_status.", "No arguments."),
+    "reconfigure": (
+        "Reconfigure in ORBIT: the map's receiver / publisher tables replace the running ones "
+        "(those that did not change keep running untouched).",
+        "Arguments: partial config (map)",
+    ),
     "shutdown": ("Stop daqd (in NEW, INIT, SAFE or ERROR only).", "No arguments."),
 }
 HIDDEN: dict[str, tuple[str, str]] = {
@@ -59,6 +64,7 @@ TRANSITION_COMMANDS = {
     "land": "land",
     "start": "start",
     "stop": "stop",
+    "reconfigure": "reconfigure",
     "_interrupt": "interrupt",
 }
 SHUTDOWN_STATES = frozenset({State.NEW, State.INIT, State.SAFE, State.ERROR})

@@ -79,6 +79,9 @@ class Satellite:
         self.uuid = chirp.name_uuid(self.name)
         self.group_uuid = chirp.name_uuid(self.group)
         self.config: dict[str, Any] = {}
+        # the receiver / publisher tables a controller gave (initialize, reconfigure) and runs now
+        self._tables: dict[str, Any] = {}
+        self._taking: dict[str, Any] = {}
         self.role = "DYNAMIC"
         self.conditions: dict[str, list[str]] = {}
         self.transition_timeout_s = DEFAULT_TRANSITION_TIMEOUT_S
@@ -461,9 +464,9 @@ class Satellite:
     def _begin_transition(self, command: str, payload: Any, sender: str) -> cscp.Message:
         transition = TRANSITION_COMMANDS[command]
         args: dict[str, Any] = {}
-        if transition == "initialize":
+        if transition in ("initialize", "reconfigure"):
             if not isinstance(payload, dict):
-                raise WrongArgument("initialize takes the configuration as a map")
+                raise WrongArgument(f"{transition} takes the configuration as a map")
         elif transition == "start":
             if not isinstance(payload, str):
                 raise WrongArgument("start takes the run id as a string")
@@ -480,16 +483,22 @@ class Satellite:
                 _T.INVALID,
                 f"Transition not allowed: a transition is under way (state {state.name})",
             )
-        sources = TRANSITIONS[transition][0]
+        # reconfigure: ORBIT only, as Constellation has it (daqctl reconfigure also works in RUN)
+        sources = {State.ORBIT} if transition == "reconfigure" else TRANSITIONS[transition][0]
         if state not in sources:
             allowed = ", ".join(sorted(s.name for s in sources))
             return self._reply(
                 _T.INVALID,
                 f"Transition not allowed: {transition} in state {state.name} (allowed from {allowed})",
             )
-        if transition == "initialize":
+        if transition in ("initialize", "reconfigure"):
             try:
-                args["config"] = self._take_config(payload, sender)
+                if transition == "initialize":  # the file's tables, but for the map's
+                    args["config"] = self._take_config(payload, sender)
+                else:  # the tables taken before, but for the map's
+                    where = f"reconfigure from {sender}"
+                    args["config"], self._taking = self._take_tables(payload, where, self._tables)
+                args["tables"] = self._taking
             except ConfigError as exc:
                 self.count("cscp_invalid_config")
                 return self._reply(_T.INVALID, f"Invalid configuration: {exc}", str(exc))
@@ -500,11 +509,7 @@ class Satellite:
         """The controller's map: the framework sections taken, and daqd's configuration with the
         map's `receiver` / `publisher` arrays (the file's where absent), validated as a file;
         WrongArgument or ConfigError, and nothing taken, if any of it is wrong."""
-        tables: dict[str, Any] = {}
-        for key in ("receiver", "publisher"):
-            if key in config:
-                tables[key] = _entries(key, config[key])
-        new = replace_tables(self.host.config, tables, f"initialize from {sender}")
+        new, self._taking = self._take_tables(config, f"initialize from {sender}", {})
         autonomy = config.get("_autonomy")
         role, max_s = "DYNAMIC", self.settings.max_heartbeat_interval_s
         if isinstance(autonomy, dict):
@@ -528,6 +533,18 @@ class Satellite:
         self.conditions, self.transition_timeout_s = conditions, timeout_s
         return new
 
+    def _take_tables(
+        self, config: dict[str, Any], where: str, base: dict[str, Any]
+    ) -> tuple[Config, dict[str, Any]]:
+        """daqd's configuration with the `receiver` / `publisher` tables of `config` in place of
+        those of `base` (the file's where neither has them), validated as a file (ConfigError);
+        and the tables it used, which become the running ones once the transition succeeds."""
+        tables = dict(base)
+        for key in ("receiver", "publisher"):
+            if key in config:
+                tables[key] = _entries(key, config[key])
+        return replace_tables(self.host.config, tables, where), tables
+
     async def _run_transition(self, transition: str, args: dict[str, Any], why: str = "") -> None:
         had_run = self.host.run is not None
         names = self.conditions.get(transition)
@@ -549,6 +566,8 @@ class Satellite:
             self.status_text = f"{transition} failed: {exc}"
             log.error("Constellation %s failed: %s", transition, exc)
             return
+        if "tables" in args:  # what initialize or reconfigure applied is what runs now
+            self._tables = args["tables"]
         prefix = f"interrupted ({why}): " if why else ""
         if had_run and transition != "start" and self.host.last_run is not None:
             run = self.host.last_run
