@@ -382,6 +382,8 @@ class Host:
         run.accounting = {"receivers": receivers, "publishers": publishers}
         if run.marked:
             run.accounting["marked"] = dict(run.marked)
+        if run.inherited:
+            run.accounting["inherited"] = [list(entry) for entry in run.inherited]
         flags, reasons = judge(run.accounting)
         run.condition = condition | run.condition | flags
         run.reasons = reasons

@@ -82,6 +82,14 @@ class RunInfo:
     # named reasons something outside the data marked the run with while it ran (Host.mark_run:
     # a Constellation peer that failed, say), each with how often; judged DEGRADED
     marked: dict[str, int] = field(default_factory=dict)
+    # flags the run takes over from upstream, each with its reason (a CDTP sender's run that
+    # ended TAINTED makes ours TAINTED): [flags, reason]; judged as given
+    inherited: list[tuple[int, str]] = field(default_factory=list)
+
+    def inherit(self, flags: RunCondition, reason: str) -> None:
+        """A receiver's data came with a condition of its own: the run takes `flags`, and its
+        reasons say why."""
+        self.inherited.append((int(flags), reason))
 
     def metadata(self) -> dict[str, Any]:
         return {
@@ -110,7 +118,7 @@ def judge(accounting: dict[str, Any]) -> tuple[RunCondition, list[str]]:
 
     `accounting` = {"receivers": {name: {"received", "drops", "errors", "failed"?}},
     "publishers": {name: {"offered", "delivered", "drops", "errors", "late"?}},
-    "marked"?: {reason: times}}. Returns the flags and one line per finding, in the user's words.
+    "marked"?: {reason: times}, "inherited"?: [[flags, reason]]}. Returns the flags and one line per finding, in the user's words.
     """
     flags = RunCondition.GOOD
     reasons: list[str] = []
@@ -153,6 +161,8 @@ def judge(accounting: dict[str, Any]) -> tuple[RunCondition, list[str]]:
             flag(RunCondition.INCOMPLETE, f"publisher {name}: {missing} records unaccounted for")
     for reason, n in sorted(accounting.get("marked", {}).items()):
         flag(RunCondition.DEGRADED, f"marked {reason}" + (f" ({n} times)" if n > 1 else ""))
+    for inherited, reason in accounting.get("inherited", []):
+        flag(RunCondition(inherited), reason)
     return flags, reasons
 
 

@@ -164,7 +164,8 @@ class CdtpReceiver(ReceiverServer):
         self._allowed = frozenset(settings.receive_from) if settings.receive_from else None
         self._others = 0  # tracked senders not named in receive_from (at most max_senders)
         # this daqd run: what the sender runs that ended in it add up to, and what to report
-        self._run_flags = RunCondition.GOOD
+        # sender runs not GOOD, by their condition: how many, and the first as an example
+        self._upstream: dict[RunCondition, tuple[int, str]] = {}
         self._run_ended = 0
         self._flawed: deque[dict[str, Any]] = deque(maxlen=REPORTED)
         self._without_bor: dict[str, int] = {}  # name -> messages without a BOR (REPORTED names)
@@ -791,11 +792,11 @@ class CdtpReceiver(ReceiverServer):
         # (an aborted sender means records are missing here, not that ours was aborted). Kept
         # from begin_run on, or from the start of a receiver replaced in the middle of a run.
         self._run_ended += 1
-        flags = condition
-        if flags & RunCondition.ABORTED:
-            flags = (flags & ~RunCondition.ABORTED) | RunCondition.INCOMPLETE
-        self._run_flags |= flags
         if condition != RunCondition.GOOD:
+            n, example = self._upstream.get(condition, (0, ""))
+            run_id = metadata.get("run_id")
+            first = example or sender.name + (f" run {run_id}" if run_id else "")
+            self._upstream[condition] = (n + 1, first)
             self._flawed.append(
                 {
                     "sender": sender.name,
@@ -810,7 +811,7 @@ class CdtpReceiver(ReceiverServer):
 
     # ----- runs and status -------------------------------------------------------------------
     async def begin_run(self, run: RunInfo) -> None:
-        self._run_flags = RunCondition.GOOD
+        self._upstream = {}
         self._run_ended = 0
         self._flawed.clear()
         self._without_bor = {}
@@ -837,7 +838,16 @@ class CdtpReceiver(ReceiverServer):
             if wait_s:
                 why = f"no EOR within eor_timeout_s={self.settings.eor_timeout_s}"
             self._substitute_eor(sender, why)
-        run.condition |= self._run_flags
+        for condition, (n, example) in self._upstream.items():
+            # an aborted sender run means records are missing here, not that ours was aborted
+            flags = condition
+            if flags & RunCondition.ABORTED:
+                flags = (flags & ~RunCondition.ABORTED) | RunCondition.INCOMPLETE
+            runs = "1 sender run" if n == 1 else f"{n} sender runs"
+            run.inherit(
+                flags,
+                f"receiver {self.name}: {runs} ended {condition.describe()} ({example})",
+            )
         self._report(run)
 
     def _report(self, run: RunInfo) -> None:

@@ -174,7 +174,10 @@ async def test_a_sender_that_vanishes_mid_run_ends_aborted(tmp_path: Path) -> No
         assert sender.condition == RunCondition.ABORTED
         assert sender.run_metadata["substitute"] is True
         assert rx.counters.drops["eor_missing"] == 1  # input lost: INCOMPLETE, not TAINTED
-        assert run.reasons == ["receiver rx: 1 input lost (eor_missing) -> INCOMPLETE"]
+        assert run.reasons == [
+            "receiver rx: 1 input lost (eor_missing) -> INCOMPLETE",
+            "receiver rx: 1 sender run ended ABORTED (Sim.v) -> INCOMPLETE",
+        ]
         assert rx.state == "running"
     finally:
         await host.stop()
@@ -305,8 +308,13 @@ async def test_transmitter_to_receiver_64k_batches_and_run_metadata(tmp_path: Pa
         await wait_for(lambda: ended(rx1, "Sim.big"), what="upstream EOR")
         await a.end_run(RunCondition.TAINTED)
         await wait_for(lambda: ended(rx2, "daqd.tx"), what="EOR from our transmitter")
-        await b.end_run()
+        downstream = await b.end_run()
         await b.queues["disk"].drained()
+    # the upstream run's own condition reaches ours, and its reasons say where it came from
+    assert downstream.condition == RunCondition.TAINTED
+    assert downstream.reasons == [
+        "receiver rx2: 1 sender run ended TAINTED (daqd.tx run upstream) -> TAINTED"
+    ]
     tx = a.publishers["tx"]
     assert tx.counters.extra["messages"] == 10  # 64 KiB records go two per 128 KiB message
     sender = rx2.senders["daqd.tx"]
