@@ -163,10 +163,21 @@ class SubCounter(threading.Thread):
         self.running = True
 
     def run(self) -> None:
+        # it shares the two cores with daqd and the sender: after each poll, take every message
+        # already queued without polling again, copied (cheaper than tracking zmq Frames below
+        # ~64 KiB): ~6 us of CPU per 3-frame message instead of ~11 us with a poll and Frames
+        # for each, CPU that daqd's side of the comparison paid and the bare side did not
+        import zmq
+
+        recv, again = self.sock.recv_multipart, zmq.Again
         while self.running:
             if self.sock.poll(100):
-                self.sock.recv_multipart(copy=False)
-                self.n += 1
+                while True:
+                    try:
+                        recv(zmq.NOBLOCK)
+                    except again:
+                        break
+                    self.n += 1
 
     def close(self) -> None:
         self.running = False
