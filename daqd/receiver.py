@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import socket
@@ -452,6 +453,8 @@ class ReceiverServer:
         for every receiver before anything awaits at shutdown."""
         if not self._held_udp:
             self._held_udp = [(sock.dup(), on_datagram) for sock, on_datagram in self._udp]
+            for sock, _ in self._held_udp:
+                _admit_no_more(sock)
         for transport in self._transports:
             transport.close()
 
@@ -469,6 +472,7 @@ class ReceiverServer:
         """
         for sock, on_datagram in socks:
             sock.setblocking(False)
+            _admit_no_more(sock)  # what a live sender sends from now on is the kernel's drop
             for _ in range(1 << 20):
                 if deadline is not None and not deadline.expired:
                     for q in self.queues:
@@ -606,3 +610,11 @@ class ReceiverServer:
 
 async def _raise(exc: BaseException) -> None:
     raise exc
+
+
+def _admit_no_more(sock: socket.socket) -> None:
+    """A UDP socket being drained keeps what its buffer holds but admits no new datagram: its
+    receive buffer shrinks to the kernel's minimum, so a sender still sending is refused (and
+    counted in the socket's drops, read as `kernel`) instead of keeping the drain going."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
