@@ -353,8 +353,9 @@ class CdtpPublisher(Publisher):
         parts = self._parts
         append = parts.append
         plain_head, plain_tail = cdtp.plain_record_head, cdtp.plain_record_tail
-        seq32_head = cdtp.seq32_record_head
-        tail, tail_length = b"", -1
+        seq_head, seq32_head = cdtp.record_seq_head, cdtp.seq32_record_head
+        tags_bytes = self.encoder.tags_bytes
+        tail, one_block, tail_length = b"", b"", -1  # by block length: plain_tail, its block part
         seq, count, total, payload_sum = self._seq, self._count, self._size, self._payload
         runs = not source_tags  # until a run turns out not to be plain
         while i < n and (payload_sum < threshold or not count):
@@ -394,21 +395,31 @@ class CdtpPublisher(Publisher):
                             continue
                         runs = False
             if not source_tags:
-                # the usual records (no tags, one block) in a tight loop; anything else, and
-                # what ends a batch, is left to the record-by-record code below
+                # the usual records (one block; no tags, or tags such as the cdtp receiver's
+                # seq_tag) in a tight loop; anything else, tags that cannot be encoded, and what
+                # ends a batch, are left to the record-by-record code below
                 for record in itertools.islice(records, i, None):
                     blocks = record.payload
-                    if record.tags or len(blocks) != 1:
+                    if len(blocks) != 1:
                         break
                     block = blocks[0]
                     length = block.nbytes if type(block) is memoryview else len(block)
+                    if length != tail_length:
+                        tail, tail_length = plain_tail(length), length
+                        one_block = tail[1:]
+                    tags = record.tags
+                    if tags:
+                        try:
+                            rest = tags_bytes(tags) + one_block
+                        except ProtocolError:
+                            break
+                    else:
+                        rest = tail
                     next_seq = seq + 1
                     if 0xFFFF < next_seq <= 0xFFFFFFFF:
-                        if length != tail_length:
-                            tail, tail_length = plain_tail(length), length
-                        head = seq32_head(next_seq) + tail
+                        head = seq32_head(next_seq) + rest
                     elif next_seq <= 0xFFFF:
-                        head = plain_head(next_seq, length)
+                        head = seq_head(next_seq) + rest
                     else:
                         break
                     size = len(head) + length

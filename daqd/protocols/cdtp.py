@@ -488,18 +488,22 @@ def plain_record_tail(length: int) -> bytes:
 seq32_record_head = functools.partial(_SEQ32.pack, 0x93, 0xCE)
 
 
+def record_seq_head(seq: int) -> bytes:
+    """A record's array header and its sequence number, an int in 0 ... 2**32 - 1."""
+    if seq < 0x80:
+        return _FIXINT_RECORD[seq]
+    if seq <= 0xFF:
+        return _SEQ8.pack(0x93, 0xCC, seq)
+    if seq <= 0xFFFF:
+        return _SEQ16.pack(0x93, 0xCD, seq)
+    return _SEQ32.pack(0x93, 0xCE, seq)
+
+
 def plain_record_head(seq: int, length: int) -> bytes:
     """The encoded head of a record with no tags and one block of `length` bytes: everything
     but the block itself (what `Encoder.record_parts` would give, faster: the transmitter's
     usual case). `seq` must be an int in 0 ... 2**32 - 1."""
-    tail = plain_record_tail(length)
-    if seq < 0x80:
-        return _FIXINT_RECORD[seq] + tail
-    if seq <= 0xFF:
-        return _SEQ8.pack(0x93, 0xCC, seq) + tail
-    if seq <= 0xFFFF:
-        return _SEQ16.pack(0x93, 0xCD, seq) + tail
-    return _SEQ32.pack(0x93, 0xCE, seq) + tail
+    return record_seq_head(seq) + plain_record_tail(length)
 
 
 def seq_width_end(seq: int) -> int:
@@ -584,6 +588,16 @@ class Encoder:
             raise ProtocolError(f"CDTP2: sender must be a str, got {type(sender).__name__}")
         return _PROTOCOL_BYTES + self._pack(sender)
 
+    def tags_bytes(self, tags: dict[str, Any] | None) -> bytes:
+        """A record's tags encoded: a map with str keys (None or empty: the empty map)."""
+        if tags:
+            if type(tags) is not dict or not all(type(k) is str for k in tags):
+                raise ProtocolError(f"CDTP2: record tags must be a map with str keys: {tags!r:.80}")
+            return self._pack(tags)
+        if tags is None or type(tags) is dict:
+            return b"\x80"
+        raise ProtocolError(f"CDTP2: record tags must be a map, got {tags!r:.80}")
+
     def record_parts(
         self, seq: int, tags: dict[str, Any] | None, blocks: Sequence[Block], parts: list[Block]
     ) -> tuple[int, int]:
@@ -592,14 +606,7 @@ class Encoder:
         Returns (encoded size, payload size): the bytes added to the message, and the block bytes
         alone (what Constellation's payload threshold counts).
         """
-        if tags:
-            if type(tags) is not dict or not all(type(k) is str for k in tags):
-                raise ProtocolError(f"CDTP2: record tags must be a map with str keys: {tags!r:.80}")
-            head = self._pack(tags)
-        elif tags is None or type(tags) is dict:
-            head = b"\x80"
-        else:
-            raise ProtocolError(f"CDTP2: record tags must be a map, got {tags!r:.80}")
+        head = self.tags_bytes(tags)
         if type(seq) is not int:
             raise ProtocolError(f"CDTP2: sequence number must be an int, got {seq!r:.40}")
         if 0 <= seq < 0x80:
