@@ -364,7 +364,25 @@ def daqd_env(tree: str | None) -> dict[str, str]:
     (PYTHONPATH comes before the venv's own, editable, install)."""
     if tree is None:
         return dict(os.environ)
-    return {**os.environ, "PYTHONPATH": tree}
+    return {**os.environ, "PYTHONPATH": importable(tree)}
+
+
+def importable(tree: str) -> str:
+    """A folder from which `tree`'s own daqd imports whole. A tree whose receivers/ and
+    publishers/ install as daqd.receivers / daqd.publishers (package-dir) has no such folder:
+    on PYTHONPATH alone, daqd would come from `tree` but daqd.receivers from the venv's editable
+    install (this tree). So a folder is made beside it whose daqd/ links every entry of
+    `tree`/daqd plus receivers/ and publishers/."""
+    root = Path(tree)
+    if (root / "daqd" / "receivers").exists() or not (root / "receivers").is_dir():
+        return tree  # its own layout imports as it is (top-level receivers, or nested)
+    shim = Path(tempfile.mkdtemp(prefix="daqd-tree-")) / "daqd"
+    shim.mkdir()
+    for entry in (root / "daqd").iterdir():
+        (shim / entry.name).symlink_to(entry)
+    for name in ("receivers", "publishers"):
+        (shim / name).symlink_to(root / name)
+    return str(shim.parent)
 
 
 def daqd_source(env: dict[str, str]) -> str:
@@ -372,7 +390,13 @@ def daqd_source(env: dict[str, str]) -> str:
     the three paths if they differ): a python with `env` whose sys.path starts, as the script's
     does, with no source tree (-P: not the current folder)."""
     code = (
-        "import daqd, receivers as r, publishers as p; print(daqd.__file__, r.__file__, p.__file__)"
+        "import importlib, daqd\n"
+        "def where(name):\n"
+        "    try:\n"
+        "        return importlib.import_module('daqd.' + name).__path__[0]\n"
+        "    except ImportError:\n"
+        "        return importlib.import_module(name).__path__[0]\n"
+        "print(daqd.__file__, where('receivers'), where('publishers'))"
     )
     out = subprocess.run(
         [sys.executable, "-P", "-c", code],
@@ -382,7 +406,9 @@ def daqd_source(env: dict[str, str]) -> str:
         text=True,
         check=True,
     )
-    roots = {str(Path(f).parent.parent) for f in out.stdout.split()}
+    # the same tree: daqd/__init__.py and the two folders beside daqd/, links followed
+    init, *folders = (Path(os.path.realpath(f)) for f in out.stdout.split())
+    roots = {str(init.parent.parent), *(str(f.parent) for f in folders)}
     return roots.pop() if len(roots) == 1 else out.stdout.strip()
 
 
