@@ -13,8 +13,14 @@ itself again under `unshare -n`, so CHIRP never leaves it.
     `SatellitePyDevNullReceiver`, directly and through daqd (a `cdtp` receiver that finds the
     transmitter by CHIRP -> a `cdtp` publisher the receiver finds by CHIRP), alternating:
     records/s by the receiver's own `get_data_rate` over its run. Goal: through daqd >= 1.0x.
+    The chain's parts stand for nodes of their own, but this box may have two cores for three
+    processes, and the Python transmitter needs a whole core: whatever CPU a relay took from it
+    would be measured as the relay's slowness. So (unless --no-pin) the transmitter has CPU 0 to
+    itself in both kinds of run, and the receiver, daqd and the controller share the others: a
+    relay too slow for the transmitter's pace still shows (the receiver then gets less), a
+    relay that keeps up does not cost the transmitter.
 
-    .venv/bin/python bench/constellation.py [--rounds 3] [--seconds 5] [--cycles 5]
+    .venv/bin/python bench/constellation.py [--rounds 3] [--seconds 5] [--cycles 5] [--no-pin]
 """
 
 from __future__ import annotations
@@ -74,6 +80,7 @@ class Controller:
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
+            preexec_fn=pinned("rest"),
         )
         self._say({"group": GROUP, "interface": ["lo"]})
         self._hear()
@@ -111,14 +118,30 @@ class Controller:
             self.proc.wait()
 
 
+# CPUs for the transmitter, and for everything else, once main() has decided (--no-pin: none)
+PINS: dict[str, set[int]] = {}
+
+
+def pinned(role: str) -> Any:
+    """A preexec_fn putting the child on the CPUs of `role` ("transmitter" or "rest")."""
+    cpus = PINS.get(role)
+    return None if cpus is None else (lambda: os.sched_setaffinity(0, cpus))
+
+
 class Process:
     """A satellite process: `daqd serve` or a constellationdaq satellite's command."""
 
-    def __init__(self, argv: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, argv: list[str], log: Path, env: dict[str, str] | None = None, role: str = "rest"
+    ) -> None:
         self.log = log
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(
-                argv, stdout=out, stderr=subprocess.STDOUT, env=env or dict(os.environ)
+                argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env or dict(os.environ),
+                preexec_fn=pinned(role),
             )
 
     def stop(self) -> None:
@@ -152,7 +175,10 @@ def daqd_status(tmp: Path, name: str) -> dict[str, Any]:
 
 def start_python(peer_bin: Path, kind: str, name: str, tmp: Path) -> Process:
     argv = [str(peer_bin / f"Satellite{kind}"), "--group", GROUP, "--name", name]
-    return Process([*argv, "--interface", "lo", "--level", "WARNING"], tmp / f"{name}.log")
+    role = "transmitter" if kind == "PyRandomTransmitter" else "rest"
+    return Process(
+        [*argv, "--interface", "lo", "--level", "WARNING"], tmp / f"{name}.log", role=role
+    )
 
 
 def disk_config(tmp: Path, name: str) -> str:
@@ -269,8 +295,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="trials of each kind, alternating")
     parser.add_argument("--seconds", type=float, default=5.0, help="length of a throughput run")
     parser.add_argument("--cycles", type=int, default=5, help="transition cycles per satellite")
+    parser.add_argument(
+        "--no-pin", action="store_true", help="no CPU of its own for the transmitter"
+    )
     args = parser.parse_args()
     into_namespace()
+    cpus = sorted(os.sched_getaffinity(0))
+    if not args.no_pin and len(cpus) >= 2:
+        PINS.update(transmitter={cpus[0]}, rest=set(cpus[1:]))
     started = time.monotonic()
     peer = str(peer_python("constellation"))
     peer_bin = Path(peer).parent
@@ -361,10 +393,16 @@ def report(
         " transition is seen in steps of that; daqd's log shows its transitions done in < 5 ms)"
     )
     print(f"ratio throughput      : daqd/direct {paired:.2f} (median of rounds)  (goal >= 1.0)")
-    print(
-        "  (three processes on the cores: the transmitter is CPU-bound, so whatever CPU daqd"
-        " takes on a busy machine it loses; compare the CPU seconds above)"
-    )
+    if PINS:
+        print(
+            f"  (the transmitter on CPU {sorted(PINS['transmitter'])} alone, the receiver, daqd"
+            f" and the controller on {sorted(PINS['rest'])}, in both kinds of run)"
+        )
+    else:
+        print(
+            "  (not pinned: the transmitter is CPU-bound, so whatever CPU daqd takes on a busy"
+            " machine it loses; compare the CPU seconds above)"
+        )
     load = os.getloadavg()[0]
     print(
         f"rounds {args.rounds}, runs of {args.seconds:.0f} s, {args.cycles} transition cycles each;"
