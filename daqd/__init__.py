@@ -17,6 +17,7 @@ The map of daqd/, one line per module or package (receivers/ and publishers/ hol
   constellation/ daqd as a Constellation satellite: CHIRP discovery, CSCP control, CHP, CMDP
   dhs/          the DCSS hardware server: handler API (handlers), devices, engine (Dhs)
   packetstream/ cs.packetstream connections (connection) and `daqd send-packets` (send_packets)
+  cdtp_senders  the cdtp receiver's senders: each one's run state, and the table bounding them
   http          HTTP for operation handlers: next image from a receiver, JSON to a service
   web/          the web view: live page, /metrics for Prometheus, run control with a token
   protocols/    sans-IO codecs, one per wire protocol (iccp, dcss, cdtp, chirp, packetstream, ...)

@@ -4,9 +4,9 @@ One PULL socket connects to each endpoint in `senders`, and (`discover = true`, 
 [constellation] table) to each DATA service CHIRP finds in the group, of the canonical names in
 `receive_from` if given, as it is offered; a DEPART closes it after handling what it holds (a
 sender that departs mid-run ends ABORTED unless its EOR or an offer comes back in time). Each
-sender (keyed by the canonical name in
-its messages, as Constellation does) has its own run state: NOT_CONNECTED, BOR_RECEIVED or
-EOR_RECEIVED, the last sequence number and the records missed. Every DATA record becomes a daqd
+sender (keyed by the canonical name in its messages, as Constellation does) has its own run state
+(daqd/cdtp_senders.py): NOT_CONNECTED, BOR_RECEIVED or EOR_RECEIVED, the last sequence number and
+the records missed. Every DATA record becomes a daqd
 Record with source = the sender's name, the sender's tags (plus `seq_tag`: its CDTP sequence
 number) and its blocks as payload, memoryviews of the received message. A bad message from one
 sender is counted under a named reason (which flags the daqd run by the host's rule table) and
@@ -19,7 +19,6 @@ sender not in a run is forgotten after `sender_idle_s`, or at once when a new on
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import time
 from collections import deque
@@ -32,6 +31,7 @@ import zmq.asyncio
 from pydantic import Field, field_validator, model_validator
 from zmq.utils.monitor import parse_monitor_message
 
+from daqd.cdtp_senders import Refused, Sender, SenderState, SenderTable
 from daqd.errors import ConfigError, ProtocolError
 from daqd.protocols import cdtp, chirp
 from daqd.receiver import ReceiverServer, ReceiverSettings, parse_hostport
@@ -45,63 +45,7 @@ if TYPE_CHECKING:
 RELINK_AFTER_S = 1.0  # a link silent this long after a disconnect was given up by ZeroMQ
 DRAIN_BATCH = 16  # messages taken per wake-up before letting other tasks run
 CLOSE_DRAIN_S = 2.0  # at most this long handling what is waiting in a socket when closing
-STATUS_SENDERS = 64  # senders status shows at most (those in a run first, then the latest)
 REPORTED = 16  # flawed sender runs, and names without a BOR, kept per daqd run for the report
-
-
-class Refused(ProtocolError):
-    """A well-formed message that cannot be taken here; `reason` names the error counted."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-class SenderState(enum.Enum):
-    NOT_CONNECTED = "NOT_CONNECTED"
-    BOR_RECEIVED = "BOR_RECEIVED"
-    EOR_RECEIVED = "EOR_RECEIVED"
-
-
-@dataclass
-class Sender:
-    """What the receiver knows about one transmitter's current (or last) run."""
-
-    name: str
-    state: SenderState = SenderState.NOT_CONNECTED
-    seq: int = 0  # last sequence number received in this run
-    missed: int = 0
-    records: int = 0
-    bytes: int = 0
-    flags: RunCondition = RunCondition.GOOD  # what we saw go wrong during the run
-    condition: RunCondition | None = None  # the run's final condition, once it ended
-    ended_ns: int = 0  # when that run ended here (EOR or substitute)
-    endpoint: str = ""
-    runs: int = 0
-    user_tags: dict[str, Any] = field(default_factory=dict)  # of the BOR
-    eor_tags: dict[str, Any] = field(default_factory=dict)  # user tags of the EOR
-    configuration: dict[str, Any] = field(default_factory=dict)
-    run_metadata: dict[str, Any] = field(default_factory=dict)
-    abort_at: float | None = None  # monotonic deadline after the sender vanished mid-run
-    back: bool = False  # reconnected since it vanished: its next message cancels abort_at
-    first_data_ns: int = 0  # arrival of the run's first and last DATA message
-    last_data_ns: int = 0
-    active: float = field(default_factory=time.monotonic)  # last message (monotonic)
-    configured: bool = False  # named in receive_from: never forgotten
-
-    def snapshot(self) -> dict[str, Any]:
-        return {
-            "state": self.state.value,
-            "seq": self.seq,
-            "missed": self.missed,
-            "records": self.records,
-            "bytes": self.bytes,
-            "endpoint": self.endpoint,
-            "runs": self.runs,
-            "condition_code": None if self.condition is None else int(self.condition),
-            "condition": None if self.condition is None else self.condition.describe(),
-            "run_id": self.run_metadata.get("run_id"),
-        }
 
 
 def _endpoint(value: str) -> str:
@@ -158,11 +102,8 @@ class CdtpReceiver(ReceiverServer):
 
     def __init__(self, settings: CdtpReceiverSettings, host: Host) -> None:
         super().__init__(settings, host)
-        self.senders: dict[str, Sender] = {
-            n: Sender(n, configured=True) for n in settings.receive_from or ()
-        }
-        self._allowed = frozenset(settings.receive_from) if settings.receive_from else None
-        self._others = 0  # tracked senders not named in receive_from (at most max_senders)
+        self.table = SenderTable(settings.receive_from, settings.max_senders, self.counters)
+        self.senders = self.table.senders  # name -> its run state (the table's)
         # this daqd run: what the sender runs that ended in it add up to, and what to report
         # sender runs not GOOD, by their condition: how many, and the first as an example
         self._upstream: dict[RunCondition, tuple[int, str]] = {}
@@ -471,8 +412,8 @@ class CdtpReceiver(ReceiverServer):
                 next_sweep = now + 1.0
                 idle_since = now - self.settings.sender_idle_s
                 for sender in list(self.senders.values()):
-                    if self._evictable(sender) and sender.active < idle_since:
-                        self._evict(sender)
+                    if self.table.evictable(sender) and sender.active < idle_since:
+                        self.table.evict(sender)
 
     # ----- messages --------------------------------------------------------------------------
     def _bad(self, endpoint: str, reason: str, why: str, name: str | None = None) -> None:
@@ -503,50 +444,14 @@ class CdtpReceiver(ReceiverServer):
             f"{kind.lower()}_without_bor", f"{kind} from {name!r} without a BOR ({state})"
         )
 
-    def _known(self, name: str, kind: str) -> Sender | None:
-        """The sender of a DATA or EOR message, if tracked; refuses names outside receive_from."""
-        if self._allowed is not None and name not in self._allowed:
-            raise Refused(
-                "not_in_receive_from",
-                f"{kind} from {name!r}, which is not in receive_from "
-                f"({', '.join(sorted(self._allowed))})",
-            )
-        return self.senders.get(name)
-
-    def _full(self) -> bool:
-        return self._allowed is None and self._others >= self.settings.max_senders
-
-    def _evictable(self, sender: Sender) -> bool:
-        return not sender.configured and sender.state is not SenderState.BOR_RECEIVED
-
-    def _evict(self, sender: Sender) -> None:
-        del self.senders[sender.name]
-        self._others -= 1
-        self.counters.extra["senders_evicted"] = self.counters.extra.get("senders_evicted", 0) + 1
-
-    def _track(self, name: str) -> Sender:
-        """The state of a sender that sent a BOR: made if new. At max_senders the sender idle
-        the longest is forgotten; if every one is in a run, the new one is refused."""
-        sender = self._known(name, "BOR")
-        if sender is not None:
-            return sender
-        if self._full():
-            idle = [s for s in self.senders.values() if self._evictable(s)]
-            if not idle:
-                raise Refused(
-                    "too_many_senders",
-                    f"BOR from {name!r} refused: max_senders={self.settings.max_senders} "
-                    "senders are all in a run",
-                )
-            self._evict(min(idle, key=lambda s: s.active))
-        sender = self.senders[name] = Sender(name)
-        self._others += 1
-        return sender
-
     async def _data(self, endpoint: str, message: cdtp.Data, nbytes: int) -> None:
-        sender = self._known(message.sender, "DATA")
+        sender = self.table.known(message.sender, "DATA")
         records = message.records
-        if sender is None and self._full() and not any(map(self._evictable, self.senders.values())):
+        if (
+            sender is None
+            and self.table.full()
+            and not any(map(self.table.evictable, self.senders.values()))
+        ):
             self.counters.drop("too_many_senders", len(records))
             raise Refused(
                 "too_many_senders",
@@ -673,7 +578,7 @@ class CdtpReceiver(ReceiverServer):
             )
 
     def _bor(self, endpoint: str, message: cdtp.BeginOfRun) -> None:
-        sender = self._track(message.sender)
+        sender = self.table.track(message.sender)
         if sender.state is SenderState.BOR_RECEIVED:
             # its open run ends here, as it stands (ABORTED, TAINTED: it never sent an EOR)
             sender.flags |= RunCondition.TAINTED
@@ -708,7 +613,7 @@ class CdtpReceiver(ReceiverServer):
         self.log.debug("%s: BOR from %s (%s)", self.name, sender.name, endpoint)
 
     def _eor(self, endpoint: str, message: cdtp.EndOfRun) -> None:
-        sender = self._known(message.sender, "EOR")
+        sender = self.table.known(message.sender, "EOR")
         if sender is None or sender.state is not SenderState.BOR_RECEIVED:
             state = "unknown" if sender is None else sender.state.value
             raise self._refuse_without_bor(message.sender, "EOR", state)
@@ -881,21 +786,13 @@ class CdtpReceiver(ReceiverServer):
             "without_bor_messages": self._without_bor_total,
         }
 
-    def sender_status(self) -> dict[str, dict[str, Any]]:
-        """At most STATUS_SENDERS senders: those in a run first, then the latest active."""
-        senders: list[Sender] = list(self.senders.values())
-        if len(senders) > STATUS_SENDERS:
-            senders.sort(key=lambda s: (s.state is SenderState.BOR_RECEIVED, s.active))
-            senders = senders[-STATUS_SENDERS:]
-        return {sender.name: sender.snapshot() for sender in senders}
-
     def cmd_senders(self) -> dict[str, dict[str, Any]]:
         """Each sender's run state, last seq, missed records and last run condition."""
-        return self.sender_status()
+        return self.table.status()
 
     def refresh_extra(self) -> None:
         extra = self.counters.extra
-        extra["senders"] = self.sender_status()
+        extra["senders"] = self.table.status()
         extra["senders_tracked"] = len(self.senders)
         extra.setdefault("senders_evicted", 0)
         if self.last_report is not None:
