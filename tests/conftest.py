@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 from hypothesis import HealthCheck, settings
 
@@ -60,6 +61,29 @@ async def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
         await asyncio.sleep(0.01)
+
+
+class HostRig:
+    """An in-process Host with one receiver under test writing run files to `tmp_path`."""
+
+    def __init__(self, host: Any, receiver: str, tmp_path: Path) -> None:
+        self.host = host
+        self.name = receiver
+        self.rec: Any = host.receivers[receiver]
+        self.tmp_path = tmp_path
+
+    async def wait(self, what: str, cond: Callable[[], bool]) -> None:
+        """wait_for, whose failure also shows the receiver's stats."""
+        try:
+            await wait_for(cond, 30.0, what)
+        except AssertionError as e:
+            raise AssertionError(f"{e}: {self.rec.cmd_stats()}") from None
+
+    def records(self, run_id: str) -> tuple[list[Any], dict[str, Any]]:
+        """The receiver's records in run file run-RUN_ID.daqd, and the file's end marker."""
+        with open(self.tmp_path / f"run-{run_id}.daqd", "rb") as f:
+            items = list(msgpack.Unpacker(f, raw=False, strict_map_key=False))
+        return [i for i in items[1:-1] if i[0] == self.name], items[-1]["end"]
 
 
 class Daemon:

@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import pytest
 
 from daqd.config import parse_config
@@ -26,7 +25,7 @@ from daqd.protocols import ssdaq_pb as pb
 from daqd.protocols.logstream import LogStream, frame
 from daqd.sim.log import log_record
 
-from .conftest import DAQD, Daemon, wait_for, wait_until
+from .conftest import DAQD, Daemon, HostRig, wait_until
 from .test_ssdaq_logmon_codec import RefLogData
 
 SIM_LOG = [DAQD, "sim", "log", "--rate", "2000", "--quiet"]
@@ -58,23 +57,10 @@ fsync = "never"
 """
 
 
-class Rig:
+class Rig(HostRig):
     def __init__(self, host: Host, tmp_path: Path) -> None:
-        self.host = host
-        self.rec: Any = host.receivers["logs"]
+        super().__init__(host, "logs", tmp_path)
         self.port = int(self.rec.addresses["listen"].rpartition(":")[2])
-        self.tmp_path = tmp_path
-
-    async def wait(self, what: str, cond: Callable[[], bool]) -> None:
-        try:
-            await wait_for(cond, 30.0, what)
-        except AssertionError as e:
-            raise AssertionError(f"{e}: {self.rec.cmd_stats()}") from None
-
-    def records(self, run_id: str) -> tuple[list[Any], dict[str, Any]]:
-        with open(self.tmp_path / f"run-{run_id}.daqd", "rb") as f:
-            items = list(msgpack.Unpacker(f, raw=False, strict_map_key=False))
-        return [i for i in items[1:-1] if i[0] == "logs"], items[-1]["end"]
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from daqd.host import Host
 from daqd.protocols.ssdaq_pb import decode_trigger_message, encode_trigger_message
 from daqd.sim.timestamp import TimingBoard
 
-from .conftest import DAQD, wait_for, wait_until
+from .conftest import DAQD, HostRig, wait_until
 
 
 def free_port() -> int:
@@ -49,23 +49,10 @@ def config_text(tmp_path: Path, connect: str, **receiver: Any) -> str:
     return "\n".join(lines) + "\n"
 
 
-class Rig:
+class Rig(HostRig):
     def __init__(self, host: Host, tmp_path: Path, endpoint: str) -> None:
-        self.host = host
-        self.rec: Any = host.receivers["ts"]
-        self.tmp_path = tmp_path
+        super().__init__(host, "ts", tmp_path)
         self.endpoint = endpoint
-
-    async def wait(self, what: str, cond: Callable[[], bool]) -> None:
-        try:
-            await wait_for(cond, 30.0, what)
-        except AssertionError as e:
-            raise AssertionError(f"{e}: {self.rec.cmd_stats()}") from None
-
-    def records(self, run_id: str) -> tuple[list[Any], dict[str, Any]]:
-        with open(self.tmp_path / f"run-{run_id}.daqd", "rb") as f:
-            items = list(msgpack.Unpacker(f, raw=False, strict_map_key=False))
-        return [i for i in items[1:-1] if i[0] == "ts"], items[-1]["end"]
 
 
 @pytest.fixture
