@@ -358,7 +358,9 @@ class SaturninReceiver(ReceiverServer):
 
     def _pipe_closed(self, close: fbdp.Close) -> None:
         errors = [e.description for e in close.errors]
-        self.pipe.update(state="closed", code=close.code.name, errors=errors)
+        # a CLOSE that crossed daqd's own (landing) does not make it the service's doing
+        state = "closed by daqd" if self._pipe is not None and self._pipe.closing else "closed"
+        self.pipe.update(state=state, code=close.code.name, errors=errors)
         self._pipe_ended.set()
         if close.code is fbdp.ErrorCode.OK or self._pipe is None or self._pipe.closing:
             self.log.info("%s: data pipe closed by the service: %s", self.name, close.code.name)
