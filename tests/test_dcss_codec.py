@@ -46,7 +46,7 @@ numbers = st.floats(allow_nan=False, width=64)
 def _strategy_for(cls: type[Message], f: dataclasses.Field[Any]) -> st.SearchStrategy[Any]:
     if f.name == cls.rest_field:
         return rest_text
-    kind = dcss.messages._FIELD_KINDS[cls][f.name]
+    kind = dcss.base._FIELD_KINDS[cls][f.name]
     if kind is tuple:
         return st.lists(tokens, max_size=4).map(tuple)
     if kind is float:
@@ -67,7 +67,7 @@ def _message_strategy(cls: type[Message]) -> st.SearchStrategy[Message]:
             time_s=numbers,
             readings=st.lists(st.tuples(tokens, numbers), max_size=4).map(tuple),
         )
-    kwargs = {f.name: _strategy_for(cls, f) for f in dcss.messages._wire_fields(cls)}
+    kwargs = {f.name: _strategy_for(cls, f) for f in dcss.base._wire_fields(cls)}
     return st.builds(cls, **kwargs)
 
 

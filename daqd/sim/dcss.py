@@ -280,7 +280,7 @@ class DhsLink:
         elif isinstance(m, (d.HtosConfigureRealMotor, d.HtosConfigurePseudoMotor)):
             dev = devices.get(m.motor)
             if dev is not None:
-                for f in d.messages._wire_fields(type(m))[1:]:
+                for f in d.base._wire_fields(type(m))[1:]:
                     setattr(dev, f.name, getattr(m, f.name))
         elif isinstance(m, (d.HtosMotorMoveStarted, d.HtosUpdateMotorPosition)):
             if m.motor in devices:

@@ -7,11 +7,17 @@ Bytes never raise: text that is not UTF-8 is decoded with replacement and counte
 Only a broken frame (a v2 header that is not two numbers, or a length over the limit) raises
 `ProtocolError`; a frame whose text cannot be parsed as its command becomes a `Malformed` message.
 
-The package, by job: `text` (decoding, number tokens, Tcl lists), `messages` (a typed message
-per command, `parse_message`), `framing` (v1/v2 frames, `DcssCodec`). Import from
-`daqd.protocols.dcss`.
+The package, by job: `text` (decoding, number tokens, Tcl lists), `base` (the `Message` base,
+the `@message` registry `MESSAGES`, field conversion and fast patterns), `stoh` (the DCSS → DHS
+messages, `stoc_`/`stoh_`), `htos` (the DHS → DCSS messages, `htos_`), `parse` (`parse_message`,
+`Unknown`, `Malformed`), `framing` (v1/v2 frames, `DcssCodec`). Import from `daqd.protocols.dcss`.
 """
 
+from daqd.protocols.dcss.base import (
+    MESSAGES,
+    Message,
+    message,
+)
 from daqd.protocols.dcss.framing import (
     DEFAULT_MAX_BINARY_BYTES,
     DEFAULT_MAX_TEXT_BYTES,
@@ -23,8 +29,7 @@ from daqd.protocols.dcss.framing import (
     encode_v2,
     parse_v2_header,
 )
-from daqd.protocols.dcss.messages import (
-    MESSAGES,
+from daqd.protocols.dcss.htos import (
     HtosClientIsHardware,
     HtosConfigurePseudoMotor,
     HtosConfigureRealMotor,
@@ -45,8 +50,13 @@ from daqd.protocols.dcss.messages import (
     HtosSimulatingDevice,
     HtosStartOperation,
     HtosUpdateMotorPosition,
+)
+from daqd.protocols.dcss.parse import (
     Malformed,
-    Message,
+    Unknown,
+    parse_message,
+)
+from daqd.protocols.dcss.stoh import (
     StocSendClientType,
     StohAbortAll,
     StohAbortMotorMove,
@@ -82,9 +92,6 @@ from daqd.protocols.dcss.messages import (
     StohStartVectorMove,
     StohStopOperation,
     StohStopVectorMove,
-    Unknown,
-    message,
-    parse_message,
 )
 from daqd.protocols.dcss.text import (
     WHITESPACE,

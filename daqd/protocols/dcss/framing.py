@@ -8,7 +8,8 @@ from __future__ import annotations
 import re
 
 from daqd.errors import ProtocolError
-from daqd.protocols.dcss.messages import Malformed, Message, parse_message
+from daqd.protocols.dcss.base import Message
+from daqd.protocols.dcss.parse import Malformed, parse_message
 from daqd.protocols.dcss.text import decode_text, next_token
 
 V1_FRAME_BYTES = 200
