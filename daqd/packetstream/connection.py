@@ -2,31 +2,28 @@
 
 Either end of a connection may send requests and answer the other's. Packets produced during one
 turn of the event loop leave in one write as soon as the loop is idle: no grace sleep. Only
-in-flight state is kept, so memory stays flat on a long connection.
+in-flight state is kept, so memory stays flat on a long connection. The stream underneath
+(transport, batched output, paused input, the end) is `PacketStream` in stream.py; `connect` and
+`start_server` are in tcp.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
-from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from daqd.errors import ProtocolError
 from daqd.logs import LimitedLogger
+from daqd.packetstream.stream import PacketStream
 from daqd.protocols.packetstream import (
     DEFAULT_MAX_PACKET_BYTES,
-    EOF,
-    ERQ,
     EndOfRequests,
-    Message,
     PacketDecoder,
     Request,
     Response,
-    encode,
     encode_request_header,
     encode_response_header,
 )
@@ -42,13 +39,9 @@ RequestHandler = Callable[[Request], "HandlerResult | Awaitable[HandlerResult]"]
 # Channel 0 tags 0 and 1 name the EOF and ERQ packets, so requests there start at 2.
 _FIRST_TAG = {0: 2}
 _READ_CHUNK_BYTES = 256 << 10
-# Above this, queued output is written as separate buffers instead of being joined first.
-_JOIN_LIMIT_BYTES = 64 << 10
 # Requesters wait for the transport to drain once this much is queued for it.
 _HIGH_WATER_BYTES = 1 << 20
 _MAX_REASON_CHARS = 200
-_EOF_PACKET = encode(EOF)
-_ERQ_PACKET = encode(ERQ)
 
 
 class RequestFailed(Exception):
@@ -103,7 +96,7 @@ def response_from_result(result: object) -> tuple[bool, int, bytes]:
     )
 
 
-class PacketConnection:
+class PacketConnection(PacketStream):
     """One packet stream connection: requests both ways over one byte stream.
 
     Built on a (StreamReader, StreamWriter) pair for any stream (TCP, unix socket, pipe), or by
@@ -127,41 +120,13 @@ class PacketConnection:
     ) -> None:
         if max_handlers < 1:
             raise ValueError("max_handlers must be >= 1")
-        if (reader is None) != (writer is None):
-            raise ValueError("give both reader and writer (or neither, for connect/start_server)")
-        self._reader = reader
-        self._writer = writer
+        super().__init__(reader, writer, name=name, on_error=on_error)
         self.handler = handler
-        self.name = name or "?"
         self.max_handlers = max_handlers
         self.close_timeout_s = close_timeout_s
-        self._on_error = on_error
         self._decoder = PacketDecoder(max_packet_bytes)
-        self._loop = asyncio.get_running_loop()
-        self._transport: asyncio.WriteTransport | None = None
-        # our requests awaiting a response: (channel, tag) -> future
-        self._pending: dict[tuple[int, int], asyncio.Future[Response]] = {}
         self._next_tag: dict[int, int] = {}
-        # the peer's requests being handled by tasks
-        self._serving: set[tuple[int, int]] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
-        # decoded messages waiting for a handler slot; input is paused meanwhile
-        self._backlog: deque[Message] = deque()
-        self._pause_reasons: set[str] = set()
-        self._input_resumed = asyncio.Event()
-        self._input_resumed.set()
-        self._can_write = asyncio.Event()
-        self._can_write.set()
-        self._out: list[bytes | bytearray | memoryview] = []
-        self._out_bytes = 0
-        self._flush_scheduled = False
-        self._read_task: asyncio.Task[None] | None = None
-        self._input_done = False  # peer's EOF (packet or FIN) seen, or the stream failed
         self._eof_after_backlog = False
-        self._closed = asyncio.Event()
-        self._end_reason: str | None = None  # why the connection can no longer carry requests
-        self._sent_erq = False
-        self._sent_eof = False
         self._peer_erq = False
         self._closing = False
         self._finisher: asyncio.Task[None] | None = None
@@ -169,24 +134,6 @@ class PacketConnection:
         self.responses_received = 0
         self.requests_served = 0
         self.failures_sent = 0
-        self.errors: dict[str, int] = {}
-        if writer is not None:
-            self._attach(writer.transport)
-
-    def _attach(self, transport: asyncio.WriteTransport) -> None:
-        self._transport = transport
-        if self.name == "?":
-            peer = transport.get_extra_info("peername")
-            if isinstance(peer, tuple) and len(peer) >= 2:
-                self.name = f"{peer[0]}:{peer[1]}"
-            elif isinstance(peer, str) and peer:
-                self.name = peer
-
-    @property
-    def transport(self) -> asyncio.WriteTransport:
-        """The transport underneath (for its extra info: peername, sockname, socket)."""
-        assert self._transport is not None, "not connected yet"
-        return self._transport
 
     # ---- life cycle ----
 
@@ -302,65 +249,7 @@ class PacketConnection:
         finally:
             self._pending.pop(key, None)
 
-    async def _drain(self) -> None:
-        if self._writer is not None:
-            await self._writer.drain()
-        else:
-            await self._can_write.wait()
-
-    # ---- output ----
-
-    def _queue(self, data: bytes, payload: bytes | bytearray | memoryview = b"") -> None:
-        self._out.append(data)
-        if payload:
-            self._out.append(payload)
-        self._out_bytes += len(data) + len(payload)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
-
-    def _flush(self) -> None:
-        """Hand everything queued to the transport in one write: runs when the loop is idle."""
-        self._flush_scheduled = False
-        out = self._out
-        if not out:
-            return
-        self._out = []
-        size = self._out_bytes
-        self._out_bytes = 0
-        transport = self._transport
-        if transport is None or transport.is_closing():
-            self._count_error("unsent_after_close", len(out))
-            return
-        try:
-            if len(out) == 1:
-                transport.write(out[0])
-            elif size <= _JOIN_LIMIT_BYTES:
-                transport.write(b"".join(out))
-            else:
-                transport.writelines(out)
-        except (ConnectionError, OSError, RuntimeError) as exc:
-            self._count_error("write_failed")
-            self._end(f"write failed: {exc}", abort=True)
-
-    def _send_control_erq(self) -> None:
-        if not self._sent_erq and not self._sent_eof and self._end_reason is None:
-            self._sent_erq = True
-            self._queue(_ERQ_PACKET)
-
-    def _send_eof(self) -> None:
-        """Send EOF, flush, and half-close where the stream allows it: we send nothing more."""
-        if self._sent_eof:
-            return
-        self._sent_eof = True
-        transport = self._transport
-        if transport is None or transport.is_closing():
-            return
-        self._queue(_EOF_PACKET)
-        self._flush()
-        if transport.can_write_eof():
-            with contextlib.suppress(OSError, RuntimeError):
-                transport.write_eof()
+    # ---- responses ----
 
     def _respond(self, channel: int, tag: int, ok: bool, flags: int, payload: bytes) -> None:
         if self._sent_eof:
@@ -413,23 +302,6 @@ class PacketConnection:
         except asyncio.CancelledError:
             self._end("connection closed", abort=True)
             raise
-
-    def _pause_input(self, reason: str) -> None:
-        if not self._pause_reasons:
-            self._input_resumed.clear()
-            if self._reader is None and self._transport is not None:
-                self._transport.pause_reading()  # type: ignore[attr-defined]
-        self._pause_reasons.add(reason)
-
-    def _resume_input(self, reason: str) -> None:
-        if reason not in self._pause_reasons:
-            return
-        self._pause_reasons.discard(reason)
-        if not self._pause_reasons and not self._input_done:
-            self._input_resumed.set()
-            transport = self._transport
-            if self._reader is None and transport is not None and not transport.is_closing():
-                transport.resume_reading()  # type: ignore[attr-defined]
 
     def _feed(self, data: bytes) -> None:
         """Decode received bytes and act on every complete message."""
@@ -641,123 +513,3 @@ class PacketConnection:
             self._end(f"connection lost: {exc}", abort=True)
         else:
             self._end("connection closed", abort=True)
-
-    def _fail_pending(self, reason: str) -> None:
-        if not self._pending:
-            return
-        pending = list(self._pending.values())
-        self._pending.clear()
-        for fut in pending:
-            if not fut.done():
-                fut.set_exception(ConnectionError(f"{self.name}: {reason}"))
-
-    def _end(self, reason: str, *, abort: bool) -> None:
-        """The connection is over: fail what waits on it, stop handlers, release the stream."""
-        if self._closed.is_set():
-            return
-        if self._end_reason is None:
-            self._end_reason = reason
-        self._input_done = True
-        self._backlog.clear()
-        self._input_resumed.set()
-        self._fail_pending(reason)
-        for task in list(self._tasks):
-            task.cancel()
-        self._serving.clear()
-        transport = self._transport
-        if abort:
-            self._out.clear()
-            self._out_bytes = 0
-            if transport is not None and not transport.is_closing():
-                transport.abort()
-        else:
-            self._flush()
-            if transport is not None:
-                transport.close()
-        if self._read_task is not None and self._read_task is not asyncio.current_task():
-            self._read_task.cancel()
-        self._closed.set()
-
-    def _count_error(self, reason: str, n: int = 1) -> None:
-        self.errors[reason] = self.errors.get(reason, 0) + n
-        if self._on_error is not None:
-            self._on_error(reason)
-
-
-class _PacketProtocol(asyncio.Protocol):
-    """Drives a PacketConnection straight from transport callbacks (no reader task)."""
-
-    def __init__(
-        self,
-        conn: PacketConnection,
-        on_connect: Callable[[PacketConnection], None] | None = None,
-    ) -> None:
-        self.conn = conn
-        self.on_connect = on_connect
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.conn._attach(transport)  # type: ignore[arg-type]
-        if self.on_connect is not None:
-            self.on_connect(self.conn)
-
-    def data_received(self, data: bytes) -> None:
-        self.conn._feed(data)
-
-    def eof_received(self) -> bool:
-        self.conn._feed_eof()
-        return True  # keep our sending side open: responses and our EOF still have to go out
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.conn._connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        conn = self.conn
-        conn._can_write.clear()
-        if not conn._pending:
-            # as in the stream read loop: pause the input only when no response is awaited
-            conn._pause_input("write")
-
-    def resume_writing(self) -> None:
-        self.conn._can_write.set()
-        self.conn._resume_input("write")
-
-
-def _new_connection(
-    handler: RequestHandler | None,
-    options: dict[str, Any],
-    on_connect: Callable[[PacketConnection], None] | None = None,
-) -> _PacketProtocol:
-    return _PacketProtocol(PacketConnection(None, None, handler, **options), on_connect)
-
-
-async def connect(
-    host: str,
-    port: int,
-    handler: RequestHandler | None = None,
-    **options: Any,
-) -> PacketConnection:
-    """Open a TCP connection and return a PacketConnection over it (options as for the class)."""
-    loop = asyncio.get_running_loop()
-    _, protocol = await loop.create_connection(
-        lambda: _new_connection(handler, options), host, port
-    )
-    return protocol.conn
-
-
-async def start_server(
-    host: str,
-    port: int,
-    handler: RequestHandler | None = None,
-    *,
-    on_connect: Callable[[PacketConnection], None] | None = None,
-    **options: Any,
-) -> asyncio.Server:
-    """A TCP server: one PacketConnection per client, answering with `handler`.
-
-    `on_connect(conn)` runs before the client's first byte is read (set `conn.handler` or
-    `conn.name` there, or keep `conn` to close it later).
-    """
-    loop = asyncio.get_running_loop()
-    return await loop.create_server(
-        lambda: _new_connection(handler, options, on_connect), host, port
-    )

@@ -8,7 +8,7 @@ from typing import Any, BinaryIO
 
 import click
 
-from daqd.packetstream.connection import connect
+from daqd.packetstream.tcp import connect
 from daqd.protocols.packetstream import Response
 
 # ---- `daqd send-packets` ----
