@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from daqd.errors import ProtocolError
 from daqd.protocols import cdtp
+from daqd.protocols.cdtp import decoding
 
 HEADER = bytes.fromhex("a5 43 44 54 50 02")
 
@@ -359,14 +360,14 @@ def test_uniform_fast_path_agrees_with_the_record_parser(
 
 def test_uniform_fast_path_is_taken_for_plain_batches(monkeypatch: pytest.MonkeyPatch) -> None:
     results: list[object] = []
-    original = cdtp._Reader.uniform_records
+    original = decoding._Reader.uniform_records
 
-    def spy(self: cdtp._Reader, pos: int, count: int) -> object:
+    def spy(self: decoding._Reader, pos: int, count: int) -> object:
         result = original(self, pos, count)
         results.append(result)
         return result
 
-    monkeypatch.setattr(cdtp._Reader, "uniform_records", spy)
+    monkeypatch.setattr(decoding._Reader, "uniform_records", spy)
     for first, size in ((1, 1024), (1000, 1024), (70000, 65536), (2**33, 10)):
         records = [cdtp.DataRecord(first + i, {}, [bytes([i]) * size]) for i in range(100)]
         [frame] = cdtp.encode(cdtp.Data("S.u", records))

@@ -1,7 +1,7 @@
 """The source layout stays as documented: the map of daqd/ in daqd.__doc__ names every module and
-package there, and the packages split by job (daqd.dhs, daqd.packetstream, daqd.protocols.dcss)
-re-export every public name their modules define, so `from daqd.dhs import X` keeps working for
-all of them."""
+package there, and the packages split by job (daqd.dhs, daqd.packetstream, daqd.protocols.cdtp,
+daqd.protocols.dcss) re-export every public name their modules define, so `from daqd.dhs import X`
+keeps working for all of them."""
 
 from __future__ import annotations
 
@@ -45,7 +45,9 @@ def _public_names(path: Path) -> set[str]:
     return {n for n in names if not n.startswith("_")}
 
 
-@pytest.mark.parametrize("package", ["daqd.dhs", "daqd.packetstream", "daqd.protocols.dcss"])
+@pytest.mark.parametrize(
+    "package", ["daqd.dhs", "daqd.packetstream", "daqd.protocols.cdtp", "daqd.protocols.dcss"]
+)
 def test_a_package_split_by_job_reexports_every_public_name(package: str) -> None:
     pkg = importlib.import_module(package)
     exported = set(pkg.__all__)
