@@ -1,22 +1,28 @@
-"""The `cdtp` receiver's senders: each one's run state, and the table that bounds them.
+"""The `cdtp` receiver's senders: each one's run state, the table that bounds them, and what
+their runs add up to in a daqd run.
 
 A sender is keyed by the canonical name in its messages, as Constellation does. The table keeps
 those named in `receive_from` (and refuses every other name), or at most `max_senders` others: a
 new one takes the place of the one idle the longest, and is refused if every one is in a run.
+The RunAccount sums up the sender runs that ended in one daqd run: the flags they give it, and
+its report.
 """
 
 from __future__ import annotations
 
 import enum
 import time
+from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from daqd.errors import ProtocolError
 from daqd.monitor import Counters
-from daqd.runstate import RunCondition
+from daqd.runstate import RunCondition, RunInfo
 
 STATUS_SENDERS = 64  # senders status shows at most (those in a run first, then the latest)
+REPORTED = 16  # flawed sender runs, and names without a BOR, kept per daqd run for the report
 
 
 class Refused(ProtocolError):
@@ -134,3 +140,93 @@ class SenderTable:
             senders.sort(key=lambda s: (s.state is SenderState.BOR_RECEIVED, s.active))
             senders = senders[-STATUS_SENDERS:]
         return {sender.name: sender.snapshot() for sender in senders}
+
+
+class RunAccount:
+    """What the sender runs that ended in one daqd run add up to: the flags they give it, and its
+    report (at most REPORTED flawed runs and names without a BOR)."""
+
+    def __init__(self) -> None:
+        self.begin()
+
+    def begin(self) -> None:
+        """A daqd run begins: nothing ended in it yet."""
+        # sender runs not GOOD, by their condition: how many, and the first as an example
+        self.upstream: dict[RunCondition, tuple[int, str]] = {}
+        self.ended = 0
+        self.flawed: deque[dict[str, Any]] = deque(maxlen=REPORTED)
+        self.without_bor: dict[str, int] = {}  # name -> messages without a BOR (REPORTED names)
+        self.without_bor_total = 0
+
+    def no_bor(self, name: str) -> None:
+        """DATA or EOR from a sender not in a run: remembered for this daqd run's report (a few
+        names), never as sender state."""
+        self.without_bor_total += 1
+        if name in self.without_bor or len(self.without_bor) < REPORTED:
+            self.without_bor[name] = self.without_bor.get(name, 0) + 1
+
+    def sender_run_ended(
+        self, sender: Sender, metadata: dict[str, Any], condition: RunCondition
+    ) -> None:
+        # the daqd run holds the senders' data: a sender's flawed run makes ours flawed too
+        # (an aborted sender means records are missing here, not that ours was aborted). Kept
+        # from begin_run on, or from the start of a receiver replaced in the middle of a run.
+        self.ended += 1
+        if condition != RunCondition.GOOD:
+            n, example = self.upstream.get(condition, (0, ""))
+            run_id = metadata.get("run_id")
+            first = example or sender.name + (f" run {run_id}" if run_id else "")
+            self.upstream[condition] = (n + 1, first)
+            self.flawed.append(
+                {
+                    "sender": sender.name,
+                    "run": sender.runs,
+                    "run_id": metadata.get("run_id"),
+                    "condition": condition.describe(),
+                    "records": sender.records,
+                    "missed": sender.missed,
+                }
+            )
+
+    def inherit(self, run: RunInfo, receiver: str) -> None:
+        """Flag the daqd run `run` with the conditions of the sender runs not GOOD."""
+        for condition, (n, example) in self.upstream.items():
+            # an aborted sender run means records are missing here, not that ours was aborted
+            flags = condition
+            if flags & RunCondition.ABORTED:
+                flags = (flags & ~RunCondition.ABORTED) | RunCondition.INCOMPLETE
+            runs = "1 sender run" if n == 1 else f"{n} sender runs"
+            run.inherit(
+                flags,
+                f"receiver {receiver}: {runs} ended {condition.describe()} ({example})",
+            )
+
+    def report(self, run: RunInfo, senders: Iterable[Sender]) -> tuple[list[str], dict[str, Any]]:
+        """The daqd run's report, as the parts of one line and as a dict: the sender runs that
+        ended in it, the flawed ones, configured senders that sent no BOR, and names that sent
+        data without one."""
+        silent = [
+            s.name
+            for s in senders
+            if s.configured
+            and s.state is not SenderState.BOR_RECEIVED
+            and (s.state is SenderState.NOT_CONNECTED or s.ended_ns < run.start_ns)
+        ]
+        parts = [f"{self.ended} sender runs ended"]
+        if self.flawed:
+            flawed = ", ".join(f"{f['sender']} {f['condition']}" for f in self.flawed)
+            parts.append(f"not GOOD: {flawed}")
+        if silent:
+            parts.append(f"never sent a BOR: {', '.join(sorted(silent)[:REPORTED])}")
+        if self.without_bor_total:
+            names = ", ".join(sorted(self.without_bor))
+            more = "" if len(self.without_bor) < REPORTED else " ..."
+            parts.append(f"{self.without_bor_total} messages without a BOR from {names}{more}")
+        return parts, {
+            "run_id": run.run_id,
+            "sender_runs_ended": self.ended,
+            "not_good": list(self.flawed),
+            "never_sent_bor": sorted(silent)[:REPORTED],
+            "without_bor": dict(self.without_bor),
+            "without_bor_messages": self.without_bor_total,
+        }

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
@@ -31,7 +30,7 @@ import zmq.asyncio
 from pydantic import Field, field_validator, model_validator
 from zmq.utils.monitor import parse_monitor_message
 
-from daqd.cdtp_senders import Refused, Sender, SenderState, SenderTable
+from daqd.cdtp_senders import Refused, RunAccount, Sender, SenderState, SenderTable
 from daqd.errors import ConfigError, ProtocolError
 from daqd.protocols import cdtp, chirp
 from daqd.receiver import ReceiverServer, ReceiverSettings, parse_hostport
@@ -45,7 +44,6 @@ if TYPE_CHECKING:
 RELINK_AFTER_S = 1.0  # a link silent this long after a disconnect was given up by ZeroMQ
 DRAIN_BATCH = 16  # messages taken per wake-up before letting other tasks run
 CLOSE_DRAIN_S = 2.0  # at most this long handling what is waiting in a socket when closing
-REPORTED = 16  # flawed sender runs, and names without a BOR, kept per daqd run for the report
 
 
 def _endpoint(value: str) -> str:
@@ -105,12 +103,7 @@ class CdtpReceiver(ReceiverServer):
         self.table = SenderTable(settings.receive_from, settings.max_senders, self.counters)
         self.senders = self.table.senders  # name -> its run state (the table's)
         # this daqd run: what the sender runs that ended in it add up to, and what to report
-        # sender runs not GOOD, by their condition: how many, and the first as an example
-        self._upstream: dict[RunCondition, tuple[int, str]] = {}
-        self._run_ended = 0
-        self._flawed: deque[dict[str, Any]] = deque(maxlen=REPORTED)
-        self._without_bor: dict[str, int] = {}  # name -> messages without a BOR (REPORTED names)
-        self._without_bor_total = 0
+        self.account = RunAccount()
         self.last_report: dict[str, Any] | None = None  # the last daqd run's (see _report)
         self._changed = asyncio.Event()  # set whenever a sender's run ends
         self._links: dict[str, Link] = {}  # endpoint -> its socket
@@ -437,9 +430,7 @@ class CdtpReceiver(ReceiverServer):
     def _refuse_without_bor(self, name: str, kind: str, state: str) -> Refused:
         """DATA or EOR from a sender not in a run: remembered for this daqd run's report (a
         few names), never as sender state."""
-        self._without_bor_total += 1
-        if name in self._without_bor or len(self._without_bor) < REPORTED:
-            self._without_bor[name] = self._without_bor.get(name, 0) + 1
+        self.account.no_bor(name)
         return Refused(
             f"{kind.lower()}_without_bor", f"{kind} from {name!r} without a BOR ({state})"
         )
@@ -693,34 +684,12 @@ class CdtpReceiver(ReceiverServer):
             sender.records,
             sender.missed,
         )
-        # the daqd run holds the senders' data: a sender's flawed run makes ours flawed too
-        # (an aborted sender means records are missing here, not that ours was aborted). Kept
-        # from begin_run on, or from the start of a receiver replaced in the middle of a run.
-        self._run_ended += 1
-        if condition != RunCondition.GOOD:
-            n, example = self._upstream.get(condition, (0, ""))
-            run_id = metadata.get("run_id")
-            first = example or sender.name + (f" run {run_id}" if run_id else "")
-            self._upstream[condition] = (n + 1, first)
-            self._flawed.append(
-                {
-                    "sender": sender.name,
-                    "run": sender.runs,
-                    "run_id": metadata.get("run_id"),
-                    "condition": condition.describe(),
-                    "records": sender.records,
-                    "missed": sender.missed,
-                }
-            )
+        self.account.sender_run_ended(sender, metadata, condition)
         self._changed.set()
 
     # ----- runs and status -------------------------------------------------------------------
     async def begin_run(self, run: RunInfo) -> None:
-        self._upstream = {}
-        self._run_ended = 0
-        self._flawed.clear()
-        self._without_bor = {}
-        self._without_bor_total = 0
+        self.account.begin()
 
     async def end_run(self, run: RunInfo) -> None:
         """Wait up to eor_timeout_s for every sender's EOR, then end the rest ABORTED; the
@@ -743,48 +712,15 @@ class CdtpReceiver(ReceiverServer):
             if wait_s:
                 why = f"no EOR within eor_timeout_s={self.settings.eor_timeout_s}"
             self._substitute_eor(sender, why)
-        for condition, (n, example) in self._upstream.items():
-            # an aborted sender run means records are missing here, not that ours was aborted
-            flags = condition
-            if flags & RunCondition.ABORTED:
-                flags = (flags & ~RunCondition.ABORTED) | RunCondition.INCOMPLETE
-            runs = "1 sender run" if n == 1 else f"{n} sender runs"
-            run.inherit(
-                flags,
-                f"receiver {self.name}: {runs} ended {condition.describe()} ({example})",
-            )
+        self.account.inherit(run, self.name)
         self._report(run)
 
     def _report(self, run: RunInfo) -> None:
-        """One line per daqd run: the sender runs that ended in it, the flawed ones, configured
-        senders that sent no BOR, and names that sent data without one."""
-        silent = [
-            s.name
-            for s in self.senders.values()
-            if s.configured
-            and s.state is not SenderState.BOR_RECEIVED
-            and (s.state is SenderState.NOT_CONNECTED or s.ended_ns < run.start_ns)
-        ]
-        parts = [f"{self._run_ended} sender runs ended"]
-        if self._flawed:
-            flawed = ", ".join(f"{f['sender']} {f['condition']}" for f in self._flawed)
-            parts.append(f"not GOOD: {flawed}")
-        if silent:
-            parts.append(f"never sent a BOR: {', '.join(sorted(silent)[:REPORTED])}")
-        if self._without_bor_total:
-            names = ", ".join(sorted(self._without_bor))
-            more = "" if len(self._without_bor) < REPORTED else " ..."
-            parts.append(f"{self._without_bor_total} messages without a BOR from {names}{more}")
+        """One line per daqd run (RunAccount.report), and status's last_run."""
+        parts, report = self.account.report(run, self.senders.values())
         level = logging.WARNING if len(parts) > 1 else logging.INFO
         self.log.log(level, "%s: run %s: %s", self.name, run.run_id, "; ".join(parts))
-        self.last_report = {
-            "run_id": run.run_id,
-            "sender_runs_ended": self._run_ended,
-            "not_good": list(self._flawed),
-            "never_sent_bor": sorted(silent)[:REPORTED],
-            "without_bor": dict(self._without_bor),
-            "without_bor_messages": self._without_bor_total,
-        }
+        self.last_report = report
 
     def cmd_senders(self) -> dict[str, dict[str, Any]]:
         """Each sender's run state, last seq, missed records and last run condition."""
