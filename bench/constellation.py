@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from _common import cpu_s  # noqa: E402
 
-from daqd.control import ControlClient  # noqa: E402
+from daqd.control_client import ControlClient  # noqa: E402
 from tests.peers import peer_python  # noqa: E402
 
 CONTROL_SCRIPT = ROOT / "tests" / "constellation_control.py"

@@ -417,7 +417,7 @@ def daqd_side(tree: str | None = None) -> Iterator[tuple[Side, Callable[[], dict
     """`daqd serve` (from the source tree `tree` if given) with a SUB counter on its publisher,
     as a Side (parts: the ZeroMQ I/O thread, the SUB counter), and a function returning the
     accounting of what it lost."""
-    from daqd.control import ControlClient
+    from daqd.control_client import ControlClient
 
     work = Path(tempfile.mkdtemp(prefix="bi"))
     cfg = work / "bench.toml"

@@ -12,7 +12,9 @@ The map of daqd/, one line per module or package (receivers/ and publishers/ hol
   record        Record: the one thing that flows from receivers to publishers
   runstate      the run state machine (Constellation's satellite states) and what a run carries
   monitor       counters and rates of every receiver and publisher; the status snapshot
-  control       the control socket: ICCP server (ZeroMQ ROUTER) and the client daqctl uses
+  control       the control socket's ICCP server (ZeroMQ ROUTER): requests, STOP, counters
+  control_client ControlClient: the blocking ICCP client daqctl, tests and benches use
+  endpoints     where control sockets and taps live (runtime dir, ipc paths), who may reach them
   worker/       worker processes: parent side, worker (component), link; Saturnin and its launcher
   constellation/ daqd as a Constellation satellite: CHIRP discovery, CSCP control, CHP, CMDP
   dhs/          the DCSS hardware server: handler API (handlers), devices, engine (Dhs)

@@ -114,7 +114,7 @@ def check(config: str) -> None:
     loads. Warnings (e.g. a CURVE secret key others can read) are printed; the exit code stays 0.
     """
     from daqd.config import load_config
-    from daqd.control import control_endpoint
+    from daqd.endpoints import control_endpoint
 
     try:
         cfg = load_config(config)

@@ -414,7 +414,7 @@ def check_daemon(config: Config) -> list[str]:
     directory others could write to, CURVE files that cannot be used); returns warnings for what
     it accepts but should be fixed (a CURVE secret key others can read).
     """
-    from daqd import control
+    from daqd import endpoints
 
     d = config.daemon
     where = f"{config.path}: [daemon]"
@@ -422,24 +422,24 @@ def check_daemon(config: Config) -> list[str]:
     warnings: list[str] = []
     if d.control_group is not None:
         try:
-            control.group_id(d.control_group)
+            endpoints.group_id(d.control_group)
         except ControlError as exc:
             problems.add(where, ("daemon", "control_group"), f'key "control_group": {exc}')
-    runtime = Path(d.runtime_dir) if d.runtime_dir else control.runtime_dir()
+    runtime = Path(d.runtime_dir) if d.runtime_dir else endpoints.runtime_dir()
     problem = trust.dir_problem(runtime) if os.path.lexists(runtime) else None
     if problem:
         key = "runtime_dir" if d.runtime_dir else "runtime_dir (not set: the default)"
         problems.add(where, ("daemon", "runtime_dir"), f'key "{key}": {problem}')
     if d.control_tcp and d.curve_server_key_file and d.curve_authorized_keys_dir:
         try:
-            *_, notes = control.curve_server_keys(d.curve_server_key_file)
+            *_, notes = endpoints.curve_server_keys(d.curve_server_key_file)
         except ControlError as exc:
             problems.add(
                 where, ("daemon", "curve_server_key_file"), f'key "curve_server_key_file": {exc}'
             )
             notes = []
         try:
-            control.check_curve_clients(d.curve_authorized_keys_dir)
+            endpoints.check_curve_clients(d.curve_authorized_keys_dir)
         except ControlError as exc:
             problems.add(
                 where,

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
-from daqd.control import DEFAULT_TIMEOUT_S, ControlClient, ipc_path, probe_ipc, runtime_dir
+from daqd.control_client import DEFAULT_TIMEOUT_S, ControlClient
+from daqd.endpoints import ipc_path, probe_ipc, runtime_dir
 from daqd.errors import ControlError
 from daqd.render import duration as _duration
 from daqd.render import reasons as _reasons

@@ -13,7 +13,8 @@ from typing import Any
 
 from daqd.config import Config, load_config
 from daqd.constellation import Satellite, start_satellite
-from daqd.control import ControlServer, control_endpoint, ipc_path, probe_ipc, tap_endpoint
+from daqd.control import ControlServer
+from daqd.endpoints import control_endpoint, ipc_path, probe_ipc, tap_endpoint
 from daqd.errors import ConfigError, ControlError
 from daqd.host import Host
 from daqd.protocols.iccp import Outcome

@@ -16,8 +16,8 @@ import zmq.asyncio
 
 from daqd.config import Config, parse_config, publisher_class, receiver_class
 from daqd.constellation.discovery import Discovery
-from daqd.control import bind_ipc
 from daqd.deadline import Deadline
+from daqd.endpoints import bind_ipc
 from daqd.errors import ConfigError, ControlError, DaqdError
 from daqd.publisher import Publisher, PublisherQueue, PublisherSettings
 from daqd.receiver import ReceiverServer, ReceiverSettings

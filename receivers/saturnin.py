@@ -45,7 +45,7 @@ import zmq.asyncio
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 import daqd.worker
-from daqd.control import runtime_dir
+from daqd.endpoints import runtime_dir
 from daqd.errors import ControlError, ProtocolError
 from daqd.protocols import fbdp, iccp
 from daqd.receiver import ReceiverServer, ReceiverSettings

@@ -18,7 +18,7 @@ import msgpack
 import pytest
 from hypothesis import HealthCheck, settings
 
-from daqd.control import ControlClient
+from daqd.control_client import ControlClient
 from daqd.errors import ControlError
 
 # Hypothesis on a loaded 2-core machine: one example may take seconds (another test's daemon has the

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from daqd.config import parse_config
-from daqd.control import ControlClient
+from daqd.control_client import ControlClient
 from daqd.errors import ConfigError, ControlError
 from daqd.protocols import chirp
 from tests.conftest import DAQD, wait_for, wait_until

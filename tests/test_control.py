@@ -18,13 +18,9 @@ import zmq
 import zmq.asyncio
 import zmq.auth
 
-from daqd.control import (
-    ControlClient,
-    ControlServer,
-    control_endpoint,
-    runtime_dir,
-    socket_mode,
-)
+from daqd.control import ControlServer
+from daqd.control_client import ControlClient
+from daqd.endpoints import control_endpoint, runtime_dir, socket_mode
 from daqd.errors import ControlError
 from daqd.protocols import iccp
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 import daqd
-from daqd.control import ControlClient
+from daqd.control_client import ControlClient
 from tests.conftest import DAQCTL, DAQD, wait_until
 from tests.peers import peer_python
 

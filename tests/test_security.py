@@ -24,7 +24,7 @@ import pytest
 import zmq
 import zmq.auth
 
-from daqd.control import ControlClient
+from daqd.control_client import ControlClient
 from daqd.errors import ControlError
 from daqd.host import Host
 from daqd.protocols import iccp
@@ -521,7 +521,7 @@ def _group_usable() -> str | None:
 @pytest.mark.skipif(_group_usable() is not None, reason=str(_group_usable()))
 @pytest.mark.xfail(
     not _tap_secured(),
-    reason="daqd/host.py open_tap does not bind through daqd.control.bind_ipc yet",
+    reason="daqd/host.py open_tap does not bind through daqd.endpoints.bind_ipc yet",
     strict=True,
 )
 def test_tap_socket_follows_control_group(daemon: Any, workdir: Path) -> None:

@@ -15,7 +15,7 @@ import msgpack
 import zmq
 import zmq.asyncio
 
-from daqd.control import runtime_dir
+from daqd.endpoints import runtime_dir
 from daqd.errors import ControlError, ProtocolError
 from daqd.protocols import iccp
 from daqd.receiver import ReceiverServer, ReceiverSettings

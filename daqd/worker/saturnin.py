@@ -55,8 +55,9 @@ class SaturninComponent:
         self._bad = LimitedLogger(log)
 
     async def run(self) -> int:
-        from daqd.control import ControlServer, tap_endpoint
+        from daqd.control import ControlServer
         from daqd.daemon import tune_for_throughput
+        from daqd.endpoints import tap_endpoint
         from daqd.host import Host
 
         d = self.config.daemon
