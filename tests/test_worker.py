@@ -279,7 +279,10 @@ def test_daemon_runs_receivers_in_workers(daemon: Callable[..., Daemon], workdir
         return r["state"] == "running" and r["worker"]["pid"] != worker_pid and r
 
     raw = wait_until(restarted, what="a new worker")
-    assert raw["errors"].get("crash") == 1
+    # one crash, the kill; on a loaded machine a restart attempt may itself fail (no READY in
+    # time) and be counted too: every crash counted is one logged, and none goes unlogged
+    crashes = raw["errors"].get("crash", 0)
+    assert crashes >= 1 and d.log().count("raw crashed: ") == crashes, (raw, d.log()[-4000:])
     new_pid = raw["worker"]["pid"]
     ss_pid = d.status()["receivers"]["ss"]["worker"]["pid"]
 
