@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
-import difflib
 import os
 import re
 import tomllib
@@ -16,11 +14,11 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from daqd import trust
+from daqd.config_errors import Problems, suggest
 from daqd.errors import ConfigError, ControlError
 from daqd.logs import LOG_LEVELS
 from daqd.publisher import Publisher, PublisherSettings
 from daqd.receiver import ReceiverServer, ReceiverSettings
-from daqd.tomllines import key_lines, line_of
 from daqd.web.settings import HttpSettings, read_token
 
 RECEIVER_GROUP = "daqd.receivers"
@@ -52,18 +50,6 @@ class DaemonSettings(HttpSettings):  # http, http_token_file: the web view (daqd
         if isinstance(value, str) and value.upper() in LOG_LEVELS:
             return value.upper()
         raise ValueError(f"must be one of {', '.join(LOG_LEVELS)} (in any case)")
-
-
-class ConfigErrors(ConfigError):
-    """Every problem found in one configuration: one line each, naming file, table, key, line."""
-
-    def __init__(self, path: str, problems: list[str]) -> None:
-        self.problems = problems
-        if len(problems) == 1:
-            text = problems[0]
-        else:
-            text = f"{path}: {len(problems)} errors\n" + "\n".join(problems)
-        super().__init__(text)
 
 
 class ConstellationSettings(BaseModel):
@@ -115,150 +101,6 @@ def publisher_class(name: str) -> type[Publisher]:
     return cls
 
 
-_SECRET_KEY = re.compile(r"pass|secret|token|credential|curve", re.IGNORECASE)
-_URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
-
-
-def _shown(key: str, value: Any) -> str:
-    """The offending value as an error may show it: never a secret, never a URL's password."""
-    if _SECRET_KEY.search(key):
-        return "(value hidden)"
-    if isinstance(value, dict):
-        return "a table"
-    if isinstance(value, datetime.date | datetime.time):
-        return value.isoformat()  # as TOML writes it, not Python's repr
-    return _URL_USERINFO.sub("***@", repr(value))
-
-
-_BOUNDS = {
-    "greater_than": ("gt", "must be greater than {}"),
-    "greater_than_equal": ("ge", "must be at least {}"),
-    "less_than": ("lt", "must be less than {}"),
-    "less_than_equal": ("le", "must be at most {}"),
-    "multiple_of": ("multiple_of", "must be a multiple of {}"),
-    "string_pattern_mismatch": ("pattern", "must match the pattern {}"),
-    "string_too_long": ("max_length", "must have at most {} characters"),
-    "too_long": ("max_length", "must have at most {} items"),
-    "literal_error": ("expected", "must be one of {}"),
-    "enum": ("expected", "must be one of {}"),
-}
-_KINDS = {
-    "string_type": "must be a string",
-    "int_type": "must be an integer",
-    "int_parsing": "must be an integer",
-    "int_from_float": "must be a whole number",
-    "float_type": "must be a number",
-    "float_parsing": "must be a number",
-    "finite_number": "must be a finite number",
-    "bool_type": "must be true or false",
-    "bool_parsing": "must be true or false",
-    "list_type": "must be an array",
-    "tuple_type": "must be an array",
-    "set_type": "must be an array",
-    "frozen_set_type": "must be an array",
-    "dict_type": "must be a table",
-    "model_type": "must be a table",
-    "model_attributes_type": "must be a table",
-}
-
-
-def _words(err: Any) -> str:
-    """A pydantic error in daqd's words: what the value must be, never pydantic's phrasing."""
-    kind, ctx = err["type"], err.get("ctx") or {}
-    if kind in ("value_error", "assertion_error"):
-        text = str(ctx.get("error") or err["msg"])
-        return text if text else str(err["msg"])
-    if kind in _KINDS:
-        return _KINDS[kind]
-    if kind in ("string_too_short", "too_short"):
-        n = ctx.get("min_length", 1)
-        if n == 1:
-            return "must not be empty"
-        return f"must have at least {n} {'characters' if kind == 'string_too_short' else 'items'}"
-    if kind in _BOUNDS and _BOUNDS[kind][0] in ctx:
-        name, text = _BOUNDS[kind]
-        return text.format(ctx[name])
-    msg = str(err["msg"])
-    for prefix in ("Value error, ", "Assertion failed, "):
-        msg = msg.removeprefix(prefix)
-    return msg[:1].lower() + msg[1:]
-
-
-def _field_names(model: Any, loc: tuple[Any, ...]) -> list[str]:
-    """The keys the (sub-)table at `loc` of `model` accepts, as far as they can be found."""
-    for part in loc:
-        fields = getattr(model, "model_fields", None)
-        if not fields or part not in fields:
-            return []
-        model = fields[part].annotation
-        args = getattr(model, "__args__", ())
-        if args and not hasattr(model, "model_fields"):  # dict[str, Sub] / Sub | None
-            model = next((a for a in reversed(args) if hasattr(a, "model_fields")), model)
-    return list(getattr(model, "model_fields", {}) or {})
-
-
-def _suggest(word: str, choices: list[str] | set[str]) -> str:
-    close = difflib.get_close_matches(word, sorted(choices), n=1, cutoff=0.6)
-    return f'; did you mean "{close[0]}"?' if close else ""
-
-
-class _Problems:
-    """Collects the errors of one configuration text, each with its line number."""
-
-    def __init__(self, path: str, text: str) -> None:
-        self.path = path
-        self._lines: dict[Any, int] | None = None
-        self._text = text
-        self.items: list[str] = []
-        self._order: list[float] = []  # each item's line (inf: none)
-
-    def line(self, loc: tuple[Any, ...]) -> int | None:
-        if self._lines is None:
-            self._lines = key_lines(self._text)
-        return line_of(self._lines, loc)
-
-    def add(self, where: str, loc: tuple[Any, ...], message: str) -> None:
-        """`where` starts with the path; `loc` places the line (table, index, key...)."""
-        n = self.line(loc)
-        self.items.append(f"{where}: {message}" + (f" (line {n})" if n else ""))
-        self._order.append(n or float("inf"))
-
-    def add_raised(self, exc: ConfigError, loc: tuple[Any, ...]) -> None:
-        n = self.line(loc)
-        self.items.append(f"{exc}" + (f" (line {n})" if n else ""))
-        self._order.append(n or float("inf"))
-
-    def add_validation(
-        self, where: str, base: tuple[Any, ...], exc: ValidationError, model: Any
-    ) -> None:
-        errors = exc.errors()
-        missing = {str(e["loc"][-1]) for e in errors if e["type"] == "missing" and e["loc"]}
-        for err in errors:
-            loc = tuple(err["loc"])
-            key = ".".join(str(p) for p in loc)
-            if err["type"] == "extra_forbidden":
-                accepted = [k for k in _field_names(model, loc[:-1]) if k]
-                hint = _suggest(str(loc[-1]), missing or accepted) or _suggest(
-                    str(loc[-1]), accepted
-                )
-                self.add(where, (*base, *loc), f'key "{key}": unknown key{hint}')
-            elif err["type"] == "missing":
-                self.add(where, (*base, *loc[:-1]), f'key "{key}": required key is missing')
-            elif not loc:
-                self.add(where, base, _URL_USERINFO.sub("***@", _words(err)))
-            else:
-                words, shown = _words(err), _shown(key, err.get("input"))
-                if shown != "(value hidden)" and shown not in words:
-                    words += f" (got {shown})"
-                text = f'key "{key}": {words}'
-                self.add(where, (*base, *loc), _URL_USERINFO.sub("***@", text))
-
-    def raise_if_any(self) -> None:
-        if self.items:  # in file order, as an editor would walk them
-            order = sorted(range(len(self.items)), key=lambda i: (self._order[i], i))
-            raise ConfigErrors(self.path, [self.items[i] for i in order])
-
-
 def load_config(path: str | Path) -> Config:
     """Read, validate and check a configuration file: what `daqd serve` and `daqd check` refuse.
 
@@ -287,7 +129,7 @@ def parse_config(text: str, path: str = "<config>", *, from_file: bool = False) 
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return _from_doc(doc, text, path, {}, _CodeTrust(text, path, from_file))
+    return _from_doc(doc, text, path, {}, trust.CodeTrust(text, path, from_file))
 
 
 def replace_tables(config: Config, tables: dict[str, Any], where: str) -> Config:
@@ -296,13 +138,13 @@ def replace_tables(config: Config, tables: dict[str, Any], where: str) -> Config
     errors (a Constellation controller's `initialize`). Settings that load code are refused in
     the replaced arrays: code comes only from trusted files."""
     doc = tomllib.loads(config.text)
-    untrusted = _UntrustedCode(where)
-    code_for: dict[str, _CodeTrust | _UntrustedCode] = {}
+    untrusted = trust.UntrustedCode(where)
+    code_for: dict[str, trust.CodeTrust | trust.UntrustedCode] = {}
     for table in ("receiver", "publisher"):
         if table in tables:
             doc[table] = tables[table]
             code_for[table] = untrusted
-    new = _from_doc(doc, "", where, code_for, _CodeTrust(config.text, config.path, False))
+    new = _from_doc(doc, "", where, code_for, trust.CodeTrust(config.text, config.path, False))
     new.path, new.text = config.path, config.text
     return new
 
@@ -311,17 +153,17 @@ def _from_doc(
     doc: dict[str, Any],
     text: str,
     path: str,
-    code_for: dict[str, _CodeTrust | _UntrustedCode],
-    code: _CodeTrust,
+    code_for: dict[str, trust.CodeTrust | trust.UntrustedCode],
+    code: trust.CodeTrust,
 ) -> Config:
     """The configuration in the parsed TOML `doc`; `code_for`: tables whose code settings are
     checked otherwise than by `code`."""
-    problems = _Problems(path, text)
+    problems = Problems(path, text)
     for table in sorted(set(doc) - set(_TABLES)):
         problems.add(
             path,
             (table,),
-            f"unknown table {table!r}{_suggest(table, list(_TABLES))} (expected [daemon], "
+            f"unknown table {table!r}{suggest(table, list(_TABLES))} (expected [daemon], "
             "[[receiver]], [[publisher]])",
         )
     daemon_doc = doc.get("daemon", {})
@@ -366,7 +208,7 @@ _TABLES = ("daemon", "receiver", "publisher", "constellation")
 
 
 def _constellation(
-    path: str, doc: dict[str, Any], daemon: DaemonSettings | None, problems: _Problems
+    path: str, doc: dict[str, Any], daemon: DaemonSettings | None, problems: Problems
 ) -> ConstellationSettings | None:
     """The optional [constellation] table; its name defaults to [daemon] name."""
     table = doc.get("constellation")
@@ -391,7 +233,7 @@ def _constellation(
     return settings
 
 
-def _check_daemon_settings(path: str, d: DaemonSettings, problems: _Problems) -> None:
+def _check_daemon_settings(path: str, d: DaemonSettings, problems: Problems) -> None:
     """[daemon] settings that cannot work together (the control server refuses them too)."""
     if d.control_tcp and not (d.curve_server_key_file and d.curve_authorized_keys_dir):
         missing = [
@@ -418,7 +260,7 @@ def check_daemon(config: Config) -> list[str]:
 
     d = config.daemon
     where = f"{config.path}: [daemon]"
-    problems = _Problems(config.path, config.text)
+    problems = Problems(config.path, config.text)
     warnings: list[str] = []
     if d.control_group is not None:
         try:
@@ -456,89 +298,14 @@ def check_daemon(config: Config) -> list[str]:
     return warnings
 
 
-class _CodeTrust:
-    """Whether one configuration text may name code to load; decided once, when first needed."""
-
-    def __init__(self, text: str, path: str, from_file: bool) -> None:
-        self.text = text
-        self.path = path
-        self.from_file = from_file
-        self._problem: str | None = None
-        self._decided = False
-
-    def problem(self) -> str | None:
-        if not self._decided:
-            self._problem = self._decide()
-            self._decided = True
-        return self._problem
-
-    def _decide(self) -> str | None:
-        over_control = trust.CONTROL_REQUEST.get()
-        if not (self.from_file or over_control):
-            return None  # handed over by Python code, which runs as the daemon's user anyway
-        problem = trust.file_problem(self.path, "configuration file")
-        if problem:
-            return problem
-        if over_control:
-            try:
-                on_disk = Path(self.path).read_text()
-            except (OSError, UnicodeDecodeError) as exc:
-                return f"configuration file {self.path} cannot be read: {exc}"
-            if on_disk != self.text:
-                return (
-                    f"the configuration sent is not the content of {self.path}: text alone may "
-                    "not load code (send the file itself: daqctl reconfigure FILE)"
-                )
-        return None
-
-    def check(self, where: str, key: str, value: Any) -> None:
-        """Refuse `value` of code setting `key` unless the text and every file it names pass."""
-        specs = [value] if isinstance(value, str) else value if isinstance(value, list) else []
-        specs = [s for s in specs if isinstance(s, str) and s]
-        if not specs:
-            return  # nothing to load (or not strings: the settings' validation says so)
-        rule = (
-            f"code runs as the daemon's user {trust.user_name(os.geteuid())}, so it is loaded "
-            f"only from files owned by {trust.trusted_owners()} that nobody else can write, "
-            "in directories nobody else can write"
-        )
-        problem = self.problem()
-        if problem:
-            raise ConfigError(
-                f'{where}: key "{key}": refusing to load code: {problem} ({rule}; the same goes '
-                "for the configuration that names it)"
-            )
-        base = trust.code_base(self.path)
-        for spec in specs:
-            problem = trust.code_problem(spec, base)
-            if problem:
-                raise ConfigError(
-                    f'{where}: key "{key}": refusing to load {spec!r}: {problem} ({rule})'
-                )
-
-
-class _UntrustedCode:
-    """Code settings from a source that may not load code (a controller's configuration map)."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-
-    def check(self, where: str, key: str, value: Any) -> None:
-        if value:
-            raise ConfigError(
-                f'{where}: key "{key}": refusing to load code given by {self.source}: code is '
-                "loaded only from trusted configuration files"
-            )
-
-
 def _entry(
     path: str,
     table: str,
     index: int,
     entry: Any,
     group: str,
-    code: _CodeTrust | _UntrustedCode,
-    problems: _Problems,
+    code: trust.CodeTrust | trust.UntrustedCode,
+    problems: Problems,
 ) -> Any:
     """One [[receiver]] or [[publisher]]: its settings, or None with its problems added."""
     where = f"{path}: [[{table}]] #{index}"
@@ -558,7 +325,7 @@ def _entry(
             (*base, "type"),
             f'key "type": unknown {table} type {type_name!r} '
             f"(known: {', '.join(sorted(_types(group)))})"
-            f"{_suggest(type_name, list(_types(group)))}",
+            f"{suggest(type_name, list(_types(group)))}",
         )
         return None
     try:
@@ -584,7 +351,7 @@ def _entry(
     return settings
 
 
-def _check_names(path: str, doc: dict[str, Any], problems: _Problems) -> None:
+def _check_names(path: str, doc: dict[str, Any], problems: Problems) -> None:
     """Names unique across receivers and publishers; publish_to names publishers.
 
     Entries whose own settings failed still count by the name they give, so one mistake does
@@ -622,5 +389,5 @@ def _check_names(path: str, doc: dict[str, Any], problems: _Problems) -> None:
                     f"{path}: [[receiver]] #{i}{named}",
                     ("receiver", i, "publish_to"),
                     f'key "publish_to": no publisher named {target!r} (publishers: {known})'
-                    f"{_suggest(target, publishers)}",
+                    f"{suggest(target, publishers)}",
                 )

@@ -4,8 +4,10 @@ the directories it keeps sockets in.
 Code named in a configuration (a DCSS `handlers` module, a packetstream `handler`) runs as the
 daemon's user, often root. It is loaded only from a file owned by root or that user, that nobody
 else can write, in a directory nobody else can write (or a sticky one, like /tmp, where nobody
-else can replace it). The configuration file that names it must pass the same test. Kept light:
-`daqctl` and the control socket import this module.
+else can replace it). The configuration file that names it must pass the same test (CodeTrust
+checks a configuration's code settings so; UntrustedCode refuses them from a source that may not
+load code, a Constellation controller's map). Kept light: `daqctl` and the control socket import
+this module.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ import pwd
 import stat
 import sys
 from pathlib import Path
+from typing import Any
+
+from daqd.errors import ConfigError
 
 # True while a control request (ICCP REQUEST) is served: configuration text that arrives over the
 # control socket may load code only if it is, word for word, a file that passes `file_problem`.
@@ -178,3 +183,78 @@ def dir_problem(path: Path) -> str | None:
             "only the daemon's user may write to it"
         )
     return None
+
+
+class CodeTrust:
+    """Whether one configuration text may name code to load; decided once, when first needed."""
+
+    def __init__(self, text: str, path: str, from_file: bool) -> None:
+        self.text = text
+        self.path = path
+        self.from_file = from_file
+        self._problem: str | None = None
+        self._decided = False
+
+    def problem(self) -> str | None:
+        if not self._decided:
+            self._problem = self._decide()
+            self._decided = True
+        return self._problem
+
+    def _decide(self) -> str | None:
+        over_control = CONTROL_REQUEST.get()
+        if not (self.from_file or over_control):
+            return None  # handed over by Python code, which runs as the daemon's user anyway
+        problem = file_problem(self.path, "configuration file")
+        if problem:
+            return problem
+        if over_control:
+            try:
+                on_disk = Path(self.path).read_text()
+            except (OSError, UnicodeDecodeError) as exc:
+                return f"configuration file {self.path} cannot be read: {exc}"
+            if on_disk != self.text:
+                return (
+                    f"the configuration sent is not the content of {self.path}: text alone may "
+                    "not load code (send the file itself: daqctl reconfigure FILE)"
+                )
+        return None
+
+    def check(self, where: str, key: str, value: Any) -> None:
+        """Refuse `value` of code setting `key` unless the text and every file it names pass."""
+        specs = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+        specs = [s for s in specs if isinstance(s, str) and s]
+        if not specs:
+            return  # nothing to load (or not strings: the settings' validation says so)
+        rule = (
+            f"code runs as the daemon's user {user_name(os.geteuid())}, so it is loaded "
+            f"only from files owned by {trusted_owners()} that nobody else can write, "
+            "in directories nobody else can write"
+        )
+        problem = self.problem()
+        if problem:
+            raise ConfigError(
+                f'{where}: key "{key}": refusing to load code: {problem} ({rule}; the same goes '
+                "for the configuration that names it)"
+            )
+        base = code_base(self.path)
+        for spec in specs:
+            problem = code_problem(spec, base)
+            if problem:
+                raise ConfigError(
+                    f'{where}: key "{key}": refusing to load {spec!r}: {problem} ({rule})'
+                )
+
+
+class UntrustedCode:
+    """Code settings from a source that may not load code (a controller's configuration map)."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def check(self, where: str, key: str, value: Any) -> None:
+        if value:
+            raise ConfigError(
+                f'{where}: key "{key}": refusing to load code given by {self.source}: code is '
+                "loaded only from trusted configuration files"
+            )
