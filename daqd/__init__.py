@@ -5,6 +5,7 @@ The map of daqd/, one line per module or package (receivers/ and publishers/ hol
   ctl           `daqctl`: drive a running daemon over its control socket (status, runs, taps)
   daemon        `daqd serve`: host, control socket, live tap, signals and systemd, in one loop
   config        TOML -> validated settings; every error names the file, the table and the key
+  config_errors the config errors collected and worded: file, table, key, line, did-you-mean
   tomllines     where each table and key of a TOML text starts, for errors with line numbers
   host          builds receivers and publishers from settings, routes records, runs the run state
   receiver      ReceiverServer, the receivers' base class: sockets, tasks, commands, supervision
@@ -33,7 +34,7 @@ The map of daqd/, one line per module or package (receivers/ and publishers/ hol
   logs          logging set-up (journal-aware) and LimitedLogger, rate-limited per-packet logging
   loghandler    DaqdLogHandler: a logging.Handler sending records to a daqd `log` receiver
   ssdaq_monitor [daemon] monitor_push: receivers' rates as SSDAQ MonitorData, once a second
-  trust         owner and mode checks (like sshd's StrictModes) for code and socket directories
+  trust         owner and mode checks (like sshd's StrictModes): code, configs naming code, sockets
   errors        the exceptions daqd raises on purpose, each with a message a user can act on
   deadline      the shutdown deadline every draining part shares; a second signal cuts it short
   eager         eager tasks: a coroutine's first step runs at once, inside its task
