@@ -3,12 +3,13 @@
 One PULL socket connects to each endpoint in `senders`, and (`discover = true`, with the
 [constellation] table) to each DATA service CHIRP finds in the group, of the canonical names in
 `receive_from` if given, as it is offered; a DEPART closes it after handling what it holds (a
-sender that departs mid-run ends ABORTED unless its EOR or an offer comes back in time). Each
-sender (keyed by the canonical name in its messages, as Constellation does) has its own run state
+sender that departs mid-run ends ABORTED unless its EOR or an offer comes back in time). The
+sockets, their tasks and the discovery are daqd/cdtp_links.py's. Each sender (keyed by the
+canonical name in its messages, as Constellation does) has its own run state
 (daqd/cdtp_senders.py): NOT_CONNECTED, BOR_RECEIVED or EOR_RECEIVED, the last sequence number and
-the records missed. Every DATA record becomes a daqd
-Record with source = the sender's name, the sender's tags (plus `seq_tag`: its CDTP sequence
-number) and its blocks as payload, memoryviews of the received message. A bad message from one
+the records missed. Every DATA record becomes a daqd Record with source = the sender's name, the
+sender's tags (plus `seq_tag`: its CDTP sequence number) and its blocks as payload, memoryviews of
+the received message. A bad message from one
 sender is counted under a named reason (which flags the daqd run by the host's rule table) and
 taints that sender's run; it never stops the receiver or the other senders.
 
@@ -21,29 +22,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import zmq
-import zmq.asyncio
 from pydantic import Field, field_validator, model_validator
-from zmq.utils.monitor import parse_monitor_message
 
+from daqd.cdtp_links import CdtpLinks
 from daqd.cdtp_senders import Refused, RunAccount, Sender, SenderState, SenderTable
-from daqd.errors import ConfigError, ProtocolError
-from daqd.protocols import cdtp, chirp
+from daqd.errors import ProtocolError
+from daqd.protocols import cdtp
 from daqd.receiver import ReceiverServer, ReceiverSettings, parse_hostport
 from daqd.record import Record
 from daqd.runstate import RunCondition, RunInfo
 
 if TYPE_CHECKING:
-    from daqd.constellation.discovery import Offer
     from daqd.host import Host
-
-RELINK_AFTER_S = 1.0  # a link silent this long after a disconnect was given up by ZeroMQ
-DRAIN_BATCH = 16  # messages taken per wake-up before letting other tasks run
-CLOSE_DRAIN_S = 2.0  # at most this long handling what is waiting in a socket when closing
 
 
 def _endpoint(value: str) -> str:
@@ -51,17 +44,6 @@ def _endpoint(value: str) -> str:
         return value
     parse_hostport(value)
     return f"tcp://{value}"
-
-
-@dataclass
-class Link:
-    """One PULL socket, connected to one transmitter endpoint, and its receive tasks."""
-
-    endpoint: str
-    sock: zmq.asyncio.Socket
-    monitor: zmq.asyncio.Socket
-    offered_by: bytes | None = None  # the host UUID of the DATA offer it was found by
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
 
 class CdtpReceiverSettings(ReceiverSettings):
@@ -106,192 +88,66 @@ class CdtpReceiver(ReceiverServer):
         self.account = RunAccount()
         self.last_report: dict[str, Any] | None = None  # the last daqd run's (see _report)
         self._changed = asyncio.Event()  # set whenever a sender's run ends
-        self._links: dict[str, Link] = {}  # endpoint -> its socket
-        self._group: asyncio.TaskGroup | None = None  # ct_receive's, running the links' tasks
-        self._retiring: set[asyncio.Task[None]] = set()  # links closing after a DEPART
-        self._unsubscribe: Callable[[], None] = lambda: None  # from the host's discovery
-        self._wanted: dict[bytes, str] | None = None  # receive_from by CHIRP host UUID
+        self.links = CdtpLinks(
+            self,
+            rcvhwm=settings.rcvhwm,
+            max_message_bytes=settings.max_message_bytes,
+            handle=self._handle,
+            up=self._link_up,
+            down=self._link_down,
+            retired=self._link_retired,
+        )
         self._open = False  # between setup and close: more can arrive
         self._closing = False  # handling what was left in the sockets: never wait for room
-        self._down: set[str] = set()  # endpoints disconnected and not connected again since
 
-    # ----- sockets ---------------------------------------------------------------------------
+    # ----- links (daqd/cdtp_links.py) ---------------------------------------------------------
     async def setup(self) -> None:
         s = self.settings
         self._closing = False
         self._open = True
-        self._down.clear()
-        for i, endpoint in enumerate(s.senders):
-            self._connect(endpoint)
-            self.addresses[f"sender{i}" if len(s.senders) > 1 else "sender"] = endpoint
-        if s.discover:
-            discovery = self.host.discovery
-            if discovery is None:  # config refuses discover without [constellation]
-                raise ConfigError(f"receiver {self.name}: discover = true needs [constellation]")
-            names = s.receive_from
-            self._wanted = {chirp.name_uuid(n): n for n in names} if names else None
-            self._unsubscribe = discovery.subscribe(self._on_offer)
-
-    def _connect(self, endpoint: str, offered_by: bytes | None = None) -> None:
-        sock = self.host.zmq_context.socket(zmq.PULL)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RCVHWM, self.settings.rcvhwm)
-        # libzmq drops a connection that announces a bigger message before reading it
-        sock.setsockopt(zmq.MAXMSGSIZE, self.settings.max_message_bytes)
-        monitor = sock.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_SUCCEEDED
-            | zmq.EVENT_DISCONNECTED
-            | zmq.EVENT_CONNECTED
-            | zmq.EVENT_CONNECT_DELAYED
-            | zmq.EVENT_CONNECT_RETRIED
-        )
-        sock.connect(endpoint)
-        link = self._links[endpoint] = Link(endpoint, sock, monitor, offered_by)
-        if self._group is not None:
-            self._run(link)
-
-    def _run(self, link: Link) -> None:
-        assert self._group is not None
-        link.tasks = [
-            self._group.create_task(self._pull(link.endpoint, link.sock), name=f"{self.name}.pull"),
-            self._group.create_task(
-                self._watch(link.endpoint, link.sock, link.monitor), name=f"{self.name}.watch"
-            ),
-        ]
-
-    def _on_offer(self, new: Offer | None, old: Offer | None) -> None:
-        """Discovery's listener: connect to DATA offers as they come, close what departed."""
-        extra = self.counters.extra
-        if old is not None and old.service == chirp.Service.DATA:
-            link = self._links.get(f"tcp://{old.address}:{old.port}")
-            if link is not None and link.offered_by == old.host:
-                self._retire(link, "departed" if new is None else "moved")
-        if new is None or new.service != chirp.Service.DATA:
-            return
-        name = new.host.hex()
-        if self._wanted is not None:
-            if new.host not in self._wanted:  # another sender of the group: not ours
-                extra["offers_not_wanted"] = extra.get("offers_not_wanted", 0) + 1
-                return
-            name = self._wanted[new.host]
-        endpoint = f"tcp://{new.address}:{new.port}"
-        if endpoint in self._links:
-            return  # also in `senders`, or offered again
-        self._connect(endpoint, new.host)
-        self.addresses[f"discovered {name}"] = endpoint
-        extra["offers_taken"] = extra.get("offers_taken", 0) + 1
-        self.log.info("%s: connecting to DATA of %s at %s (CHIRP)", self.name, name, endpoint)
-
-    def _retire(self, link: Link, why: str) -> None:
-        """A discovered sender departed (or moved): stop its link, handle what its socket holds,
-        close it; a sender of it still in a run ends ABORTED unless it comes back in time."""
-        del self._links[link.endpoint]
-        for key, endpoint in list(self.addresses.items()):
-            if endpoint == link.endpoint and key.startswith("discovered "):
-                del self.addresses[key]
-        for task in link.tasks:
-            task.cancel()
-        task = asyncio.create_task(self._close_link(link, why), name=f"{self.name}.retire")
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
-
-    async def _close_link(self, link: Link, why: str) -> None:
-        await asyncio.gather(*link.tasks, return_exceptions=True)
-        try:
-            await self._drain(link.endpoint, link.sock)
-        finally:
-            self._close_sockets(link)
-        self.log.info("%s: sender at %s %s (CHIRP): link closed", self.name, link.endpoint, why)
-        for sender in self.senders.values():
-            if sender.endpoint == link.endpoint and sender.state is SenderState.BOR_RECEIVED:
-                sender.abort_at = time.monotonic() + self.settings.eor_timeout_s
-                sender.back = False
-
-    @staticmethod
-    def _close_sockets(link: Link) -> None:
-        try:
-            link.sock.disable_monitor()
-        except zmq.ZMQError:
-            pass
-        link.monitor.close(linger=0)
-        link.sock.close(linger=0)
+        self.links.open(s.senders, s.discover, s.receive_from)
 
     async def close(self) -> None:
-        self._unsubscribe()
-        self._unsubscribe = lambda: None
-        links, self._links = list(self._links.values()), {}
         self._closing = True
         self._open = False
-        try:
-            await asyncio.gather(*self._retiring, return_exceptions=True)
-            for link in links:
-                # what ZeroMQ already took off the wire is ours (the sender counts it as sent):
-                # handle it as usual before closing, so that nothing is lost uncounted
-                await self._drain(link.endpoint, link.sock)
-        finally:
-            for link in links:
-                self._close_sockets(link)
-
-    async def _drain(self, endpoint: str, sock: zmq.asyncio.Socket) -> None:
-        """Handle every message waiting in `sock` without waiting for more; a sender that keeps
-        the socket full is cut off after CLOSE_DRAIN_S (what it sends after that is lost on its
-        side, as when it sends to a receiver that is gone)."""
-        sync: zmq.Socket[bytes] = zmq.Socket.shadow(sock.underlying)
-        deadline = time.monotonic() + CLOSE_DRAIN_S
-        taken = 0
-        while time.monotonic() < deadline:
-            for _ in range(DRAIN_BATCH):
-                try:
-                    frame = sync.recv(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    deadline = 0.0
-                    break
-                taken += 1
-                await self._handle(endpoint, sync, frame)
-        if taken:
-            self.log.info(
-                "%s: %d messages waiting from %s handled before closing", self.name, taken, endpoint
-            )
+        await self.links.close()
 
     async def ct_receive(self) -> None:
         """Run every link's receive tasks, and those of links discovered later; one failing
         task cancels the others, and the base class restarts the receiver."""
-        try:
-            async with asyncio.TaskGroup() as group:
-                self._group = group
-                for link in self._links.values():
-                    self._run(link)
-                await asyncio.Event().wait()  # links come and go with the offers
-        finally:
-            self._group = None
+        await self.links.run()
 
-    async def _pull(self, endpoint: str, sock: zmq.asyncio.Socket) -> None:
-        """Take messages as they come. Waits on ZeroMQ's file descriptor directly: pyzmq's
-        asyncio poll costs tens of microseconds per wake-up, which a receiver that keeps up with
-        its sender pays once per message."""
-        sync: zmq.Socket[bytes] = zmq.Socket.shadow(sock.underlying)
-        ready = asyncio.Event()
-        fd = sync.fileno()  # this socket's only reader: its asyncio side is never awaited on
-        loop = asyncio.get_running_loop()
-        loop.add_reader(fd, ready.set)
-        try:
-            while True:
-                for _ in range(DRAIN_BATCH):
-                    try:
-                        frame = sync.recv(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    await self._handle(endpoint, sync, frame)
-                else:  # maybe more waiting: let other tasks run first
-                    await asyncio.sleep(0)
-                    continue
-                # the descriptor only signals changes: wait for one, unless a message came in
-                # between the last receive and now (reading EVENTS takes that signal)
-                ready.clear()
-                if not cast(int, sync.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
-                    await ready.wait()
-        finally:
-            loop.remove_reader(fd)
+    def _link_up(self, endpoint: str) -> None:
+        """A connection is made: senders of it that vanished mid-run are back."""
+        for sender in self.senders.values():
+            if sender.endpoint == endpoint and sender.abort_at is not None:
+                sender.back = True
+
+    def _link_down(self, endpoint: str) -> None:
+        """A transmitter vanished mid-run: its run ends ABORTED after eor_timeout_s unless it
+        comes back."""
+        for sender in self.senders.values():
+            if sender.endpoint == endpoint and sender.state is SenderState.BOR_RECEIVED:
+                # messages already queued may still be handled after this event: only a
+                # message after a reconnection shows the sender is back
+                sender.abort_at = time.monotonic() + self.settings.eor_timeout_s
+                sender.back = False
+                self.log.debug(
+                    "%s: %s (%s) disconnected before its EOR was handled; its run ends "
+                    "ABORTED unless an EOR or new data follows within eor_timeout_s=%s",
+                    self.name,
+                    sender.name,
+                    endpoint,
+                    self.settings.eor_timeout_s,
+                )
+
+    def _link_retired(self, endpoint: str) -> None:
+        """A discovered sender departed (or moved) and its link is closed: a sender of it still
+        in a run ends ABORTED unless it comes back in time."""
+        for sender in self.senders.values():
+            if sender.endpoint == endpoint and sender.state is SenderState.BOR_RECEIVED:
+                sender.abort_at = time.monotonic() + self.settings.eor_timeout_s
+                sender.back = False
 
     async def _handle(self, endpoint: str, sync: zmq.Socket[bytes], frame: zmq.Frame) -> None:
         """One received message (its first frame): decoded and handled, or counted as bad."""
@@ -328,66 +184,6 @@ class CdtpReceiver(ReceiverServer):
     @property
     def _limit(self) -> int:
         return self.settings.max_message_bytes
-
-    async def _watch(
-        self, endpoint: str, sock: zmq.asyncio.Socket, monitor: zmq.asyncio.Socket
-    ) -> None:
-        """Notice a transmitter that vanishes mid-run: its run ends ABORTED after eor_timeout_s.
-
-        Also revive a link ZeroMQ gave up on: after a protocol error (above all a message over
-        max_message_bytes) libzmq closes the connection and never retries it, where a peer that
-        went away is retried at once (CONNECT_DELAYED/RETRIED follow the DISCONNECTED).
-        """
-        silent_after_disconnect = False
-        while True:
-            try:
-                frames = await asyncio.wait_for(
-                    monitor.recv_multipart(), RELINK_AFTER_S if silent_after_disconnect else None
-                )
-            except TimeoutError:
-                silent_after_disconnect = False
-                self.counters.error("link_dropped")
-                self.limited.warning(
-                    f"link_dropped:{endpoint}",
-                    "%s: ZeroMQ dropped the link to %s and gave up (a message over "
-                    "max_message_bytes=%d?); connecting again",
-                    self.name,
-                    endpoint,
-                    self.settings.max_message_bytes,
-                )
-                try:
-                    sock.disconnect(endpoint)
-                except zmq.ZMQError:
-                    pass
-                sock.connect(endpoint)
-                continue
-            event = parse_monitor_message(frames)
-            silent_after_disconnect = event["event"] == zmq.EVENT_DISCONNECTED
-            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self._down.discard(endpoint)
-                for sender in self.senders.values():
-                    if sender.endpoint == endpoint and sender.abort_at is not None:
-                        sender.back = True
-                continue
-            if event["event"] != zmq.EVENT_DISCONNECTED:
-                continue
-            self.counters.extra["disconnects"] = self.counters.extra.get("disconnects", 0) + 1
-            # a BOR still queued behind this event starts a run that is already gone (_bor)
-            self._down.add(endpoint)
-            for sender in self.senders.values():
-                if sender.endpoint == endpoint and sender.state is SenderState.BOR_RECEIVED:
-                    # messages already queued may still be handled after this event: only a
-                    # message after a reconnection shows the sender is back
-                    sender.abort_at = time.monotonic() + self.settings.eor_timeout_s
-                    sender.back = False
-                    self.log.debug(
-                        "%s: %s (%s) disconnected before its EOR was handled; its run ends "
-                        "ABORTED unless an EOR or new data follows within eor_timeout_s=%s",
-                        self.name,
-                        sender.name,
-                        endpoint,
-                        self.settings.eor_timeout_s,
-                    )
 
     async def ct_abort_vanished(self) -> None:
         """Substitute an ABORTED EOR for senders that left mid-run and did not come back; once
@@ -590,8 +386,8 @@ class CdtpReceiver(ReceiverServer):
         sender.endpoint = endpoint
         sender.active = time.monotonic()
         # a run whose sender disconnected before its BOR was handled ends ABORTED unless it
-        # comes back in time, as one that disconnects later does (_watch)
-        if endpoint in self._down:
+        # comes back in time, as one that disconnects later does (_link_down)
+        if endpoint in self.links.lost:
             sender.abort_at = time.monotonic() + self.settings.eor_timeout_s
         else:
             sender.abort_at = None

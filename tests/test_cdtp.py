@@ -544,7 +544,7 @@ async def test_messages_waiting_in_zeromq_at_stop_are_handled_not_lost(tmp_path:
         push.send(enc.encode(cdtp.BeginOfRun("Raw.late"))[0])
         await wait_for(lambda: "Raw.late" in rx.senders, what="the BOR")
         # the receive loop stops here, as when the daemon stops right after this point
-        [link] = rx._links.values()
+        [link] = rx.links.by_endpoint.values()
         pull = link.tasks[0]
         pull.cancel()
         await asyncio.gather(pull, return_exceptions=True)
@@ -764,7 +764,7 @@ async def test_stopping_with_a_stalled_publisher_counts_what_is_left_and_ends(
         push.send(data(1))
         await wait_for(lambda: host.queues["tx"].depth == 5, what="a full queue")
         push.send(data(11))
-        [link] = rx._links.values()
+        [link] = rx.links.by_endpoint.values()
         sock = link.sock
         poller = zmq.Poller()
         poller.register(zmq.Socket.shadow(sock.underlying), zmq.POLLIN)
@@ -792,16 +792,16 @@ async def test_a_sender_gone_before_its_bor_is_handled_still_ends_aborted(tmp_pa
         assert isinstance(rx, CdtpReceiver)
         await host.begin_run("gone")
         # nothing is handled until the sender is gone and its disconnect was seen
-        [link] = rx._links.values()
+        [link] = rx.links.by_endpoint.values()
         pull = link.tasks[0]
         pull.cancel()
         await asyncio.gather(pull, return_exceptions=True)
         await sim.say("go")
         assert await sim.end() == 0
         await wait_for(lambda: rx.counters.extra.get("disconnects"), what="the disconnect")
-        [link] = rx._links.values()
+        [link] = rx.links.by_endpoint.values()
         endpoint, sock = link.endpoint, link.sock
-        await rx._drain(endpoint, sock)  # what the receive loop would have handled late
+        await rx.links.drain(endpoint, sock)  # what the receive loop would have handled late
         await wait_for(lambda: ended(rx, "Sim.g"), timeout_s=10, what="the substitute EOR")
         sender = rx.senders["Sim.g"]
         assert (sender.records, sender.seq) == (50, 50)
