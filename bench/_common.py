@@ -87,7 +87,7 @@ async def serve_bare_udp(rcvbuf: int) -> None:
     """Child: a bare uvloop UDP counter; reports `received`, `cpu_s`, `kernel_drops`."""
     import socket
 
-    from daqd.receiver import kernel_udp_drops
+    from daqd.sockets import kernel_udp_drops
 
     class Counter(asyncio.DatagramProtocol):
         n = 0

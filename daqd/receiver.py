@@ -1,36 +1,34 @@
-"""The ReceiverServer base class: sockets, ct_ tasks, cmd_ commands, publishing, supervision."""
+"""The ReceiverServer base class: ct_ tasks, cmd_ commands, publishing, supervision; its sockets
+are ReceiverSockets' (daqd/sockets.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
-import socket
-import sys
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import zmq
-import zmq.asyncio
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from daqd.deadline import Deadline
+
+# re-exported: receivers, third parties' too, import the host:port helpers from here
+from daqd.hostport import HostPort as HostPort
+from daqd.hostport import format_hostport as format_hostport
+from daqd.hostport import parse_hostport as parse_hostport
+from daqd.hostport import zmq_bindable as zmq_bindable
 from daqd.logs import LimitedLogger
 from daqd.monitor import Counters
 from daqd.record import Block, Record
 from daqd.runstate import RunInfo
+from daqd.sockets import ReceiverSockets
 
 if TYPE_CHECKING:
     from daqd.host import Host
     from daqd.publisher import PublisherQueue
-
-StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-# Linux's SO_RCVBUFFORCE, which Python's socket module does not export
-_SO_RCVBUFFORCE = 33 if sys.platform.startswith("linux") else None
 
 _time_ns = time.time_ns
 
@@ -38,33 +36,6 @@ RESTART_FIRST_S = 0.5
 RESTART_MAX_S = 30.0
 RESTART_LIMIT = 5  # failures within RESTART_WINDOW_S after which a receiver is marked failed
 RESTART_WINDOW_S = 60.0
-
-
-def parse_hostport(value: str) -> tuple[str, int]:
-    """'host:port' (or '[v6]:port') -> (host, port); raises ValueError with the offending text."""
-    host, sep, port = value.rpartition(":")
-    ok_host = bool(host) and all(c.isalnum() or c in ".-_:[]*" for c in host)
-    if not sep or not ok_host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"expected 'host:port' with a port 0-65535, got {value!r}")
-    return host.strip("[]"), int(port)
-
-
-def _valid_hostport(value: str) -> str:
-    parse_hostport(value)
-    return value
-
-
-# A settings field holding "host:port", checked when the configuration is read.
-HostPort = Annotated[str, AfterValidator(_valid_hostport)]
-
-
-def zmq_bindable(endpoint: str) -> str:
-    """A ZeroMQ bind address: our settings say port 0 for 'any free port', ZeroMQ says '*'."""
-    return endpoint[:-2] + ":*" if endpoint.endswith(":0") else endpoint
-
-
-def format_hostport(addr: tuple[Any, ...]) -> str:
-    return f"{addr[0]}:{addr[1]}"
 
 
 class ReceiverSettings(BaseModel):
@@ -82,47 +53,7 @@ class ReceiverSettings(BaseModel):
         return []
 
 
-def kernel_udp_drops(sock: socket.socket) -> int | None:
-    """The kernel's drop count for this UDP socket (/proc/net/udp 'drops' column), if Linux says."""
-    try:
-        inode = str(__import__("os").fstat(sock.fileno()).st_ino)
-        family = "udp6" if sock.family == socket.AF_INET6 else "udp"
-        with open(f"/proc/net/{family}") as f:
-            next(f)
-            for line in f:
-                fields = line.split()
-                if len(fields) >= 13 and fields[9] == inode:
-                    return int(fields[-1])
-    except (OSError, ValueError, StopIteration):
-        return None
-    return None
-
-
-class _DatagramProtocol(asyncio.DatagramProtocol):
-    __slots__ = ("callback", "receiver")
-
-    def __init__(
-        self, receiver: ReceiverServer, callback: Callable[[bytes, tuple[str, int]], None]
-    ) -> None:
-        self.receiver = receiver
-        self.callback = callback
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        try:
-            self.callback(data, addr)
-        except Exception as exc:  # one bad datagram must never take the receiver down
-            self.receiver.counters.error("datagram_handler")
-            self.receiver.counters.drop("handler_error")
-            self.receiver.limited.warning(
-                "datagram", "%s: datagram from %s failed: %r", self.receiver.name, addr, exc
-            )
-
-    def error_received(self, exc: Exception) -> None:
-        self.receiver.counters.error("socket")
-        self.receiver.limited.warning("socket", "%s: socket error: %s", self.receiver.name, exc)
-
-
-class ReceiverServer:
+class ReceiverServer(ReceiverSockets):
     """Base of every receiver: owns its sockets, runs its ct_* tasks, serves its cmd_* commands.
 
     Subclasses override `setup()` to open sockets with the setup_* helpers and call `publish()`.
@@ -143,12 +74,7 @@ class ReceiverServer:
         self.last_error = ""
         self.queues: list[PublisherQueue] = []  # set by the host from publish_to
         self._seq: dict[str, int] = {}
-        self._transports: list[asyncio.BaseTransport] = []
-        self._udp: list[tuple[socket.socket, Callable[[bytes, tuple[str, int]], None]]] = []
-        self._servers: list[asyncio.Server] = []
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._client_tasks: set[asyncio.Task[None]] = set()
-        self._zmq: list[zmq.asyncio.Socket] = []
+        super().__init__()  # the sockets' lists
         self._tasks: list[asyncio.Task[None]] = []
         self._supervisor: asyncio.Task[None] | None = None
         self._failures: deque[float] = deque()
@@ -260,155 +186,6 @@ class ReceiverServer:
             self.host.tap(self.name, record)
         return ok
 
-    # ----- sockets ---------------------------------------------------------------------------
-    async def setup_udp(
-        self,
-        listen: str,
-        on_datagram: Callable[[bytes, tuple[str, int]], None],
-        *,
-        rcvbuf_bytes: int = 8 << 20,
-        key: str = "listen",
-    ) -> asyncio.DatagramTransport:
-        """Bind a UDP socket with a large SO_RCVBUF; each datagram calls on_datagram(data, addr)."""
-        host, port = parse_hostport(listen)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_DGRAM)
-        try:
-            try:  # with CAP_NET_ADMIN Linux lets us past net.core.rmem_max; else we are capped
-                if _SO_RCVBUFFORCE is None:
-                    raise OSError
-                sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, rcvbuf_bytes)
-            except OSError:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf_bytes)
-            sock.bind((host, port))
-        except OSError:
-            sock.close()
-            raise
-        sock.setblocking(False)
-        granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
-        # Linux reports twice the usable size and caps the request at net.core.rmem_max.
-        level = logging.INFO if granted >= rcvbuf_bytes else logging.WARNING
-        self.log.log(
-            level,
-            "UDP %s: SO_RCVBUF asked %d bytes, kernel granted %d%s",
-            format_hostport(sock.getsockname()),
-            rcvbuf_bytes,
-            granted,
-            "" if granted >= rcvbuf_bytes else " (raise net.core.rmem_max for more headroom)",
-        )
-        loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(
-            lambda: _DatagramProtocol(self, on_datagram), sock=sock
-        )
-        self._transports.append(transport)
-        self._udp.append((sock, on_datagram))
-        self.addresses[key] = format_hostport(sock.getsockname())
-        self.counters.extra["rcvbuf_bytes"] = granted
-        return transport
-
-    async def setup_stream(
-        self,
-        handler: StreamHandler,
-        *,
-        listen: str | None = None,
-        connect: str | None = None,
-        key: str | None = None,
-        limit: int = 1 << 16,
-        max_connections: int = 256,
-    ) -> None:
-        """A TCP server (`listen`: handler per client) or one client connection (`connect`).
-
-        A handler that raises is counted and logged and closes only its own connection. A server
-        holds at most `max_connections` clients: one more is closed at once, counted as error
-        "too_many_connections" (what a client holds is bounded by the peer, not by us).
-        """
-        if (listen is None) == (connect is None):
-            raise ValueError("setup_stream needs exactly one of listen= or connect=")
-        if listen is not None:
-            host, port = parse_hostport(listen)
-
-            def accept(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> Awaitable[None]:
-                if len(self._client_tasks) >= max_connections:
-                    return self._refuse_client(w, max_connections)
-                return self._run_client(handler, r, w)
-
-            server = await asyncio.start_server(accept, host, port, limit=limit)
-            self._servers.append(server)
-            self.addresses[key or "listen"] = format_hostport(server.sockets[0].getsockname())
-        else:
-            assert connect is not None
-            reader, writer = await self.connect_stream(connect, key=key or "connect")
-            task = asyncio.create_task(self._run_client(handler, reader, writer))
-            self._client_tasks.add(task)
-            task.add_done_callback(self._client_tasks.discard)
-
-    async def _refuse_client(self, writer: asyncio.StreamWriter, most: int) -> None:
-        self.counters.error("too_many_connections")
-        self.limited.warning(
-            "too_many_connections",
-            "%s: refused a connection from %s: %d clients already (max_connections)",
-            self.name,
-            writer.get_extra_info("peername"),
-            most,
-        )
-        writer.close()
-
-    async def connect_stream(
-        self, connect: str, *, key: str = "connect"
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """Dial `host:port` with TCP keepalive on; the writer is closed with the receiver."""
-        host, port = parse_hostport(connect)
-        reader, writer = await asyncio.open_connection(host, port)
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        # a receiver that reconnects in a loop leaves closed writers behind: forget those here
-        self._writers = {w for w in self._writers if not w.is_closing()}
-        self._writers.add(writer)
-        self.addresses[key] = connect
-        return reader, writer
-
-    async def _run_client(
-        self, handler: StreamHandler, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        self._writers.add(writer)
-        task = asyncio.current_task()
-        if task is not None:
-            self._client_tasks.add(task)
-        peer = writer.get_extra_info("peername")
-        try:
-            await handler(reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError) as exc:
-            self.log.debug("connection %s ended: %s", peer, exc or type(exc).__name__)
-        except asyncio.CancelledError:
-            # Only the receiver's stop cancels a client, and nothing awaits the task for its
-            # outcome: end it normally, because Python 3.11's start_server callback calls
-            # exception() on a cancelled task and logs that as an ERROR with a traceback.
-            return
-        except Exception as exc:
-            self.counters.error("connection")
-            self.limited.warning("conn", "%s: connection %s failed: %r", self.name, peer, exc)
-        finally:
-            self._writers.discard(writer)
-            if task is not None:
-                self._client_tasks.discard(task)
-            writer.close()
-
-    def setup_zmq(
-        self, socket_type: int, endpoint: str, *, bind: bool, key: str = "endpoint"
-    ) -> zmq.asyncio.Socket:
-        """A ZeroMQ socket bound or connected on `endpoint` (port 0 binds a free port)."""
-        sock = self.host.zmq_context.socket(socket_type)
-        sock.setsockopt(zmq.LINGER, 0)
-        if bind:
-            sock.bind(zmq_bindable(endpoint))
-            self.addresses[key] = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        else:
-            sock.connect(endpoint)
-            self.addresses[key] = endpoint
-        self._zmq.append(sock)
-        return sock
-
     # ----- commands --------------------------------------------------------------------------
     def commands(self) -> dict[str, Callable[..., Any]]:
         """name -> bound method, for every cmd_<name> method."""
@@ -437,67 +214,7 @@ class ReceiverServer:
         """Once a second: refresh rates and the kernel's drop counts."""
         self.refresh_extra()
         self.counters.sample()
-        if self._udp or self._kernel_base:
-            now = sum(kernel_udp_drops(sock) or 0 for sock, _ in self._udp)
-            self.counters.drops["kernel"] = self._kernel_base + now
-
-    # kernel drops of UDP sockets already closed (restarts), so the counter never goes back
-    _kernel_base = 0
-
-    _held_udp: list[tuple[socket.socket, Callable[[bytes, tuple[str, int]], None]]] = []
-
-    def stop_input(self) -> None:
-        """Stop the loop reading this receiver's UDP sockets, now, keeping what their buffers
-        hold for `stop_receiving` to drain: each socket stays open through a dup of its
-        descriptor and its transport closes (uvloop's cannot pause reading). The host calls it
-        for every receiver before anything awaits at shutdown."""
-        if not self._held_udp:
-            self._held_udp = [(sock.dup(), on_datagram) for sock, on_datagram in self._udp]
-            for sock, _ in self._held_udp:
-                _admit_no_more(sock)
-        for transport in self._transports:
-            transport.close()
-
-    async def _drain_udp(
-        self,
-        socks: list[tuple[socket.socket, Callable[[bytes, tuple[str, int]], None]]],
-        deadline: Deadline | None,
-    ) -> None:
-        """Deliver what is still in the kernel's buffers before a UDP socket closes: at shutdown
-        'stop receiving' means taking no new datagrams, not discarding the ones already here.
-
-        With a deadline (shutdown), a full `block` queue is waited for until it passes; what is
-        left then is read and counted as dropped under the deadline's reason, never left
-        uncounted in a closing socket. Without one (a restart), the queues' policies apply as is.
-        """
-        for sock, on_datagram in socks:
-            sock.setblocking(False)
-            _admit_no_more(sock)  # what a live sender sends from now on is the kernel's drop
-            for _ in range(1 << 20):
-                if deadline is not None and not deadline.expired:
-                    for q in self.queues:
-                        if q.full and not await q.wait_room(deadline):
-                            break
-                try:
-                    data, addr = sock.recvfrom(65536)
-                except OSError:  # BlockingIOError: empty
-                    break
-                if deadline is not None and deadline.expired and any(q.full for q in self.queues):
-                    self.counters.drop(deadline.reason)
-                    continue
-                try:
-                    on_datagram(data, addr)
-                    self.hand_over()  # one at a time, so the room just waited for is enough
-                except Exception as exc:
-                    self.counters.error("datagram_handler")
-                    self.counters.drop("handler_error")
-                    self.limited.warning(
-                        "drain", "%s: datagram from %s failed: %r", self.name, addr, exc
-                    )
-            self._kernel_base += kernel_udp_drops(sock) or 0
-            sock.close()
-        if self._udp:
-            self.counters.drops["kernel"] = self._kernel_base
+        self._sample_kernel_drops()
 
     async def start(self) -> None:
         """Set up (errors propagate: a daemon that cannot bind must say so) and run the ct_ tasks."""
@@ -576,21 +293,7 @@ class ReceiverServer:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
-        for server in self._servers:
-            server.close()
-        await self._drain_udp(udp, deadline)
-        for writer in list(self._writers):
-            writer.close()
-        for task in list(self._client_tasks):
-            task.cancel()
-        await asyncio.gather(*self._client_tasks, return_exceptions=True)
-        for server in self._servers:
-            await server.wait_closed()
-        for zsock in self._zmq:
-            zsock.close(linger=0)
-        self._servers, self._transports, self._udp, self._zmq = [], [], [], []
-        self._writers.clear()
-        self._client_tasks.clear()
+        await self._teardown_sockets(udp, deadline)
         try:
             await self.close()
         except Exception as exc:
@@ -610,11 +313,3 @@ class ReceiverServer:
 
 async def _raise(exc: BaseException) -> None:
     raise exc
-
-
-def _admit_no_more(sock: socket.socket) -> None:
-    """A UDP socket being drained keeps what its buffer holds but admits no new datagram: its
-    receive buffer shrinks to the kernel's minimum, so a sender still sending is refused (and
-    counted in the socket's drops, read as `kernel`) instead of keeping the drain going."""
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)

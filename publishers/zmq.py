@@ -14,8 +14,8 @@ import zmq
 import zmq.backend
 from pydantic import Field, model_validator
 
+from daqd.hostport import zmq_bindable
 from daqd.publisher import Publisher, PublisherSettings
-from daqd.receiver import zmq_bindable
 from daqd.record import Record
 
 _MORE = int(zmq.SNDMORE) | int(zmq.NOBLOCK)

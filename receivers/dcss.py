@@ -28,8 +28,9 @@ from daqd.dhs import (
     load_handler_module,
 )
 from daqd.errors import ProtocolError
+from daqd.hostport import parse_hostport
 from daqd.protocols import dcss as d
-from daqd.receiver import ReceiverServer, ReceiverSettings, parse_hostport
+from daqd.receiver import ReceiverServer, ReceiverSettings
 from daqd.trust import code_base
 
 # A connection that lasted this long after its handshake resets the reconnect backoff.

@@ -14,15 +14,10 @@ from aiohttp.http import HttpVersion11
 from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import Field, field_validator
 
+from daqd.hostport import HostPort, format_hostport, parse_hostport
 from daqd.http import GrabError, NextRecord
 from daqd.logs import LimitedLogger
-from daqd.receiver import (
-    HostPort,
-    ReceiverServer,
-    ReceiverSettings,
-    format_hostport,
-    parse_hostport,
-)
+from daqd.receiver import ReceiverServer, ReceiverSettings
 from daqd.record import Record
 
 # Headers that become tags: pydhsfw's JPEG receiver routes on DHS-Request-Type-Id, and instruments

@@ -24,9 +24,10 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
+from daqd.hostport import HostPort
 from daqd.protocols.logstream import MAX_RECORD_LIMIT, LogStream, Message
 from daqd.protocols.ssdaq_pb import SEVERITIES
-from daqd.receiver import HostPort, ReceiverServer, ReceiverSettings
+from daqd.receiver import ReceiverServer, ReceiverSettings
 
 _READ_BYTES = 1 << 16
 LEVEL_NAMES = {name: level for level, name in SEVERITIES.items()} | {"CRITICAL": 50}

@@ -21,8 +21,9 @@ import zmq
 import zmq.asyncio
 from pydantic import Field, field_validator
 
+from daqd.hostport import zmq_bindable
 from daqd.protocols.ssdaq_pb import PbError, decode_monitor_data
-from daqd.receiver import ReceiverServer, ReceiverSettings, zmq_bindable
+from daqd.receiver import ReceiverServer, ReceiverSettings
 from daqd.record import Record
 
 _MAX_SENDERS = 256  # names kept in extra["senders"]; the oldest goes first

@@ -17,15 +17,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pydantic import Field, field_validator
 
 from daqd.deadline import Deadline
+from daqd.hostport import HostPort, format_hostport, parse_hostport
 from daqd.packetstream import PacketConnection, RequestFailed, start_server
 from daqd.protocols.packetstream import DEFAULT_MAX_PACKET_BYTES, Request
-from daqd.receiver import (
-    HostPort,
-    ReceiverServer,
-    ReceiverSettings,
-    format_hostport,
-    parse_hostport,
-)
+from daqd.receiver import ReceiverServer, ReceiverSettings
 
 if TYPE_CHECKING:
     from daqd.host import Host

@@ -8,7 +8,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from daqd.receiver import HostPort, ReceiverServer, ReceiverSettings
+from daqd.hostport import HostPort
+from daqd.receiver import ReceiverServer, ReceiverSettings
 
 _LEN32 = struct.Struct(">I")
 

@@ -16,8 +16,9 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from daqd.hostport import HostPort
 from daqd.protocols.trigger import TYPE_NAMES, TriggerError, decode
-from daqd.receiver import HostPort, ReceiverServer, ReceiverSettings
+from daqd.receiver import ReceiverServer, ReceiverSettings
 from daqd.record import Record
 from daqd.runstate import RunInfo
 

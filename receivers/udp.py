@@ -7,7 +7,8 @@ from typing import Any
 
 from pydantic import Field
 
-from daqd.receiver import HostPort, ReceiverServer, ReceiverSettings
+from daqd.hostport import HostPort
+from daqd.receiver import ReceiverServer, ReceiverSettings
 from daqd.record import Record
 from daqd.runstate import RunInfo
 

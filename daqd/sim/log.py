@@ -15,9 +15,9 @@ import time
 
 import click
 
+from daqd.hostport import parse_hostport
 from daqd.protocols.logstream import frame
 from daqd.protocols.ssdaq_pb import LogData, encode_log_data
-from daqd.receiver import parse_hostport
 
 LEVELS = (10, 20, 30, 40, 50)
 
