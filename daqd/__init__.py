@@ -8,7 +8,9 @@ The map of daqd/, one line per module or package (receivers/ and publishers/ hol
   config_errors the config errors collected and worded: file, table, key, line, did-you-mean
   tomllines     where each table and key of a TOML text starts, for errors with line numbers
   host          builds receivers and publishers from settings, routes records, runs the run state
-  receiver      ReceiverServer, the receivers' base class: sockets, tasks, commands, supervision
+  receiver      ReceiverServer, the receivers' base class: records, tasks, commands, supervision
+  sockets       ReceiverSockets, a receiver's sockets: UDP (SO_RCVBUF, kernel drops), TCP, ZeroMQ
+  hostport      "host:port" in settings (HostPort, parse_hostport) and ZeroMQ bind addresses
   publisher     Publisher, the publishers' base class, and the bounded queue feeding each one
   record        Record: the one thing that flows from receivers to publishers
   runstate      the run state machine (Constellation's satellite states) and what a run carries
