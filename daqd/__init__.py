@@ -24,6 +24,7 @@ The map of daqd/, one line per module or package (receivers/ and publishers/ hol
   packetstream/ cs.packetstream connections (connection) and `daqd send-packets` (send_packets)
   cdtp_senders  the cdtp receiver's senders: run state, the table bounding them, a run's account
   cdtp_links    the cdtp receiver's links: a PULL socket per transmitter, configured or CHIRP's
+  cdtp_runs     the cdtp publisher's settings and runs: BOR (waiting for a receiver), flushes, EOR
   http          HTTP for operation handlers: next image from a receiver, JSON to a service
   web/          the web view: live page, /metrics for Prometheus, run control with a token
   protocols/    sans-IO codecs, one per wire protocol (iccp, dcss, cdtp, chirp, packetstream, ...)
