@@ -13,12 +13,11 @@ from __future__ import annotations
 import enum
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from daqd.errors import ProtocolError
-from daqd.monitor import Counters
 from daqd.runstate import RunCondition, RunInfo
 
 STATUS_SENDERS = 64  # senders status shows at most (those in a run first, then the latest)
@@ -83,14 +82,19 @@ class Sender:
 class SenderTable:
     """The senders a receiver tracks, bounded: `receive_from`'s, or at most `max_senders`."""
 
-    def __init__(self, receive_from: list[str] | None, max_senders: int, counters: Counters):
+    def __init__(
+        self,
+        receive_from: list[str] | None,
+        max_senders: int,
+        on_evict: Callable[[Sender], None],
+    ):
         self.senders: dict[str, Sender] = {
             n: Sender(n, configured=True) for n in receive_from or ()
         }
         self._allowed = frozenset(receive_from) if receive_from else None
         self._others = 0  # tracked senders not named in receive_from (at most max_senders)
         self.max_senders = max_senders
-        self.counters = counters  # senders_evicted is counted here
+        self.on_evict = on_evict  # the owner counts it (its counters may be swapped)
 
     def known(self, name: str, kind: str) -> Sender | None:
         """The sender of a DATA or EOR message, if tracked; refuses names outside receive_from."""
@@ -112,7 +116,7 @@ class SenderTable:
     def evict(self, sender: Sender) -> None:
         del self.senders[sender.name]
         self._others -= 1
-        self.counters.extra["senders_evicted"] = self.counters.extra.get("senders_evicted", 0) + 1
+        self.on_evict(sender)
 
     def track(self, name: str) -> Sender:
         """The state of a sender that sent a BOR: made if new. At max_senders the sender idle

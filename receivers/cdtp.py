@@ -82,7 +82,7 @@ class CdtpReceiver(ReceiverServer):
 
     def __init__(self, settings: CdtpReceiverSettings, host: Host) -> None:
         super().__init__(settings, host)
-        self.table = SenderTable(settings.receive_from, settings.max_senders, self.counters)
+        self.table = SenderTable(settings.receive_from, settings.max_senders, self._evicted)
         self.senders = self.table.senders  # name -> its run state (the table's)
         # this daqd run: what the sender runs that ended in it add up to, and what to report
         self.account = RunAccount()
@@ -116,6 +116,12 @@ class CdtpReceiver(ReceiverServer):
         """Run every link's receive tasks, and those of links discovered later; one failing
         task cancels the others, and the base class restarts the receiver."""
         await self.links.run()
+
+    def _evicted(self, sender: Sender) -> None:
+        """The table forgot a sender (idle, or making room): counted in this receiver's
+        counters, which a rebuild with the same name carries on."""
+        extra = self.counters.extra
+        extra["senders_evicted"] = extra.get("senders_evicted", 0) + 1
 
     def _link_up(self, endpoint: str) -> None:
         """A connection is made: senders of it that vanished mid-run are back."""

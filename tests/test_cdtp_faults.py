@@ -390,6 +390,39 @@ async def test_new_senders_are_refused_while_all_tracked_are_in_a_run_and_idle_a
     assert run.condition == RunCondition.TAINTED | RunCondition.INCOMPLETE
 
 
+async def test_senders_forgotten_after_a_rebuild_are_counted_in_status() -> None:
+    """A reconfigure that rebuilds the receiver (same name) carries its counters on: senders
+    the new receiver forgets are counted where status reads them, after the old one's."""
+    push = Push()
+    text = receiver_toml("rx", [push.endpoint], [], "max_senders = 2")
+    host = await start_host(text)
+    try:
+
+        async def whole_runs(names: list[str]) -> None:
+            rx = host.receivers["rx"]
+            assert isinstance(rx, CdtpReceiver)
+            for name in names:
+                await push.send(bor(name))
+                await push.send(eor(name, 0))
+            await wait_for(lambda: ended(rx, names[-1]), what=f"{names[-1]}'s EOR")
+
+        def evicted() -> int:
+            return int(host.status()["receivers"]["rx"]["extra"]["senders_evicted"])
+
+        await whole_runs(["Old.a", "Old.b", "Old.c"])  # one more than max_senders
+        assert evicted() == 1
+        changed = await host.reconfigure(
+            '[daemon]\nname = "t"\ndrain_timeout_s = 10\n'
+            + text.replace("max_senders = 2", "max_senders = 3")
+        )
+        assert changed == ["receiver rx"], changed
+        await whole_runs(["New.a", "New.b", "New.c", "New.d"])  # one more than max_senders
+        assert evicted() == 2
+    finally:
+        await host.stop()
+        push.close()
+
+
 # ----- fuzz -----------------------------------------------------------------------------------
 def fuzz_inputs(seed: int, count: int) -> tuple[list[list[bytes]], dict[str, int], dict[str, int]]:
     """`count` bad inputs of known kinds, and the errors and drops each must be counted as."""
