@@ -14,12 +14,6 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from daqd.deadline import Deadline
-
-# re-exported: receivers, third parties' too, import the host:port helpers from here
-from daqd.hostport import HostPort as HostPort
-from daqd.hostport import format_hostport as format_hostport
-from daqd.hostport import parse_hostport as parse_hostport
-from daqd.hostport import zmq_bindable as zmq_bindable
 from daqd.logs import LimitedLogger
 from daqd.monitor import Counters
 from daqd.record import Block, Record

@@ -30,8 +30,9 @@ from pydantic import Field, field_validator, model_validator
 from daqd.cdtp_links import CdtpLinks
 from daqd.cdtp_senders import Refused, RunAccount, Sender, SenderState, SenderTable
 from daqd.errors import ProtocolError
+from daqd.hostport import parse_hostport
 from daqd.protocols import cdtp
-from daqd.receiver import ReceiverServer, ReceiverSettings, parse_hostport
+from daqd.receiver import ReceiverServer, ReceiverSettings
 from daqd.record import Record
 from daqd.runstate import RunCondition, RunInfo
 
