@@ -7,7 +7,8 @@ The map of daqd/, one line per module or package (receivers/ and publishers/ hol
   config        TOML -> validated settings; every error names the file, the table and the key
   config_errors the config errors collected and worded: file, table, key, line, did-you-mean
   tomllines     where each table and key of a TOML text starts, for errors with line numbers
-  host          builds receivers and publishers from settings, routes records, runs the run state
+  host          Host: builds receivers and publishers from settings, routes records, reconfigures
+  hostruns      HostRuns, the host's run state: transitions, runs begun and ended, judged by counts
   receiver      ReceiverServer, the receivers' base class: records, tasks, commands, supervision
   sockets       ReceiverSockets, a receiver's sockets: UDP (SO_RCVBUF, kernel drops), TCP, ZeroMQ
   hostport      "host:port" in settings (HostPort, parse_hostport) and ZeroMQ bind addresses
