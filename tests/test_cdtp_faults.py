@@ -393,12 +393,13 @@ async def test_new_senders_are_refused_while_all_tracked_are_in_a_run_and_idle_a
 async def test_senders_forgotten_after_a_rebuild_are_counted_in_status() -> None:
     """A reconfigure that rebuilds the receiver (same name) carries its counters on: senders
     the new receiver forgets are counted where status reads them, after the old one's."""
-    push = Push()
-    text = receiver_toml("rx", [push.endpoint], [], "max_senders = 2")
-    host = await start_host(text)
+    # a transmitter for each receiver: a PUSH whose old peer is going away may still hand
+    # messages to it (lost with it), so the rebuilt receiver gets a PUSH of its own
+    before, after = Push(), Push()
+    host = await start_host(receiver_toml("rx", [before.endpoint], [], "max_senders = 2"))
     try:
 
-        async def whole_runs(names: list[str]) -> None:
+        async def whole_runs(push: Push, names: list[str]) -> None:
             rx = host.receivers["rx"]
             assert isinstance(rx, CdtpReceiver)
             for name in names:
@@ -409,18 +410,19 @@ async def test_senders_forgotten_after_a_rebuild_are_counted_in_status() -> None
         def evicted() -> int:
             return int(host.status()["receivers"]["rx"]["extra"]["senders_evicted"])
 
-        await whole_runs(["Old.a", "Old.b", "Old.c"])  # one more than max_senders
+        await whole_runs(before, ["Old.a", "Old.b", "Old.c"])  # one more than max_senders
         assert evicted() == 1
         changed = await host.reconfigure(
             '[daemon]\nname = "t"\ndrain_timeout_s = 10\n'
-            + text.replace("max_senders = 2", "max_senders = 3")
+            + receiver_toml("rx", [after.endpoint], [], "max_senders = 3")
         )
         assert changed == ["receiver rx"], changed
-        await whole_runs(["New.a", "New.b", "New.c", "New.d"])  # one more than max_senders
+        await whole_runs(after, ["New.a", "New.b", "New.c", "New.d"])  # one more than fits
         assert evicted() == 2
     finally:
         await host.stop()
-        push.close()
+        before.close()
+        after.close()
 
 
 # ----- fuzz -----------------------------------------------------------------------------------
