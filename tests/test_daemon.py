@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import struct
 import subprocess
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import zmq
@@ -64,14 +65,22 @@ class Sender(threading.Thread):
             self.sock.close()
 
 
-def stalled_sub(endpoint: str) -> tuple[zmq.Context[zmq.Socket[bytes]], zmq.Socket[bytes]]:
+@contextlib.contextmanager
+def stalled_sub(endpoint: str) -> Iterator[zmq.Socket[bytes]]:
+    """A SUB that reads only when the test says so; closed with its context however the test
+    ends (LINGER 0: a context left to the garbage collector would block in term() on the
+    subscription it still owes a vanished PUB)."""
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
     sub.setsockopt(zmq.RCVHWM, 10)
     sub.setsockopt(zmq.RCVBUF, 65536)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
     sub.connect(endpoint)
-    return ctx, sub
+    try:
+        yield sub
+    finally:
+        ctx.destroy(linger=0)
 
 
 def wait_subscribed(d: Daemon, sub: zmq.Socket[bytes]) -> int:
@@ -91,58 +100,63 @@ def wait_subscribed(d: Daemon, sub: zmq.Socket[bytes]) -> int:
 
 def test_block_policy_slows_a_tcp_sender_and_loses_nothing(daemon: Callable[..., Daemon]) -> None:
     d = daemon(TCP_TO_ZMQ.format(name="blk", policy="block"), name="blk")
-    ctx, sub = stalled_sub(d.status()["publishers"]["live"]["addresses"]["endpoint"])
-    probes = wait_subscribed(d, sub)
-    sender = Sender(d.status()["receivers"]["in"]["addresses"]["listen"])
-    sender.start()
-    # The SUB does not read: the publisher's queue fills, the receiver waits, TCP pushes back.
-    wait_until(
-        lambda: d.status()["publishers"]["live"]["queue"] == 10, 60, "the live queue to fill"
-    )
-    for _ in range(5):  # the queue stays full and the sender stays stuck, poll after poll
+    with stalled_sub(d.status()["publishers"]["live"]["addresses"]["endpoint"]) as sub:
+        probes = wait_subscribed(d, sub)
+        sender = Sender(d.status()["receivers"]["in"]["addresses"]["listen"])
+        sender.start()
+        # The SUB does not read: the publisher's queue fills, the receiver waits, TCP pushes
+        # back. Until every buffer on the way is full (the kernel grows TCP's as data flows) the
+        # queue may fill and empty again: wait until nothing has moved for a second.
+        last: list[tuple[int, int]] = []
+
+        def stuck() -> bool:  # the same full queue and sender count for 20 polls (> 1 s)
+            last.append((d.status()["publishers"]["live"]["queue"], sender.sent))
+            del last[:-20]
+            return len(last) == 20 and len(set(last)) == 1 and last[0][0] == 10
+
+        wait_until(stuck, 60, "the sender to be held back")
+        for _ in range(5):  # the queue stays full and the sender stays stuck, poll after poll
+            st = d.status()
+            assert st["publishers"]["live"]["queue"] == 10
+            assert sender.is_alive() and sender.sent < TOTAL
+        got: list[int] = []
+        while len(got) < TOTAL:
+            assert sub.poll(30_000), f"got {len(got)} of {TOTAL}"
+            frames = sub.recv_multipart()
+            got.append(int.from_bytes(frames[2][:4], "big"))
+        sender.join(60)
+        assert sender.error is None and sender.sent == TOTAL
+        assert got == list(range(TOTAL))
         st = d.status()
-        assert st["publishers"]["live"]["queue"] == 10
-        assert sender.is_alive() and sender.sent < TOTAL
-    got = []
-    while len(got) < TOTAL:
-        assert sub.poll(30_000), f"got {len(got)} of {TOTAL}"
-        frames = sub.recv_multipart()
-        got.append(int.from_bytes(frames[2][:4], "big"))
-    sender.join(60)
-    assert sender.error is None and sender.sent == TOTAL
-    assert got == list(range(TOTAL))
-    st = d.status()
-    assert st["receivers"]["in"]["records"] == TOTAL + probes
-    assert st["publishers"]["live"]["drops"] == {}
-    assert d.stop() == 0
-    sub.close()
-    ctx.term()
+        assert st["receivers"]["in"]["records"] == TOTAL + probes
+        assert st["publishers"]["live"]["drops"] == {}
+        assert d.stop() == 0
 
 
 def test_drop_policy_never_slows_the_sender_and_counts_every_drop(
     daemon: Callable[..., Daemon],
 ) -> None:
     d = daemon(TCP_TO_ZMQ.format(name="drp", policy="drop"), name="drp")
-    ctx, sub = stalled_sub(d.status()["publishers"]["live"]["addresses"]["endpoint"])
-    probes = wait_subscribed(d, sub)
-    sender = Sender(d.status()["receivers"]["in"]["addresses"]["listen"])
-    sender.start()
-    sender.join(120)
-    assert sender.sent == TOTAL  # finished although nobody reads the live publisher
-    wait_until(
-        lambda: d.status()["receivers"]["in"]["records"] == TOTAL + probes, 60, "all records in"
-    )
-    got = 0
-    while sub.poll(2000):
-        sub.recv_multipart()
-        got += 1
-    live = d.status()["publishers"]["live"]
-    dropped = sum(live["drops"].values())
-    assert dropped > 0
-    assert got + dropped == TOTAL
-    assert d.stop() == 0
-    sub.close()
-    ctx.term()
+    with stalled_sub(d.status()["publishers"]["live"]["addresses"]["endpoint"]) as sub:
+        probes = wait_subscribed(d, sub)
+        sender = Sender(d.status()["receivers"]["in"]["addresses"]["listen"])
+        sender.start()
+        sender.join(120)
+        assert sender.sent == TOTAL  # finished although nobody reads the live publisher
+        wait_until(
+            lambda: d.status()["receivers"]["in"]["records"] == TOTAL + probes,
+            60,
+            "all records in",
+        )
+        got = 0
+        while sub.poll(2000):
+            sub.recv_multipart()
+            got += 1
+        live = d.status()["publishers"]["live"]
+        dropped = sum(live["drops"].values())
+        assert dropped > 0
+        assert got + dropped == TOTAL
+        assert d.stop() == 0
 
 
 FILE_CONFIG = """
