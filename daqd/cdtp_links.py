@@ -18,16 +18,15 @@ from typing import TYPE_CHECKING, cast
 
 import zmq
 import zmq.asyncio
-from zmq.utils.monitor import parse_monitor_message
 
 from daqd.errors import ConfigError
 from daqd.protocols import chirp
+from daqd.sockets import link_events
 
 if TYPE_CHECKING:
     from daqd.constellation.discovery import Offer
     from daqd.receiver import ReceiverServer
 
-RELINK_AFTER_S = 1.0  # a link silent this long after a disconnect was given up by ZeroMQ
 DRAIN_BATCH = 16  # messages taken per wake-up before letting other tasks run
 CLOSE_DRAIN_S = 2.0  # at most this long handling what is waiting in a socket when closing
 
@@ -254,46 +253,28 @@ class CdtpLinks:
     async def _watch(
         self, endpoint: str, sock: zmq.asyncio.Socket, monitor: zmq.asyncio.Socket
     ) -> None:
-        """Notice a transmitter that vanishes (`down`) and one that is back (`up`).
-
-        Also revive a link ZeroMQ gave up on: after a protocol error (above all a message over
-        max_message_bytes) libzmq closes the connection and never retries it, where a peer that
-        went away is retried at once (CONNECT_DELAYED/RETRIED follow the DISCONNECTED).
-        """
+        """Notice a transmitter that vanishes (`down`) and one that is back (`up`); a link
+        ZeroMQ gave up on (a message over max_message_bytes) is connected again, and counted."""
         rx = self.rx
-        silent_after_disconnect = False
-        while True:
-            try:
-                frames = await asyncio.wait_for(
-                    monitor.recv_multipart(), RELINK_AFTER_S if silent_after_disconnect else None
-                )
-            except TimeoutError:
-                silent_after_disconnect = False
-                rx.counters.error("link_dropped")
-                rx.limited.warning(
-                    f"link_dropped:{endpoint}",
-                    "%s: ZeroMQ dropped the link to %s and gave up (a message over "
-                    "max_message_bytes=%d?); connecting again",
-                    rx.name,
-                    endpoint,
-                    self.max_message_bytes,
-                )
-                try:
-                    sock.disconnect(endpoint)
-                except zmq.ZMQError:
-                    pass
-                sock.connect(endpoint)
-                continue
-            event = parse_monitor_message(frames)
-            silent_after_disconnect = event["event"] == zmq.EVENT_DISCONNECTED
-            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+
+        def given_up() -> None:
+            rx.counters.error("link_dropped")
+            rx.limited.warning(
+                f"link_dropped:{endpoint}",
+                "%s: ZeroMQ dropped the link to %s and gave up (a message over "
+                "max_message_bytes=%d?); connecting again",
+                rx.name,
+                endpoint,
+                self.max_message_bytes,
+            )
+
+        async for event in link_events(sock, monitor, endpoint, given_up):
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.lost.discard(endpoint)
                 self.up(endpoint)
-                continue
-            if event["event"] != zmq.EVENT_DISCONNECTED:
-                continue
-            rx.counters.extra["disconnects"] = rx.counters.extra.get("disconnects", 0) + 1
-            # a BOR still queued behind this event starts a run that is already gone: the
-            # receiver's BOR checks `lost`
-            self.lost.add(endpoint)
-            self.down(endpoint)
+            elif event == zmq.EVENT_DISCONNECTED:
+                rx.counters.extra["disconnects"] = rx.counters.extra.get("disconnects", 0) + 1
+                # a BOR still queued behind this event starts a run that is already gone: the
+                # receiver's BOR checks `lost`
+                self.lost.add(endpoint)
+                self.down(endpoint)

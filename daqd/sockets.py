@@ -9,11 +9,12 @@ import contextlib
 import logging
 import socket
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from daqd.deadline import Deadline
 from daqd.hostport import format_hostport, parse_hostport, zmq_bindable
@@ -334,3 +335,36 @@ def _admit_no_more(sock: socket.socket) -> None:
     counted in the socket's drops, read as `kernel`) instead of keeping the drain going."""
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
+
+
+RELINK_AFTER_S = 1.0  # a link silent this long after a disconnect was given up by ZeroMQ
+
+
+async def link_events(
+    sock: zmq.asyncio.Socket,
+    monitor: zmq.asyncio.Socket,
+    endpoint: str,
+    given_up: Callable[[], None],
+) -> AsyncIterator[int]:
+    """The events `monitor` reports for `sock`'s connection to `endpoint`, as they come; its
+    mask must hold connection events only (CONNECTED, HANDSHAKE_SUCCEEDED, CONNECT_DELAYED,
+    CONNECT_RETRIED, DISCONNECTED). ZeroMQ reconnects by itself to a peer that went away (a
+    CONNECT_RETRIED or _DELAYED follows the DISCONNECTED), but never after a protocol error such
+    as a message over MAXMSGSIZE: a link still silent RELINK_AFTER_S after a DISCONNECTED is
+    connected again here, after `given_up()` (which counts and says it)."""
+    silent_after_disconnect = False
+    while True:
+        try:
+            frames = await asyncio.wait_for(
+                monitor.recv_multipart(), RELINK_AFTER_S if silent_after_disconnect else None
+            )
+        except TimeoutError:
+            silent_after_disconnect = False
+            given_up()
+            with contextlib.suppress(zmq.ZMQError):
+                sock.disconnect(endpoint)
+            sock.connect(endpoint)
+            continue
+        event: int = parse_monitor_message(frames)["event"]
+        silent_after_disconnect = event == zmq.EVENT_DISCONNECTED
+        yield event

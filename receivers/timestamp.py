@@ -23,15 +23,14 @@ from typing import Any, Literal, cast
 import zmq
 import zmq.asyncio
 from pydantic import Field, field_validator
-from zmq.utils.monitor import parse_monitor_message
 
 from daqd.protocols.ssdaq_pb import PbError, TriggerBunch, decode_trigger_bunch
 from daqd.receiver import ReceiverServer, ReceiverSettings
 from daqd.record import Record
+from daqd.sockets import link_events
 
 _BATCH = 256  # messages taken off the socket before other tasks get a turn
 _CLOSE_DRAIN_S = 2.0
-RELINK_AFTER_S = 1.0  # a link silent this long after a disconnect was given up by ZeroMQ
 
 
 class TimestampSettings(ReceiverSettings):
@@ -124,43 +123,27 @@ class TimestampReceiver(ReceiverServer):
             loop.remove_reader(fd)
 
     async def ct_watch(self) -> None:
-        """Follow the connection. ZeroMQ reconnects by itself when the board goes away (a
-        CONNECT_RETRIED/DELAYED follows the DISCONNECTED), but not after a protocol error such as
-        a message over max_message_bytes: a link silent RELINK_AFTER_S after a disconnect is
-        connected again here, and counted (errors `link_dropped`)."""
+        """Follow the connection; a link ZeroMQ gave up on (a message over max_message_bytes)
+        is connected again, and counted (errors `link_dropped`)."""
         assert self._monitor is not None and self._sock is not None
-        monitor, sock = self._monitor, self._sock
         endpoint = self.settings.connect
-        given_up = False  # disconnected, and ZeroMQ has not said it is trying again
-        while True:
-            try:
-                frames = await asyncio.wait_for(
-                    monitor.recv_multipart(), RELINK_AFTER_S if given_up else None
-                )
-            except TimeoutError:
-                given_up = False
-                self.counters.error("link_dropped")
-                self.limited.warning(
-                    "link_dropped",
-                    "%s: ZeroMQ dropped the link to %s and does not retry (a message over "
-                    "max_message_bytes?): connecting again",
-                    self.name,
-                    endpoint,
-                )
-                try:
-                    sock.disconnect(endpoint)
-                except zmq.ZMQError:
-                    pass
-                sock.connect(endpoint)
-                continue
-            event = parse_monitor_message(frames)["event"]
+
+        def given_up() -> None:
+            self.counters.error("link_dropped")
+            self.limited.warning(
+                "link_dropped",
+                "%s: ZeroMQ dropped the link to %s and does not retry (a message over "
+                "max_message_bytes?): connecting again",
+                self.name,
+                endpoint,
+            )
+
+        async for event in link_events(self._sock, self._monitor, endpoint, given_up):
             if event == zmq.EVENT_CONNECTED:
-                given_up = False
                 self.connects += 1
                 self.connected = True
                 self.log.info("%s: connected to %s", self.name, endpoint)
             elif event == zmq.EVENT_DISCONNECTED:
-                given_up = True
                 self.disconnects += 1
                 self.connected = False
                 self.limited.warning(
@@ -169,8 +152,6 @@ class TimestampReceiver(ReceiverServer):
                     self.name,
                     endpoint,
                 )
-            elif event in (zmq.EVENT_CONNECT_RETRIED, zmq.EVENT_CONNECT_DELAYED):
-                given_up = False
 
     def _handle(self, frames: list[bytes], records: list[Record]) -> None:
         if len(frames) != 1:
