@@ -1,6 +1,7 @@
 """Helpers shared by the benchmarks (imported as `_common`: a script's own folder is on sys.path).
 
 - `cpu_s(pid)`: user + system CPU seconds of a process, from /proc (Linux).
+- `say(proc, line)` / `hear(proc)`: a line to a child process, the next JSON line from it.
 - `serve_json_lines(ready, report)` / `JsonChild`: the two ends of a benchmark's server child
   process. The child prints one JSON line `ready` (its port, ...), then answers each line it reads
   on stdin with one JSON `report()` line, until "quit" or EOF; the parent reads and asks.
@@ -27,6 +28,23 @@ def cpu_s(pid: int | None = None) -> float:
     with open(stat) as f:
         fields = f.read().rpartition(")")[2].split()  # the command name may hold spaces
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def say(proc: subprocess.Popen[str], line: str) -> None:
+    """Parent side of a child that reads lines: send it one."""
+    assert proc.stdin is not None
+    proc.stdin.write(line + "\n")
+    proc.stdin.flush()
+
+
+def hear(proc: subprocess.Popen[str]) -> dict[str, Any]:
+    """Parent side of a child that prints JSON lines: the next one."""
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        raise RuntimeError(f"{proc.args!r} ended without output")
+    result: dict[str, Any] = json.loads(line)
+    return result
 
 
 async def serve_json_lines(ready: dict[str, Any], report: Callable[[], dict[str, Any]]) -> None:

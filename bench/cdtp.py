@@ -26,6 +26,8 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+from _common import hear, say
+
 ROOT = Path(__file__).resolve().parent.parent
 PEER_SCRIPT = ROOT / "tests" / "cdtp_peer.py"
 CASES = [(1024, 100_000), (65536, 10_000)]
@@ -42,21 +44,6 @@ def spawn(*argv: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT
     )
-
-
-def say(proc: subprocess.Popen[str], line: str) -> None:
-    assert proc.stdin is not None
-    proc.stdin.write(line + "\n")
-    proc.stdin.flush()
-
-
-def hear(proc: subprocess.Popen[str]) -> dict[str, Any]:
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line:
-        raise RuntimeError(f"{proc.args!r} ended without output")
-    result: dict[str, Any] = json.loads(line)
-    return result
 
 
 def daemon_gc() -> None:

@@ -26,12 +26,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from _common import cpu_s  # noqa: E402
+from _common import cpu_s, hear, say  # noqa: E402
 
 SENDER = "Bench.tx"
 BLOCK = 1024
@@ -57,21 +56,6 @@ def spawn(*argv: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, __file__, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
-
-
-def hear(proc: subprocess.Popen[str]) -> dict[str, Any]:
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line:
-        raise RuntimeError(f"{proc.args!r} ended without output")
-    result: dict[str, Any] = json.loads(line)
-    return result
-
-
-def say(proc: subprocess.Popen[str], line: str) -> None:
-    assert proc.stdin is not None
-    proc.stdin.write(line + "\n")
-    proc.stdin.flush()
 
 
 # ----- the sender and the sink (child processes) ----------------------------------------------
