@@ -47,6 +47,14 @@ class ReceiverSettings(BaseModel):
         return []
 
 
+class DatagramSettings(ReceiverSettings):
+    """Settings of a receiver that reads a UDP socket (setup_udp)."""
+
+    # after reading what the socket holds, wait this long before reading again: the datagrams
+    # that come meanwhile are handled as one batch (see daqd.sockets.DatagramReader)
+    coalesce_ms: float = Field(1.0, ge=0, le=100)
+
+
 class ReceiverServer(ReceiverSockets):
     """Base of every receiver: owns its sockets, runs its ct_* tasks, serves its cmd_* commands.
 

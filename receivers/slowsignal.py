@@ -30,7 +30,7 @@ from daqd.protocols.slowsignal import (
     decode_datagram,
     encode_ssdaq_frame,
 )
-from daqd.receiver import ReceiverServer, ReceiverSettings
+from daqd.receiver import DatagramSettings, ReceiverServer
 from daqd.record import Record
 from daqd.runstate import RunInfo
 
@@ -46,7 +46,7 @@ _MAX_UNKNOWN_SOURCES = 256  # distinct unknown senders listed by address; the re
 _MAX_CPU_BACKDATE_NS = 10_000_000_000
 
 
-class SlowSignalSettings(ReceiverSettings):
+class SlowSignalSettings(DatagramSettings):
     listen: str = "0.0.0.0:17000"
     rcvbuf_bytes: int = Field(8 << 20, ge=4096)
     modules: int | list[int] = 32
@@ -173,7 +173,10 @@ class SlowSignalReceiver(ReceiverServer):
     async def setup(self) -> None:
         self._loop = asyncio.get_running_loop()
         await self.setup_udp(
-            self.settings.listen, self.on_datagram, rcvbuf_bytes=self.settings.rcvbuf_bytes
+            self.settings.listen,
+            self.on_datagram,
+            rcvbuf_bytes=self.settings.rcvbuf_bytes,
+            coalesce_s=self.settings.coalesce_ms / 1000,
         )
 
     async def ct_flush(self) -> None:

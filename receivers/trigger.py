@@ -18,14 +18,14 @@ from pydantic import Field
 
 from daqd.hostport import HostPort
 from daqd.protocols.trigger import TYPE_NAMES, TriggerError, decode
-from daqd.receiver import ReceiverServer, ReceiverSettings
+from daqd.receiver import DatagramSettings, ReceiverServer
 from daqd.record import Record
 from daqd.runstate import RunInfo
 
 _MAX_PEERS = 4096
 
 
-class TriggerSettings(ReceiverSettings):
+class TriggerSettings(DatagramSettings):
     listen: HostPort = "0.0.0.0:8307"
     rcvbuf_bytes: int = Field(8 << 20, gt=0)
     format: Literal["record", "ssdaq"] = "record"
@@ -53,7 +53,10 @@ class TriggerReceiver(ReceiverServer):
     async def setup(self) -> None:
         self._loop = asyncio.get_running_loop()
         await self.setup_udp(
-            self.settings.listen, self._on_datagram, rcvbuf_bytes=self.settings.rcvbuf_bytes
+            self.settings.listen,
+            self._on_datagram,
+            rcvbuf_bytes=self.settings.rcvbuf_bytes,
+            coalesce_s=self.settings.coalesce_ms / 1000,
         )
 
     def _on_datagram(self, data: bytes, addr: tuple[str, int]) -> None:

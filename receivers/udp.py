@@ -8,12 +8,12 @@ from typing import Any
 from pydantic import Field
 
 from daqd.hostport import HostPort
-from daqd.receiver import ReceiverServer, ReceiverSettings
+from daqd.receiver import DatagramSettings, ReceiverServer
 from daqd.record import Record
 from daqd.runstate import RunInfo
 
 
-class UdpSettings(ReceiverSettings):
+class UdpSettings(DatagramSettings):
     listen: HostPort
     rcvbuf_bytes: int = Field(8 << 20, gt=0)
 
@@ -34,7 +34,10 @@ class UdpReceiver(ReceiverServer):
         self._pending: list[Record] = []
         self._loop = asyncio.get_running_loop()
         await self.setup_udp(
-            self.settings.listen, self._on_datagram, rcvbuf_bytes=self.settings.rcvbuf_bytes
+            self.settings.listen,
+            self._on_datagram,
+            rcvbuf_bytes=self.settings.rcvbuf_bytes,
+            coalesce_s=self.settings.coalesce_ms / 1000,
         )
 
     def _on_datagram(self, data: bytes, addr: tuple[str, int]) -> None:

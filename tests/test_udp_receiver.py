@@ -8,6 +8,8 @@ import asyncio
 import socket
 from pathlib import Path
 
+import pytest
+
 from daqd.config import parse_config
 from daqd.host import Host
 from daqd.record import Record
@@ -26,6 +28,7 @@ type = "udp"
 name = "raw"
 listen = "127.0.0.1:0"
 publish_to = ["disk", "spy"]
+coalesce_ms = {coalesce_ms}
 
 [[publisher]]
 type = "file"
@@ -40,8 +43,10 @@ queue_size = {queue_size}
 """
 
 
-def make_host(tmp_path: Path, queue_size: int = 10000) -> Host:
-    text = CONFIG.format(directory=tmp_path / "data", queue_size=queue_size)
+def make_host(tmp_path: Path, queue_size: int = 10000, coalesce_ms: float = 1.0) -> Host:
+    text = CONFIG.format(
+        directory=tmp_path / "data", queue_size=queue_size, coalesce_ms=coalesce_ms
+    )
     return Host(parse_config(text, "t.toml"))
 
 
@@ -128,6 +133,33 @@ async def test_run_boundaries_fall_where_the_datagrams_arrived(tmp_path: Path) -
     assert payloads == [b"in %d" % i for i in range(10)]
 
 
+@pytest.mark.parametrize("coalesce_ms", [100, 0])
+async def test_datagrams_coming_while_reading_pauses_are_read_as_one_batch(
+    tmp_path: Path, coalesce_ms: float
+) -> None:
+    """After a read, the receiver waits coalesce_ms before reading again: three datagrams sent
+    loop turns apart in that time reach the publisher as one batch. The first datagram after a
+    quiet spell is read at once. With 0, each is read as it comes, in a batch of its own."""
+    host = make_host(tmp_path, coalesce_ms=coalesce_ms)
+    await host.start()
+    batches = spy_batches(host)
+    tx = Sender(host)
+    tx.send(b"a")
+    await wait_for(lambda: batches, what="the first datagram")
+    for payload in (b"b", b"c", b"d"):
+        tx.send(payload)
+        for _ in range(5):  # loop turns: time for the reader to read it, unless it pauses
+            await asyncio.sleep(0)
+    await wait_for(lambda: sum(map(len, batches)) == 4, what="4 records")
+    got = [[r.payload[0] for r in batch] for batch in batches]
+    if coalesce_ms:
+        assert got == [[b"a"], [b"b", b"c", b"d"]]
+    else:
+        assert got == [[b"a"], [b"b"], [b"c"], [b"d"]]
+    tx.close()
+    await host.stop()
+
+
 async def test_stopping_hands_on_what_the_kernel_still_holds(tmp_path: Path) -> None:
     """Datagrams sent right before stop() (the loop has not read them yet): stopping reads them
     from the socket and hands them on; none is lost."""
@@ -144,25 +176,26 @@ async def test_stopping_hands_on_what_the_kernel_still_holds(tmp_path: Path) -> 
 
 
 async def test_a_full_queue_takes_what_fits_and_counts_the_rest(tmp_path: Path) -> None:
-    """A stalled publisher with a queue of 10: after the batch it holds, 10 records fit, every
+    """A stalled publisher with a queue of 10: after the record it holds, 10 records fit, every
     later one is dropped `queue_full`, exactly; the other publisher gets all of them."""
     host = make_host(tmp_path, queue_size=10)
     await host.start()
     gate = asyncio.Event()
     batches = spy_batches(host, gate)
     tx = Sender(host)
-    tx.send(*(b"%d" % i for i in range(25)))
+    tx.send(b"0")
+    await wait_for(lambda: batches, what="the publisher stalled on the first record")
+    tx.send(*(b"%d" % i for i in range(1, 25)))
     rec = host.receivers["raw"]
     await wait_for(lambda: rec.counters.records == 25, what="25 datagrams read")
     spy = host.publishers["spy"]
-    held = len(batches[0])  # the batch the stalled send() holds
-    assert spy.counters.drops == {"queue_full": 25 - held - 10}
+    assert spy.counters.drops == {"queue_full": 25 - 1 - 10}
     gate.set()
-    await wait_for(lambda: spy.counters.records == held + 10, what="the queue drained")
+    await wait_for(lambda: spy.counters.records == 1 + 10, what="the queue drained")
     got = [r.payload[0] for batch in batches for r in batch]
-    assert got == [b"%d" % i for i in range(held + 10)]
+    assert got == [b"%d" % i for i in range(1 + 10)]
     tx.close()
     await host.stop()
-    assert spy.counters.records == held + 10
+    assert spy.counters.records == 1 + 10
     assert host.publishers["disk"].counters.drops == {}
     assert host.publishers["disk"].counters.records == 25
