@@ -64,6 +64,7 @@ _PHASES = {1 << (7 - i): i for i in range(8)}  # phase byte (one-hot, bit-revers
 V1_PATTERNS_AT = HEADER.size + V1_HEAD.size  # where a V1 packet's patterns start
 V1_UNION_AT = V1_PATTERNS_AT + V1_PATTERN_BYTES
 V1_TAIL_AT = V1_UNION_AT + UNION_BYTES
+V2_UNION_AT = V2_FIXED - UNION_BYTES
 
 
 @dataclass(eq=False, slots=True)
@@ -164,8 +165,12 @@ def decode_phase(byte: int) -> int:
     """The phase index 0-7 of a phase byte (one-hot, bit-reversed)."""
     phase = _PHASES.get(byte)
     if phase is None:
-        raise TriggerError("bad_phase", f"phase byte 0x{byte:02x} is not one-hot")
+        raise _bad_phase(byte)
     return phase
+
+
+def _bad_phase(byte: int) -> TriggerError:
+    return TriggerError("bad_phase", f"phase byte 0x{byte:02x} is not one-hot")
 
 
 def encode_phase(phase: int) -> int:
@@ -176,7 +181,8 @@ def encode_phase(phase: int) -> int:
 
 def decode(data: bytes | bytearray | memoryview) -> TriggerPacket:
     """Decode one packet; raises TriggerError (reason: short, bad_magic, unknown_type,
-    bad_length, bad_phase, bad_readout_length) for anything else."""
+    bad_length, bad_phase, bad_readout_length) for anything else. (It runs once per packet at
+    the receiver's full rate: the phase and length checks are written out here, not called.)"""
     if type(data) is not bytes:
         data = bytes(data)
     n = len(data)
@@ -190,9 +196,12 @@ def decode(data: bytes | bytearray | memoryview) -> TriggerPacket:
             reason = "short" if n < V1_BYTES else "bad_length"
             raise TriggerError(reason, f"V1 packet of {n} bytes, expected {V1_BYTES}")
         _, tack, phase_byte = V1_HEAD.unpack_from(data, HEADER.size)
-        phase = decode_phase(phase_byte)
+        phase = _PHASES.get(phase_byte)
+        if phase is None:
+            raise _bad_phase(phase_byte)
         ro, pps, clock, source = V1_TAIL.unpack_from(data, V1_TAIL_AT)
-        sps, trig, mismatch = _scan(data, V1_UNION_AT, V1_PATTERNS_AT, V1_WINDOW, phase, False)
+        union = int.from_bytes(data[V1_UNION_AT:V1_TAIL_AT], "big")
+        sps, trig, mismatch = _scan(data, union, V1_PATTERNS_AT, V1_WINDOW, phase, False)
         return TriggerPacket(
             ptype, ptype == 1, tack, phase, ro, pps, clock, source, ptype, 0, V1_WINDOW, None,
             False, data, V1_UNION_AT, V1_PATTERNS_AT, V1_UNION_AT, sps, trig, mismatch,
@@ -204,8 +213,10 @@ def decode(data: bytes | bytearray | memoryview) -> TriggerPacket:
     mtype, eflags, source, field, tack, phase_byte, ro, pps, clock = V2_HEAD.unpack_from(
         data, HEADER.size
     )
-    phase = decode_phase(phase_byte)
-    union_at = V2_FIXED - UNION_BYTES
+    phase = _PHASES.get(phase_byte)
+    if phase is None:
+        raise _bad_phase(phase_byte)
+    union = int.from_bytes(data[V2_UNION_AT:V2_FIXED], "big")
     rest = n - V2_FIXED
     if ptype == 2:
         per_sample = N_SP // 8  # bytes of patterns per sample of the window
@@ -216,7 +227,7 @@ def decode(data: bytes | bytearray | memoryview) -> TriggerPacket:
             )
         length = rest // per_sample
     else:
-        n_sp = int.from_bytes(data[union_at:V2_FIXED], "big").bit_count()
+        n_sp = union.bit_count()
         if n_sp == 0:
             if rest:
                 raise TriggerError("bad_length", f"V3 with an empty union carries {rest} bytes")
@@ -228,42 +239,44 @@ def decode(data: bytes | bytearray | memoryview) -> TriggerPacket:
                     f"V3 patterns of {rest} bytes do not split into {n_sp} SPs of whole bytes",
                 )
             length = rest // n_sp * 8
-    if field_disagrees(length, field):
+    if (length >> 3) & 0xFF != field and field_disagrees(length, field):
         raise TriggerError(
             "bad_readout_length",
             f"readout length field {field} (x 8) disagrees with the {length}-sample patterns",
         )
-    sps, trig, mismatch = _scan(data, union_at, V2_FIXED, length, phase, ptype == 3)
+    sps, trig, mismatch = _scan(data, union, V2_FIXED, length, phase, ptype == 3)
     return TriggerPacket(
         ptype, bool(mtype & 1), tack, phase, ro, pps, clock, source, mtype, eflags, length,
-        field, length // 8 > 0xFF, data, union_at, V2_FIXED, n, sps, trig, mismatch,
+        field, length // 8 > 0xFF, data, V2_UNION_AT, V2_FIXED, n, sps, trig, mismatch,
     )  # fmt: skip
 
 
 def _scan(
-    data: bytes, union_at: int, at: int, length: int, phase: int, zero_suppressed: bool
+    data: bytes, union: int, at: int, length: int, phase: int, zero_suppressed: bool
 ) -> tuple[list[int], list[int], bool]:
-    """The union's SPs, those whose pattern bit at `phase` is set, and whether a V1/V2 pattern
-    has bits for an SP outside the union. Each SP's pattern is `length` / 8 whole bytes (row k
-    for the k-th union SP in V3, row SP in V1/V2) whose first byte holds sample `phase` (< 8):
-    the bit is a byte read, and "outside the union" means a nonzero byte between the union's
-    rows, each gap compared with zeros by bytes.startswith (a memcmp; a memoryview comparison
-    goes byte by byte in Python objects, 50x slower)."""
-    value = int.from_bytes(data[union_at : union_at + UNION_BYTES], "big")
+    """The union's SPs (`union`: its 64 bytes as a big-endian int), those whose pattern bit at
+    `phase` is set, and whether a V1/V2 pattern has bits for an SP outside the union. Each SP's
+    pattern is `length` / 8 whole bytes (row k for the k-th union SP in V3, row SP in V1/V2)
+    whose first byte holds sample `phase` (< 8): the bit is a byte read, and "outside the union"
+    means a nonzero byte between the union's rows, each gap compared with zeros by
+    bytes.startswith (a memcmp; a memoryview comparison goes byte by byte in Python objects,
+    50x slower)."""
     sps: list[int] = []
-    while value:  # highest int bit first: SP 511 - bit, ascending
-        b = value.bit_length() - 1
+    while union:  # highest int bit first: SP 511 - bit, ascending
+        b = union.bit_length() - 1
         sps.append(511 - b)
-        value ^= 1 << b
+        union ^= 1 << b
     trig: list[int] = []
     if phase >= length:  # only a V3 with an empty union has a window this short
         return sps, trig, False
     row = length >> 3
     mask = 0x80 >> phase
     if zero_suppressed:
-        for k, sp in enumerate(sps):
-            if data[at + k * row] & mask:
+        start = at
+        for sp in sps:
+            if data[start] & mask:
                 trig.append(sp)
+            start += row
         return sps, trig, False
     zeros = _ZEROS
     clean = at  # start of the next gap of SPs outside the union
