@@ -18,7 +18,9 @@ itself again under `unshare -n`, so CHIRP never leaves it.
     too, but it is not a throughput: its run also holds the time the rest of the chain takes
     to start after it and to stop before it, one more satellite (daqd) and two more
     transitions of ~100 ms as the controller sees them, 4% of a 5 s run with no data to
-    receive.
+    receive. The transmitter's own pace moves by a quarter between identical runs (57k-135k
+    records/s seen on one day, always at a full core), so the verdict is the median of each
+    round's ratio over many alternating rounds.
     The chain's parts stand for nodes of their own, but this box may have two cores for three
     processes, and the Python transmitter needs a whole core: whatever CPU a relay took from it
     would be measured as the relay's slowness. So (unless --no-pin) the transmitter has CPU 0 to
@@ -26,7 +28,7 @@ itself again under `unshare -n`, so CHIRP never leaves it.
     relay too slow for the transmitter's pace still shows (the receiver then gets less), a
     relay that keeps up does not cost the transmitter.
 
-    .venv/bin/python bench/constellation.py [--rounds 3] [--seconds 5] [--cycles 5] [--no-pin]
+    .venv/bin/python bench/constellation.py [--rounds 9] [--seconds 4] [--cycles 5] [--no-pin]
 """
 
 from __future__ import annotations
@@ -305,8 +307,8 @@ def throughput_trial(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3, help="trials of each kind, alternating")
-    parser.add_argument("--seconds", type=float, default=5.0, help="length of a throughput run")
+    parser.add_argument("--rounds", type=int, default=9, help="trials of each kind, alternating")
+    parser.add_argument("--seconds", type=float, default=4.0, help="length of a throughput run")
     parser.add_argument("--cycles", type=int, default=5, help="transition cycles per satellite")
     parser.add_argument(
         "--no-pin", action="store_true", help="no CPU of its own for the transmitter"
@@ -396,6 +398,8 @@ def report(
         f"{'records/s, 1 KiB':<22} {'via daqd':>9} {'direct':>9} {'ratio':>8}   (over the transmitter's run)"
     )
     print(f"{'':<22} {via:>9.0f} {direct:>9.0f} {via / direct:>8.2f}")
+    ratios = sorted(v / r for v, r in zip(rates["daqd"], rates["direct"], strict=True))
+    print(f"  each round's daqd/direct, sorted: {' '.join(f'{r:.2f}' for r in ratios)}")
     for note in notes:
         print(f"  {note}")
     print()
