@@ -264,22 +264,38 @@ class Ramp:
         self.capped = False  # the sender could not go faster: the real limit is higher
         self.done = False
         self.short = 0
+        self.lossy: int | None = None  # the lowest rate asked that lost something
 
     def step(self, rate: int) -> None:
+        r = self.trial(rate)
+        if not r["lossless"]:
+            self.done = True
+            return
+        # the sender fell short of the rate asked twice running: it is the limit, not the receiver
+        self.short = self.short + 1 if r["achieved"] < 0.9 * rate else 0
+        if self.short >= 2:
+            self.capped = self.done = True
+
+    def refine(self) -> None:
+        """Halve the gap between the best lossless rate and the first lossy one (the ladder's
+        steps are 10-25 % apart), unless the sender was the limit or the gap is under 3 %."""
+        if self.capped or self.best is None or self.lossy is None:
+            return
+        low, high = self.best["rate"], self.lossy
+        if high - low > 0.03 * high:
+            self.trial(int(round((low + high) / 2, -2)))
+
+    def trial(self, rate: int) -> dict[str, Any]:
         r = self.run(rate)
         if not r["lossless"]:  # one retry: the box is shared, a single hiccup is not a limit
             self.show(r, " (retrying)")
             r = self.run(rate)
         self.show(r, "")
         if not r["lossless"]:
-            self.done = True
-            return
-        if self.best is None or r["achieved"] > self.best["achieved"]:
+            self.lossy = rate if self.lossy is None else min(self.lossy, rate)
+        elif self.best is None or r["achieved"] > self.best["achieved"]:
             self.best = r
-        # the sender fell short of the rate asked twice running: it is the limit, not the receiver
-        self.short = self.short + 1 if r["achieved"] < 0.9 * rate else 0
-        if self.short >= 2:
-            self.capped = self.done = True
+        return r
 
     def show(self, r: dict[str, Any], note: str) -> None:
         extra = f", records at the SUB {r['delivered']}/{r['expected']}" if "expected" in r else ""
@@ -312,8 +328,10 @@ def compare_udp(
     *child_args: str,
 ) -> None:
     """Start the bare and the daqd child of `script`, warm the SUB up, ramp both through `rates`
-    (interleaved, so both see the same load) with `run(child, rate, duration_s, sub)`, and print
-    the best lossless rate of each, their ratio (goal >= 0.5) and CPU per `unit`."""
+    (interleaved, so both see the same load) with `run(child, rate, duration_s, sub)`, narrow
+    each side's limit down by halving twice the gap between its best lossless rate and its first
+    lossy one, and print the best lossless rate of each, their ratio (goal >= 0.5) and CPU per
+    `unit`."""
     t0 = time.monotonic()
     bare = JsonChild(script, "--serve", "bare", *child_args)
     daqd = JsonChild(script, "--serve", "daqd", *child_args)
@@ -336,6 +354,9 @@ def compare_udp(
                     ramp.step(rate)
             if all(r.done for r in ramps):
                 break
+        for _ in range(2):  # then two halvings of the gap to the first loss, in turns again
+            for ramp in ramps:
+                ramp.refine()
     finally:
         sub.close()
         daqd.close()

@@ -3,7 +3,9 @@
 Both receivers run in their own process with the same SO_RCVBUF and are fed by the backplane
 simulator (daqd.sim.trigger) in another process, at rising rates, packet types cycling 0,1,2,3
 (V1 1115 B, V2 with a 64-sample window 4189 B, V3 about 100 B). daqd decodes every packet and
-publishes one record per packet through the `zmq` publisher to a SUB in this process; a trial is
+publishes one record per packet through the `zmq` publisher to a SUB in this process (with
+`--format ssdaq`, SSDAQ's drop-in: each packet as one bare frame, `framing = "payload"`, as
+examples/chec-camera.toml publishes it for SSDAQ's consumers); a trial is
 lossless when every packet arrived, the kernel dropped none and (daqd) every record reached the
 SUB. Prints the highest lossless rate of each, their ratio (goal >= 0.5) and CPU us per packet.
 The machinery is bench/_common.py's (shared with slowsignal.py).
@@ -46,6 +48,7 @@ publish_to = ["live"]
 type = "zmq"
 name = "live"
 endpoint = "tcp://127.0.0.1:0"
+framing = "{"payload" if fmt == "ssdaq" else "record"}"
 """
 
 
