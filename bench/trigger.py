@@ -7,10 +7,11 @@ publishes one record per packet through the `zmq` publisher to a SUB in this pro
 `--format ssdaq`, SSDAQ's drop-in: each packet as one bare frame, `framing = "payload"`, as
 examples/chec-camera.toml publishes it for SSDAQ's consumers); a trial is
 lossless when every packet arrived, the kernel dropped none and (daqd) every record reached the
-SUB. Prints the highest lossless rate of each, their ratio (goal >= 0.5) and CPU us per packet.
+SUB. Prints the highest lossless rate of each, their ratio (goal >= 0.5) and CPU us per packet;
+by default for both formats in turn (SSDAQ's drop-in first).
 The machinery is bench/_common.py's (shared with slowsignal.py).
 
-    .venv/bin/python bench/trigger.py [--duration-s 1.5] [--format record|ssdaq] [--types 0,1,2,3]
+    .venv/bin/python bench/trigger.py [--duration-s 1.5] [--format both|record|ssdaq] [--types 0,1,2,3]
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ from _common import JsonChild, SubCounter, compare_udp, serve, trial
 RATES = [2000, 5000, 10000, 15000, 20000, 25000, 30000, 40000, 50000, 60000, 70000, 80000, 100000,
          120000, 150000]  # fmt: skip
 RCVBUF = 8 << 20
+FORMATS = {
+    "ssdaq": "SSDAQ's drop-in: decode and check, then each packet as one bare frame",
+    "record": "decoded records: decode, tags, three frames each",
+}
 
 
 def daqd_config(fmt: str) -> str:
@@ -72,13 +77,13 @@ def send(port: int, rate: float, count: int, types: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--duration-s", type=float, default=1.5)
-    ap.add_argument("--format", choices=["record", "ssdaq"], default="record")
+    ap.add_argument("--format", choices=["both", "record", "ssdaq"], default="both")
     ap.add_argument("--types", default="0,1,2,3")
     args = ap.parse_args()
     print(
-        f"trigger bench: packet types {args.types}, daqd format {args.format!r}, "
-        f"{args.duration_s} s per trial, SO_RCVBUF {RCVBUF} bytes asked, {os.cpu_count()} CPUs; "
-        "bare and daqd trials interleaved so both see the same load"
+        f"trigger bench: packet types {args.types}, {args.duration_s} s per trial, SO_RCVBUF "
+        f"{RCVBUF} bytes asked, {os.cpu_count()} CPUs; bare and daqd trials interleaved so both "
+        "see the same load"
     )
 
     def run(child: JsonChild, rate: int, duration_s: float, sub: SubCounter | None) -> Any:
@@ -87,8 +92,11 @@ def main() -> None:
         sender = [sys.executable, __file__, "--send", port, str(rate), str(count), args.types]
         return trial(child, rate, sender, sub, lambda sent: sent)  # one record per packet
 
-    what = "decode + zmq publish to a SUB"
-    compare_udp(__file__, RATES, args.duration_s, run, "packet", "trigger", what, args.format)
+    formats = ["ssdaq", "record"] if args.format == "both" else [args.format]
+    for fmt in formats:
+        what = FORMATS[fmt]
+        print(f"\n== format {fmt!r}: {what}")
+        compare_udp(__file__, RATES, args.duration_s, run, "packet", "trigger", what, fmt)
 
 
 if __name__ == "__main__":
